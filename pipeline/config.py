@@ -1,0 +1,150 @@
+"""Run configuration: one flat dataclass, loaded from YAML, overridden from the CLI, validated up front.
+
+Every mistake a user can make in a config is caught by `validate` with one line that names
+the key and says how to fix it, before any data is read or any training starts.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+METHODS = ("sgr", "layerwise", "bp", "reforward", "greedy")
+HEADS = ("conv_linear", "etf", "own")
+LR_SCHEDULES = ("cosine", "step", "constant")
+SCHEDULES = ("sequential",)
+
+
+class ConfigError(ValueError):
+    """A config that cannot run; the message is one line naming the problem and its fix."""
+
+
+@dataclass
+class Config:
+    # data
+    dataset: str = "fashion_mnist"  # fashion_mnist | digits | cifar10 | cifar100 | imagefolder | synthetic
+    data_dir: str | None = None  # None: the dataset's default location
+    image_size: int = 32  # imagefolder: images are resized and centre-cropped to this
+    train_subset: int = 0  # use only the first N training samples (0: all)
+    augment: bool = False  # random crop (pad 4) + horizontal flip
+    batch_size: int = 128
+    eval_batch_size: int = 1000
+    # model and split
+    model: str = "resnet8"  # family + depth: resnet32, plainnet32, vgg17, ...
+    model_args: dict[str, Any] = field(default_factory=dict)  # e.g. {width: 16} or {widths: [64, 128]}
+    stages: int | None = 3  # K; None: take it from `split`
+    split: str | list[int] | None = None  # named split or cut points; None: the paper's split for K
+    head: str = "conv_linear"  # local head of modules 1..K-1
+    last_head: str = "own"  # head of module K ('own' = the network's classifier)
+    head_width: int = 0  # conv_linear head channels (0: the module's channels)
+    # method
+    method: str = "sgr"
+    lam: float = 1.0  # λ of the SGR term (only method sgr uses it)
+    sgr_reduction: str = "mean"  # mean (paper) | sample (independent of the feature size)
+    track_sgr: bool = False  # with λ = 0, still measure the SGR term (one extra backward per module)
+    # optimisation (each module has its own optimizer and schedule)
+    epochs: int = 2
+    lr: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    nesterov: bool = False
+    lr_schedule: str = "cosine"  # cosine | step | constant, stepped every batch
+    lr_milestones: list[int] = field(default_factory=list)  # step schedule: epochs where lr *= lr_gamma
+    lr_gamma: float = 0.1
+    warmup_epochs: float = 0.0
+    # run
+    seed: int = 0
+    device: str = "cpu"
+    threads: int = 0  # torch intra-op threads (0: leave PyTorch's default)
+    schedule: str = "sequential"
+    out: str = "runs/default"
+    log_every: int = 20  # steps between JSONL training records
+    progress: bool = True
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+FIELDS = {f.name: f for f in dataclasses.fields(Config)}
+
+
+def _coerce(name: str, value: Any) -> Any:
+    """Check a value's type against the field's default type, allowing ints where floats are wanted."""
+    default = getattr(Config(), name)
+    if value is None or default is None:
+        return value
+    if isinstance(default, bool):
+        if not isinstance(value, bool):
+            raise ConfigError(f"config key '{name}' must be true or false, got {value!r}")
+        return value
+    if isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if isinstance(default, (int, float, str, dict, list)) and not isinstance(value, type(default)):
+        raise ConfigError(f"config key '{name}' must be a {type(default).__name__}, got {value!r}")
+    return value
+
+
+def from_dict(values: dict[str, Any], base: Config | None = None, source: str = "config") -> Config:
+    """A Config from a mapping; unknown keys are an error that lists the known ones."""
+    cfg = dataclasses.replace(base) if base is not None else Config()
+    for key, value in values.items():
+        if key not in FIELDS:
+            raise ConfigError(f"unknown key '{key}' in {source}; known keys: {', '.join(FIELDS)}")
+        setattr(cfg, key, _coerce(key, value))
+    return cfg
+
+
+def load_yaml(path: str | Path) -> Config:
+    """Load a YAML run config."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} not found; pick one from configs/ (e.g. configs/default.yaml)")
+    try:
+        values = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"config file {path} is not valid YAML: {str(err).splitlines()[0]}") from None
+    if not isinstance(values, dict):
+        raise ConfigError(f"config file {path} must be a mapping of key: value")
+    return from_dict(values, source=str(path))
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """Parse a `key=value` CLI override; the value is read as YAML (numbers, lists, true/false)."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} must look like key=value, e.g. lr=0.05")
+    key, raw = text.split("=", 1)
+    return key.strip(), yaml.safe_load(raw)
+
+
+def validate(cfg: Config) -> Config:
+    """Check every value that does not need the data or the model; raise ConfigError on the first problem."""
+    def need(ok: bool, message: str) -> None:
+        if not ok:
+            raise ConfigError(message)
+
+    need(cfg.method in METHODS, f"unknown method {cfg.method!r}; use one of {', '.join(METHODS)}")
+    need(cfg.lam >= 0, f"lam must be >= 0, got {cfg.lam}")
+    need(cfg.sgr_reduction in ("mean", "sample"), f"sgr_reduction must be mean or sample, got {cfg.sgr_reduction!r}")
+    need(cfg.head in HEADS and cfg.head != "own", f"head must be conv_linear or etf, got {cfg.head!r}")
+    need(cfg.last_head in HEADS, f"last_head must be one of {', '.join(HEADS)}, got {cfg.last_head!r}")
+    need(cfg.stages is None or cfg.stages >= 1, f"stages must be >= 1, got {cfg.stages}")
+    need(cfg.stages is not None or cfg.split is not None, "give stages: K or a split")
+    need(cfg.epochs >= 1, f"epochs must be >= 1, got {cfg.epochs}")
+    need(cfg.batch_size >= 2, f"batch_size must be >= 2 (BatchNorm needs it), got {cfg.batch_size}")
+    need(cfg.eval_batch_size >= 1, f"eval_batch_size must be >= 1, got {cfg.eval_batch_size}")
+    need(cfg.lr > 0, f"lr must be > 0, got {cfg.lr}")
+    need(cfg.momentum >= 0 and cfg.weight_decay >= 0, "momentum and weight_decay must be >= 0")
+    need(cfg.lr_schedule in LR_SCHEDULES, f"lr_schedule must be one of {', '.join(LR_SCHEDULES)}, got {cfg.lr_schedule!r}")
+    need(cfg.warmup_epochs >= 0, f"warmup_epochs must be >= 0, got {cfg.warmup_epochs}")
+    need(cfg.train_subset >= 0, f"train_subset must be >= 0, got {cfg.train_subset}")
+    need(cfg.schedule in SCHEDULES, f"schedule must be one of {', '.join(SCHEDULES)}, got {cfg.schedule!r}")
+    need(cfg.device == "cpu" or cfg.device.startswith("cuda"), f"device must be cpu or cuda[:N], got {cfg.device!r}")
+    need(cfg.threads >= 0 and cfg.log_every >= 1, "threads must be >= 0 and log_every >= 1")
+    if cfg.device.startswith("cuda"):
+        import torch
+
+        need(torch.cuda.is_available(), f"device {cfg.device} asked for but no CUDA GPU is visible; use --device cpu")
+    return cfg

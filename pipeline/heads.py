@@ -1,0 +1,60 @@
+"""Local heads: the small classifiers that give each module its own loss."""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from pipeline.models import PoolLinear
+
+
+class ConvLinearHead(nn.Module):
+    """Belilovsky et al.'s CIFAR head: a 3x3 conv + BN + ReLU, global average pooling, a linear layer."""
+
+    def __init__(self, channels: int, num_classes: int, width: int = 0) -> None:
+        super().__init__()
+        width = width or channels
+        self.conv = nn.Sequential(nn.Conv2d(channels, width, 3, padding=1, bias=False), nn.BatchNorm2d(width), nn.ReLU())
+        self.classifier = PoolLinear(width, num_classes)
+
+    def forward(self, x):
+        return self.classifier(self.conv(x))
+
+
+def simplex_etf(dim: int, num_classes: int, seed: int = 0) -> torch.Tensor:
+    """A dim×C simplex equiangular tight frame: unit columns with pairwise inner product -1/(C-1) (Eq. 7).
+
+    The C centred one-hot vectors span a (C-1)-dimensional space; an orthonormal basis of it,
+    rotated into `dim` dimensions by a seeded random orthonormal map, gives the frame.
+    """
+    if dim < num_classes - 1:
+        raise ValueError(f"a simplex ETF of {num_classes} classes needs feature dim >= {num_classes - 1}, got {dim}")
+    c = num_classes
+    centred = torch.eye(c, dtype=torch.float64) - 1.0 / c
+    eigvals, eigvecs = torch.linalg.eigh(centred)
+    basis = eigvecs[:, eigvals > 0.5]  # C × (C-1), the eigenvalue-1 subspace
+    g = torch.Generator().manual_seed(seed)
+    rotation, _ = torch.linalg.qr(torch.randn(dim, c - 1, generator=g, dtype=torch.float64))
+    frame = rotation @ basis.T * (c / (c - 1)) ** 0.5  # dim × C
+    return frame.float()
+
+
+class ETFHead(nn.Module):
+    """A fixed, non-trainable simplex ETF classifier on globally pooled features."""
+
+    def __init__(self, channels: int, num_classes: int, seed: int = 0) -> None:
+        super().__init__()
+        self.register_buffer("frame", simplex_etf(channels, num_classes, seed))
+
+    def forward(self, x):
+        if x.dim() == 4:
+            x = x.mean(dim=(2, 3))
+        return x @ self.frame
+
+
+def build_head(kind: str, channels: int, num_classes: int, *, width: int = 0, seed: int = 0) -> nn.Module:
+    """A local head by name ('conv_linear' or 'etf') for a module whose output has `channels` channels."""
+    if kind == "conv_linear":
+        return ConvLinearHead(channels, num_classes, width)
+    if kind == "etf":
+        return ETFHead(channels, num_classes, seed)
+    raise ValueError(f"unknown head {kind!r}; use conv_linear, etf or own (last module only)")

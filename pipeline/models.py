@@ -1,0 +1,135 @@
+"""Models built by name, each described as an ordered list of units a split can cut between.
+
+A unit is the smallest piece a module can hold: the stem, one residual (or plain) block,
+or one VGG conv layer. `resolution` gives each unit's spatial-resolution stage, which the
+named splits use.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Callable
+
+import torch.nn as nn
+
+
+@dataclass
+class Network:
+    """A model as cuttable units plus its own classifier (applied after the last unit)."""
+
+    name: str
+    units: list[nn.Module]
+    resolution: list[int]  # resolution stage (0, 1, ...) of each unit
+    classifier: nn.Module
+
+    def __post_init__(self) -> None:
+        assert len(self.units) == len(self.resolution)
+
+
+def conv_bn_relu(c_in: int, c_out: int, stride: int = 1) -> nn.Sequential:
+    return nn.Sequential(
+        nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU()
+    )
+
+
+class BasicBlock(nn.Module):
+    """CIFAR basic block: two 3x3 convs; `residual=False` drops the skip (PlainNet)."""
+
+    def __init__(self, c_in: int, c_out: int, stride: int, residual: bool) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(c_out)
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, stride=1, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(c_out)
+        self.residual = residual
+        self.shortcut: nn.Module = nn.Identity()
+        if residual and (stride != 1 or c_in != c_out):
+            self.shortcut = nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride=stride, bias=False), nn.BatchNorm2d(c_out))
+
+    def forward(self, x):
+        out = self.bn1(self.conv1(x)).relu()
+        out = self.bn2(self.conv2(out))
+        if self.residual:
+            out = out + self.shortcut(x)
+        return out.relu()
+
+
+class PoolLinear(nn.Module):
+    """Global average pooling followed by a linear classifier."""
+
+    def __init__(self, channels: int, num_classes: int) -> None:
+        super().__init__()
+        self.fc = nn.Linear(channels, num_classes)
+
+    def forward(self, x):
+        if x.dim() == 4:
+            x = x.mean(dim=(2, 3))
+        return self.fc(x)
+
+
+def cifar_resnet(
+    depth: int, in_channels: int, num_classes: int, input_size: int, width: int = 16, residual: bool = True
+) -> Network:
+    """CIFAR ResNet-(6n+2): a stem and 3 stages of n basic blocks, widths w/2w/4w (any input size)."""
+    if depth < 8 or (depth - 2) % 6:
+        raise ValueError(f"ResNet/PlainNet depth must be 6n+2 (8, 14, 20, 32, 56, 110, ...), got {depth}")
+    n = (depth - 2) // 6
+    units: list[nn.Module] = [conv_bn_relu(in_channels, width)]
+    resolution = [0]
+    c_in = width
+    for stage, c_out in enumerate((width, 2 * width, 4 * width)):
+        for i in range(n):
+            stride = 2 if stage > 0 and i == 0 else 1
+            units.append(BasicBlock(c_in, c_out, stride, residual))
+            resolution.append(stage)
+            c_in = c_out
+    name = f"{'resnet' if residual else 'plainnet'}{depth}"
+    return Network(name, units, resolution, PoolLinear(c_in, num_classes))
+
+
+def plainnet(depth: int, in_channels: int, num_classes: int, input_size: int, width: int = 16) -> Network:
+    """PlainNet: the CIFAR ResNet without skip connections."""
+    return cifar_resnet(depth, in_channels, num_classes, input_size, width=width, residual=False)
+
+
+def vgg(
+    depth: int,
+    in_channels: int,
+    num_classes: int,
+    input_size: int,
+    widths: tuple[int, ...] = (64, 128, 256, 512, 512),
+) -> Network:
+    """VGG-style net of `depth` layers: depth-1 conv layers spread over the width stages, then a linear classifier.
+
+    A 2x2 max-pool ends each stage while the feature map is at least 2x2.
+    """
+    n_convs = depth - 1
+    if n_convs < len(widths):
+        raise ValueError(f"VGG depth must be at least {len(widths) + 1} for {len(widths)} stages, got {depth}")
+    per_stage = [n_convs // len(widths) + (1 if s < n_convs % len(widths) else 0) for s in range(len(widths))]
+    units: list[nn.Module] = []
+    resolution: list[int] = []
+    c_in, size = in_channels, input_size
+    for stage, (c_out, count) in enumerate(zip(widths, per_stage)):
+        for i in range(count):
+            layer = conv_bn_relu(c_in, c_out)
+            if i == count - 1 and size >= 2:
+                layer.append(nn.MaxPool2d(2))
+            units.append(layer)
+            resolution.append(stage)
+            c_in = c_out
+        if size >= 2:
+            size //= 2
+    return Network(f"vgg{depth}", units, resolution, PoolLinear(c_in, num_classes))
+
+
+MODELS: dict[str, Callable[..., Network]] = {"resnet": cifar_resnet, "plainnet": plainnet, "vgg": vgg}
+
+
+def build_network(name: str, in_channels: int, num_classes: int, input_size: int, **kwargs) -> Network:
+    """Build a model by name: a family and a depth, e.g. 'resnet32', 'plainnet56', 'vgg17'."""
+    match = re.fullmatch(r"([a-z]+)(\d+)", name)
+    if match is None or match.group(1) not in MODELS:
+        raise ValueError(f"unknown model {name!r}; use one of {', '.join(f'{m}<depth>' for m in MODELS)} (e.g. resnet32)")
+    family, depth = match.group(1), int(match.group(2))
+    return MODELS[family](depth, in_channels=in_channels, num_classes=num_classes, input_size=input_size, **kwargs)

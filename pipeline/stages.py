@@ -1,0 +1,124 @@
+"""From a config to K (module, head) pairs and their StageSteps: the model as local modules."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+
+from pipeline.config import Config, ConfigError
+from pipeline.heads import build_head
+from pipeline.models import Network, build_network
+from pipeline.splits import SplitError, module_ranges, resolve_cuts
+from pipeline.step import StageStep
+
+
+@dataclass
+class LocalModule:
+    """One gradient-isolated module and its local head."""
+
+    module: nn.Sequential
+    head: nn.Module
+
+
+def build_net(cfg: Config, in_channels: int, num_classes: int, input_size: int) -> Network:
+    """The network of the config, with one-line errors for bad model names or arguments."""
+    try:
+        return build_network(cfg.model, in_channels, num_classes, input_size, **cfg.model_args)
+    except (ValueError, TypeError) as err:
+        raise ConfigError(f"model {cfg.model!r} with model_args {cfg.model_args}: {err}") from None
+
+
+def module_cuts(cfg: Config, net: Network) -> list[int]:
+    """Cut points for the config's method and split (global BP and 'whole' train one module)."""
+    if cfg.method == "bp":
+        return []
+    try:
+        return resolve_cuts(net.resolution, cfg.stages, cfg.split)
+    except SplitError as err:
+        raise ConfigError(f"{err} (model {cfg.model})") from None
+
+
+def build_local_modules(cfg: Config, in_channels: int, num_classes: int, input_size: int) -> list[LocalModule]:
+    """The config's network cut into local modules with their heads, initialised from cfg.seed.
+
+    Every process that calls this with the same config gets the same weights, so a pipeline
+    stage can build the whole model and keep its own module.
+    """
+    torch.manual_seed(cfg.seed)
+    net = build_net(cfg, in_channels, num_classes, input_size)
+    ranges = module_ranges(module_cuts(cfg, net), len(net.units))
+    x = torch.zeros(2, in_channels, input_size, input_size)
+    local = []
+    for k, units in enumerate(ranges):
+        module = nn.Sequential(*(net.units[i] for i in units))
+        module.eval()
+        with torch.no_grad():
+            x = module(x)
+        is_last = k == len(ranges) - 1
+        kind = cfg.last_head if is_last else cfg.head
+        if kind == "own":
+            if not is_last:
+                raise ConfigError("head 'own' (the network's classifier) is only for the last module")
+            head = net.classifier
+        else:
+            try:
+                head = build_head(kind, x.shape[1], num_classes, width=cfg.head_width, seed=cfg.seed + k)
+            except ValueError as err:
+                raise ConfigError(f"head of module {k + 1}: {err}") from None
+        local.append(LocalModule(module, head))
+    return local
+
+
+def lr_factor(cfg: Config, step: int, total_steps: int, steps_per_epoch: int) -> float:
+    """Learning-rate multiplier at a training step: linear warm-up, then cosine, step or constant."""
+    warmup = int(cfg.warmup_epochs * steps_per_epoch)
+    if step < warmup:
+        return (step + 1) / warmup
+    if cfg.lr_schedule == "cosine":
+        progress = (step - warmup) / max(1, total_steps - warmup)
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+    if cfg.lr_schedule == "step":
+        epoch = step // steps_per_epoch
+        return cfg.lr_gamma ** sum(epoch >= m for m in cfg.lr_milestones)
+    return 1.0
+
+
+def build_optimizer(cfg: Config, local: LocalModule, steps_per_epoch: int, epochs: int):
+    """SGD with momentum and weight decay on a module and its head, and its per-step schedule."""
+    params = [p for p in (*local.module.parameters(), *local.head.parameters()) if p.requires_grad]
+    optimizer = torch.optim.SGD(
+        params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, nesterov=cfg.nesterov
+    )
+    total = steps_per_epoch * epochs
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(cfg, s, total, steps_per_epoch))
+    return optimizer, scheduler
+
+
+def method_lambda(cfg: Config) -> float:
+    """The λ a method trains with: the config's for sgr, 0 for every other method."""
+    return cfg.lam if cfg.method == "sgr" else 0.0
+
+
+def build_stage_steps(cfg: Config, local: list[LocalModule], steps_per_epoch: int) -> list[StageStep]:
+    """A StageStep per module, each with its own optimizer and schedule."""
+    lam = method_lambda(cfg)
+    k_total = len(local)
+    steps = []
+    for k, lm in enumerate(local):
+        optimizer, scheduler = build_optimizer(cfg, lm, steps_per_epoch, cfg.epochs)
+        next_needs_delta = k + 1 < k_total and (lam > 0 or cfg.track_sgr)
+        steps.append(
+            StageStep(
+                lm.module, lm.head, optimizer, scheduler,
+                lam=lam if k > 0 else 0.0,
+                is_first=k == 0,
+                is_last=k == k_total - 1,
+                send_delta=next_needs_delta,
+                reforward=cfg.method == "reforward",
+                sgr_reduction=cfg.sgr_reduction,
+                track_sgr=cfg.track_sgr,
+            )
+        )
+    return steps

@@ -1,0 +1,35 @@
+import pytest
+import torch
+
+from pipeline.heads import ConvLinearHead, ETFHead, build_head, simplex_etf
+
+
+@pytest.mark.parametrize("dim,classes", [(9, 10), (64, 10), (128, 100)])
+def test_etf_has_the_eq7_inner_products(dim, classes):
+    frame = simplex_etf(dim, classes, seed=3).double()
+    gram = frame.T @ frame
+    expected = torch.full((classes, classes), -1.0 / (classes - 1), dtype=torch.float64)
+    expected.fill_diagonal_(1.0)
+    assert torch.allclose(gram, expected, atol=1e-5)
+
+
+def test_etf_is_deterministic_per_seed_and_fixed():
+    assert torch.equal(simplex_etf(16, 10, seed=1), simplex_etf(16, 10, seed=1))
+    assert not torch.equal(simplex_etf(16, 10, seed=1), simplex_etf(16, 10, seed=2))
+    head = ETFHead(16, 10)
+    assert list(head.parameters()) == []
+    assert head(torch.randn(4, 16, 3, 3)).shape == (4, 10)
+
+
+def test_etf_needs_enough_feature_dimensions():
+    with pytest.raises(ValueError, match="needs feature dim >= 9"):
+        simplex_etf(8, 10)
+
+
+def test_conv_linear_head_and_builder():
+    head = ConvLinearHead(16, 10)
+    assert head(torch.randn(2, 16, 8, 8)).shape == (2, 10)
+    assert isinstance(build_head("etf", 16, 10), ETFHead)
+    assert build_head("conv_linear", 16, 10, width=32).conv[0].out_channels == 32
+    with pytest.raises(ValueError, match="unknown head"):
+        build_head("mlp", 16, 10)

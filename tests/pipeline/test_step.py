@@ -1,0 +1,149 @@
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from pipeline.models import PoolLinear
+from pipeline.sgr import sgr_term
+from pipeline.step import StageStep
+
+
+def tiny_module(c_in: int = 2, c_out: int = 4) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(c_in, c_out, 3, padding=1), nn.BatchNorm2d(c_out), nn.ReLU())
+
+
+def make_step(module, head, *, lam=0.0, is_first=False, is_last=False, send_delta=True, reforward=False, lr=0.1):
+    params = [*module.parameters(), *head.parameters()]
+    opt = torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=5e-4)
+    return StageStep(module, head, opt, lam=lam, is_first=is_first, is_last=is_last,
+                     send_delta=send_delta, reforward=reforward)
+
+
+@pytest.fixture
+def batch():
+    g = torch.Generator().manual_seed(0)
+    return torch.randn(6, 2, 5, 5, generator=g), torch.randint(0, 3, (6,), generator=g), torch.randn(6, 2, 5, 5, generator=g)
+
+
+def test_step_is_exactly_the_documented_update(batch):
+    """StageStep against Algorithm 1 of docs/sgr-method.md written out by hand, to the bit."""
+    torch.manual_seed(1)
+    x, y, delta_prev = batch
+    module, head, lam = tiny_module(), PoolLinear(4, 3), 3.0
+    ref_module, ref_head = copy.deepcopy(module), copy.deepcopy(head)
+    step = make_step(module, head, lam=lam)
+    result = step.train_step(x, delta_prev, y)
+
+    ref_opt = torch.optim.SGD([*ref_module.parameters(), *ref_head.parameters()], lr=0.1, momentum=0.9, weight_decay=5e-4)
+    xr = x.clone().requires_grad_()
+    out = ref_module(xr)
+    loss_cls = F.cross_entropy(ref_head(out), y)
+    (delta_now,) = torch.autograd.grad(loss_cls, xr, create_graph=True, retain_graph=True)
+    loss = loss_cls + lam * sgr_term(delta_now, delta_prev)
+    (delta_out,) = torch.autograd.grad(loss_cls, out, retain_graph=True)
+    ref_opt.zero_grad()
+    loss.backward()
+    ref_opt.step()
+
+    assert torch.equal(result.out, out.detach())
+    assert torch.equal(result.delta, delta_out)
+    assert torch.equal(result.stats.loss, loss_cls.detach())
+    for p, q in zip([*module.parameters(), *head.parameters()], [*ref_module.parameters(), *ref_head.parameters()]):
+        assert torch.equal(p, q)
+    for b, c in zip(module.buffers(), ref_module.buffers()):
+        assert torch.equal(b, c)
+
+
+def test_sgr_term_changes_the_update_through_batchnorm(batch):
+    """The double backward reaches BatchNorm's and the conv's parameters: λ > 0 moves them differently."""
+    x, y, delta_prev = batch
+    torch.manual_seed(2)
+    base_module, base_head = tiny_module(), PoolLinear(4, 3)
+    grads = {}
+    for lam in (0.0, 10.0):
+        module, head = copy.deepcopy(base_module), copy.deepcopy(base_head)
+        step = make_step(module, head, lam=lam)
+        step.optimizer.step = lambda: None  # keep the gradients, skip the update
+        result = step.train_step(x, delta_prev, y)
+        grads[lam] = [p.grad.clone() for p in module.parameters()]
+        assert all(torch.isfinite(g).all() for g in grads[lam])
+        if lam:
+            assert result.stats.sgr.item() > 0
+    bn_weight = 2  # conv weight, conv bias, BN weight, BN bias
+    assert not torch.equal(grads[0.0][bn_weight], grads[10.0][bn_weight])
+    assert not torch.equal(grads[0.0][0], grads[10.0][0])
+
+
+def test_delta_passed_on_is_the_classification_gradient_only(batch):
+    x, y, delta_prev = batch
+    torch.manual_seed(3)
+    module, head = tiny_module(), PoolLinear(4, 3)
+    before_module, before_head = copy.deepcopy(module), copy.deepcopy(head)
+    result = make_step(module, head, lam=100.0).train_step(x, delta_prev, y)
+    xr = x.clone().requires_grad_()
+    out = before_module(xr)
+    (expected,) = torch.autograd.grad(F.cross_entropy(before_head(out), y), out)
+    assert torch.equal(result.delta, expected)
+    assert not result.delta.requires_grad and not result.out.requires_grad
+
+
+def test_isolation_module_k_never_touches_module_k_minus_1(batch):
+    x, y, _ = batch
+    torch.manual_seed(4)
+    m1, h1, m2, h2 = tiny_module(2, 4), PoolLinear(4, 3), tiny_module(4, 4), PoolLinear(4, 3)
+    first = make_step(m1, h1, is_first=True)
+    second = make_step(m2, h2, lam=5.0, is_last=True, send_delta=False)
+    r1 = first.train_step(x, None, y)
+    params = [p.detach().clone() for p in m1.parameters()]
+    grads = [p.grad.clone() for p in m1.parameters()]
+    buffers = [b.clone() for b in m1.buffers()]
+    r2 = second.train_step(r1.out, r1.delta, y)
+    assert r2.out is None and r2.delta is None
+    assert all(torch.equal(p, q) for p, q in zip(m1.parameters(), params))
+    assert all(torch.equal(p.grad, g) for p, g in zip(m1.parameters(), grads))
+    assert all(torch.equal(b, c) for b, c in zip(m1.buffers(), buffers))
+    assert r1.out.grad_fn is None
+
+
+def test_first_module_has_no_sgr_term(batch):
+    x, y, _ = batch
+    step = make_step(tiny_module(), PoolLinear(4, 3), lam=5.0, is_first=True)
+    assert not step.needs_delta
+    assert step.train_step(x, None, y).stats.sgr.item() == 0.0
+
+
+def test_missing_delta_is_an_error(batch):
+    x, y, _ = batch
+    with pytest.raises(ValueError, match="received no δ"):
+        make_step(tiny_module(), PoolLinear(4, 3), lam=1.0).train_step(x, None, y)
+
+
+def test_reforward_passes_the_post_update_output(batch):
+    x, y, _ = batch
+    torch.manual_seed(5)
+    module, head = tiny_module(), PoolLinear(4, 3)
+    initial_module, initial_head = copy.deepcopy(module), copy.deepcopy(head)
+    result = make_step(module, head, is_first=True, send_delta=False, reforward=True).train_step(x, None, y)
+    with torch.no_grad():
+        expected = copy.deepcopy(module).train()(x)
+    assert torch.equal(result.out, expected)
+    plain = make_step(initial_module, initial_head, is_first=True, send_delta=False).train_step(x, None, y)
+    assert not torch.allclose(plain.out, result.out)
+
+
+def test_track_sgr_measures_without_changing_the_update(batch):
+    x, y, delta_prev = batch
+    torch.manual_seed(6)
+    m, h = tiny_module(), PoolLinear(4, 3)
+    m2, h2 = copy.deepcopy(m), copy.deepcopy(h)
+    xr = x.clone().requires_grad_()
+    (delta_now,) = torch.autograd.grad(F.cross_entropy(copy.deepcopy(h)(copy.deepcopy(m)(xr)), y), xr)
+    plain = make_step(m, h).train_step(x, None, y)
+    tracking = make_step(m2, h2)
+    tracking.track_sgr = True
+    tracked = tracking.train_step(x, delta_prev, y)
+    assert torch.allclose(tracked.stats.sgr, sgr_term(delta_now, delta_prev))
+    assert all(torch.equal(p, q) for p, q in zip(m.parameters(), m2.parameters()))
+    assert torch.equal(plain.out, tracked.out)
