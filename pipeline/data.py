@@ -122,6 +122,7 @@ class _ArrayUnpickler(pickle.Unpickler):
         ("numpy", "ndarray"),
         ("numpy", "dtype"),
         ("copyreg", "_reconstructor"),
+        ("_codecs", "encode"),  # bytes pickled by Python 3 at protocol 2
     }
 
     def find_class(self, module: str, name: str):

@@ -1,0 +1,80 @@
+from pathlib import Path
+
+import pytest
+
+from pipeline.config import Config, ConfigError, from_dict, load_yaml, parse_override, validate
+from pipeline.stages import build_local_modules
+
+CONFIGS = sorted((Path(__file__).parents[2] / "configs").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
+def test_every_shipped_config_loads_validates_and_builds(path):
+    cfg = validate(load_yaml(path))
+    in_ch, size, classes = {"fashion_mnist": (1, 28, 10), "cifar10": (3, 32, 10), "cifar100": (3, 32, 100)}[cfg.dataset]
+    modules = build_local_modules(cfg, in_ch, classes, size)
+    assert len(modules) == (1 if cfg.method == "bp" else cfg.stages)
+
+
+@pytest.mark.parametrize(
+    "values,message",
+    [
+        ({"methd": "sgr"}, "unknown key 'methd'"),
+        ({"method": "dgl"}, "unknown method 'dgl'"),
+        ({"lam": -1.0}, "lam must be >= 0"),
+        ({"stages": 0}, "stages must be >= 1"),
+        ({"epochs": "ten"}, "'epochs' must be a int"),
+        ({"augment": 1}, "'augment' must be true or false"),
+        ({"head": "own"}, "head must be conv_linear or etf"),
+        ({"sgr_reduction": "sum"}, "sgr_reduction must be mean or sample"),
+        ({"device": "tpu"}, "device must be cpu or cuda"),
+    ],
+)
+def test_bad_values_fail_with_one_clear_line(values, message):
+    with pytest.raises(ConfigError, match=message) as err:
+        validate(from_dict(values))
+    assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize(
+    "values,message",
+    [
+        ({"model": "resnet32", "stages": 17}, "stages=17 is out of range: this model has 16 units"),
+        ({"model": "resnet30"}, "6n\\+2"),
+        ({"model": "alexnet"}, "unknown model 'alexnet'"),
+        ({"model": "resnet8", "model_args": {"blocks": 3}}, "unexpected keyword argument 'blocks'"),
+        ({"model": "resnet32", "stages": 2, "split": [4, 8]}, "gives 3 modules but stages=2"),
+        ({"model": "resnet32", "stages": None, "split": [0, 8]}, "out of range"),
+    ],
+)
+def test_model_and_split_errors_are_config_errors(values, message):
+    with pytest.raises(ConfigError, match=message):
+        build_local_modules(validate(from_dict(values)), 3, 10, 32)
+
+
+def test_yaml_errors(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_yaml(tmp_path / "nope.yaml")
+    (tmp_path / "list.yaml").write_text("- 1\n- 2\n")
+    with pytest.raises(ConfigError, match="must be a mapping"):
+        load_yaml(tmp_path / "list.yaml")
+    (tmp_path / "bad.yaml").write_text("lr: [1,\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_yaml(tmp_path / "bad.yaml")
+
+
+def test_overrides_are_parsed_as_yaml_values():
+    assert parse_override("split=[6, 11]") == ("split", [6, 11])
+    assert parse_override("lr=0.05") == ("lr", 0.05)
+    cfg = from_dict(dict([parse_override("lam=10")]))
+    assert cfg.lam == 10.0 and isinstance(cfg.lam, float)
+    with pytest.raises(ConfigError, match="key=value"):
+        parse_override("lr")
+
+
+def test_cuda_without_a_gpu_is_refused(monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ConfigError, match="no CUDA GPU is visible; use --device cpu"):
+        validate(Config(device="cuda"))

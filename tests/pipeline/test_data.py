@@ -1,0 +1,155 @@
+import gzip
+import pickle
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline.data import (
+    DataError, augment, eval_batches, load_data, read_idx, steps_per_epoch, train_batches,
+)
+
+
+def write_idx(path, array: np.ndarray, gz: bool) -> None:
+    header = bytes([0, 0, 0x08, array.ndim]) + b"".join(int(d).to_bytes(4, "big") for d in array.shape)
+    raw = header + array.astype(np.uint8).tobytes()
+    if gz:
+        path = path.with_name(path.name + ".gz")
+        raw = gzip.compress(raw)
+    path.write_bytes(raw)
+
+
+def write_fashion_fixture(folder, n_train=40, n_test=10, gz=True):
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    arrays = {
+        "train-images-idx3-ubyte": rng.integers(0, 256, (n_train, 28, 28)),
+        "train-labels-idx1-ubyte": np.arange(n_train) % 10,
+        "t10k-images-idx3-ubyte": rng.integers(0, 256, (n_test, 28, 28)),
+        "t10k-labels-idx1-ubyte": np.arange(n_test) % 10,
+    }
+    for name, array in arrays.items():
+        write_idx(folder / name, array, gz)
+    return arrays
+
+
+@pytest.mark.parametrize("layout,gz", [("", True), ("FashionMNIST/raw", False)])
+def test_fashion_mnist_from_idx_files_in_either_layout(tmp_path, layout, gz):
+    arrays = write_fashion_fixture(tmp_path / layout if layout else tmp_path, gz=gz)
+    data = load_data("fashion_mnist", str(tmp_path))
+    assert data.train_x.shape == (40, 1, 28, 28) and data.train_x.dtype == torch.uint8
+    assert torch.equal(data.train_x[:, 0], torch.from_numpy(arrays["train-images-idx3-ubyte"].astype(np.uint8)))
+    assert data.test_y.tolist() == list(range(10))
+    assert data.num_classes == 10 and data.in_channels == 1 and data.input_size == 28
+
+
+def test_missing_fashion_mnist_says_how_to_get_it(tmp_path):
+    with pytest.raises(DataError, match="apt-get install dataset-fashion-mnist"):
+        load_data("fashion_mnist", str(tmp_path))
+
+
+def test_truncated_idx_file_is_an_error(tmp_path):
+    write_idx(tmp_path / "x", np.zeros((4, 3), dtype=np.uint8), gz=False)
+    (tmp_path / "x").write_bytes((tmp_path / "x").read_bytes()[:-2])
+    with pytest.raises(DataError, match="truncated"):
+        read_idx(tmp_path / "x")
+
+
+def write_cifar_fixture(root, classes):
+    rng = np.random.default_rng(1)
+    if classes == 10:
+        folder, label_key = root / "cifar-10-batches-py", b"labels"
+        files = {f"data_batch_{i}": 6 for i in range(1, 6)} | {"test_batch": 4}
+    else:
+        folder, label_key = root / "cifar-100-python", b"fine_labels"
+        files = {"train": 12, "test": 4}
+    folder.mkdir(parents=True)
+    for name, n in files.items():
+        batch = {b"data": rng.integers(0, 256, (n, 3072)).astype(np.uint8), label_key: [int(v) for v in rng.integers(0, classes, n)]}
+        (folder / name).write_bytes(pickle.dumps(batch, protocol=2))
+    return folder
+
+
+@pytest.mark.parametrize("classes", [10, 100])
+def test_cifar_python_format(tmp_path, classes):
+    folder = write_cifar_fixture(tmp_path, classes)
+    data = load_data(f"cifar{classes}", str(tmp_path))
+    n_train = 30 if classes == 10 else 12
+    assert data.train_x.shape == (n_train, 3, 32, 32) and data.test_x.shape == (4, 3, 32, 32)
+    first = pickle.loads((folder / ("data_batch_1" if classes == 10 else "train")).read_bytes())
+    assert torch.equal(data.train_x[0], torch.from_numpy(first[b"data"][0].reshape(3, 32, 32)))
+    assert data.num_classes == classes
+
+
+def test_cifar_reader_refuses_pickles_that_are_not_arrays(tmp_path):
+    folder = write_cifar_fixture(tmp_path, 10)
+
+    class Evil:
+        def __reduce__(self):
+            return (print, ("owned",))
+
+    (folder / "data_batch_1").write_bytes(pickle.dumps({b"data": Evil(), b"labels": []}, protocol=2))
+    with pytest.raises(DataError, match="refusing to unpickle .*print"):
+        load_data("cifar10", str(tmp_path))
+
+
+def test_missing_cifar_says_where_to_get_it(tmp_path):
+    with pytest.raises(DataError, match="cs.toronto.edu"):
+        load_data("cifar10", str(tmp_path))
+
+
+def test_image_folder(tmp_path):
+    from PIL import Image
+
+    rng = np.random.default_rng(2)
+    for split, n in (("train", 3), ("val", 2)):
+        for cls in ("cat", "dog"):
+            (tmp_path / split / cls).mkdir(parents=True)
+            for i in range(n):
+                Image.fromarray(rng.integers(0, 256, (20, 24, 3)).astype(np.uint8)).save(tmp_path / split / cls / f"{i}.png")
+    data = load_data("imagefolder", str(tmp_path), image_size=16)
+    assert data.train_x.shape == (6, 3, 16, 16) and data.test_x.shape == (4, 3, 16, 16)
+    assert data.train_y.tolist() == [0, 0, 0, 1, 1, 1] and data.num_classes == 2
+
+
+def test_digits_and_synthetic():
+    digits = load_data("digits", train_subset=100)
+    assert digits.train_x.shape == (100, 1, 8, 8) and len(digits.test_y) == 359
+    assert digits.train_x.max() > 200  # 0..16 scaled to bytes
+    synth = load_data("synthetic", image_size=12)
+    assert synth.train_x.shape[1:] == (3, 12, 12)
+    with pytest.raises(DataError, match="unknown dataset 'mnist'"):
+        load_data("mnist")
+
+
+def test_batches_depend_only_on_seed_and_epoch():
+    data = load_data("digits")
+    a = list(train_batches(data, 3, 64, seed=5, use_augment=True))
+    b = list(train_batches(data, 3, 64, seed=5, use_augment=True))
+    c = list(train_batches(data, 4, 64, seed=5, use_augment=True))
+    assert len(a) == steps_per_epoch(data, 64) == len(data.train_y) // 64
+    assert all(torch.equal(x1, x2) and torch.equal(y1, y2) for (x1, y1), (x2, y2) in zip(a, b))
+    assert not torch.equal(a[0][0], c[0][0])
+    x, _ = a[0]
+    assert x.dtype == torch.float32 and x.shape == (64, 1, 8, 8)
+    assert sum(len(y) for _, y in eval_batches(data, 100)) == len(data.test_y)
+
+
+def test_normalisation_standardises_the_train_set():
+    data = load_data("digits")
+    x = data.normalize(data.train_x)
+    assert abs(x.mean().item()) < 1e-3 and abs(x.std().item() - 1) < 1e-2
+
+
+def test_augment_is_a_crop_and_flip_of_the_original():
+    g = torch.Generator().manual_seed(0)
+    x = torch.arange(2 * 1 * 6 * 6, dtype=torch.uint8).reshape(2, 1, 6, 6)
+    out = augment(x, g, pad=0)  # no padding: only flips remain
+    for i in range(2):
+        assert torch.equal(out[i], x[i]) or torch.equal(out[i], x[i].flip(-1))
+    padded = augment(x, torch.Generator().manual_seed(1), pad=2)
+    assert padded.shape == x.shape
+    # every non-zero value of a crop comes from the same image
+    for i in range(2):
+        values = set(padded[i].flatten().tolist()) - {0}
+        assert values <= set(x[i].flatten().tolist())
