@@ -6,6 +6,7 @@ or device problem ends the run before training with one line that says what to f
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -34,7 +35,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--data-dir", dest="data_dir")
     p.add_argument("--batch-size", dest="batch_size", type=int)
     p.add_argument("--lr", type=float)
-    p.add_argument("--schedule", help="sequential (the single-process reference)")
+    p.add_argument("--schedule", help="pipeline (default: one process per module) | sequential (single-process reference)")
     p.add_argument("--threads", type=int, help="torch threads (0: PyTorch's default)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override any config key, e.g. --set split=[6,11] --set sgr_reduction=sample")
@@ -54,25 +55,63 @@ def build_config(args: argparse.Namespace):
     return validate(from_dict(overrides, base=cfg, source="command line"))
 
 
+def check_topology(cfg, stages: int, world_size: int) -> None:
+    """Refuse pipeline set-ups that cannot run, before any process starts."""
+    from pipeline.config import ConfigError
+
+    if cfg.schedule == "pipeline" and cfg.method == "greedy":
+        raise ConfigError("method greedy trains modules one after another; run it with --schedule sequential")
+    if world_size > 1 and world_size != stages:
+        raise ConfigError(
+            f"torchrun started {world_size} processes but the split has {stages} stages; use --nproc-per-node "
+            f"{stages} (one process per stage) or 1 (the launcher spawns the stages)")
+    if world_size > 1 and cfg.schedule != "pipeline":
+        raise ConfigError("--schedule sequential runs in one process; start it with python, not torchrun")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     from pipeline.config import ConfigError
-    from pipeline.data import DataError, load_data
+    from pipeline.data import DataError, load_data, steps_per_epoch
     from pipeline.stages import build_local_modules
     from pipeline.trainer import SequentialTrainer
+    from workers.coordinator import StageFailed
+    from workers.launcher import run_spawned, run_torchrun
 
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
     try:
         cfg = build_config(args)
         data = load_data(cfg.dataset, cfg.data_dir, cfg.image_size, cfg.train_subset)
-        build_local_modules(cfg, data.in_channels, data.num_classes, data.input_size)  # model/split errors, before training
+        steps = steps_per_epoch(data, cfg.batch_size)
+        if steps < 1:
+            raise ConfigError(f"the training set has {len(data.train_y)} samples, fewer than batch_size={cfg.batch_size}")
+        stages = len(build_local_modules(cfg, data.in_channels, data.num_classes, data.input_size))
+        check_topology(cfg, stages, world_size)
     except (ConfigError, DataError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    print(f"{cfg.method} | {cfg.model} | K={cfg.stages} | λ={cfg.lam} | {cfg.dataset} "
-          f"({len(data.train_y)} train / {len(data.test_y)} test) | {cfg.epochs} epochs | run dir {cfg.out}", flush=True)
-    result = SequentialTrainer(cfg, data).run()
-    print(f"final test accuracy (last head): {100 * result['final_test_acc']:.2f}% in {result['seconds']:.0f} s; "
-          f"records in {cfg.out}/metrics.jsonl", flush=True)
+    is_reporter = int(os.environ.get("RANK", "0")) == 0
+    if is_reporter:
+        print(f"{cfg.method} | {cfg.model} | K={stages} | λ={cfg.lam} | {cfg.schedule} | {cfg.dataset} "
+              f"({len(data.train_y)} train / {len(data.test_y)} test) | {cfg.epochs} epochs | run dir {cfg.out}",
+              flush=True)
+    try:
+        if cfg.schedule == "sequential":
+            result = SequentialTrainer(cfg, data).run()
+        elif world_size > 1:
+            result = run_torchrun(cfg, stages, steps)
+        else:
+            del data  # each stage process loads its own copy
+            result = run_spawned(cfg, stages, steps)
+    except StageFailed as err:
+        print(f"error: {err}", file=sys.stderr, flush=True)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted: all stages stopped", file=sys.stderr, flush=True)
+        return 130
+    if result is not None:
+        print(f"final test accuracy (last head): {100 * result['final_test_acc']:.2f}% in {result['seconds']:.0f} s; "
+              f"records in {cfg.out}/metrics.jsonl", flush=True)
     return 0
 
 

@@ -15,7 +15,8 @@ import yaml
 METHODS = ("sgr", "layerwise", "bp", "reforward", "greedy")
 HEADS = ("conv_linear", "etf", "own")
 LR_SCHEDULES = ("cosine", "step", "constant")
-SCHEDULES = ("sequential",)
+SCHEDULES = ("pipeline", "sequential")
+TRANSPORTS = ("auto", "zmq")
 
 
 class ConfigError(ValueError):
@@ -59,7 +60,11 @@ class Config:
     seed: int = 0
     device: str = "cpu"
     threads: int = 0  # torch intra-op threads (0: leave PyTorch's default)
-    schedule: str = "sequential"
+    schedule: str = "pipeline"  # pipeline: one process per module; sequential: the single-process reference
+    depth: int = 2  # pipeline: messages a stage may send ahead of the next stage's progress
+    transport: str = "auto"  # auto: CUDA IPC between GPU stages on one host, else zmq; zmq: always zmq frames
+    gpus: list[int] = field(default_factory=list)  # pipeline on cuda: GPU of each stage (default: stage k on k mod #GPUs)
+    peer_timeout: float = 120.0  # pipeline: seconds without a message from a neighbour before it counts as dead
     out: str = "runs/default"
     log_every: int = 20  # steps between JSONL training records
     progress: bool = True
@@ -141,10 +146,15 @@ def validate(cfg: Config) -> Config:
     need(cfg.warmup_epochs >= 0, f"warmup_epochs must be >= 0, got {cfg.warmup_epochs}")
     need(cfg.train_subset >= 0, f"train_subset must be >= 0, got {cfg.train_subset}")
     need(cfg.schedule in SCHEDULES, f"schedule must be one of {', '.join(SCHEDULES)}, got {cfg.schedule!r}")
+    need(cfg.depth >= 1, f"depth must be >= 1, got {cfg.depth}")
+    need(cfg.transport in TRANSPORTS, f"transport must be one of {', '.join(TRANSPORTS)}, got {cfg.transport!r}")
+    need(cfg.peer_timeout > 0, f"peer_timeout must be > 0 seconds, got {cfg.peer_timeout}")
     need(cfg.device == "cpu" or cfg.device.startswith("cuda"), f"device must be cpu or cuda[:N], got {cfg.device!r}")
     need(cfg.threads >= 0 and cfg.log_every >= 1, "threads must be >= 0 and log_every >= 1")
     if cfg.device.startswith("cuda"):
         import torch
 
         need(torch.cuda.is_available(), f"device {cfg.device} asked for but no CUDA GPU is visible; use --device cpu")
+        bad = [g for g in cfg.gpus if not 0 <= g < torch.cuda.device_count()]
+        need(not bad, f"gpus {bad} do not exist: this machine has {torch.cuda.device_count()} GPU(s)")
     return cfg

@@ -35,9 +35,11 @@ class ImageData:
     num_classes: int
 
     def __post_init__(self) -> None:
-        pixels = self.train_x.float().div_(255).transpose(0, 1).reshape(self.train_x.shape[1], -1)
-        self.mean = pixels.mean(dim=1)
-        self.std = pixels.std(dim=1).clamp_min(1e-3)
+        # numpy in float64: the statistics must not depend on the torch thread count, or processes
+        # with different thread counts would normalise the same images to different bits.
+        pixels = self.train_x.transpose(0, 1).reshape(self.train_x.shape[1], -1).numpy().astype(np.float64) / 255
+        self.mean = torch.from_numpy(pixels.mean(axis=1)).float()
+        self.std = torch.from_numpy(pixels.std(axis=1, ddof=1)).float().clamp_min(1e-3)
 
     @property
     def in_channels(self) -> int:

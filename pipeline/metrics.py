@@ -45,6 +45,26 @@ class ModuleMeter:
         )
 
 
+def train_records(meter: ModuleMeter, epoch: int, step: int, lrs: list[float], first_module: int = 0) -> list[dict[str, Any]]:
+    """One `train` record per module that stepped since the meter's last reset (modules numbered from 1)."""
+    avg = meter.averages()
+    return [
+        {"event": "train", "module": first_module + k + 1, "epoch": epoch, "step": step,
+         "loss": avg["loss"][k], "sgr": avg["sgr"][k], "acc": avg["acc"][k], "lr": lrs[k]}
+        for k in range(meter.n) if meter.steps[k]
+    ]
+
+
+def eval_record(epoch: int, step: int, test_acc: list[float], test_top5: list[float]) -> dict[str, Any]:
+    """The `eval` record: every head's top-1 and top-5 test accuracy after training step `step`."""
+    return {"event": "eval", "epoch": epoch, "step": step, "test_acc": test_acc, "test_top5": test_top5}
+
+
+def format_eval(step: int, test_acc: list[float]) -> str:
+    heads = "  ".join(f"M{k + 1} {100 * a:.2f}%" for k, a in enumerate(test_acc))
+    return f"[eval] step {step}: test accuracy per head: {heads}"
+
+
 class JsonlLog:
     """Appends one JSON object per line to RUN_DIR/metrics.jsonl, flushed at every write."""
 

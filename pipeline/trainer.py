@@ -16,7 +16,7 @@ from tqdm import tqdm
 
 from pipeline.config import Config
 from pipeline.data import ImageData, eval_batches, steps_per_epoch, train_batches
-from pipeline.metrics import JsonlLog, ModuleMeter
+from pipeline.metrics import JsonlLog, ModuleMeter, eval_record, format_eval, train_records
 from pipeline.stages import build_local_modules, build_stage_steps
 from pipeline.step import StageStep, StepStats
 
@@ -124,13 +124,12 @@ class SequentialTrainer:
         if global_step % self.cfg.log_every == 0 or bar.n == self.steps_per_epoch:
             bar.set_postfix_str(meter.summary(), refresh=False)
             lrs = [s.optimizer.param_groups[0]["lr"] for s in self.steps]
-            self.log.write({"event": "train", "epoch": epoch, "step": global_step, **meter.averages(), "lr": lrs})
+            for record in train_records(meter, epoch, global_step, lrs):
+                self.log.write(record)
             meter.reset()
 
     def _evaluate(self, epoch: int, global_step: int, n_heads: int) -> dict[str, Any]:
         scores = evaluate(self.steps[:n_heads], self.data, self.cfg.eval_batch_size, self.device)
-        record = {"event": "eval", "epoch": epoch, "step": global_step, **scores}
-        self.log.write(record)
-        heads = "  ".join(f"M{k + 1} {100 * a:.2f}%" for k, a in enumerate(scores["test_acc"]))
-        print(f"[eval] step {global_step}: test accuracy per head: {heads}", flush=True)
+        self.log.write(eval_record(epoch, global_step, scores["test_acc"], scores["test_top5"]))
+        print(format_eval(global_step, scores["test_acc"]), flush=True)
         return {"final_test_acc": scores["test_acc"][-1], **scores, "step": global_step}

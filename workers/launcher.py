@@ -1,0 +1,158 @@
+"""Starting and supervising the stage processes: one code path for `python launch.py` and torchrun.
+
+- One launcher process (plain python, or torchrun with one process per node): it spawns the K
+  stage processes itself, runs the coordinator, and stops every stage as soon as one dies.
+- torchrun with K processes: each process is one stage (rank = stage, LOCAL_RANK picks the
+  GPU); endpoints are exchanged through torch.distributed's store, so the same command works
+  across nodes; rank 0 also runs the coordinator.
+"""
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import shutil
+import socket
+import sys
+import tempfile
+import threading
+import time
+from typing import Any
+
+import torch
+import zmq
+
+from pipeline.config import Config
+from workers.coordinator import Coordinator
+from workers.stage import StageSpec, StageWorker, stage_main
+
+STOP_GRACE_S = 3.0
+
+
+def stage_devices(cfg: Config, stages: int) -> list[str]:
+    """Each stage's device: cuda:<gpus[k]> (default k mod #GPUs) on GPUs, else the CPU."""
+    if not cfg.device.startswith("cuda"):
+        return ["cpu"] * stages
+    if cfg.gpus:
+        if len(cfg.gpus) != stages:
+            raise ValueError(f"gpus lists {len(cfg.gpus)} devices but the pipeline has {stages} stages")
+        return [f"cuda:{g}" for g in cfg.gpus]
+    return [f"cuda:{k % torch.cuda.device_count()}" for k in range(stages)]
+
+
+def stage_threads(cfg: Config, stages: int, local_stages: int | None = None) -> int:
+    """Torch threads per stage: the config's, or the host's cores shared among the stages on it."""
+    if cfg.threads:
+        return cfg.threads
+    return max(1, (os.cpu_count() or 1) // (local_stages or stages))
+
+
+def _describe_exit(code: int) -> str:
+    return f"was killed by signal {-code}" if code < 0 else f"exited with code {code}"
+
+
+def _stop(processes: list[mp.Process]) -> None:
+    """Terminate every stage still alive, then kill what has not exited within the grace period."""
+    for p in processes:
+        if p.is_alive():
+            p.terminate()
+    deadline = time.time() + STOP_GRACE_S
+    for p in processes:
+        p.join(timeout=max(0.0, deadline - time.time()))
+        if p.is_alive():
+            p.kill()
+            p.join()
+
+
+def run_spawned(cfg: Config, stages: int, steps_per_epoch: int) -> dict[str, Any]:
+    """Spawn K local stage processes linked by ipc:// sockets, coordinate them, and stop all on any failure."""
+    tmp = tempfile.mkdtemp(prefix="sgr-")
+    ctx = zmq.Context()
+    coordinator = Coordinator(cfg, stages, steps_per_epoch, ctx, f"ipc://{tmp}/report")
+    devices = stage_devices(cfg, stages)
+    threads = stage_threads(cfg, stages)
+    link = [f"ipc://{tmp}/link{k}" for k in range(stages)]  # link[k]: input of stage k
+    use_ipc = [cfg.transport == "auto" and devices[k].startswith("cuda") and devices[k + 1].startswith("cuda")
+               for k in range(stages - 1)] + [False]
+    specs = [
+        StageSpec(k, stages, cfg.to_dict(), link[k] if k else None, link[k + 1] if k + 1 < stages else None,
+                  coordinator.endpoint, devices[k], threads, use_ipc[k])
+        for k in range(stages)
+    ]
+    spawn = mp.get_context("spawn")
+    processes = [spawn.Process(target=stage_main, args=(spec,), name=f"stage{spec.rank + 1}") for spec in specs]
+    start = time.time()
+    try:
+        for p in processes:
+            p.start()
+        while not coordinator.finished:
+            coordinator.poll(100)
+            for k, p in enumerate(processes):
+                if p.exitcode is not None and k not in coordinator.done:
+                    coordinator.poll(300)  # its error record may still be on the way
+                    if k not in coordinator.done:
+                        raise coordinator.failure(k, _describe_exit(p.exitcode) if p.exitcode else "stopped early")
+        for p in processes:
+            p.join(timeout=60)
+        return coordinator.finish(time.time() - start)
+    finally:
+        _stop(processes)
+        coordinator.close()
+        ctx.term()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def run_torchrun(cfg: Config, stages: int, steps_per_epoch: int) -> dict[str, Any] | None:
+    """This torchrun process's stage; rank 0 also coordinates and returns the result (others return None)."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo")
+    store = dist.distributed_c10d._get_default_store()
+    rank, world = dist.get_rank(), dist.get_world_size()
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", str(world)))
+    single_node = local_world == world
+    host = "127.0.0.1" if single_node else os.environ.get("SGR_HOST", socket.gethostbyname(socket.gethostname()))
+    device = f"cuda:{local_rank}" if cfg.device.startswith("cuda") else "cpu"
+    ctx = zmq.Context()
+    coordinator = None
+    if rank == 0:
+        coordinator = Coordinator(cfg, stages, steps_per_epoch, ctx, f"tcp://{host}:*")
+        store.set("sgr/report", coordinator.endpoint)
+    spec = StageSpec(rank, stages, cfg.to_dict(), f"tcp://{host}:*" if rank else None, None, None, device,
+                     stage_threads(cfg, stages, local_world))
+    worker = StageWorker(spec, ctx)
+    if worker.in_endpoint is not None:
+        store.set(f"sgr/in/{rank}", f"{worker.in_endpoint} {socket.gethostname()} {device}")
+    out_endpoint, cuda_ipc = None, False
+    if rank + 1 < stages:
+        out_endpoint, next_host, next_device = store.get(f"sgr/in/{rank + 1}").decode().split()
+        cuda_ipc = (cfg.transport == "auto" and next_host == socket.gethostname()
+                    and device.startswith("cuda") and next_device.startswith("cuda"))
+    worker.connect(out_endpoint, store.get("sgr/report").decode(), cuda_ipc)
+    watcher = None
+    if coordinator is not None:
+        watcher = threading.Thread(target=_coordinate, args=(coordinator,), daemon=True)
+        watcher.start()
+    start = time.time()
+    try:
+        worker.run()
+        if watcher is not None:
+            watcher.join()
+            return coordinator.finish(time.time() - start)
+        return None
+    finally:
+        worker.close()
+        if coordinator is not None:
+            coordinator.close()
+        ctx.term()
+        dist.destroy_process_group()
+
+
+def _coordinate(coordinator: Coordinator) -> None:
+    """Rank 0's coordinator loop under torchrun: collect records; report a stage's error as soon as it arrives."""
+    reported: set[int] = set()
+    while not coordinator.finished:
+        coordinator.poll(100)
+        for stage in set(coordinator.errors) - reported:
+            print(f"error: {coordinator.failure(stage, 'failed')}", file=sys.stderr, flush=True)
+            reported.add(stage)
