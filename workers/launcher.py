@@ -87,6 +87,9 @@ def run_spawned(cfg: Config, stages: int, steps_per_epoch: int) -> dict[str, Any
         while not coordinator.finished:
             coordinator.poll(100)
             for k, p in enumerate(processes):
+                if k in coordinator.errors:  # reported an error: give it a moment to exit, then stop everything
+                    p.join(timeout=STOP_GRACE_S)
+                    raise coordinator.failure(k, _describe_exit(p.exitcode) if p.exitcode is not None else "failed")
                 if p.exitcode is not None and k not in coordinator.done:
                     coordinator.poll(300)  # its error record may still be on the way
                     if k not in coordinator.done:

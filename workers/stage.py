@@ -209,8 +209,12 @@ def stage_main(spec: StageSpec) -> None:
     except KeyboardInterrupt:
         pass
     except BaseException as err:
-        reporter = worker.reporter if worker is not None and worker.reporter else Reporter(ctx, spec.report_endpoint, spec.rank)
-        reporter.send({"kind": "error", "error": f"{type(err).__name__}: {err}"})
+        if worker is not None and worker.reporter is not None:
+            worker.reporter.send({"kind": "error", "error": f"{type(err).__name__}: {err}"})
+        else:  # failed before connecting: a short-lived reporter, closed so that ctx.term() cannot block
+            reporter = Reporter(ctx, spec.report_endpoint, spec.rank)
+            reporter.send({"kind": "error", "error": f"{type(err).__name__}: {err}"})
+            reporter.close()
         raise
     finally:
         if worker is not None:

@@ -1,0 +1,170 @@
+"""The asynchronous K-process pipeline against the sequential reference, to the bit, and its lifecycle."""
+import dataclasses
+import glob
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from pipeline.config import Config
+from pipeline.data import load_data, steps_per_epoch
+from pipeline.metrics import read_jsonl
+from pipeline.trainer import SequentialTrainer
+from workers.coordinator import StageFailed
+from workers.launcher import run_spawned
+
+ROOT = Path(__file__).parents[2]
+
+
+def small_config(tmp_path: Path, **overrides) -> Config:
+    values = dict(dataset="digits", model="resnet8", stages=3, method="sgr", lam=50.0, epochs=2, batch_size=32,
+                  train_subset=192, lr=0.05, threads=1, progress=False, eval_batch_size=128, log_every=2,
+                  peer_timeout=30.0, out=str(tmp_path / "pipeline"))
+    values.update(overrides)
+    return Config(**values)
+
+
+def reference(cfg: Config, tmp_path: Path) -> tuple[SequentialTrainer, dict]:
+    data = load_data(cfg.dataset, train_subset=cfg.train_subset)
+    trainer = SequentialTrainer(dataclasses.replace(cfg, schedule="sequential"), data, tmp_path / "reference")
+    return trainer, trainer.run()
+
+
+def pipeline_states(run_dir: Path, stages: int) -> list[dict]:
+    return [torch.load(run_dir / "stages" / f"stage{k + 1}.pt", weights_only=True) for k in range(stages)]
+
+
+def assert_bit_identical(trainer: SequentialTrainer, states: list[dict]) -> None:
+    assert len(states) == len(trainer.local)
+    for lm, state in zip(trainer.local, states):
+        for part, module in (("module", lm.module), ("head", lm.head)):
+            expected = module.state_dict()
+            assert expected.keys() == state[part].keys()
+            for name, value in expected.items():
+                assert torch.equal(value, state[part][name]), f"{part}.{name} differs"
+
+
+def run_pipeline(cfg: Config) -> dict:
+    data = load_data(cfg.dataset, train_subset=cfg.train_subset)
+    return run_spawned(cfg, cfg.stages, steps_per_epoch(data, cfg.batch_size))
+
+
+@pytest.mark.parametrize("stages,method", [(2, "sgr"), (3, "sgr"), (2, "layerwise"), (3, "layerwise"), (3, "reforward")])
+def test_pipeline_equals_the_sequential_reference_to_the_bit(tmp_path, stages, method):
+    cfg = small_config(tmp_path, stages=stages, method=method)
+    result = run_pipeline(cfg)
+    trainer, expected = reference(cfg, tmp_path)
+    assert_bit_identical(trainer, pipeline_states(Path(cfg.out), stages))
+    # evaluation flowed through the pipeline behind the last training batch: same accuracies per head
+    assert result["test_acc"] == expected["test_acc"] and result["test_top5"] == expected["test_top5"]
+    evals = [r for r in read_jsonl(Path(cfg.out) / "metrics.jsonl") if r["event"] == "eval"]
+    assert [r["step"] for r in evals] == [6, 12]
+
+
+def test_pipeline_with_sixteen_stages_equals_the_reference(tmp_path):
+    # ResNet-32 of width 4 on 8x8 digits: the stem and each of the 15 blocks in its own process
+    cfg = small_config(tmp_path, model="resnet32", model_args={"width": 4}, stages=16, epochs=1, train_subset=64,
+                       batch_size=16)
+    run_pipeline(cfg)
+    trainer, _ = reference(cfg, tmp_path)
+    assert_bit_identical(trainer, pipeline_states(Path(cfg.out), 16))
+
+
+def test_a_stage_error_stops_the_run_and_names_the_stage(tmp_path):
+    cfg = small_config(tmp_path, stages=3)
+    before = set(glob.glob(f"{tempfile.gettempdir()}/sgr-*"))
+    start = time.time()
+    with pytest.raises(StageFailed, match="stage [12] exited with code 1 after step 0: ValueError: the config's split gives 3"):
+        run_spawned(cfg, 2, 6)  # the launcher thinks 2 stages, the config's split gives 3
+    assert time.time() - start < 60
+    assert set(glob.glob(f"{tempfile.gettempdir()}/sgr-*")) == before  # ipc sockets removed
+
+
+def children_of(pid: int) -> list[int]:
+    found = []
+    for stat in glob.glob("/proc/[0-9]*/stat"):
+        try:
+            fields = Path(stat).read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            found.append(int(Path(stat).parent.name))
+    return found
+
+
+def alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+def start_long_run(tmp_path: Path) -> tuple[subprocess.Popen, list[int]]:
+    """A 3-stage run long enough to be interrupted; returns the launcher and its stage pids once they train."""
+    run_dir = tmp_path / "long"
+    proc = subprocess.Popen(
+        [sys.executable, "launch.py", "--dataset", "digits", "--epochs", "50", "--batch-size", "16", "--threads", "1",
+         "--no-progress", "--out", str(run_dir), "--set", "log_every=1"],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+    )
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        metrics = run_dir / "metrics.jsonl"
+        if metrics.exists() and {r.get("module") for r in read_jsonl(metrics)} >= {1, 2, 3}:
+            break
+        assert proc.poll() is None, proc.communicate()
+        time.sleep(0.2)
+    stages = [pid for pid in children_of(proc.pid) if "resource_tracker" not in Path(f"/proc/{pid}/cmdline").read_text()]
+    return proc, stages
+
+
+def test_a_killed_stage_stops_the_whole_run_within_ten_seconds(tmp_path):
+    proc, stages = start_long_run(tmp_path)
+    assert len(stages) == 3
+    killed_at = time.time()
+    os.kill(stages[1], signal.SIGKILL)
+    _, err = proc.communicate(timeout=30)
+    assert time.time() - killed_at < 10
+    assert proc.returncode == 1
+    assert "error: stage 2 was killed by signal 9 after step" in err
+    time.sleep(0.5)
+    assert not any(alive(pid) for pid in stages)
+
+
+def test_ctrl_c_stops_every_process(tmp_path):
+    proc, stages = start_long_run(tmp_path)
+    os.killpg(proc.pid, signal.SIGINT)  # what a terminal's Ctrl-C does: the whole process group
+    _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 130 and "interrupted: all stages stopped" in err
+    time.sleep(0.5)
+    assert not any(alive(pid) for pid in stages)
+
+
+def test_torchrun_one_process_per_stage_equals_the_reference(tmp_path):
+    out = tmp_path / "torchrun"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "launch.py",
+           "--stages", "2", "--dataset", "digits", "--epochs", "1", "--batch-size", "32", "--threads", "1", "--lam", "50",
+           "--no-progress", "--out", str(out), "--set", "train_subset=128", "--set", "lr=0.05"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "final test accuracy (last head)" in proc.stdout
+    cfg = small_config(tmp_path, stages=2, epochs=1, train_subset=128, batch_size=32, lam=50.0, lr=0.05,
+                       eval_batch_size=1000, log_every=20)
+    trainer, expected = reference(cfg, tmp_path)
+    assert_bit_identical(trainer, pipeline_states(out, 2))
+
+
+def test_torchrun_with_the_wrong_number_of_processes_is_refused(tmp_path):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "launch.py",
+           "--stages", "3", "--dataset", "digits", "--no-progress", "--out", str(tmp_path / "x")]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    assert "torchrun started 2 processes but the split has 3 stages; use --nproc-per-node 3" in proc.stderr
