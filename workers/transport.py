@@ -47,6 +47,14 @@ def _tensor_bytes(t: torch.Tensor) -> memoryview:
     return memoryview(flat.view(torch.uint8).numpy()) if flat.numel() else memoryview(b"")
 
 
+def _to_host(t: torch.Tensor) -> torch.Tensor:
+    """A CPU copy of a GPU tensor, staged through pinned memory (fast DMA); CPU tensors pass through."""
+    if not t.is_cuda:
+        return t
+    host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+    return host.copy_(t)
+
+
 def _share_cuda(t: torch.Tensor) -> list[Any]:
     """The CUDA IPC handle of a tensor's storage, as msgpack-able values."""
     storage = t.untyped_storage()
@@ -71,7 +79,7 @@ def encode(header: dict[str, Any], tensors: dict[str, torch.Tensor | None], cuda
         if cuda_ipc and t.is_cuda:
             entry.update(ipc=_share_cuda(t), offset=t.storage_offset(), stride=list(t.stride()))
         else:
-            frames.append(_tensor_bytes(t.cpu()))
+            frames.append(_tensor_bytes(_to_host(t)))
         meta.append(entry)
     return [msgpack.packb({**header, "tensors": meta}, use_bin_type=True), *frames]
 
