@@ -65,6 +65,8 @@ def check_topology(cfg, stages: int, world_size: int) -> None:
         raise ConfigError(
             f"torchrun started {world_size} processes but the split has {stages} stages; use --nproc-per-node "
             f"{stages} (one process per stage) or 1 (the launcher spawns the stages)")
+    if cfg.schedule == "pipeline" and cfg.device.startswith("cuda") and cfg.gpus and len(cfg.gpus) != stages:
+        raise ConfigError(f"gpus lists {len(cfg.gpus)} devices but the split has {stages} stages; give one GPU per stage")
     if world_size > 1 and cfg.schedule != "pipeline":
         raise ConfigError("--schedule sequential runs in one process; start it with python, not torchrun")
 

@@ -6,6 +6,7 @@ the key and says how to fix it, before any data is read or any training starts.
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -149,12 +150,15 @@ def validate(cfg: Config) -> Config:
     need(cfg.depth >= 1, f"depth must be >= 1, got {cfg.depth}")
     need(cfg.transport in TRANSPORTS, f"transport must be one of {', '.join(TRANSPORTS)}, got {cfg.transport!r}")
     need(cfg.peer_timeout > 0, f"peer_timeout must be > 0 seconds, got {cfg.peer_timeout}")
-    need(cfg.device == "cpu" or cfg.device.startswith("cuda"), f"device must be cpu or cuda[:N], got {cfg.device!r}")
+    need(re.fullmatch(r"cpu|cuda(:\d+)?", cfg.device) is not None, f"device must be cpu, cuda or cuda:N, got {cfg.device!r}")
     need(cfg.threads >= 0 and cfg.log_every >= 1, "threads must be >= 0 and log_every >= 1")
     if cfg.device.startswith("cuda"):
         import torch
 
         need(torch.cuda.is_available(), f"device {cfg.device} asked for but no CUDA GPU is visible; use --device cpu")
+        index = cfg.device.partition(":")[2]
+        need(not index or int(index) < torch.cuda.device_count(),
+             f"device {cfg.device} does not exist: this machine has {torch.cuda.device_count()} GPU(s)")
         bad = [g for g in cfg.gpus if not 0 <= g < torch.cuda.device_count()]
         need(not bad, f"gpus {bad} do not exist: this machine has {torch.cuda.device_count()} GPU(s)")
     return cfg

@@ -39,6 +39,28 @@ def test_bad_input_is_one_line_before_training(tmp_path, capsys, argv, message):
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["--device", "cuda"], "error: device cuda asked for but no CUDA GPU is visible; use --device cpu"),
+        (["--method", "greedy"], "error: method greedy trains modules one after another; run it with --schedule sequential"),
+    ],
+)
+def test_topology_errors_come_before_any_process_starts(tmp_path, capsys, monkeypatch, argv, message):
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)
+    assert launch.main([*DIGITS, "--out", str(tmp_path / "run"), *argv]) == 2
+    assert capsys.readouterr().err.startswith(message)
+    assert not (tmp_path / "run").exists()
+
+
+def test_one_gpu_per_stage_is_checked_against_the_split(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr("torch.cuda.is_available", lambda: True)
+    monkeypatch.setattr("torch.cuda.device_count", lambda: 4)
+    argv = [*DIGITS, "--out", str(tmp_path / "run"), "--stages", "3", "--device", "cuda", "--set", "gpus=[0,1]"]
+    assert launch.main(argv) == 2
+    assert capsys.readouterr().err == "error: gpus lists 2 devices but the split has 3 stages; give one GPU per stage\n"
+
+
 def test_cli_as_a_program(tmp_path):
     proc = subprocess.run(
         [sys.executable, "launch.py", *DIGITS, "--out", str(tmp_path / "run"), "--set", "train_subset=256"],

@@ -27,7 +27,7 @@ def test_every_shipped_config_loads_validates_and_builds(path):
         ({"augment": 1}, "'augment' must be true or false"),
         ({"head": "own"}, "head must be conv_linear or etf"),
         ({"sgr_reduction": "sum"}, "sgr_reduction must be mean or sample"),
-        ({"device": "tpu"}, "device must be cpu or cuda"),
+        ({"device": "tpu"}, "device must be cpu, cuda or cuda:N"),
     ],
 )
 def test_bad_values_fail_with_one_clear_line(values, message):
