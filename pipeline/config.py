@@ -66,6 +66,7 @@ class Config:
     transport: str = "auto"  # auto: CUDA IPC between GPU stages on one host, else zmq; zmq: always zmq frames
     gpus: list[int] = field(default_factory=list)  # pipeline on cuda: GPU of each stage (default: stage k on k mod #GPUs)
     peer_timeout: float = 120.0  # pipeline: seconds without a message from a neighbour before it counts as dead
+    simulate_step_ms: float = 0.0  # pipeline benchmark: each stage sleeps this long instead of training (0: off)
     out: str = "runs/default"
     log_every: int = 20  # steps between JSONL training records
     progress: bool = True
@@ -150,6 +151,7 @@ def validate(cfg: Config) -> Config:
     need(cfg.depth >= 1, f"depth must be >= 1, got {cfg.depth}")
     need(cfg.transport in TRANSPORTS, f"transport must be one of {', '.join(TRANSPORTS)}, got {cfg.transport!r}")
     need(cfg.peer_timeout > 0, f"peer_timeout must be > 0 seconds, got {cfg.peer_timeout}")
+    need(cfg.simulate_step_ms >= 0, f"simulate_step_ms must be >= 0, got {cfg.simulate_step_ms}")
     need(re.fullmatch(r"cpu|cuda(:\d+)?", cfg.device) is not None, f"device must be cpu, cuda or cuda:N, got {cfg.device!r}")
     need(cfg.threads >= 0 and cfg.log_every >= 1, "threads must be >= 0 and log_every >= 1")
     if cfg.device.startswith("cuda"):

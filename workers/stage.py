@@ -23,6 +23,7 @@ from pipeline.data import eval_batches, load_data, steps_per_epoch, train_batche
 from pipeline.metrics import ModuleMeter, train_records
 from pipeline.stages import build_local_modules, build_stage_steps
 from pipeline.step import StageStep
+from workers.simulated import SimulatedStep
 from workers.transport import LINGER_MS, Message, Receiver, Sender
 
 
@@ -89,6 +90,8 @@ class StageWorker:
         self.local.head.to(self.device)
         self.steps_per_epoch = steps_per_epoch(self.data, self.cfg.batch_size)
         self.step: StageStep = build_stage_steps(self.cfg, local, self.steps_per_epoch)[self.rank]
+        if self.cfg.simulate_step_ms > 0:  # bench/schedule_overhead.py: sleep instead of compute
+            self.step = SimulatedStep(self.step, self.cfg.simulate_step_ms)
         self.receiver = None if spec.in_endpoint is None else Receiver(
             ctx, spec.in_endpoint, self.cfg.peer_timeout, self.device, peer=f"stage {self.rank}")
         self.sender: Sender | None = None

@@ -1,0 +1,34 @@
+"""A stage whose compute is a fixed sleep: measures the pipeline's schedule overhead apart from the cores.
+
+`bench/schedule_overhead.py` sets `simulate_step_ms`; every stage then sleeps instead of
+training, so K stages overlap perfectly in the ideal schedule even on a machine with fewer
+than K cores, and whatever throughput is lost is the pipeline's own (messages, credits, Python).
+"""
+from __future__ import annotations
+
+import time
+
+import torch
+
+from pipeline.step import StageStep, StepOutput, StepStats
+
+
+class SimulatedStep:
+    """Stands in for a StageStep: sleeps `ms` per training batch and passes its input on unchanged."""
+
+    def __init__(self, step: StageStep, ms: float) -> None:
+        self.step, self.seconds = step, ms / 1000
+        self.optimizer = step.optimizer  # StageWorker reports its learning rate
+
+    def train_step(self, x: torch.Tensor, delta_prev: torch.Tensor | None, y: torch.Tensor) -> StepOutput:
+        """Sleep for the simulated compute, then hand x on (with a zero δ where the next stage needs one)."""
+        time.sleep(self.seconds)
+        last = self.step.is_last
+        delta = torch.zeros_like(x) if self.step.send_delta and not last else None
+        zero = torch.zeros(())
+        stats = StepStats(loss=zero, sgr=zero, correct=torch.zeros((), dtype=torch.long), count=y.shape[0])
+        return StepOutput(out=None if last else x, delta=delta, stats=stats)
+
+    def eval_forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """No compute: x passes on, with one-class zero logits (simulated accuracy means nothing)."""
+        return x, torch.zeros(x.shape[0], 1)
