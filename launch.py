@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 DEFAULT_CONFIG = Path(__file__).parent / "configs" / "default.yaml"
+TOOLS = ("plot", "export", "evaluate")  # `launch.py TOOL RUN_DIR`
 
 # flag -> config key, for the flags that are plain overrides
 FLAG_KEYS = {
@@ -22,7 +23,7 @@ FLAG_KEYS = {
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description="Local learning with Successive Gradient Reconciliation (SGR).")
-    p.add_argument("--config", default=str(DEFAULT_CONFIG), help="YAML run config (default: configs/default.yaml)")
+    p.add_argument("--config", help="YAML run config (default: configs/default.yaml; with --resume, the run's own)")
     p.add_argument("--method", help="sgr | layerwise | bp | reforward | greedy")
     p.add_argument("--stages", type=int, help="number of local modules K")
     p.add_argument("--lam", type=float, help="λ of the SGR term")
@@ -40,19 +41,114 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override any config key, e.g. --set split=[6,11] --set sgr_reduction=sample")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (logs still go to the run directory)")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue RUN_DIR from its newest complete checkpoint "
+                   "('latest': the config's out directory); flags still override the run's config")
+    p.add_argument("--fresh", action="store_true", help="start over in a run directory that holds checkpoints (deletes them)")
+    return p.parse_args(argv)
+
+
+def parse_tool_args(argv: list[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="launch.py", description="Tools on a finished or interrupted run directory.")
+    sub = p.add_subparsers(dest="tool", required=True)
+    sub.add_parser("plot", help="write RUN_DIR/plots/*.png from its metrics").add_argument("run_dir")
+    export = sub.add_parser("export", help="stitch the newest checkpoint into one state dict for plain PyTorch")
+    export.add_argument("run_dir")
+    export.add_argument("--to", help="output file (default: RUN_DIR/model.pt)")
+    sub.add_parser("evaluate", help="every head's test accuracy at the newest checkpoint").add_argument("run_dir")
     return p.parse_args(argv)
 
 
 def build_config(args: argparse.Namespace):
-    """YAML, then --set overrides, then the named flags; validated."""
-    from pipeline.config import from_dict, load_yaml, parse_override, validate
+    """YAML (with --resume: the run's own config.yaml), then --set overrides, then the named flags; validated."""
+    from pipeline.config import ConfigError, from_dict, load_yaml, parse_override, validate
 
-    cfg = load_yaml(args.config)
     overrides = dict(parse_override(o) for o in args.overrides)
     overrides.update({key: getattr(args, flag) for flag, key in FLAG_KEYS.items() if getattr(args, flag) is not None})
     if args.no_progress:
         overrides["progress"] = False
-    return validate(from_dict(overrides, base=cfg, source="command line"))
+    cfg = validate(from_dict(overrides, base=load_yaml(args.config or DEFAULT_CONFIG), source="command line"))
+    if not args.resume:
+        return cfg
+    run_dir = Path(cfg.out if args.resume == "latest" else args.resume)
+    if args.config is None:
+        if not (run_dir / "config.yaml").exists():
+            raise ConfigError(f"{run_dir} is not a run directory (no config.yaml); check the path given to --resume")
+        base = load_yaml(run_dir / "config.yaml")
+    else:
+        base = load_yaml(args.config)
+    return validate(from_dict({**overrides, "out": str(run_dir)}, base=base, source="command line"))
+
+
+def find_resume(args: argparse.Namespace, cfg, data, steps_per_run: int):
+    """The checkpoint to continue from (None for a fresh run), or a one-line error; torn ones are warned about."""
+    import shutil
+    import warnings
+
+    from pipeline.checkpoint import CheckpointError, fingerprint, latest_checkpoint
+    from pipeline.stages import split_cuts
+
+    run_dir = Path(cfg.out)
+    if not args.resume:
+        if (run_dir / "checkpoints").is_dir() and any((run_dir / "checkpoints").iterdir()):
+            if not args.fresh:
+                raise CheckpointError(f"{run_dir} holds checkpoints of an earlier run: continue it with --resume "
+                                      f"{run_dir}, start over with --fresh (deletes them), or choose another --out")
+            shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
+            (run_dir / "metrics.jsonl").unlink(missing_ok=True)
+        return None
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        expected = fingerprint(cfg, split_cuts(cfg, data.in_channels, data.num_classes, data.input_size))
+        checkpoint = latest_checkpoint(run_dir, expected)
+    for w in caught:
+        print(f"warning: {w.message}", file=sys.stderr)
+    if checkpoint.step >= steps_per_run:
+        raise CheckpointError(f"{run_dir} already finished at step {checkpoint.step}; raise --epochs to train further")
+    print(f"resuming {run_dir} from step {checkpoint.step}", flush=True)
+    return checkpoint
+
+
+def run_tool(argv: list[str]) -> int:
+    """`launch.py plot|export|evaluate RUN_DIR`."""
+    args = parse_tool_args(argv)
+    from pipeline.checkpoint import CheckpointError, complete_checkpoints
+    from pipeline.config import ConfigError, load_yaml
+    from pipeline.data import DataError, load_data
+
+    run_dir = Path(args.run_dir)
+    if not (run_dir / "config.yaml").exists():
+        print(f"error: {run_dir} is not a run directory (no config.yaml)", file=sys.stderr)
+        return 2
+    if args.tool == "plot":
+        from pipeline.plots import plot_run
+
+        for path in plot_run(run_dir):
+            print(path)
+        return 0
+    try:
+        cfg = load_yaml(run_dir / "config.yaml")
+        data = load_data(cfg.dataset, cfg.data_dir, cfg.image_size, cfg.train_subset)
+        found = complete_checkpoints(run_dir)
+        if not found:
+            raise CheckpointError(f"{run_dir} has no complete checkpoint")
+    except (ConfigError, DataError, CheckpointError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    import torch
+
+    from pipeline.export import export_model, restore_steps
+    from pipeline.metrics import format_eval
+    from pipeline.trainer import evaluate
+
+    if args.tool == "export":
+        path = Path(args.to or run_dir / "model.pt")
+        export_model(cfg, data, found[-1], path)
+        print(f"exported step {found[-1].step} to {path}; load it with pipeline.export.load_exported({str(path)!r})")
+        return 0
+    _, steps = restore_steps(cfg, data, found[-1], torch.device("cpu"))
+    scores = evaluate(steps, data, cfg.eval_batch_size, torch.device("cpu"))
+    print(format_eval(found[-1].step, scores["test_acc"]))
+    return 0
 
 
 def check_topology(cfg, stages: int, world_size: int) -> None:
@@ -72,7 +168,11 @@ def check_topology(cfg, stages: int, world_size: int) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in TOOLS:
+        return run_tool(argv)
     args = parse_args(argv)
+    from pipeline.checkpoint import CheckpointError
     from pipeline.config import ConfigError
     from pipeline.data import DataError, load_data, steps_per_epoch
     from pipeline.stages import build_local_modules
@@ -89,7 +189,8 @@ def main(argv: list[str] | None = None) -> int:
             raise ConfigError(f"the training set has {len(data.train_y)} samples, fewer than batch_size={cfg.batch_size}")
         stages = len(build_local_modules(cfg, data.in_channels, data.num_classes, data.input_size))
         check_topology(cfg, stages, world_size)
-    except (ConfigError, DataError) as err:
+        resume = find_resume(args, cfg, data, steps * cfg.epochs)  # every torchrun rank finds the same one
+    except (ConfigError, DataError, CheckpointError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     is_reporter = int(os.environ.get("RANK", "0")) == 0
@@ -99,13 +200,13 @@ def main(argv: list[str] | None = None) -> int:
               flush=True)
     try:
         if cfg.schedule == "sequential":
-            result = SequentialTrainer(cfg, data).run()
+            result = SequentialTrainer(cfg, data, resume=resume).run()
         elif world_size > 1:
-            result = run_torchrun(cfg, stages, steps)
+            result = run_torchrun(cfg, stages, steps, resume)
         else:
             del data  # each stage process loads its own copy
-            result = run_spawned(cfg, stages, steps)
-    except StageFailed as err:
+            result = run_spawned(cfg, stages, steps, resume)
+    except (StageFailed, FloatingPointError) as err:
         print(f"error: {err}", file=sys.stderr, flush=True)
         return 1
     except KeyboardInterrupt:
@@ -114,6 +215,9 @@ def main(argv: list[str] | None = None) -> int:
     if result is not None:
         print(f"final test accuracy (last head): {100 * result['final_test_acc']:.2f}% in {result['seconds']:.0f} s; "
               f"records in {cfg.out}/metrics.jsonl", flush=True)
+        from pipeline.plots import plot_run
+
+        plot_run(Path(cfg.out))
     return 0
 
 

@@ -67,8 +67,13 @@ class Config:
     gpus: list[int] = field(default_factory=list)  # pipeline on cuda: GPU of each stage (default: stage k on k mod #GPUs)
     peer_timeout: float = 120.0  # pipeline: seconds without a message from a neighbour before it counts as dead
     simulate_step_ms: float = 0.0  # pipeline benchmark: each stage sleeps this long instead of training (0: off)
+    heartbeat_timeout: float = 300.0  # pipeline: seconds without any sign of life from a stage before it counts as hung
     out: str = "runs/default"
     log_every: int = 20  # steps between JSONL training records
+    eval_every: int = 0  # steps between evaluations of every head (0: at the end of each epoch)
+    probe_size: int = 256  # training samples in the fixed probe batch of the ΔL_k analysis (0: off)
+    checkpoint_every: int = 0  # steps between checkpoints (0: at the end of each epoch); the last step always
+    keep_checkpoints: int = 2  # newest checkpoints kept (the best by test accuracy is kept too)
     progress: bool = True
 
     def to_dict(self) -> dict[str, Any]:
@@ -151,6 +156,10 @@ def validate(cfg: Config) -> Config:
     need(cfg.depth >= 1, f"depth must be >= 1, got {cfg.depth}")
     need(cfg.transport in TRANSPORTS, f"transport must be one of {', '.join(TRANSPORTS)}, got {cfg.transport!r}")
     need(cfg.peer_timeout > 0, f"peer_timeout must be > 0 seconds, got {cfg.peer_timeout}")
+    need(cfg.heartbeat_timeout > 0, f"heartbeat_timeout must be > 0 seconds, got {cfg.heartbeat_timeout}")
+    need(min(cfg.eval_every, cfg.checkpoint_every, cfg.probe_size) >= 0,
+         "eval_every, checkpoint_every and probe_size must be >= 0 (0: every epoch / off)")
+    need(cfg.keep_checkpoints >= 1, f"keep_checkpoints must be >= 1, got {cfg.keep_checkpoints}")
     need(cfg.simulate_step_ms >= 0, f"simulate_step_ms must be >= 0, got {cfg.simulate_step_ms}")
     need(re.fullmatch(r"cpu|cuda(:\d+)?", cfg.device) is not None, f"device must be cpu, cuda or cuda:N, got {cfg.device!r}")
     need(cfg.threads >= 0 and cfg.log_every >= 1, "threads must be >= 0 and log_every >= 1")

@@ -253,6 +253,11 @@ def train_batches(data: ImageData, epoch: int, batch_size: int, seed: int, use_a
         yield data.normalize(x), data.train_y[idx]
 
 
+def probe_batch(data: ImageData, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The fixed probe batch of the ΔL_k analysis: the first `size` training samples, normalised, not augmented."""
+    return data.normalize(data.train_x[:size]), data.train_y[:size]
+
+
 def eval_batches(data: ImageData, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """The test set in order, normalised."""
     for i in range(0, len(data.test_y), batch_size):

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -11,8 +12,8 @@ from pipeline.step import StepStats
 class ModuleMeter:
     """Running sums of each module's loss, SGR term and local accuracy since the last reset."""
 
-    def __init__(self, n_modules: int) -> None:
-        self.n = n_modules
+    def __init__(self, n_modules: int, first_module: int = 0) -> None:
+        self.n, self.first_module = n_modules, first_module  # a pipeline stage meters its one module
         self.reset()
 
     def reset(self) -> None:
@@ -23,7 +24,11 @@ class ModuleMeter:
         self.steps = [0] * self.n
 
     def update(self, k: int, stats: StepStats) -> None:
-        self.loss[k] += float(stats.loss)
+        """Add one step of module k; a NaN or infinite loss stops training here, before it reaches a checkpoint."""
+        loss = float(stats.loss)
+        if not math.isfinite(loss):
+            raise FloatingPointError(f"module {self.first_module + k + 1}'s loss is {loss}; lower lr or lam, or check the data")
+        self.loss[k] += loss
         self.sgr[k] += float(stats.sgr)
         self.correct[k] += int(stats.correct)
         self.count[k] += stats.count
@@ -45,19 +50,21 @@ class ModuleMeter:
         )
 
 
-def train_records(meter: ModuleMeter, epoch: int, step: int, lrs: list[float], first_module: int = 0) -> list[dict[str, Any]]:
+def train_records(meter: ModuleMeter, epoch: int, step: int, lrs: list[float]) -> list[dict[str, Any]]:
     """One `train` record per module that stepped since the meter's last reset (modules numbered from 1)."""
     avg = meter.averages()
     return [
-        {"event": "train", "module": first_module + k + 1, "epoch": epoch, "step": step,
+        {"event": "train", "module": meter.first_module + k + 1, "epoch": epoch, "step": step,
          "loss": avg["loss"][k], "sgr": avg["sgr"][k], "acc": avg["acc"][k], "lr": lrs[k]}
         for k in range(meter.n) if meter.steps[k]
     ]
 
 
-def eval_record(epoch: int, step: int, test_acc: list[float], test_top5: list[float]) -> dict[str, Any]:
-    """The `eval` record: every head's top-1 and top-5 test accuracy after training step `step`."""
-    return {"event": "eval", "epoch": epoch, "step": step, "test_acc": test_acc, "test_top5": test_top5}
+def eval_record(epoch: int, step: int, test_acc: list[float], test_top5: list[float],
+                delta_loss: list[float | None]) -> dict[str, Any]:
+    """The `eval` record after training step `step`: every head's top-1/top-5 test accuracy and ΔL_k."""
+    return {"event": "eval", "epoch": epoch, "step": step, "test_acc": test_acc, "test_top5": test_top5,
+            "delta_loss": delta_loss}
 
 
 def format_eval(step: int, test_acc: list[float]) -> str:
@@ -78,6 +85,13 @@ class JsonlLog:
 
     def close(self) -> None:
         self.file.close()
+
+
+def truncate_after(path: Path, step: int) -> None:
+    """Drop the records of steps after `step` (written by a run that died after its last checkpoint)."""
+    if path.exists():
+        kept = [r for r in read_jsonl(path) if r.get("step", 0) <= step]
+        path.write_text("".join(json.dumps(r) + "\n" for r in kept))
 
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:

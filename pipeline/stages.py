@@ -40,6 +40,12 @@ def module_cuts(cfg: Config, net: Network) -> list[int]:
         raise ConfigError(f"{err} (model {cfg.model})") from None
 
 
+def split_cuts(cfg: Config, in_channels: int, num_classes: int, input_size: int) -> list[int]:
+    """The unit indices where the config's modules start (without touching the global RNG)."""
+    with torch.random.fork_rng(devices=[]):
+        return module_cuts(cfg, build_net(cfg, in_channels, num_classes, input_size))
+
+
 def build_local_modules(cfg: Config, in_channels: int, num_classes: int, input_size: int) -> list[LocalModule]:
     """The config's network cut into local modules with their heads, initialised from cfg.seed.
 
@@ -83,6 +89,13 @@ def lr_factor(cfg: Config, step: int, total_steps: int, steps_per_epoch: int) ->
         epoch = step // steps_per_epoch
         return cfg.lr_gamma ** sum(epoch >= m for m in cfg.lr_milestones)
     return 1.0
+
+
+def is_due(every: int, step: int, steps_per_epoch: int, total_steps: int) -> bool:
+    """Whether an every-N-steps event (evaluation, checkpoint) happens after `step`; 0 means each epoch's end."""
+    if step == total_steps:
+        return True
+    return step % (every or steps_per_epoch) == 0
 
 
 def build_optimizer(cfg: Config, local: LocalModule, steps_per_epoch: int, epochs: int):

@@ -14,10 +14,13 @@ import torch
 import yaml
 from tqdm import tqdm
 
+from pipeline.checkpoint import (Checkpoint, CheckpointError, checkpoint_dir, fingerprint, load_stage_state, prune,
+                                 save_atomic, stage_state, write_manifest)
 from pipeline.config import Config
-from pipeline.data import ImageData, eval_batches, steps_per_epoch, train_batches
-from pipeline.metrics import JsonlLog, ModuleMeter, eval_record, format_eval, train_records
-from pipeline.stages import build_local_modules, build_stage_steps
+from pipeline.data import ImageData, eval_batches, probe_batch, steps_per_epoch, train_batches
+from pipeline.metrics import JsonlLog, ModuleMeter, eval_record, format_eval, train_records, truncate_after
+from pipeline.probe import InputDriftProbe
+from pipeline.stages import build_local_modules, build_stage_steps, is_due, split_cuts
 from pipeline.step import StageStep, StepStats
 
 
@@ -49,9 +52,9 @@ def evaluate(steps: list[StageStep], data: ImageData, batch_size: int, device: t
 
 
 class SequentialTrainer:
-    """Trains a config's local modules in one process and records metrics in a run directory."""
+    """Trains a config's local modules in one process and records metrics and checkpoints in a run directory."""
 
-    def __init__(self, cfg: Config, data: ImageData, run_dir: Path | None = None) -> None:
+    def __init__(self, cfg: Config, data: ImageData, run_dir: Path | None = None, resume: Checkpoint | None = None) -> None:
         self.cfg, self.data = cfg, data
         self.device = torch.device(cfg.device)
         if cfg.threads:
@@ -61,14 +64,26 @@ class SequentialTrainer:
             lm.module.to(self.device)
             lm.head.to(self.device)
         self.steps_per_epoch = steps_per_epoch(data, cfg.batch_size)
+        self.total_steps = self.steps_per_epoch * cfg.epochs
         self.steps = build_stage_steps(cfg, self.local, self.steps_per_epoch)
         self.run_dir = Path(run_dir or cfg.out)
+        self.fingerprint = fingerprint(cfg, split_cuts(cfg, data.in_channels, data.num_classes, data.input_size))
+        self.probes = [InputDriftProbe() for _ in self.steps]
+        self.probe = probe_batch(data, cfg.probe_size) if cfg.probe_size else None
+        self.start_step = 0
+        if resume is not None:
+            if cfg.method == "greedy":
+                raise CheckpointError("greedy runs cannot be resumed: start the run again without --resume")
+            for k, (step, probe) in enumerate(zip(self.steps, self.probes)):
+                probe.previous_input = load_stage_state(step, resume.stage_file(k), self.device)
+            self.start_step = resume.step
         self.log: JsonlLog | None = None
 
     def run(self) -> dict[str, Any]:
         """Train for the configured epochs (greedy: module after module) and return the final evaluation."""
         self.run_dir.mkdir(parents=True, exist_ok=True)
         (self.run_dir / "config.yaml").write_text(yaml.safe_dump(self.cfg.to_dict(), sort_keys=False))
+        truncate_after(self.run_dir / "metrics.jsonl", self.start_step)
         self.log = JsonlLog(self.run_dir / "metrics.jsonl")
         start = time.time()
         try:
@@ -87,17 +102,24 @@ class SequentialTrainer:
             yield x.to(self.device), y.to(self.device)
 
     def _run_joint(self) -> dict[str, Any]:
-        """All modules train on every batch (bp, layerwise, sgr, reforward)."""
+        """All modules train on every batch (bp, layerwise, sgr, reforward); evaluations and checkpoints as due."""
         result: dict[str, Any] = {}
-        for epoch in range(self.cfg.epochs):
+        for epoch in range(self.start_step // self.steps_per_epoch, self.cfg.epochs):
             meter = ModuleMeter(len(self.steps))
             bar = self._bar(epoch, f"epoch {epoch + 1}/{self.cfg.epochs}")
-            for i, (x, y) in enumerate(self._batches(epoch)):
+            for i, (x, y) in enumerate(self._batches(epoch)):  # batches before a resumed step are drawn and skipped
+                global_step = epoch * self.steps_per_epoch + i + 1
+                if global_step <= self.start_step:
+                    bar.update(1)
+                    continue
                 for k, stats in enumerate(train_batch(self.steps, x, y)):
                     meter.update(k, stats)
-                self._after_step(meter, bar, epoch, epoch * self.steps_per_epoch + i + 1)
+                self._after_step(meter, bar, epoch, global_step)
+                if is_due(self.cfg.eval_every, global_step, self.steps_per_epoch, self.total_steps):
+                    result = self._evaluate(epoch, global_step, len(self.steps))
+                if is_due(self.cfg.checkpoint_every, global_step, self.steps_per_epoch, self.total_steps):
+                    self._checkpoint(epoch, global_step, result)
             bar.close()
-            result = self._evaluate(epoch, (epoch + 1) * self.steps_per_epoch, len(self.steps))
         return result
 
     def _run_greedy(self) -> dict[str, Any]:
@@ -114,6 +136,7 @@ class SequentialTrainer:
                     self._after_step(meter, bar, epoch, (k * self.cfg.epochs + epoch) * self.steps_per_epoch + i + 1)
                 bar.close()
                 result = self._evaluate(epoch, (k * self.cfg.epochs + epoch + 1) * self.steps_per_epoch, k + 1)
+        self._checkpoint(self.cfg.epochs - 1, result["step"], result)
         return result
 
     def _bar(self, epoch: int, desc: str) -> tqdm:
@@ -129,7 +152,22 @@ class SequentialTrainer:
             meter.reset()
 
     def _evaluate(self, epoch: int, global_step: int, n_heads: int) -> dict[str, Any]:
+        """Every head's test accuracy, and ΔL_k on the probe batch, after training step `global_step`."""
         scores = evaluate(self.steps[:n_heads], self.data, self.cfg.eval_batch_size, self.device)
-        self.log.write(eval_record(epoch, global_step, scores["test_acc"], scores["test_top5"]))
+        delta_loss: list[float | None] = [None] * n_heads
+        if self.probe is not None and n_heads == len(self.steps):
+            x, y = (t.to(self.device) for t in self.probe)
+            for k, (step, probe) in enumerate(zip(self.steps, self.probes)):
+                x, delta_loss[k] = probe(step, x, y)
+        self.log.write(eval_record(epoch, global_step, scores["test_acc"], scores["test_top5"], delta_loss))
         print(format_eval(global_step, scores["test_acc"]), flush=True)
         return {"final_test_acc": scores["test_acc"][-1], **scores, "step": global_step}
+
+    def _checkpoint(self, epoch: int, global_step: int, result: dict[str, Any]) -> None:
+        """Every module's state after `global_step`, sealed with a manifest; older checkpoints pruned."""
+        path = checkpoint_dir(self.run_dir, global_step)
+        for k, (step, probe) in enumerate(zip(self.steps, self.probes)):
+            save_atomic(stage_state(step, self.device, probe.previous_input), path / f"stage{k + 1}.pt")
+        test_acc = result["final_test_acc"] if result.get("step") == global_step else None
+        write_manifest(path, global_step, epoch, self.fingerprint, len(self.steps), test_acc)
+        prune(self.run_dir, self.cfg.keep_checkpoints)

@@ -4,8 +4,11 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 import launch
+from pipeline.data import eval_batches, load_data
+from pipeline.export import load_exported
 
 ROOT = Path(__file__).parents[1]
 DIGITS = ["--dataset", "digits", "--model", "resnet8", "--epochs", "1", "--batch-size", "32", "--no-progress"]
@@ -68,3 +71,36 @@ def test_cli_as_a_program(tmp_path):
     )
     assert proc.returncode == 0, proc.stderr
     assert "[eval] step 8: test accuracy per head: M1" in proc.stdout
+
+
+def test_a_finished_run_exports_evaluates_plots_and_refuses_what_would_lose_it(tmp_path, capsys):
+    out = tmp_path / "run"
+    run = [*DIGITS, "--stages", "2", "--threads", "1", "--out", str(out), "--set", "train_subset=256"]
+    assert launch.main(run) == 0  # the asynchronous pipeline
+    summary = json.loads((out / "summary.json").read_text())
+    assert {p.name for p in (out / "plots").iterdir()} >= {"loss.png", "sgr.png", "accuracy.png"}
+    capsys.readouterr()
+
+    # export: plain PyTorch, the exported model's accuracy is the pipeline's final evaluation
+    assert launch.main(["export", str(out)]) == 0
+    model = load_exported(out / "model.pt")
+    data = load_data("digits", train_subset=256)
+    exported = torch.load(out / "model.pt", weights_only=True)
+    assert torch.equal(exported["mean"], data.mean) and torch.equal(exported["std"], data.std)
+    with torch.no_grad():
+        correct = sum(int((model(x).argmax(1) == y).sum()) for x, y in eval_batches(data, 1000))
+    assert correct / len(data.test_y) == summary["final_test_acc"]
+    assert launch.main(["evaluate", str(out)]) == 0
+    assert f"M2 {100 * summary['final_test_acc']:.2f}%" in capsys.readouterr().out
+
+    # what would lose or mix up the saved run is refused with one line
+    for argv, message in (
+        (run, f"error: {out} holds checkpoints of an earlier run: continue it with --resume {out}"),
+        (["--resume", str(out), "--stages", "3"], "but this config has cuts=[2, 3], stages=3"),
+        (["--resume", str(out)], f"error: {out} already finished at step 8; raise --epochs to train further"),
+        (["--resume", str(tmp_path / "nothing")], "is not a run directory (no config.yaml)"),
+        (["export", str(tmp_path / "nothing")], "is not a run directory (no config.yaml)"),
+    ):
+        assert launch.main(argv) == 2
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1, err

@@ -7,6 +7,7 @@ assembles each epoch's evaluation from all heads, and shows one progress bar.
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 from typing import Any
 
@@ -15,8 +16,9 @@ import yaml
 import zmq
 from tqdm import tqdm
 
+from pipeline.checkpoint import checkpoint_dir, prune, write_manifest
 from pipeline.config import Config
-from pipeline.metrics import JsonlLog, eval_record, format_eval
+from pipeline.metrics import JsonlLog, eval_record, format_eval, truncate_after
 
 
 class StageFailed(RuntimeError):
@@ -26,7 +28,8 @@ class StageFailed(RuntimeError):
 class Coordinator:
     """Owns the run directory and the live view of a K-stage pipeline."""
 
-    def __init__(self, cfg: Config, stages: int, steps_per_epoch: int, ctx: zmq.Context, endpoint: str) -> None:
+    def __init__(self, cfg: Config, stages: int, steps_per_epoch: int, ctx: zmq.Context, endpoint: str,
+                 start_step: int = 0) -> None:
         self.cfg, self.stages = cfg, stages
         self.socket = ctx.socket(zmq.PULL)
         self.socket.setsockopt(zmq.LINGER, 0)
@@ -35,14 +38,19 @@ class Coordinator:
         self.run_dir = Path(cfg.out)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         (self.run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        truncate_after(self.run_dir / "metrics.jsonl", start_step)  # records a dead run wrote after its checkpoint
         self.log = JsonlLog(self.run_dir / "metrics.jsonl")
-        self.bar = tqdm(total=steps_per_epoch * cfg.epochs, desc=f"pipeline K={stages}", disable=not cfg.progress,
-                        dynamic_ncols=True)
+        self.bar = tqdm(total=steps_per_epoch * cfg.epochs, initial=start_step, desc=f"pipeline K={stages}",
+                        disable=not cfg.progress, dynamic_ncols=True)
         self.done: dict[int, dict[str, Any]] = {}
         self.errors: dict[int, str] = {}
-        self.last_step = [0] * stages
+        self.last_step = [start_step] * stages
+        self.last_seen: dict[int, float] = {}  # stage -> when it last sent anything (from its `ready` on)
+        self.fingerprint: dict[str, Any] = {}
+        self.saved: dict[int, set[int]] = {}  # step -> stages that saved their part of its checkpoint
+        self.last_checkpoint = start_step if start_step else None
         self.latest: dict[int, str] = {}
-        self.evals: dict[int, dict[int, dict[str, Any]]] = {}
+        self.evals: dict[int, dict[int, dict[str, Any]]] = {}  # step -> stage -> its head's evaluation
         self.result: dict[str, Any] = {}
 
     def poll(self, timeout_ms: int) -> None:
@@ -53,7 +61,10 @@ class Coordinator:
 
     def handle(self, msg: dict[str, Any]) -> None:
         stage, kind = msg["stage"], msg["kind"]
-        if kind == "train":
+        self.last_seen[stage] = time.monotonic()
+        if kind == "ready" and stage == 0:
+            self.fingerprint = msg["fingerprint"]
+        elif kind == "train":
             record = msg["record"]
             self.log.write(record)
             self.last_step[stage] = record["step"]
@@ -63,18 +74,42 @@ class Coordinator:
                 self.bar.update(record["step"] - self.bar.n)
                 self.bar.set_postfix_str(" | ".join(self.latest[k] for k in sorted(self.latest)), refresh=False)
         elif kind == "eval":
-            epoch_evals = self.evals.setdefault(msg["epoch"], {})
-            epoch_evals[stage] = msg
-            if len(epoch_evals) == self.stages:
-                self._write_eval(msg["epoch"], msg["step"], [epoch_evals[k] for k in range(self.stages)])
+            step_evals = self.evals.setdefault(msg["step"], {})
+            step_evals[stage] = msg
+            if len(step_evals) == self.stages:
+                self._write_eval(msg["epoch"], msg["step"], [step_evals[k] for k in range(self.stages)])
+                del self.evals[msg["step"]]
+        elif kind == "saved":
+            savers = self.saved.setdefault(msg["step"], set())
+            savers.add(stage)
+            if len(savers) == self.stages:
+                self._seal_checkpoint(msg["epoch"], msg["step"])
         elif kind == "done":
             self.done[stage] = msg
         elif kind == "error":
             self.errors[stage] = msg["error"]
 
+    def _seal_checkpoint(self, epoch: int, step: int) -> None:
+        """Every stage saved its part of step `step`'s checkpoint: write the manifest (last), prune old ones."""
+        test_acc = self.result["final_test_acc"] if self.result.get("step") == step else None
+        write_manifest(checkpoint_dir(self.run_dir, step), step, epoch, self.fingerprint, self.stages, test_acc)
+        prune(self.run_dir, self.cfg.keep_checkpoints)
+        self.last_checkpoint = step
+        del self.saved[step]
+
+    def silent_stage(self, timeout_s: float) -> int | None:
+        """A started stage that has sent nothing, not even a heartbeat, for `timeout_s` seconds (hung), if any.
+
+        Start-up (loading data, building the model) is not judged: a stage that dies there is seen
+        by its exit, and one that stalls there leaves its neighbours without messages (peer_timeout).
+        """
+        now = time.monotonic()
+        silent = [k for k, seen in self.last_seen.items() if k not in self.done and now - seen > timeout_s]
+        return silent[0] if silent else None
+
     def _write_eval(self, epoch: int, step: int, per_stage: list[dict[str, Any]]) -> None:
         acc, top5 = [m["acc"] for m in per_stage], [m["top5"] for m in per_stage]
-        self.log.write(eval_record(epoch, step, acc, top5))
+        self.log.write(eval_record(epoch, step, acc, top5, [m["delta_loss"] for m in per_stage]))
         self.bar.write(format_eval(step, acc))
         self.result = {"final_test_acc": acc[-1], "test_acc": acc, "test_top5": top5, "step": step}
 
@@ -83,10 +118,14 @@ class Coordinator:
         return len(self.done) == self.stages
 
     def failure(self, stage: int, how: str) -> StageFailed:
-        """The error for a dead stage: which stage, how it ended, at which step, and its own error if it sent one."""
+        """The error for a dead stage: which stage, how it ended, at which step, its own error, and how to resume."""
         error = self.errors.get(stage)
         detail = f": {error}" if error else ""
-        return StageFailed(f"stage {stage + 1} {how} after step {self.last_step[stage]}{detail}")
+        if self.last_checkpoint is not None:
+            resume = f"; checkpoint of step {self.last_checkpoint} kept: resume with --resume {self.run_dir}"
+        else:
+            resume = "; no checkpoint yet"
+        return StageFailed(f"stage {stage + 1} {how} after step {self.last_step[stage]}{detail}{resume}")
 
     def finish(self, seconds: float) -> dict[str, Any]:
         """Close the live view and write summary.json."""

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 import zmq
 
+from pipeline.checkpoint import Checkpoint
 from pipeline.config import Config
 from workers.coordinator import Coordinator
 from workers.stage import StageSpec, StageWorker, stage_main
@@ -61,11 +62,12 @@ def _stop(processes: list[mp.Process]) -> None:
             p.join()
 
 
-def run_spawned(cfg: Config, stages: int, steps_per_epoch: int) -> dict[str, Any]:
+def run_spawned(cfg: Config, stages: int, steps_per_epoch: int, resume: Checkpoint | None = None) -> dict[str, Any]:
     """Spawn K local stage processes linked by ipc:// sockets, coordinate them, and stop all on any failure."""
     tmp = tempfile.mkdtemp(prefix="sgr-")
     ctx = zmq.Context()
-    coordinator = Coordinator(cfg, stages, steps_per_epoch, ctx, f"ipc://{tmp}/report")
+    start_step = resume.step if resume is not None else 0
+    coordinator = Coordinator(cfg, stages, steps_per_epoch, ctx, f"ipc://{tmp}/report", start_step)
     devices = stage_devices(cfg, stages)
     threads = stage_threads(cfg, stages)
     link = [f"ipc://{tmp}/link{k}" for k in range(stages)]  # link[k]: input of stage k
@@ -73,7 +75,7 @@ def run_spawned(cfg: Config, stages: int, steps_per_epoch: int) -> dict[str, Any
                for k in range(stages - 1)] + [False]
     specs = [
         StageSpec(k, stages, cfg.to_dict(), link[k] if k else None, link[k + 1] if k + 1 < stages else None,
-                  coordinator.endpoint, devices[k], threads, use_ipc[k])
+                  coordinator.endpoint, devices[k], threads, use_ipc[k], _resume_path(resume), start_step)
         for k in range(stages)
     ]
     spawn = mp.get_context("spawn")
@@ -84,6 +86,9 @@ def run_spawned(cfg: Config, stages: int, steps_per_epoch: int) -> dict[str, Any
             p.start()
         while not coordinator.finished:
             coordinator.poll(100)
+            silent = coordinator.silent_stage(cfg.heartbeat_timeout)
+            if silent is not None:
+                raise coordinator.failure(silent, f"sent no heartbeat for {cfg.heartbeat_timeout:.0f} s (hung)")
             for k, p in enumerate(processes):
                 if k in coordinator.errors:  # reported an error: give it a moment to exit, then stop everything
                     p.join(timeout=STOP_GRACE_S)
@@ -102,7 +107,11 @@ def run_spawned(cfg: Config, stages: int, steps_per_epoch: int) -> dict[str, Any
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def run_torchrun(cfg: Config, stages: int, steps_per_epoch: int) -> dict[str, Any] | None:
+def _resume_path(resume: Checkpoint | None) -> str | None:
+    return str(resume.path) if resume is not None else None
+
+
+def run_torchrun(cfg: Config, stages: int, steps_per_epoch: int, resume: Checkpoint | None = None) -> dict[str, Any] | None:
     """This torchrun process's stage; rank 0 also coordinates and returns the result (others return None)."""
     import torch.distributed as dist
 
@@ -116,11 +125,12 @@ def run_torchrun(cfg: Config, stages: int, steps_per_epoch: int) -> dict[str, An
     device = f"cuda:{local_rank}" if cfg.device.startswith("cuda") else "cpu"
     ctx = zmq.Context()
     coordinator = None
+    start_step = resume.step if resume is not None else 0
     if rank == 0:
-        coordinator = Coordinator(cfg, stages, steps_per_epoch, ctx, f"tcp://{host}:*")
+        coordinator = Coordinator(cfg, stages, steps_per_epoch, ctx, f"tcp://{host}:*", start_step)
         store.set("sgr/report", coordinator.endpoint)
     spec = StageSpec(rank, stages, cfg.to_dict(), f"tcp://{host}:*" if rank else None, None, None, device,
-                     stage_threads(cfg, stages, local_world))
+                     stage_threads(cfg, stages, local_world), resume=_resume_path(resume), start_step=start_step)
     worker = StageWorker(spec, ctx)
     if worker.in_endpoint is not None:
         store.set(f"sgr/in/{rank}", f"{worker.in_endpoint} {socket.gethostname()} {device}")
@@ -132,7 +142,7 @@ def run_torchrun(cfg: Config, stages: int, steps_per_epoch: int) -> dict[str, An
     worker.connect(out_endpoint, store.get("sgr/report").decode(), cuda_ipc)
     watcher = None
     if coordinator is not None:
-        watcher = threading.Thread(target=_coordinate, args=(coordinator,), daemon=True)
+        watcher = threading.Thread(target=_coordinate, args=(coordinator, cfg.heartbeat_timeout), daemon=True)
         watcher.start()
     start = time.time()
     try:
@@ -149,11 +159,20 @@ def run_torchrun(cfg: Config, stages: int, steps_per_epoch: int) -> dict[str, An
         dist.destroy_process_group()
 
 
-def _coordinate(coordinator: Coordinator) -> None:
-    """Rank 0's coordinator loop under torchrun: collect records; report a stage's error as soon as it arrives."""
+def _coordinate(coordinator: Coordinator, heartbeat_timeout: float) -> None:
+    """Rank 0's coordinator loop under torchrun: collect records; report a stage's error as soon as it arrives.
+
+    A failed stage exits by itself and torchrun stops the other ranks; a hung one cannot, so
+    rank 0 exits non-zero and torchrun tears the run down.
+    """
     reported: set[int] = set()
     while not coordinator.finished:
         coordinator.poll(100)
         for stage in set(coordinator.errors) - reported:
             print(f"error: {coordinator.failure(stage, 'failed')}", file=sys.stderr, flush=True)
             reported.add(stage)
+        silent = coordinator.silent_stage(heartbeat_timeout)
+        if silent is not None:
+            print(f"error: {coordinator.failure(silent, f'sent no heartbeat for {heartbeat_timeout:.0f} s (hung)')}",
+                  file=sys.stderr, flush=True)
+            os._exit(1)

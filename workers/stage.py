@@ -1,10 +1,11 @@
 """A stage process: receive (activation, δ, labels), take the local step, send its own on.
 
-Stage 1 owns the data: it draws the same batches as the reference trainer, and after each
-epoch sends the test set behind its last training batch, so every stage evaluates with
-exactly the weights it has at that point. Each link is FIFO and each stage handles messages
-in arrival order, so stage k trains on batch t while stage k-1 trains on batch t+1, and the
-numbers equal the sequential reference's.
+Stage 1 owns the data: it draws the same batches as the reference trainer and, when an
+evaluation or checkpoint is due after batch t, sends the test set (then the ΔL_k probe batch
+on the `eval_end` marker) or a `checkpoint` marker behind batch t. Each link is FIFO and each
+stage handles messages in arrival order, so every stage evaluates or saves with exactly the
+weights it has after batch t, stage k trains on batch t while stage k-1 trains on batch t+1,
+and the numbers equal the sequential reference's.
 """
 from __future__ import annotations
 
@@ -18,10 +19,12 @@ import msgpack
 import torch
 import zmq
 
+from pipeline.checkpoint import checkpoint_dir, fingerprint, load_stage_state, save_atomic, stage_state
 from pipeline.config import Config, from_dict
-from pipeline.data import eval_batches, load_data, steps_per_epoch, train_batches
+from pipeline.data import eval_batches, load_data, probe_batch, steps_per_epoch, train_batches
 from pipeline.metrics import ModuleMeter, train_records
-from pipeline.stages import build_local_modules, build_stage_steps
+from pipeline.probe import InputDriftProbe
+from pipeline.stages import build_local_modules, build_stage_steps, is_due, split_cuts
 from pipeline.step import StageStep
 from workers.simulated import SimulatedStep
 from workers.transport import LINGER_MS, Message, Receiver, Sender
@@ -40,6 +43,8 @@ class StageSpec:
     device: str
     threads: int
     cuda_ipc: bool = False  # send to the next stage by CUDA IPC handle
+    resume: str | None = None  # checkpoint folder to continue from
+    start_step: int = 0  # the training step that checkpoint holds
 
 
 class Reporter:
@@ -56,17 +61,6 @@ class Reporter:
 
     def close(self) -> None:
         self.socket.close()
-
-
-def save_atomic(obj: Any, path: Path) -> None:
-    """torch.save to a temporary file, fsync, then rename: a reader never sees a torn file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 class StageWorker:
@@ -89,14 +83,24 @@ class StageWorker:
         self.local.module.to(self.device)
         self.local.head.to(self.device)
         self.steps_per_epoch = steps_per_epoch(self.data, self.cfg.batch_size)
-        self.step: StageStep = build_stage_steps(self.cfg, local, self.steps_per_epoch)[self.rank]
+        self.total_steps = self.steps_per_epoch * self.cfg.epochs
+        self.fingerprint = fingerprint(self.cfg, split_cuts(self.cfg, self.data.in_channels, self.data.num_classes,
+                                                            self.data.input_size))
+        self.real_step: StageStep = build_stage_steps(self.cfg, local, self.steps_per_epoch)[self.rank]
+        self.probe = InputDriftProbe()
+        if spec.resume is not None:
+            path = Path(spec.resume) / f"stage{self.rank + 1}.pt"
+            self.probe.previous_input = load_stage_state(self.real_step, path, self.device)
+        self.step: StageStep | SimulatedStep = self.real_step
         if self.cfg.simulate_step_ms > 0:  # bench/schedule_overhead.py: sleep instead of compute
-            self.step = SimulatedStep(self.step, self.cfg.simulate_step_ms)
+            self.step = SimulatedStep(self.real_step, self.cfg.simulate_step_ms)
+        self.probing = self.cfg.probe_size > 0 and self.cfg.simulate_step_ms == 0
+        self.last_beat = 0.0
         self.receiver = None if spec.in_endpoint is None else Receiver(
-            ctx, spec.in_endpoint, self.cfg.peer_timeout, self.device, peer=f"stage {self.rank}")
+            ctx, spec.in_endpoint, self.cfg.peer_timeout, self.device, peer=f"stage {self.rank}", on_wait=self.beat)
         self.sender: Sender | None = None
         self.reporter: Reporter | None = None
-        self.meter = ModuleMeter(1)
+        self.meter = ModuleMeter(1, first_module=self.rank)
         self.busy = self.idle = 0.0
         self.eval_counts = [0, 0, 0]  # correct top-1, correct top-5, samples
 
@@ -109,33 +113,47 @@ class StageWorker:
         """Connect to the next stage's input link and to the coordinator."""
         if out_endpoint is not None:
             self.sender = Sender(self.ctx, out_endpoint, self.cfg.depth, self.cfg.peer_timeout, cuda_ipc,
-                                 peer=f"stage {self.rank + 2}")
+                                 peer=f"stage {self.rank + 2}", on_wait=self.beat)
         self.reporter = Reporter(self.ctx, report_endpoint, self.rank)
 
     # --- the loop -----------------------------------------------------------------
 
+    def beat(self) -> None:
+        """Tell the coordinator this stage is alive (at most once a second); also called while waiting on a peer."""
+        now = time.monotonic()
+        if now - self.last_beat >= 1.0:
+            self.reporter.send({"kind": "beat"})
+            self.last_beat = now
+
     def run(self) -> None:
-        self.reporter.send({"kind": "ready", "pid": os.getpid()})
+        self.reporter.send({"kind": "ready", "pid": os.getpid(), "fingerprint": self.fingerprint})
         if self.receiver is None:
             self._feed()
         else:
             self._relay()
         if self.sender is not None:
             self.sender.drain()
-        save_atomic({"module": self.local.module.state_dict(), "head": self.local.head.state_dict()},
-                    Path(self.cfg.out) / "stages" / f"stage{self.rank + 1}.pt")
         self.reporter.send({"kind": "done", "busy": self.busy, "idle": self.idle})
 
     def _feed(self) -> None:
-        """Stage 1: draw the batches, train, and send results on; the test set after each epoch."""
-        for epoch in range(self.cfg.epochs):
+        """Stage 1: draw the batches, train, and send results on; evaluation and checkpoint markers when due."""
+        start = self.spec.start_step
+        probe = probe_batch(self.data, self.cfg.probe_size) if self.probing else None
+        for epoch in range(start // self.steps_per_epoch, self.cfg.epochs):
             batches = train_batches(self.data, epoch, self.cfg.batch_size, self.cfg.seed, self.cfg.augment)
-            for i, (x, y) in enumerate(batches):
+            for i, (x, y) in enumerate(batches):  # batches before a resumed step are drawn and skipped
                 step = epoch * self.steps_per_epoch + i + 1
-                self._train({"kind": "train", "epoch": epoch, "step": step}, x.to(self.device), None, y.to(self.device))
-            for x, y in eval_batches(self.data, self.cfg.eval_batch_size):
-                self._eval({"kind": "eval", "epoch": epoch, "step": step}, x.to(self.device), y.to(self.device))
-            self._eval_end({"kind": "eval_end", "epoch": epoch, "step": step})
+                if step <= start:
+                    continue
+                header = {"epoch": epoch, "step": step}
+                self._train({"kind": "train", **header}, x.to(self.device), None, y.to(self.device))
+                if is_due(self.cfg.eval_every, step, self.steps_per_epoch, self.total_steps):
+                    for ex, ey in eval_batches(self.data, self.cfg.eval_batch_size):
+                        self._eval({"kind": "eval", **header}, ex.to(self.device), ey.to(self.device))
+                    self._eval_end({"kind": "eval_end", **header},
+                                   *((t.to(self.device) for t in probe) if probe is not None else (None, None)))
+                if is_due(self.cfg.checkpoint_every, step, self.steps_per_epoch, self.total_steps):
+                    self._checkpoint({"kind": "checkpoint", **header})
         self._send({"kind": "stop"}, {})
 
     def _relay(self) -> None:
@@ -151,7 +169,9 @@ class StageWorker:
             elif kind == "eval":
                 self._eval(header, tensors["x"], tensors["y"])
             elif kind == "eval_end":
-                self._eval_end(header)
+                self._eval_end(header, tensors.get("x"), tensors.get("y"))
+            elif kind == "checkpoint":
+                self._checkpoint(header)
             self.receiver.done(message)
             if kind == "stop":
                 self._send(header, {})
@@ -164,11 +184,12 @@ class StageWorker:
         result = self.step.train_step(x, delta, y)
         self.meter.update(0, result.stats)
         self.busy += time.perf_counter() - start
+        self.beat()
         self._send({"kind": "train", "epoch": header["epoch"], "step": header["step"]},
                    {"x": result.out, "delta": result.delta, "y": y})
         if header["step"] % self.cfg.log_every == 0 or header["step"] % self.steps_per_epoch == 0:
             lr = self.step.optimizer.param_groups[0]["lr"]
-            for record in train_records(self.meter, header["epoch"], header["step"], [lr], first_module=self.rank):
+            for record in train_records(self.meter, header["epoch"], header["step"], [lr]):
                 self.reporter.send({"kind": "train", "record": record, "busy": self.busy, "idle": self.idle})
             self.meter.reset()
 
@@ -180,11 +201,23 @@ class StageWorker:
         self.eval_counts[2] += y.shape[0]
         self._send(header, {"x": out, "y": y})
 
-    def _eval_end(self, header: dict[str, Any]) -> None:
+    def _eval_end(self, header: dict[str, Any], probe_x: torch.Tensor | None, probe_y: torch.Tensor | None) -> None:
+        """Report this head's accuracy and ΔL_k (on the probe batch that rides on the marker), then pass it on."""
         correct1, correct5, count = self.eval_counts
+        delta_loss, tensors = None, {}
+        if probe_x is not None:
+            out, delta_loss = self.probe(self.real_step, probe_x, probe_y)
+            tensors = {"x": out, "y": probe_y}
         self.reporter.send({"kind": "eval", "epoch": header["epoch"], "step": header["step"],
-                            "acc": correct1 / max(1, count), "top5": correct5 / max(1, count)})
+                            "acc": correct1 / max(1, count), "top5": correct5 / max(1, count), "delta_loss": delta_loss})
         self.eval_counts = [0, 0, 0]
+        self._send(header, tensors)
+
+    def _checkpoint(self, header: dict[str, Any]) -> None:
+        """Save this module's state after the training batch the marker follows, then pass the marker on."""
+        path = checkpoint_dir(Path(self.cfg.out), header["step"]) / f"stage{self.rank + 1}.pt"
+        save_atomic(stage_state(self.real_step, self.device, self.probe.previous_input), path)
+        self.reporter.send({"kind": "saved", "epoch": header["epoch"], "step": header["step"]})
         self._send(header, {})
 
     def _send(self, header: dict[str, Any], tensors: dict[str, torch.Tensor | None]) -> None:

@@ -2,6 +2,7 @@
 import dataclasses
 import glob
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -12,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from pipeline.checkpoint import complete_checkpoints
 from pipeline.config import Config
 from pipeline.data import load_data, steps_per_epoch
 from pipeline.metrics import read_jsonl
@@ -25,7 +27,7 @@ ROOT = Path(__file__).parents[2]
 def small_config(tmp_path: Path, **overrides) -> Config:
     values = dict(dataset="digits", model="resnet8", stages=3, method="sgr", lam=50.0, epochs=2, batch_size=32,
                   train_subset=192, lr=0.05, threads=1, progress=False, eval_batch_size=128, log_every=2,
-                  peer_timeout=30.0, out=str(tmp_path / "pipeline"))
+                  eval_every=4, probe_size=64, peer_timeout=30.0, out=str(tmp_path / "pipeline"))
     values.update(overrides)
     return Config(**values)
 
@@ -37,7 +39,10 @@ def reference(cfg: Config, tmp_path: Path) -> tuple[SequentialTrainer, dict]:
 
 
 def pipeline_states(run_dir: Path, stages: int) -> list[dict]:
-    return [torch.load(run_dir / "stages" / f"stage{k + 1}.pt", weights_only=True) for k in range(stages)]
+    """Each stage's state at the run's newest complete checkpoint (the last step)."""
+    last = complete_checkpoints(run_dir)[-1]
+    assert len(last.manifest["files"]) == stages
+    return [torch.load(last.stage_file(k), weights_only=True) for k in range(stages)]
 
 
 def assert_bit_identical(trainer: SequentialTrainer, states: list[dict]) -> None:
@@ -61,10 +66,42 @@ def test_pipeline_equals_the_sequential_reference_to_the_bit(tmp_path, stages, m
     result = run_pipeline(cfg)
     trainer, expected = reference(cfg, tmp_path)
     assert_bit_identical(trainer, pipeline_states(Path(cfg.out), stages))
-    # evaluation flowed through the pipeline behind the last training batch: same accuracies per head
+    # evaluation flowed through the pipeline behind training batch t: same accuracies and ΔL_k per head
     assert result["test_acc"] == expected["test_acc"] and result["test_top5"] == expected["test_top5"]
-    evals = [r for r in read_jsonl(Path(cfg.out) / "metrics.jsonl") if r["event"] == "eval"]
-    assert [r["step"] for r in evals] == [6, 12]
+    evals = eval_records(Path(cfg.out))
+    assert [r["step"] for r in evals] == [4, 8, 12]
+    assert evals == eval_records(tmp_path / "reference")
+    assert evals[0]["delta_loss"] == [None] * stages and evals[1]["delta_loss"][0] == 0.0
+
+
+def eval_records(run_dir: Path) -> list[dict]:
+    return [r for r in read_jsonl(run_dir / "metrics.jsonl") if r["event"] == "eval"]
+
+
+def test_resume_is_bit_identical_to_an_uninterrupted_run(tmp_path):
+    cfg = small_config(tmp_path, checkpoint_every=6, keep_checkpoints=5)  # 12 steps: checkpoints at 6 and 12
+    run_pipeline(cfg)
+    full = pipeline_states(Path(cfg.out), 3)
+    interrupted = tmp_path / "interrupted"  # as if the run had died after its checkpoint of step 6
+    shutil.copytree(cfg.out, interrupted)
+    shutil.rmtree(interrupted / "checkpoints" / "step00000012")
+    resume = complete_checkpoints(interrupted)[-1]
+    assert resume.step == 6
+    run_spawned(dataclasses.replace(cfg, out=str(interrupted)), 3, 6, resume)
+    resumed = pipeline_states(interrupted, 3)
+    for a, b in zip(full, resumed):
+        for part in ("module", "head"):
+            assert all(torch.equal(a[part][name], b[part][name]) for name in a[part])
+        assert torch.equal(a["optimizer"]["state"][0]["momentum_buffer"], b["optimizer"]["state"][0]["momentum_buffer"])
+    # the records of the resumed run continue the interrupted one's, with no duplicates
+    assert eval_records(interrupted) == eval_records(Path(cfg.out))
+
+
+def test_a_nan_loss_stops_the_run_and_names_the_stage(tmp_path):
+    cfg = small_config(tmp_path, lr=1e12, lam=0.0, method="layerwise")
+    with pytest.raises(StageFailed, match=r"stage 1 exited with code 1 after step \d+: FloatingPointError: module 1's loss is (nan|inf)"):
+        run_pipeline(cfg)
+    assert complete_checkpoints(Path(cfg.out)) == []  # nothing non-finite was checkpointed
 
 
 def test_pipeline_with_sixteen_stages_equals_the_reference(tmp_path):
@@ -106,12 +143,12 @@ def alive(pid: int) -> bool:
     return state != "Z"
 
 
-def start_long_run(tmp_path: Path) -> tuple[subprocess.Popen, list[int]]:
+def start_long_run(tmp_path: Path, *extra: str) -> tuple[subprocess.Popen, list[int]]:
     """A 3-stage run long enough to be interrupted; returns the launcher and its stage pids once they train."""
     run_dir = tmp_path / "long"
     proc = subprocess.Popen(
         [sys.executable, "launch.py", "--dataset", "digits", "--epochs", "50", "--batch-size", "16", "--threads", "1",
-         "--no-progress", "--out", str(run_dir), "--set", "log_every=1"],
+         "--no-progress", "--out", str(run_dir), "--set", "log_every=1", *extra],
         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
     )
     deadline = time.time() + 120
@@ -125,15 +162,33 @@ def start_long_run(tmp_path: Path) -> tuple[subprocess.Popen, list[int]]:
     return proc, stages
 
 
-def test_a_killed_stage_stops_the_whole_run_within_ten_seconds(tmp_path):
-    proc, stages = start_long_run(tmp_path)
+def test_a_killed_stage_stops_the_whole_run_within_ten_seconds_and_the_run_resumes(tmp_path):
+    proc, stages = start_long_run(tmp_path, "--set", "checkpoint_every=5")
     assert len(stages) == 3
+    while not complete_checkpoints(tmp_path / "long"):
+        time.sleep(0.1)
     killed_at = time.time()
     os.kill(stages[1], signal.SIGKILL)
     _, err = proc.communicate(timeout=30)
     assert time.time() - killed_at < 10
     assert proc.returncode == 1
     assert "error: stage 2 was killed by signal 9 after step" in err
+    assert f"resume with --resume {tmp_path / 'long'}" in err
+    time.sleep(0.5)
+    assert not any(alive(pid) for pid in stages)
+    kept = complete_checkpoints(tmp_path / "long")[-1]
+    resumed = subprocess.run([sys.executable, "launch.py", "--resume", str(tmp_path / "long"), "--epochs", "1"],
+                             cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"resuming {tmp_path / 'long'} from step {kept.step}" in resumed.stdout
+
+
+def test_a_hung_stage_is_detected_by_its_missing_heartbeat(tmp_path):
+    proc, stages = start_long_run(tmp_path, "--set", "heartbeat_timeout=3")
+    os.kill(stages[1], signal.SIGSTOP)  # alive but silent
+    _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 1
+    assert "error: stage 2 sent no heartbeat for 3 s (hung) after step" in err
     time.sleep(0.5)
     assert not any(alive(pid) for pid in stages)
 

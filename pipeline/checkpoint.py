@@ -1,0 +1,166 @@
+"""Checkpoints on disk: one file per stage, written atomically, and a manifest written last.
+
+A checkpoint of training step t is the folder RUN_DIR/checkpoints/step{t:08d} holding
+stage{k}.pt (module, head, optimizer, scheduler and RNG state of module k after batch t) and
+manifest.json. Only a folder whose manifest exists and whose stage files have the sizes it
+lists counts: a run killed while saving leaves a torn folder that resume skips. The same
+format serves the pipeline (each stage process writes its own file) and the sequential
+trainer (one process writes them all).
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from pipeline.config import Config
+from pipeline.step import StageStep
+
+MANIFEST = "manifest.json"
+
+
+class CheckpointError(ValueError):
+    """A run directory that cannot be resumed; the message says why and what to do."""
+
+
+@dataclass
+class Checkpoint:
+    """A complete checkpoint: its folder and manifest."""
+
+    path: Path
+    manifest: dict[str, Any]
+
+    @property
+    def step(self) -> int:
+        return self.manifest["step"]
+
+    def stage_file(self, k: int) -> Path:
+        return self.path / f"stage{k + 1}.pt"
+
+
+def save_atomic(obj: Any, path: Path) -> None:
+    """torch.save to a temporary file, fsync, then rename: a reader never sees a torn file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    with open(tmp, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def stage_state(step: StageStep, device: torch.device, probe_input: torch.Tensor | None = None) -> dict[str, Any]:
+    """Everything module k needs to continue exactly: weights, optimizer, schedule, RNG and its ΔL_k probe input."""
+    state = {
+        "probe_input": probe_input,
+        "module": step.module.state_dict(),
+        "head": step.head.state_dict(),
+        "optimizer": step.optimizer.state_dict(),
+        "scheduler": step.scheduler.state_dict() if step.scheduler is not None else None,
+        "rng_cpu": torch.get_rng_state(),
+    }
+    if device.type == "cuda":
+        state["rng_cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def load_stage_state(step: StageStep, path: Path, device: torch.device) -> torch.Tensor | None:
+    """Restore a stage file into a freshly built StageStep (weights_only: no code runs on load); returns the probe input."""
+    state = torch.load(path, map_location=device, weights_only=True)
+    step.module.load_state_dict(state["module"])
+    step.head.load_state_dict(state["head"])
+    step.optimizer.load_state_dict(state["optimizer"])
+    if step.scheduler is not None:
+        step.scheduler.load_state_dict(state["scheduler"])
+    torch.set_rng_state(state["rng_cpu"].cpu())
+    if "rng_cuda" in state and device.type == "cuda":
+        torch.cuda.set_rng_state(state["rng_cuda"].cpu(), device)
+    return state["probe_input"]
+
+
+def checkpoint_dir(run_dir: Path, step: int) -> Path:
+    return Path(run_dir) / "checkpoints" / f"step{step:08d}"
+
+
+def fingerprint(cfg: Config, cuts: list[int]) -> dict[str, Any]:
+    """What a checkpoint's weights depend on: a resumed run must match it exactly."""
+    return {"model": cfg.model, "model_args": cfg.model_args, "cuts": list(cuts), "stages": len(cuts) + 1,
+            "method": cfg.method, "dataset": cfg.dataset, "head": cfg.head, "last_head": cfg.last_head,
+            "batch_size": cfg.batch_size}
+
+
+def write_manifest(path: Path, step: int, epoch: int, run_fingerprint: dict[str, Any], stages: int,
+                   test_acc: float | None) -> None:
+    """Seal a checkpoint: list each stage file with its size, then write the manifest atomically."""
+    files = {f"stage{k + 1}.pt": (path / f"stage{k + 1}.pt").stat().st_size for k in range(stages)}
+    manifest = {"step": step, "epoch": epoch, "fingerprint": run_fingerprint, "files": files, "test_acc": test_acc}
+    tmp = path / (MANIFEST + ".tmp")
+    with open(tmp, "w") as f:
+        json.dump(manifest, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path / MANIFEST)
+
+
+def _read(path: Path) -> tuple[Checkpoint | None, str]:
+    """The checkpoint in `path`, or None and why it is torn."""
+    try:
+        manifest = json.loads((path / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return None, "no readable manifest (interrupted while saving)"
+    for name, size in manifest["files"].items():
+        file = path / name
+        if not file.exists() or file.stat().st_size != size:
+            return None, f"{name} is missing or truncated"
+    return Checkpoint(path, manifest), ""
+
+
+def _scan(run_dir: Path) -> list[tuple[Path, Checkpoint | None, str]]:
+    root = Path(run_dir) / "checkpoints"
+    folders = sorted(p for p in root.glob("step*") if p.is_dir()) if root.is_dir() else []
+    return [(p, *_read(p)) for p in folders]
+
+
+def complete_checkpoints(run_dir: Path) -> list[Checkpoint]:
+    """Every complete checkpoint of a run, oldest first; torn ones are skipped with a warning."""
+    found = []
+    for path, checkpoint, why in _scan(run_dir):
+        if checkpoint is None:
+            warnings.warn(f"skipping checkpoint {path}: {why}", stacklevel=2)
+        else:
+            found.append(checkpoint)
+    return found
+
+
+def latest_checkpoint(run_dir: Path, expected: dict[str, Any]) -> Checkpoint:
+    """The newest complete checkpoint of `run_dir`, refused if it was trained with a different model or split."""
+    found = complete_checkpoints(run_dir)
+    if not found:
+        raise CheckpointError(f"{run_dir} has no complete checkpoint to resume from; start it again without --resume")
+    latest = found[-1]
+    differ = [key for key in expected if latest.manifest["fingerprint"].get(key) != expected[key]]
+    if differ:
+        was = ", ".join(f"{k}={latest.manifest['fingerprint'].get(k)!r}" for k in differ)
+        now = ", ".join(f"{k}={expected[k]!r}" for k in differ)
+        raise CheckpointError(f"{run_dir} was trained with {was}, but this config has {now}; "
+                              f"resume with the run's own config or start a new run with a different --out")
+    return latest
+
+
+def prune(run_dir: Path, keep_last: int) -> None:
+    """Keep the newest `keep_last` complete checkpoints and the best by test accuracy; drop older torn ones."""
+    scanned = _scan(run_dir)
+    complete = [c for _, c, _ in scanned if c is not None]
+    scored = [c for c in complete if c.manifest.get("test_acc") is not None]
+    best = max(scored, key=lambda c: c.manifest["test_acc"]).path if scored else None
+    keep = {c.path for c in complete[max(0, len(complete) - keep_last):]} | {best}
+    newest = complete[-1].path if complete else None
+    for path, _, _ in scanned:
+        if path not in keep and newest is not None and path < newest:
+            shutil.rmtree(path, ignore_errors=True)

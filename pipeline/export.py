@@ -1,0 +1,59 @@
+"""From a run directory's checkpoint to ordinary PyTorch: the stitched model, its export, its evaluation."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from pipeline.checkpoint import Checkpoint, load_stage_state
+from pipeline.config import Config, from_dict
+from pipeline.data import ImageData, steps_per_epoch
+from pipeline.stages import LocalModule, build_local_modules, build_stage_steps
+from pipeline.step import StageStep
+
+
+def stitch(local: list[LocalModule]) -> nn.Sequential:
+    """The whole network for inference: every module's units in order, then the last module's head."""
+    return nn.Sequential(*(unit for lm in local for unit in lm.module), local[-1].head)
+
+
+def inference_model(cfg: Config, in_channels: int, num_classes: int, input_size: int) -> nn.Sequential:
+    """The model builder for exported weights: the config's network, stitched, freshly initialised."""
+    return stitch(build_local_modules(cfg, in_channels, num_classes, input_size))
+
+
+def restore_steps(cfg: Config, data: ImageData, checkpoint: Checkpoint,
+                  device: torch.device) -> tuple[list[LocalModule], list[StageStep]]:
+    """Every module of a run, with the weights of a checkpoint."""
+    local = build_local_modules(cfg, data.in_channels, data.num_classes, data.input_size)
+    for lm in local:
+        lm.module.to(device)
+        lm.head.to(device)
+    steps = build_stage_steps(cfg, local, steps_per_epoch(data, cfg.batch_size))
+    for k, step in enumerate(steps):
+        load_stage_state(step, checkpoint.stage_file(k), device)
+    return local, steps
+
+
+def export_model(cfg: Config, data: ImageData, checkpoint: Checkpoint, path: Path) -> dict[str, Any]:
+    """Write the checkpoint's network as one state dict for `inference_model`, with what is needed to rebuild
+    it and the input normalisation it was trained with."""
+    local, _ = restore_steps(cfg, data, checkpoint, torch.device("cpu"))
+    exported = {
+        "config": cfg.to_dict(), "step": checkpoint.step, "in_channels": data.in_channels,
+        "num_classes": data.num_classes, "input_size": data.input_size, "state_dict": stitch(local).state_dict(),
+        "mean": data.mean, "std": data.std,  # inputs are (uint8 / 255 - mean) / std per channel, as in training
+    }
+    torch.save(exported, path)
+    return exported
+
+
+def load_exported(path: Path) -> nn.Sequential:
+    """An exported model, ready for inference (weights_only: no code runs on load)."""
+    exported = torch.load(path, map_location="cpu", weights_only=True)
+    cfg = from_dict(exported["config"])
+    model = inference_model(cfg, exported["in_channels"], exported["num_classes"], exported["input_size"])
+    model.load_state_dict(exported["state_dict"])
+    return model.eval()

@@ -1,0 +1,88 @@
+import json
+import warnings
+
+import pytest
+import torch
+
+from pipeline.checkpoint import (CheckpointError, checkpoint_dir, complete_checkpoints, latest_checkpoint,
+                                 load_stage_state, prune, save_atomic, stage_state, write_manifest)
+from pipeline.config import Config
+from pipeline.stages import build_local_modules, build_stage_steps
+
+FINGERPRINT = {"model": "resnet8", "cuts": [2, 3], "stages": 3}
+
+
+def fake_checkpoint(run_dir, step, stages=3, test_acc=None, fingerprint=FINGERPRINT):
+    path = checkpoint_dir(run_dir, step)
+    for k in range(stages):
+        save_atomic({"k": torch.full((4,), float(k))}, path / f"stage{k + 1}.pt")
+    write_manifest(path, step, 0, fingerprint, stages, test_acc)
+    return path
+
+
+def test_only_sealed_and_whole_checkpoints_count(tmp_path):
+    fake_checkpoint(tmp_path, 10)
+    no_manifest = fake_checkpoint(tmp_path, 20)
+    (no_manifest / "manifest.json").unlink()
+    truncated = fake_checkpoint(tmp_path, 30)
+    data = (truncated / "stage2.pt").read_bytes()
+    (truncated / "stage2.pt").write_bytes(data[: len(data) // 2])
+    missing = fake_checkpoint(tmp_path, 40)
+    (missing / "stage3.pt").unlink()
+    with pytest.warns(UserWarning) as caught:
+        found = complete_checkpoints(tmp_path)
+    assert [c.step for c in found] == [10]
+    messages = " ".join(str(w.message) for w in caught)
+    assert "step00000020: no readable manifest" in messages
+    assert "step00000030: stage2.pt is missing or truncated" in messages
+    assert "step00000040: stage3.pt is missing or truncated" in messages
+    with warnings.catch_warnings(record=True):
+        assert latest_checkpoint(tmp_path, FINGERPRINT).step == 10  # the torn ones are skipped for it
+
+
+def test_a_run_with_another_model_or_split_is_refused(tmp_path):
+    fake_checkpoint(tmp_path, 10)
+    with pytest.raises(CheckpointError, match=r"was trained with cuts=\[2, 3\], stages=3, but this config has "
+                                              r"cuts=\[2\], stages=2; resume with the run's own config"):
+        latest_checkpoint(tmp_path, {**FINGERPRINT, "cuts": [2], "stages": 2})
+    with pytest.raises(CheckpointError, match="has no complete checkpoint"):
+        latest_checkpoint(tmp_path / "empty", FINGERPRINT)
+
+
+def test_prune_keeps_the_newest_and_the_best(tmp_path):
+    for step, acc in ((10, 0.5), (20, 0.9), (30, 0.6), (40, 0.7), (50, None)):
+        fake_checkpoint(tmp_path, step, test_acc=acc)
+    torn = fake_checkpoint(tmp_path, 35)
+    (torn / "manifest.json").unlink()
+    prune(tmp_path, keep_last=2)
+    left = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
+    assert left == ["step00000020", "step00000040", "step00000050"]  # best (0.9) + newest two; torn 35 dropped
+
+
+def test_manifest_is_written_last_and_lists_sizes(tmp_path):
+    path = fake_checkpoint(tmp_path, 7, stages=2, test_acc=0.25)
+    manifest = json.loads((path / "manifest.json").read_text())
+    assert manifest["step"] == 7 and manifest["test_acc"] == 0.25
+    assert manifest["files"] == {f"stage{k}.pt": (path / f"stage{k}.pt").stat().st_size for k in (1, 2)}
+    assert not list(path.glob("*.tmp"))
+
+
+def test_stage_state_round_trips_weights_optimizer_schedule_and_rng(tmp_path):
+    cfg = Config(dataset="digits", stages=2, epochs=1)
+    local = build_local_modules(cfg, 1, 10, 8)
+    step = build_stage_steps(cfg, local, 5)[1]
+    with torch.no_grad():
+        x = local[0].module(torch.randn(8, 1, 8, 8))  # module 2's input
+    y, delta, probe = torch.randint(0, 10, (8,)), torch.randn_like(x), torch.randn_like(x[:3])
+    step.train_step(x, delta, y)
+    save_atomic(stage_state(step, torch.device("cpu"), probe), tmp_path / "s.pt")
+    expected_rng = torch.get_rng_state()
+    fresh = build_stage_steps(cfg, build_local_modules(cfg, 1, 10, 8), 5)[1]
+    torch.manual_seed(123)
+    assert torch.equal(load_stage_state(fresh, tmp_path / "s.pt", torch.device("cpu")), probe)
+    assert torch.equal(torch.get_rng_state(), expected_rng)
+    assert fresh.scheduler.last_epoch == step.scheduler.last_epoch == 1
+    # both continue identically
+    a, b = step.train_step(x, delta, y), fresh.train_step(x, delta, y)
+    assert torch.equal(a.stats.loss, b.stats.loss)
+    assert all(torch.equal(p, q) for p, q in zip(step.module.parameters(), fresh.module.parameters()))
