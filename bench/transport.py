@@ -1,0 +1,145 @@
+"""Transport between two stage processes: bandwidth and per-message latency of zmq over ipc:// and tcp://.
+
+A sender process pushes tensors through workers.transport's Sender to a Receiver here, with
+the credit flow control the pipeline uses (depth 2 for bandwidth; depth 1 for the latency of
+a tiny message, so each message waits for its credit: one full round trip). A plain memory
+copy (torch copy_) of the same size is the yardstick; CUDA IPC is measured only when CUDA is
+available. The per-message latency is compared with the shortest ResNet-32 stage step at
+batch 128 (K = 3, SGR), measured here in one process with the same thread count.
+"""
+from __future__ import annotations
+
+import multiprocessing as mp
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as `python bench/transport.py`
+
+import torch
+import zmq
+
+from pipeline.data import train_batches
+from workers.transport import Receiver, Sender
+from bench.common import (bench_config, bench_data, build_steps, markdown_table, meta, median_seconds, parse, parser,
+                          pyplot, size_of, stage_step_seconds, write_results)
+
+KB, MB = 1 << 10, 1 << 20
+SIZES = {  # tensor sizes, bytes per size to move, tiny messages to time, model and batch of the stage step
+    "smoke": ([64 * KB, 4 * MB], 16 * MB, 200, "resnet8", 16),
+    "quick": ([64 * KB, 256 * KB, MB, 4 * MB, 16 * MB, 64 * MB], 512 * MB, 2000, "resnet32", 128),
+    "full": ([64 * KB, 256 * KB, MB, 4 * MB, 16 * MB, 64 * MB], 4096 * MB, 20000, "resnet32", 128),
+}
+TINY = 4  # bytes of the latency probe's tensor
+LINKS = ["ipc", "tcp", "cuda_ipc"]
+
+
+def _send_plan(endpoint: str, plan: list[tuple[int, int, int]], cuda: bool) -> None:
+    """Sender process: for each (depth, bytes, count) phase, one untimed message, then `count` more."""
+    torch.set_num_threads(1)
+    ctx = zmq.Context()
+    sender = Sender(ctx, endpoint, depth=1, timeout_s=60, cuda_ipc=cuda)
+    for depth, nbytes, count in plan:
+        sender.drain()
+        sender.depth = depth  # this phase's credit window
+        tensor = torch.ones(nbytes // 4, device="cuda" if cuda else "cpu")
+        for i in range(count + 1):
+            sender.send({"kind": "train", "step": i}, {"x": tensor})
+    sender.drain()
+    sender.close()
+    ctx.term()
+
+
+def link_seconds(link: str, plan: list[tuple[int, int, int]]) -> list[float]:
+    """Seconds per message of each phase of the plan, timed at the receiving end of a link to a new process."""
+    cuda = link == "cuda_ipc"
+    tmp = tempfile.mkdtemp(prefix="sgr-bench-")
+    ctx = zmq.Context()
+    endpoint = "tcp://127.0.0.1:*" if link == "tcp" else f"ipc://{tmp}/link"
+    receiver = Receiver(ctx, endpoint, timeout_s=60, device=torch.device("cuda") if cuda else None)
+    child = mp.get_context("spawn").Process(target=_send_plan, args=(receiver.endpoint, plan, cuda))
+    child.start()
+    try:
+        per_message = []
+        for _, _, count in plan:
+            receiver.done(receiver.recv())
+            start = time.perf_counter()
+            for _ in range(count):
+                receiver.done(receiver.recv())
+            per_message.append((time.perf_counter() - start) / count)
+        child.join(timeout=60)
+        return per_message
+    finally:
+        if child.is_alive():
+            child.kill()
+        receiver.close()
+        ctx.term()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def memcpy_seconds(nbytes: int, reps: int) -> float:
+    """Median seconds of one torch copy_ of nbytes between two CPU tensors."""
+    src, dst = torch.ones(nbytes // 4), torch.empty(nbytes // 4)
+    return median_seconds(lambda: dst.copy_(src), reps)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    """Measure memcpy and each link's bandwidth and latency; print the table last."""
+    args = parse(parser("transport", "zmq ipc/tcp bandwidth and latency against memcpy", threads=1), argv)
+    sizes, volume, tiny_count, model, batch = SIZES[size_of(args)]
+    plan = [(1, TINY, tiny_count)] + [(2, n, max(8, min(2000, volume // n))) for n in sizes]
+    links = [link for link in LINKS if link != "cuda_ipc" or torch.cuda.is_available()]
+    seconds = {link: link_seconds(link, plan) for link in links}
+    rows = []
+    for i, n in enumerate(sizes, start=1):
+        copy = memcpy_seconds(n, max(5, min(200, volume // n // 4)))
+        row = {"bytes": n, "memcpy_GBps": n / copy / 1e9}
+        for link in LINKS:
+            row[f"{link}_GBps"] = n / seconds[link][i] / 1e9 if link in seconds else None
+        row["ipc_vs_memcpy"] = row["ipc_GBps"] / row["memcpy_GBps"]
+        rows.append(row)
+    latency_us = {link: 1e6 * seconds[link][0] if link in seconds else None for link in LINKS}
+
+    cfg = bench_config(model=model, batch_size=batch, stages=3, method="sgr")
+    data = bench_data(cfg)
+    x, y = next(train_batches(data, 0, cfg.batch_size, cfg.seed, False))
+    step_s = min(stage_step_seconds(build_steps(cfg, data), x, y, reps=3))
+    big = [r["ipc_vs_memcpy"] for r in rows if r["bytes"] >= 4 * MB]
+    targets = {
+        "ipc_vs_memcpy_at_4MB_up": {"min": 0.5, "worst": min(big) if big else None, "met": bool(big) and min(big) >= 0.5},
+        "latency_vs_stage_step": {"max": 0.05, "stage_step_ms": 1000 * step_s, "stage": f"{model} K=3 SGR, batch {batch}",
+                                  "ratio": latency_us["ipc"] / 1e6 / step_s,
+                                  "met": latency_us["ipc"] / 1e6 / step_s < 0.05},
+    }
+    results = {"meta": meta(args), "rows": rows, "latency_us": latency_us, "targets": targets,
+               "note": None if torch.cuda.is_available() else "no CUDA on this machine: cuda_ipc not measured"}
+    write_results(args.out, results)
+
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for key, label in [("memcpy_GBps", "memcpy (torch copy_)"), ("ipc_GBps", "zmq ipc://"), ("tcp_GBps", "zmq tcp://"),
+                       ("cuda_ipc_GBps", "CUDA IPC")]:
+        if rows[0][key] is not None:
+            ax.plot([r["bytes"] / MB for r in rows], [r[key] for r in rows], marker="o", label=label)
+    ax.set(xscale="log", yscale="log", xlabel="tensor size (MB)", ylabel="GB/s", title="Transport bandwidth")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(Path(args.out) / "transport.png", dpi=120)
+
+    def gbps(v: float | None) -> float | str:
+        return "n/a (no CUDA)" if v is None else v
+
+    lat = targets["latency_vs_stage_step"]
+    print(f"{args.threads} torch thread(s); tiny message ({TINY} B) round trip with its credit: "
+          f"ipc {latency_us['ipc']:.0f} µs, tcp {latency_us['tcp']:.0f} µs = {100 * lat['ratio']:.2f}% (ipc) of the "
+          f"shortest stage step, {lat['stage_step_ms']:.0f} ms ({lat['stage']}, {args.threads} thread(s))")
+    print(markdown_table(["size", "memcpy GB/s", "zmq ipc GB/s", "zmq tcp GB/s", "CUDA IPC GB/s", "ipc / memcpy"],
+                         [[f"{r['bytes'] // KB} KB" if r["bytes"] < MB else f"{r['bytes'] // MB} MB", r["memcpy_GBps"],
+                           r["ipc_GBps"], r["tcp_GBps"], gbps(r["cuda_ipc_GBps"]), r["ipc_vs_memcpy"]] for r in rows]))
+    return results
+
+
+if __name__ == "__main__":
+    main()
