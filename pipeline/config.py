@@ -70,6 +70,7 @@ class Config:
     heartbeat_timeout: float = 300.0  # pipeline: seconds without any sign of life from a stage before it counts as hung
     out: str = "runs/default"
     log_every: int = 20  # steps between JSONL training records
+    tensorboard: bool = True  # also write TensorBoard event files, when tensorboard is installed
     eval_every: int = 0  # steps between evaluations of every head (0: at the end of each epoch)
     probe_size: int = 256  # training samples in the fixed probe batch of the ΔL_k analysis (0: off)
     checkpoint_every: int = 0  # steps between checkpoints (0: at the end of each epoch); the last step always

@@ -73,18 +73,47 @@ def format_eval(step: int, test_acc: list[float]) -> str:
 
 
 class JsonlLog:
-    """Appends one JSON object per line to RUN_DIR/metrics.jsonl, flushed at every write."""
+    """Appends one JSON object per line to RUN_DIR/metrics.jsonl, flushed at every write.
 
-    def __init__(self, path: Path) -> None:
+    When TensorBoard is installed (and `tensorboard` is on), the same scalars also go to
+    RUN_DIR/tensorboard as event files.
+    """
+
+    def __init__(self, path: Path, tensorboard: bool = False) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         self.file = path.open("a")
+        self.board = _summary_writer(path.parent / "tensorboard") if tensorboard else None
 
     def write(self, record: dict[str, Any]) -> None:
         self.file.write(json.dumps(record) + "\n")
         self.file.flush()
+        if self.board is not None:
+            for tag, value in _scalars(record):
+                self.board.add_scalar(tag, value, record["step"])
+            self.board.flush()
 
     def close(self) -> None:
         self.file.close()
+        if self.board is not None:
+            self.board.close()
+
+
+def _summary_writer(log_dir: Path):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:  # tensorboard is optional
+        return None
+    return SummaryWriter(str(log_dir))
+
+
+def _scalars(record: dict[str, Any]) -> list[tuple[str, float]]:
+    """TensorBoard tags of a record: per module for train records, per head for eval records."""
+    if record["event"] == "train":
+        m = record["module"]
+        return [(f"train/{key}/module{m}", record[key]) for key in ("loss", "sgr", "acc", "lr")]
+    scalars = [(f"test_acc/head{k + 1}", a) for k, a in enumerate(record["test_acc"])]
+    scalars += [(f"delta_loss/module{k + 1}", d) for k, d in enumerate(record["delta_loss"]) if d is not None]
+    return scalars
 
 
 def truncate_after(path: Path, step: int) -> None:

@@ -84,7 +84,7 @@ class SequentialTrainer:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         (self.run_dir / "config.yaml").write_text(yaml.safe_dump(self.cfg.to_dict(), sort_keys=False))
         truncate_after(self.run_dir / "metrics.jsonl", self.start_step)
-        self.log = JsonlLog(self.run_dir / "metrics.jsonl")
+        self.log = JsonlLog(self.run_dir / "metrics.jsonl", self.cfg.tensorboard)
         start = time.time()
         try:
             if self.cfg.method == "greedy":

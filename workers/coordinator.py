@@ -39,9 +39,10 @@ class Coordinator:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         (self.run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
         truncate_after(self.run_dir / "metrics.jsonl", start_step)  # records a dead run wrote after its checkpoint
-        self.log = JsonlLog(self.run_dir / "metrics.jsonl")
+        self.log = JsonlLog(self.run_dir / "metrics.jsonl", self.cfg.tensorboard)
+        # counted in steps, shown in images: the rate reads as the pipeline's throughput in img/s
         self.bar = tqdm(total=steps_per_epoch * cfg.epochs, initial=start_step, desc=f"pipeline K={stages}",
-                        disable=not cfg.progress, dynamic_ncols=True)
+                        unit="img", unit_scale=cfg.batch_size, disable=not cfg.progress, dynamic_ncols=True)
         self.done: dict[int, dict[str, Any]] = {}
         self.errors: dict[int, str] = {}
         self.last_step = [start_step] * stages
@@ -69,7 +70,8 @@ class Coordinator:
             self.log.write(record)
             self.last_step[stage] = record["step"]
             busy = msg["busy"] / max(1e-9, msg["busy"] + msg["idle"])
-            self.latest[stage] = f"S{stage + 1} {record['loss']:.3f}/{100 * record['acc']:.0f}% busy {100 * busy:.0f}%"
+            self.latest[stage] = (f"S{stage + 1} {record['loss']:.3f}/{100 * record['acc']:.0f}% "
+                                  f"busy {100 * busy:.0f}% q{msg['queue']}")
             if stage == self.stages - 1:
                 self.bar.update(record["step"] - self.bar.n)
                 self.bar.set_postfix_str(" | ".join(self.latest[k] for k in sorted(self.latest)), refresh=False)

@@ -190,7 +190,9 @@ class StageWorker:
         if header["step"] % self.cfg.log_every == 0 or header["step"] % self.steps_per_epoch == 0:
             lr = self.step.optimizer.param_groups[0]["lr"]
             for record in train_records(self.meter, header["epoch"], header["step"], [lr]):
-                self.reporter.send({"kind": "train", "record": record, "busy": self.busy, "idle": self.idle})
+                queue = len(self.sender.in_flight) if self.sender is not None else 0  # sent, not yet done downstream
+                self.reporter.send({"kind": "train", "record": record, "busy": self.busy, "idle": self.idle,
+                                    "queue": queue})
             self.meter.reset()
 
     def _eval(self, header: dict[str, Any], x: torch.Tensor, y: torch.Tensor) -> None:

@@ -1,0 +1,53 @@
+import math
+
+import pytest
+import torch
+
+from pipeline.metrics import JsonlLog, ModuleMeter, eval_record, read_jsonl, train_records, truncate_after
+from pipeline.step import StepStats
+
+
+def stats(loss: float) -> StepStats:
+    return StepStats(loss=torch.tensor(loss), sgr=torch.tensor(0.5), correct=torch.tensor(3), count=4)
+
+
+def test_meter_averages_and_numbers_modules_from_its_first():
+    meter = ModuleMeter(1, first_module=2)  # a pipeline stage holding module 3
+    meter.update(0, stats(1.0))
+    meter.update(0, stats(3.0))
+    (record,) = train_records(meter, epoch=0, step=10, lrs=[0.1])
+    assert record == {"event": "train", "module": 3, "epoch": 0, "step": 10, "loss": 2.0, "sgr": 0.5, "acc": 0.75,
+                      "lr": 0.1}
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf])
+def test_a_non_finite_loss_is_refused_naming_the_module(bad):
+    with pytest.raises(FloatingPointError, match=f"module 3's loss is {bad}"):
+        ModuleMeter(1, first_module=2).update(0, stats(bad))
+
+
+def test_truncate_after_drops_what_a_dead_run_wrote_after_its_checkpoint(tmp_path):
+    log = JsonlLog(tmp_path / "metrics.jsonl")
+    for step in (5, 10, 15):
+        log.write(eval_record(0, step, [0.5], [0.9], [None]))
+    log.close()
+    truncate_after(tmp_path / "metrics.jsonl", 10)
+    assert [r["step"] for r in read_jsonl(tmp_path / "metrics.jsonl")] == [5, 10]
+
+
+def test_records_are_mirrored_to_tensorboard(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    log = JsonlLog(tmp_path / "metrics.jsonl", tensorboard=True)
+    meter = ModuleMeter(2)
+    meter.update(1, stats(0.25))
+    for record in train_records(meter, 0, 7, [0.1, 0.2]):
+        log.write(record)
+    log.write(eval_record(0, 7, [0.5, 0.75], [0.9, 1.0], [None, -0.125]))
+    log.close()
+    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    assert [(e.step, e.value) for e in events.Scalars("train/loss/module2")] == [(7, 0.25)]
+    assert [(e.step, e.value) for e in events.Scalars("test_acc/head2")] == [(7, 0.75)]
+    assert [(e.step, e.value) for e in events.Scalars("delta_loss/module2")] == [(7, -0.125)]
+    assert "delta_loss/module1" not in events.Tags()["scalars"]
