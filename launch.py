@@ -1,7 +1,9 @@
 """The one entry point: `python launch.py --config configs/default.yaml [overrides]`.
 
-Flags override the YAML; `--set key=value` overrides any config key. Every config, data
-or device problem ends the run before training with one line that says what to fix.
+Flags override the YAML; `--set key=value` overrides any config key; `--resume RUN_DIR`
+continues a run from its newest complete checkpoint. Every config, data, checkpoint or
+device problem ends the run before training with one line that says what to fix.
+`python launch.py plot|export|evaluate RUN_DIR` work on a finished or interrupted run.
 """
 from __future__ import annotations
 
@@ -96,6 +98,8 @@ def find_resume(args: argparse.Namespace, cfg, data, steps_per_run: int):
             shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
             (run_dir / "metrics.jsonl").unlink(missing_ok=True)
         return None
+    if cfg.method == "greedy":
+        raise CheckpointError("greedy runs cannot be resumed (modules train one after another); start it again")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         expected = fingerprint(cfg, split_cuts(cfg, data.in_channels, data.num_classes, data.input_size))
@@ -206,6 +210,9 @@ def main(argv: list[str] | None = None) -> int:
         else:
             del data  # each stage process loads its own copy
             result = run_spawned(cfg, stages, steps, resume)
+    except CheckpointError as err:
+        print(f"error: {err}", file=sys.stderr, flush=True)
+        return 2
     except (StageFailed, FloatingPointError) as err:
         print(f"error: {err}", file=sys.stderr, flush=True)
         return 1
