@@ -14,10 +14,12 @@ from typing import Any
 import yaml
 
 METHODS = ("sgr", "layerwise", "bp", "reforward", "greedy")
-HEADS = ("conv_linear", "etf", "own")
+HEADS = ("conv_linear", "etf", "token_linear", "own")
 LR_SCHEDULES = ("cosine", "step", "constant")
 SCHEDULES = ("pipeline", "sequential")
 TRANSPORTS = ("auto", "zmq")
+OPTIMIZERS = ("sgd", "adamw")
+PRECISIONS = ("fp32", "bf16")
 
 
 class ConfigError(ValueError):
@@ -39,7 +41,7 @@ class Config:
     model_args: dict[str, Any] = field(default_factory=dict)  # e.g. {width: 16} or {widths: [64, 128]}
     stages: int | None = 3  # K; None: take it from `split`
     split: str | list[int] | None = None  # named split or cut points; None: the paper's split for K
-    head: str = "conv_linear"  # local head of modules 1..K-1
+    head: str = "conv_linear"  # local head of modules 1..K-1: conv_linear | etf (conv maps), token_linear (ViT, Swin)
     last_head: str = "own"  # head of module K ('own' = the network's classifier)
     head_width: int = 0  # conv_linear head channels (0: the module's channels)
     # method
@@ -48,6 +50,7 @@ class Config:
     sgr_reduction: str = "mean"  # mean (paper) | sample (independent of the feature size)
     track_sgr: bool = False  # with λ = 0, still measure the SGR term (one extra backward per module)
     # optimisation (each module has its own optimizer and schedule)
+    optimizer: str = "sgd"  # sgd (momentum, nesterov) | adamw (betas 0.9/0.999; momentum and nesterov unused)
     epochs: int = 2
     lr: float = 0.1
     momentum: float = 0.9
@@ -61,6 +64,8 @@ class Config:
     seed: int = 0
     device: str = "cpu"
     threads: int = 0  # torch intra-op threads (0: leave PyTorch's default)
+    amp: str = "fp32"  # fp32 | bf16: each module's forward and losses under bfloat16 autocast (gradients, SGR fp32)
+    channels_last: bool = False  # conv nets: keep feature maps NHWC in memory (faster convolutions on GPUs)
     schedule: str = "pipeline"  # pipeline: one process per module; sequential: the single-process reference
     depth: int = 2  # pipeline: messages a stage may send ahead of the next stage's progress
     transport: str = "auto"  # auto: CUDA IPC between GPU stages on one host, else zmq; zmq: always zmq frames
@@ -141,7 +146,7 @@ def validate(cfg: Config) -> Config:
     need(cfg.method in METHODS, f"unknown method {cfg.method!r}; use one of {', '.join(METHODS)}")
     need(cfg.lam >= 0, f"lam must be >= 0, got {cfg.lam}")
     need(cfg.sgr_reduction in ("mean", "sample"), f"sgr_reduction must be mean or sample, got {cfg.sgr_reduction!r}")
-    need(cfg.head in HEADS and cfg.head != "own", f"head must be conv_linear or etf, got {cfg.head!r}")
+    need(cfg.head in HEADS and cfg.head != "own", f"head must be conv_linear, etf or token_linear, got {cfg.head!r}")
     need(cfg.last_head in HEADS, f"last_head must be one of {', '.join(HEADS)}, got {cfg.last_head!r}")
     need(cfg.stages is None or cfg.stages >= 1, f"stages must be >= 1, got {cfg.stages}")
     need(cfg.stages is not None or cfg.split is not None, "give stages: K or a split")
@@ -149,6 +154,8 @@ def validate(cfg: Config) -> Config:
     need(cfg.batch_size >= 2, f"batch_size must be >= 2 (BatchNorm needs it), got {cfg.batch_size}")
     need(cfg.eval_batch_size >= 1, f"eval_batch_size must be >= 1, got {cfg.eval_batch_size}")
     need(cfg.lr > 0, f"lr must be > 0, got {cfg.lr}")
+    need(cfg.optimizer in OPTIMIZERS, f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {cfg.optimizer!r}")
+    need(cfg.amp in PRECISIONS, f"amp must be one of {', '.join(PRECISIONS)}, got {cfg.amp!r}")
     need(cfg.momentum >= 0 and cfg.weight_decay >= 0, "momentum and weight_decay must be >= 0")
     need(cfg.lr_schedule in LR_SCHEDULES, f"lr_schedule must be one of {', '.join(LR_SCHEDULES)}, got {cfg.lr_schedule!r}")
     need(cfg.warmup_epochs >= 0, f"warmup_epochs must be >= 0, got {cfg.warmup_epochs}")

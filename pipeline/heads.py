@@ -51,10 +51,39 @@ class ETFHead(nn.Module):
         return x @ self.frame
 
 
-def build_head(kind: str, channels: int, num_classes: int, *, width: int = 0, seed: int = 0) -> nn.Module:
-    """A local head by name ('conv_linear' or 'etf') for a module whose output has `channels` channels."""
+class TokenLinearHead(nn.Module):
+    """Transformer head on channels-last features (ViT tokens N×L×D, Swin maps N×H×W×C): LayerNorm, mean over positions, linear."""
+
+    def __init__(self, channels: int, num_classes: int) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(channels)
+        self.fc = nn.Linear(channels, num_classes)
+
+    def forward(self, x):
+        return self.fc(self.norm(x).flatten(1, -2).mean(dim=1))
+
+
+# The feature layouts (pipeline.models.Network.layout) each head reads.
+HEAD_LAYOUTS = {"conv_linear": ("nchw",), "etf": ("nchw",), "token_linear": ("tokens", "nhwc")}
+
+
+def feature_channels(out: torch.Tensor, layout: str) -> int:
+    """The channel (feature) dimension of a module's output in this layout."""
+    return out.shape[1] if layout == "nchw" else out.shape[-1]
+
+
+def build_head(
+    kind: str, channels: int, num_classes: int, *, width: int = 0, seed: int = 0, layout: str = "nchw"
+) -> nn.Module:
+    """A local head by name ('conv_linear', 'etf' or 'token_linear') for features of this layout and channel count."""
+    if kind in HEAD_LAYOUTS and layout not in HEAD_LAYOUTS[kind]:
+        fits = [k for k, layouts in HEAD_LAYOUTS.items() if layout in layouts]
+        raise ValueError(f"head {kind!r} reads {'/'.join(HEAD_LAYOUTS[kind])} features but this model's are {layout}; "
+                         f"use head {' or '.join(fits)}")
+    if kind == "token_linear":
+        return TokenLinearHead(channels, num_classes)
     if kind == "conv_linear":
         return ConvLinearHead(channels, num_classes, width)
     if kind == "etf":
         return ETFHead(channels, num_classes, seed)
-    raise ValueError(f"unknown head {kind!r}; use conv_linear, etf or own (last module only)")
+    raise ValueError(f"unknown head {kind!r}; use conv_linear, etf, token_linear or own (last module only)")

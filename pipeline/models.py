@@ -21,6 +21,7 @@ class Network:
     units: list[nn.Module]
     resolution: list[int]  # resolution stage (0, 1, ...) of each unit
     classifier: nn.Module
+    layout: str = "nchw"  # what units output: nchw (conv maps), tokens (N, L, D) or nhwc (Swin's maps)
 
     def __post_init__(self) -> None:
         assert len(self.units) == len(self.resolution)
@@ -127,9 +128,14 @@ MODELS: dict[str, Callable[..., Network]] = {"resnet": cifar_resnet, "plainnet":
 
 
 def build_network(name: str, in_channels: int, num_classes: int, input_size: int, **kwargs) -> Network:
-    """Build a model by name: a family and a depth, e.g. 'resnet32', 'plainnet56', 'vgg17'."""
+    """Build a model by name: a family and a depth, e.g. 'resnet32', 'plainnet56', 'vgg17', or a torchvision model."""
     match = re.fullmatch(r"([a-z]+)(\d+)", name)
-    if match is None or match.group(1) not in MODELS:
-        raise ValueError(f"unknown model {name!r}; use one of {', '.join(f'{m}<depth>' for m in MODELS)} (e.g. resnet32)")
-    family, depth = match.group(1), int(match.group(2))
-    return MODELS[family](depth, in_channels=in_channels, num_classes=num_classes, input_size=input_size, **kwargs)
+    if match is not None and match.group(1) in MODELS:
+        family, depth = match.group(1), int(match.group(2))
+        return MODELS[family](depth, in_channels=in_channels, num_classes=num_classes, input_size=input_size, **kwargs)
+    from pipeline.models_torchvision import TORCHVISION_MODELS  # here: it imports torchvision and this module
+
+    if name not in TORCHVISION_MODELS:
+        known = [f"{m}<depth>" for m in MODELS] + list(TORCHVISION_MODELS)
+        raise ValueError(f"unknown model {name!r}; use one of {', '.join(known)} (e.g. resnet32)")
+    return TORCHVISION_MODELS[name](in_channels=in_channels, num_classes=num_classes, input_size=input_size, **kwargs)

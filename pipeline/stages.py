@@ -8,7 +8,7 @@ import torch
 import torch.nn as nn
 
 from pipeline.config import Config, ConfigError
-from pipeline.heads import build_head
+from pipeline.heads import build_head, feature_channels
 from pipeline.models import Network, build_network
 from pipeline.splits import SplitError, module_ranges, resolve_cuts
 from pipeline.step import StageStep
@@ -54,6 +54,8 @@ def build_local_modules(cfg: Config, in_channels: int, num_classes: int, input_s
     """
     torch.manual_seed(cfg.seed)
     net = build_net(cfg, in_channels, num_classes, input_size)
+    if cfg.channels_last and net.layout != "nchw":
+        raise ConfigError(f"channels_last is for conv nets; model {cfg.model}'s features are {net.layout}: set channels_last: false")
     ranges = module_ranges(module_cuts(cfg, net), len(net.units))
     x = torch.zeros(2, in_channels, input_size, input_size)
     local = []
@@ -70,7 +72,8 @@ def build_local_modules(cfg: Config, in_channels: int, num_classes: int, input_s
             head = net.classifier
         else:
             try:
-                head = build_head(kind, x.shape[1], num_classes, width=cfg.head_width, seed=cfg.seed + k)
+                head = build_head(kind, feature_channels(x, net.layout), num_classes, width=cfg.head_width,
+                                  seed=cfg.seed + k, layout=net.layout)
             except ValueError as err:
                 raise ConfigError(f"head of module {k + 1}: {err}") from None
         local.append(LocalModule(module, head))
@@ -99,11 +102,14 @@ def is_due(every: int, step: int, steps_per_epoch: int, total_steps: int) -> boo
 
 
 def build_optimizer(cfg: Config, local: LocalModule, steps_per_epoch: int, epochs: int):
-    """SGD with momentum and weight decay on a module and its head, and its per-step schedule."""
+    """The config's optimizer (SGD with momentum, or AdamW) on a module and its head, and its per-step schedule."""
     params = [p for p in (*local.module.parameters(), *local.head.parameters()) if p.requires_grad]
-    optimizer = torch.optim.SGD(
-        params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, nesterov=cfg.nesterov
-    )
+    if cfg.optimizer == "adamw":
+        optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    else:
+        optimizer = torch.optim.SGD(
+            params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, nesterov=cfg.nesterov
+        )
     total = steps_per_epoch * epochs
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(cfg, s, total, steps_per_epoch))
     return optimizer, scheduler
@@ -132,6 +138,8 @@ def build_stage_steps(cfg: Config, local: list[LocalModule], steps_per_epoch: in
                 reforward=cfg.method == "reforward",
                 sgr_reduction=cfg.sgr_reduction,
                 track_sgr=cfg.track_sgr,
+                amp=cfg.amp == "bf16",
+                channels_last=cfg.channels_last,
             )
         )
     return steps

@@ -6,11 +6,13 @@ why the two compute the same numbers.
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from pipeline.sgr import sgr_term
 
@@ -39,6 +41,8 @@ class StageStep:
 
     lam > 0 adds the SGR term against the δ received from the previous module; lam = 0 is
     non-greedy layer-wise training. `reforward` recomputes the output after the update.
+    `amp` runs the forward passes and losses under bfloat16 autocast; gradients, the SGR
+    term and the tensors passed between modules stay fp32. `channels_last` keeps conv maps NHWC in memory.
     """
 
     def __init__(
@@ -55,8 +59,14 @@ class StageStep:
         reforward: bool = False,
         sgr_reduction: str = "mean",
         track_sgr: bool = False,
+        amp: bool = False,
+        channels_last: bool = False,
     ) -> None:
         self.module, self.head = module, head
+        self.amp, self.channels_last = amp, channels_last
+        if channels_last:
+            module.to(memory_format=torch.channels_last)
+            head.to(memory_format=torch.channels_last)
         self.optimizer, self.scheduler = optimizer, scheduler
         self.lam, self.reduction = lam, sgr_reduction
         self.is_first, self.is_last = is_first, is_last
@@ -75,10 +85,13 @@ class StageStep:
         use_sgr = self.lam > 0 and not self.is_first
         if self.needs_delta and delta_prev is None:
             raise ValueError("this module uses SGR but received no δ from the previous module")
-        x = x.detach().requires_grad_(self.needs_delta)
-        out = self.module(x)
-        logits = self.head(out)
-        loss_cls = F.cross_entropy(logits, y)
+        x = self.prepare(x).requires_grad_(self.needs_delta)
+        # SGR differentiates δ, a gradient, again: the fused attention kernels have no double backward
+        math_attention = sdpa_kernel(SDPBackend.MATH) if use_sgr else contextlib.nullcontext()
+        with self.autocast(x), math_attention:
+            out = self.module(x)
+            logits = self.head(out)
+            loss_cls = F.cross_entropy(logits, y)
         loss = loss_cls
         sgr = torch.zeros((), device=loss_cls.device)
         if self.needs_delta:
@@ -89,7 +102,7 @@ class StageStep:
         delta_out = None
         if self.send_delta and not self.is_last:
             (delta_out,) = torch.autograd.grad(loss_cls, out, retain_graph=True)
-            delta_out = delta_out.detach()
+            delta_out = delta_out.detach().float()
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
@@ -98,10 +111,11 @@ class StageStep:
         passed_on = None
         if not self.is_last:
             if self.reforward:
-                with torch.no_grad():
+                with torch.no_grad(), self.autocast(x):
                     passed_on = self.module(x.detach())
             else:
                 passed_on = out.detach()
+            passed_on = passed_on.float()
         stats = StepStats(
             loss=loss_cls.detach(),
             sgr=sgr.detach(),
@@ -115,5 +129,19 @@ class StageStep:
         """Inference through this module and its head: (output, logits)."""
         self.module.eval()
         self.head.eval()
-        out = self.module(x)
-        return out, self.head(out)
+        with self.autocast(x):
+            x = self.prepare(x)
+            out = self.module(x)
+            logits = self.head(out)
+        return out.float(), logits.float()
+
+    def prepare(self, x: torch.Tensor) -> torch.Tensor:
+        """A received input, detached, in this module's memory format."""
+        x = x.detach()
+        if self.channels_last and x.dim() == 4:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return x
+
+    def autocast(self, x: torch.Tensor) -> torch.autocast:
+        """bfloat16 autocast on x's device when amp is on; a no-op otherwise."""
+        return torch.autocast(device_type=x.device.type, dtype=torch.bfloat16, enabled=self.amp)

@@ -25,9 +25,11 @@ def test_every_shipped_config_loads_validates_and_builds(path):
         ({"stages": 0}, "stages must be >= 1"),
         ({"epochs": "ten"}, "'epochs' must be a int"),
         ({"augment": 1}, "'augment' must be true or false"),
-        ({"head": "own"}, "head must be conv_linear or etf"),
+        ({"head": "own"}, "head must be conv_linear, etf or token_linear"),
         ({"sgr_reduction": "sum"}, "sgr_reduction must be mean or sample"),
         ({"device": "tpu"}, "device must be cpu, cuda or cuda:N"),
+        ({"optimizer": "lamb"}, "optimizer must be one of sgd, adamw"),
+        ({"amp": "fp16"}, "amp must be one of fp32, bf16"),
     ],
 )
 def test_bad_values_fail_with_one_clear_line(values, message):

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from pipeline.heads import ConvLinearHead, ETFHead, build_head, simplex_etf
+from pipeline.heads import ConvLinearHead, ETFHead, TokenLinearHead, build_head, simplex_etf
 
 
 @pytest.mark.parametrize("dim,classes", [(9, 10), (64, 10), (128, 100)])
@@ -33,3 +33,17 @@ def test_conv_linear_head_and_builder():
     assert build_head("conv_linear", 16, 10, width=32).conv[0].out_channels == 32
     with pytest.raises(ValueError, match="unknown head"):
         build_head("mlp", 16, 10)
+
+
+def test_token_linear_head_reads_vit_tokens_and_swin_maps():
+    head = TokenLinearHead(16, 10)
+    assert head(torch.randn(4, 5, 16)).shape == (4, 10)  # ViT: N, L, D
+    assert head(torch.randn(4, 3, 3, 16)).shape == (4, 10)  # Swin: N, H, W, C
+    assert isinstance(build_head("token_linear", 16, 10, layout="nhwc"), TokenLinearHead)
+
+
+@pytest.mark.parametrize("kind,layout,fix", [("conv_linear", "tokens", "token_linear"), ("etf", "nhwc", "token_linear"),
+                                             ("token_linear", "nchw", "conv_linear or etf")])
+def test_a_head_for_another_feature_layout_is_refused(kind, layout, fix):
+    with pytest.raises(ValueError, match=f"this model's are {layout}; use head {fix}$"):
+        build_head(kind, 16, 10, layout=layout)

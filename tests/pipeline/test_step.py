@@ -147,3 +147,17 @@ def test_track_sgr_measures_without_changing_the_update(batch):
     assert torch.allclose(tracked.stats.sgr, sgr_term(delta_now, delta_prev))
     assert all(torch.equal(p, q) for p, q in zip(m.parameters(), m2.parameters()))
     assert torch.equal(plain.out, tracked.out)
+
+
+def test_channels_last_gives_the_same_update(batch):
+    x, y, delta_prev = batch
+    torch.manual_seed(1)
+    module, head = tiny_module(), PoolLinear(4, 3)
+    steps = [make_step(copy.deepcopy(module), copy.deepcopy(head), lam=3.0) for _ in range(2)]
+    steps[1] = StageStep(steps[1].module, steps[1].head, steps[1].optimizer, lam=3.0, is_first=False, is_last=False,
+                         send_delta=True, channels_last=True)
+    plain, nhwc = (s.train_step(x, delta_prev, y) for s in steps)
+    assert steps[1].module[0].weight.is_contiguous(memory_format=torch.channels_last)
+    assert torch.allclose(plain.out, nhwc.out, atol=1e-5) and torch.allclose(plain.delta, nhwc.delta, atol=1e-6)
+    for p, q in zip(steps[0].module.parameters(), steps[1].module.parameters()):
+        assert torch.allclose(p, q, atol=1e-6)
