@@ -33,7 +33,7 @@ class Config:
     data_dir: str | None = None  # None: the dataset's default location
     image_size: int = 32  # imagefolder: images are resized and centre-cropped to this
     train_subset: int = 0  # use only the first N training samples (0: all)
-    augment: bool = False  # random crop (pad 4) + horizontal flip
+    augment: bool = False  # random crop (pad 4) + horizontal flip; imagefolder: RandomResizedCrop + flip
     batch_size: int = 128
     eval_batch_size: int = 1000
     # model and split

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from pipeline.data import (
-    DataError, augment, eval_batches, load_data, read_idx, steps_per_epoch, train_batches,
+    DataError, augment, eval_batches, load_data, random_resized_crop, read_idx, steps_per_epoch, train_batches,
 )
 
 
@@ -153,3 +153,36 @@ def test_augment_is_a_crop_and_flip_of_the_original():
     for i in range(2):
         values = set(padded[i].flatten().tolist()) - {0}
         assert values <= set(x[i].flatten().tolist())
+
+
+def write_image_folder(root, sizes=((40, 30), (30, 40), (36, 36))) -> None:
+    """A two-class ImageFolder of real JPEG and PNG files of different shapes."""
+    from PIL import Image
+
+    rng = np.random.default_rng(3)
+    for split in ("train", "val"):
+        for cls in ("ant", "bee"):
+            (root / split / cls).mkdir(parents=True)
+            for i, (h, w) in enumerate(sizes):
+                image = Image.fromarray(rng.integers(0, 256, (h, w, 3)).astype(np.uint8))
+                image.save(root / split / cls / f"{i}.{'jpg' if i % 2 else 'png'}")
+
+
+def test_image_folder_trains_with_random_resized_crops(tmp_path, monkeypatch):
+    write_image_folder(tmp_path)
+    data = load_data("imagefolder", str(tmp_path), image_size=16)
+    assert data.crop == "resized" and data.train_x.shape == (6, 3, 16, 16) and data.test_x.shape == (6, 3, 16, 16)
+    monkeypatch.setattr("pipeline.data.LOADER_WORKERS_FROM", 1)  # decoded by loader processes: the same images
+    assert torch.equal(load_data("imagefolder", str(tmp_path), image_size=16).train_x, data.train_x)
+    a, b = (list(train_batches(data, 1, 3, seed=7, use_augment=True)) for _ in range(2))
+    assert all(torch.equal(xa, xb) for (xa, _), (xb, _) in zip(a, b))
+    plain = list(train_batches(data, 1, 3, seed=7, use_augment=False))
+    assert a[0][0].shape == plain[0][0].shape and not torch.equal(a[0][0], plain[0][0])
+
+
+def test_random_resized_crop_of_the_whole_image_is_the_image_or_its_flip():
+    x = torch.randint(0, 256, (8, 3, 12, 12), dtype=torch.uint8)
+    out = random_resized_crop(x, torch.Generator().manual_seed(0), scale=(1.0, 1.0), ratio=(1.0, 1.0))
+    assert all(torch.equal(o, i) or torch.equal(o, i.flip(2)) for o, i in zip(out, x))
+    crops = random_resized_crop(x, torch.Generator().manual_seed(0))
+    assert crops.dtype == torch.uint8 and crops.shape == x.shape and not torch.equal(crops, x)
