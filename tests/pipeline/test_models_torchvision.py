@@ -1,11 +1,13 @@
 """torchvision models as local modules: exact composition, cuts, SGR steps, and one multi-process run."""
+import dataclasses
 import math
+from pathlib import Path
 
 import pytest
 import torch
 from torchvision import models as tvm
 
-from pipeline.config import Config, ConfigError
+from pipeline.config import Config, ConfigError, load_yaml, validate
 from pipeline.data import load_data, steps_per_epoch, synthetic_data, train_batches
 from pipeline.metrics import read_jsonl
 from pipeline.models import build_network
@@ -13,6 +15,7 @@ from pipeline.stages import build_local_modules, build_stage_steps
 from workers.launcher import run_spawned
 
 SMALL_VIT = dict(hidden_dim=64, mlp_dim=128, num_heads=2, num_layers=4)
+IMAGENET_CONFIGS = sorted((Path(__file__).parents[2] / "configs" / "imagenet").glob("*.yaml"))
 
 
 def torchvision_reference(name: str, num_classes: int, image_size: int) -> torch.nn.Module:
@@ -130,3 +133,10 @@ def test_bf16_autocast_sgr_step_is_close_to_fp32(model, args, head):
     assert abs(b1 - a1) / a1 < 2e-2 and abs(b2 - a2) / a2 < 2e-2
     assert abs(b_sgr - a_sgr) / a_sgr < 2e-2
     assert (a_up @ b_up / (a_up.norm() * b_up.norm())).item() > 0.75
+
+
+@pytest.mark.parametrize("path", IMAGENET_CONFIGS, ids=[p.name for p in IMAGENET_CONFIGS])
+def test_imagenet_configs_validate_and_build(path):
+    cfg = validate(dataclasses.replace(load_yaml(path), device="cpu"))  # they ask for cuda, absent here
+    assert cfg.lam == 1e4 and cfg.optimizer == ("sgd" if cfg.model.startswith("tv_resnet") else "adamw")
+    assert len(build_local_modules(cfg, 3, 1000, 32)) == cfg.stages  # at 32x32 to stay quick
