@@ -30,9 +30,11 @@ TARGET_MS, TARGET = 20.0, 0.95
 
 def main(argv: list[str] | None = None) -> dict:
     """Measure simulated pipelines against the same stages in sequence; print the table last."""
-    args = parse(parser("schedule_overhead", "pipeline schedule overhead with sleeping stages", threads=1), argv)
+    p = parser("schedule_overhead", "pipeline schedule overhead with sleeping stages", threads=1)
+    p.add_argument("--depth", type=int, default=2, help="messages a stage may send ahead (config key depth)")
+    args = parse(p, argv)
     splits, delays, window_s, warmup = SIZES[size_of(args)]
-    base = bench_config(threads=args.threads, out=str(Path(args.out) / "run"))
+    base = bench_config(threads=args.threads, depth=args.depth, out=str(Path(args.out) / "run"))
     spe = steps_per_epoch(bench_data(base), base.batch_size)
     rows = []
     for k in splits:
@@ -50,7 +52,7 @@ def main(argv: list[str] | None = None) -> dict:
     at_target = [r["efficiency"] for r in rows if r["delay_ms"] == TARGET_MS]
     target = {"delay_ms": TARGET_MS, "min_efficiency": TARGET, "worst": min(at_target) if at_target else None,
               "met": bool(at_target) and min(at_target) >= TARGET}
-    results = {"meta": meta(args), "batch_size": base.batch_size, "rows": rows, "target": target}
+    results = {"meta": meta(args), "batch_size": base.batch_size, "depth": args.depth, "rows": rows, "target": target}
     write_results(args.out, results)
 
     plt = pyplot()
@@ -65,7 +67,7 @@ def main(argv: list[str] | None = None) -> dict:
     fig.tight_layout()
     fig.savefig(Path(args.out) / "schedule_overhead.png", dpi=120)
 
-    print(f"batch {base.batch_size}, {args.threads} torch thread(s) per stage; target at {TARGET_MS:g} ms: "
+    print(f"batch {base.batch_size}, depth {args.depth}, {args.threads} torch thread(s) per stage; target at {TARGET_MS:g} ms: "
           f"efficiency >= {TARGET} ({'met' if target['met'] else 'missed'}, worst {target['worst']})")
     print(markdown_table(["K", "stage delay ms", "sequential samples/s", "pipeline samples/s", "speed-up",
                           "efficiency (÷ K)", "timed steps"],
