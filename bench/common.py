@@ -6,7 +6,6 @@ them with the project's own step, trainer and launcher code; nothing here trains
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import platform
@@ -166,12 +165,6 @@ def run_pipeline(cfg: Config, warmup_steps: int) -> dict[str, Any]:
             "efficiency": achieved / slowest, "per_stage": per_stage, "run_seconds": summary["seconds"]}
 
 
-def epochs_for(steps: int, cfg: Config) -> int:
-    """Epochs that hold at least `steps` training steps of this config's data."""
-    per_epoch = steps_per_epoch(bench_data(cfg), cfg.batch_size)
-    return max(1, -(-steps // per_epoch))
-
-
 def markdown_table(headers: list[str], rows: list[list[Any]]) -> str:
     """A GitHub markdown table; floats with 3 significant digits (whole numbers from 1000 up)."""
     def cell(v: Any) -> str:
@@ -215,11 +208,6 @@ def pyplot():
     import matplotlib.pyplot as plt
 
     return plt
-
-
-def replace(cfg: Config, **changes: Any) -> Config:
-    """A validated copy of a config with some keys changed."""
-    return validate(dataclasses.replace(cfg, **changes))
 
 
 def unit_spans(steps: list[StageStep]) -> list[str]:
