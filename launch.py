@@ -26,7 +26,7 @@ FLAG_KEYS = {
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description="Local learning with Successive Gradient Reconciliation (SGR).")
     p.add_argument("--config", help="YAML run config (default: configs/default.yaml; with --resume, the run's own)")
-    p.add_argument("--method", help="sgr | layerwise | bp | reforward | greedy")
+    p.add_argument("--method", help="sgr | layerwise | bp | reforward | greedy | fa | dfa | drtp")
     p.add_argument("--stages", type=int, help="number of local modules K")
     p.add_argument("--lam", type=float, help="λ of the SGR term")
     p.add_argument("--epochs", type=int)
@@ -161,6 +161,9 @@ def check_topology(cfg, stages: int, world_size: int) -> None:
 
     if cfg.schedule == "pipeline" and cfg.method == "greedy":
         raise ConfigError("method greedy trains modules one after another; run it with --schedule sequential")
+    if cfg.schedule == "pipeline" and cfg.method in ("fa", "dfa"):
+        raise ConfigError(f"method {cfg.method} updates every layer from the output error of the same batch, "
+                          "which a pipeline stage does not have yet; run it with --schedule sequential")
     if world_size > 1 and world_size != stages:
         raise ConfigError(
             f"torchrun started {world_size} processes but the split has {stages} stages; use --nproc-per-node "

@@ -13,7 +13,7 @@ from typing import Any
 
 import yaml
 
-METHODS = ("sgr", "layerwise", "bp", "reforward", "greedy")
+METHODS = ("sgr", "layerwise", "bp", "reforward", "greedy", "fa", "dfa", "drtp")
 HEADS = ("conv_linear", "etf", "token_linear", "own")
 LR_SCHEDULES = ("cosine", "step", "constant")
 SCHEDULES = ("pipeline", "sequential")
@@ -148,6 +148,8 @@ def validate(cfg: Config) -> Config:
     need(cfg.sgr_reduction in ("mean", "sample"), f"sgr_reduction must be mean or sample, got {cfg.sgr_reduction!r}")
     need(cfg.head in HEADS and cfg.head != "own", f"head must be conv_linear, etf or token_linear, got {cfg.head!r}")
     need(cfg.last_head in HEADS, f"last_head must be one of {', '.join(HEADS)}, got {cfg.last_head!r}")
+    need(cfg.method not in ("fa", "dfa", "drtp") or (cfg.head, cfg.last_head) == ("etf", "etf"),
+         f"method {cfg.method} is a BP-free baseline with fixed heads: set head: etf and last_head: etf")
     need(cfg.stages is None or cfg.stages >= 1, f"stages must be >= 1, got {cfg.stages}")
     need(cfg.stages is not None or cfg.split is not None, "give stages: K or a split")
     need(cfg.epochs >= 1, f"epochs must be >= 1, got {cfg.epochs}")

@@ -39,7 +39,7 @@ def simplex_etf(dim: int, num_classes: int, seed: int = 0) -> torch.Tensor:
 
 
 class ETFHead(nn.Module):
-    """A fixed, non-trainable simplex ETF classifier on globally pooled features."""
+    """A fixed, non-trainable simplex ETF classifier on flat or globally pooled features."""
 
     def __init__(self, channels: int, num_classes: int, seed: int = 0) -> None:
         super().__init__()
@@ -64,7 +64,7 @@ class TokenLinearHead(nn.Module):
 
 
 # The feature layouts (pipeline.models.Network.layout) each head reads.
-HEAD_LAYOUTS = {"conv_linear": ("nchw",), "etf": ("nchw",), "token_linear": ("tokens", "nhwc")}
+HEAD_LAYOUTS = {"conv_linear": ("nchw",), "etf": ("nchw", "flat"), "token_linear": ("tokens", "nhwc")}
 
 
 def feature_channels(out: torch.Tensor, layout: str) -> int:

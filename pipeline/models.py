@@ -10,6 +10,7 @@ import re
 from dataclasses import dataclass
 from typing import Callable
 
+import torch
 import torch.nn as nn
 
 
@@ -21,7 +22,7 @@ class Network:
     units: list[nn.Module]
     resolution: list[int]  # resolution stage (0, 1, ...) of each unit
     classifier: nn.Module
-    layout: str = "nchw"  # what units output: nchw (conv maps), tokens (N, L, D) or nhwc (Swin's maps)
+    layout: str = "nchw"  # what units output: nchw (conv maps), flat (N, D), tokens (N, L, D) or nhwc (Swin's maps)
 
     def __post_init__(self) -> None:
         assert len(self.units) == len(self.resolution)
@@ -124,7 +125,52 @@ def vgg(
     return Network(f"vgg{depth}", units, resolution, PoolLinear(c_in, num_classes))
 
 
-MODELS: dict[str, Callable[..., Network]] = {"resnet": cifar_resnet, "plainnet": plainnet, "vgg": vgg}
+class DenseLayer(nn.Module):
+    """One linear map, then BatchNorm (norm=True) and a ReLU, on flattened inputs: the unit of the BP-free MLP."""
+
+    def __init__(self, d_in: int, d_out: int, norm: bool = True) -> None:
+        super().__init__()
+        self.fc = nn.Linear(d_in, d_out)
+        self.norm: nn.Module = nn.BatchNorm1d(d_out) if norm else nn.Identity()
+
+    def activate(self, pre: torch.Tensor) -> torch.Tensor:
+        """The nonlinearity on the pre-activation fc(x): BatchNorm (if any) and ReLU."""
+        return self.norm(pre).relu()
+
+    def forward(self, x):
+        return self.activate(self.fc(x.flatten(1)))
+
+
+def mlp(depth: int, in_channels: int, num_classes: int, input_size: int, width: int = 256, norm: bool = True) -> Network:
+    """`depth` DenseLayers of `width` units (one unit per layer, so split per_block puts each layer in a module).
+
+    BatchNorm keeps the activations bounded under DFA and DRTP, whose signals do not shrink as the layer learns.
+    """
+    if depth < 1:
+        raise ValueError(f"mlp depth must be >= 1, got {depth}")
+    units: list[nn.Module] = [DenseLayer(in_channels * input_size * input_size, width, norm)]
+    units += [DenseLayer(width, width, norm) for _ in range(depth - 1)]
+    return Network(f"mlp{depth}", units, [0] * depth, PoolLinear(width, num_classes), layout="flat")
+
+
+def plainconv(depth: int, in_channels: int, num_classes: int, input_size: int, width: int = 32) -> Network:
+    """`depth` 3x3 conv + BN + ReLU layers over 3 resolution stages (widths w/2w/4w, stride 2 between stages)."""
+    if depth < 3:
+        raise ValueError(f"plainconv depth must be >= 3 (3 resolution stages), got {depth}")
+    units: list[nn.Module] = []
+    resolution: list[int] = []
+    c_in = in_channels
+    for stage, c_out in enumerate((width, 2 * width, 4 * width)):
+        for i in range(depth // 3 + (1 if stage < depth % 3 else 0)):
+            units.append(conv_bn_relu(c_in, c_out, stride=2 if stage > 0 and i == 0 else 1))
+            resolution.append(stage)
+            c_in = c_out
+    return Network(f"plainconv{depth}", units, resolution, PoolLinear(c_in, num_classes))
+
+
+MODELS: dict[str, Callable[..., Network]] = {
+    "resnet": cifar_resnet, "plainnet": plainnet, "vgg": vgg, "mlp": mlp, "plainconv": plainconv,
+}
 
 
 def build_network(name: str, in_channels: int, num_classes: int, input_size: int, **kwargs) -> Network:

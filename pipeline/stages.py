@@ -8,10 +8,11 @@ import torch
 import torch.nn as nn
 
 from pipeline.config import Config, ConfigError
+from pipeline.bpfree import BPFREE_METHODS, NEEDS_OUTPUT_ERROR
 from pipeline.heads import build_head, feature_channels
-from pipeline.models import Network, build_network
+from pipeline.models import DenseLayer, Network, build_network
 from pipeline.splits import SplitError, module_ranges, resolve_cuts
-from pipeline.step import StageStep
+from pipeline.step import SignalStep, StageStep
 
 
 @dataclass
@@ -120,13 +121,31 @@ def method_lambda(cfg: Config) -> float:
     return cfg.lam if cfg.method == "sgr" else 0.0
 
 
+def check_bpfree(cfg: Config, local: list[LocalModule]) -> None:
+    """FA, DFA and DRTP train a network of single layers: one unit per module (and linear layers for FA)."""
+    for k, lm in enumerate(local):
+        if len(lm.module) != 1:
+            raise ConfigError(f"method {cfg.method} trains one layer per module but module {k + 1} holds "
+                              f"{len(lm.module)} units: use split: per_block")
+        if cfg.method == "fa" and not isinstance(lm.module[0], DenseLayer):
+            raise ConfigError("method fa feeds the error back through fixed matrices in place of linear weights: "
+                              "use an mlp<depth> model")
+
+
 def build_stage_steps(cfg: Config, local: list[LocalModule], steps_per_epoch: int) -> list[StageStep]:
-    """A StageStep per module, each with its own optimizer and schedule."""
+    """A StageStep per module, each with its own optimizer and schedule (SignalSteps for fa, dfa, drtp layers)."""
     lam = method_lambda(cfg)
     k_total = len(local)
+    if cfg.method in BPFREE_METHODS:
+        check_bpfree(cfg, local)
     steps = []
     for k, lm in enumerate(local):
         optimizer, scheduler = build_optimizer(cfg, lm, steps_per_epoch, cfg.epochs)
+        if cfg.method in NEEDS_OUTPUT_ERROR or (cfg.method == "drtp" and k < k_total - 1):
+            steps.append(SignalStep(lm.module, lm.head, optimizer, scheduler, method=cfg.method,
+                                    num_classes=lm.head.frame.shape[1], seed=1000 * cfg.seed + k,
+                                    is_first=k == 0, is_last=k == k_total - 1))
+            continue
         next_needs_delta = k + 1 < k_total and (lam > 0 or cfg.track_sgr)
         steps.append(
             StageStep(

@@ -14,6 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from pipeline.bpfree import drtp_signal, fa_signal, output_error, random_feedback
 from pipeline.sgr import sgr_term
 
 
@@ -145,3 +146,89 @@ class StageStep:
     def autocast(self, x: torch.Tensor) -> torch.autocast:
         """bfloat16 autocast on x's device when amp is on; a no-op otherwise."""
         return torch.autocast(device_type=x.device.type, dtype=torch.bfloat16, enabled=self.amp)
+
+
+class SignalStep(StageStep):
+    """One layer of a BP-free baseline (fa, dfa, drtp): it learns from a signal given at its output.
+
+    The layer's parameters get ∂<out, signal>/∂θ, its own backward only; its fixed ETF head
+    just reports its loss and accuracy. Its fixed random feedback matrices (pipeline/bpfree.py)
+    are drawn from `seed` when first needed, so every process that builds it gets the same.
+    """
+
+    def __init__(
+        self,
+        module: nn.Module,
+        head: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
+        *,
+        method: str,
+        num_classes: int,
+        seed: int,
+        is_first: bool,
+        is_last: bool,
+    ) -> None:
+        super().__init__(module, head, optimizer, scheduler, is_first=is_first, is_last=is_last, send_delta=False)
+        self.method, self.num_classes, self.seed = method, num_classes, seed
+        self.feedback: torch.Tensor | None = None
+        self.pre: torch.Tensor | None = None  # FA: the pre-activation of the last forward
+
+    def feedback_matrix(self, rows: int, cols: int, device: torch.device) -> torch.Tensor:
+        """This layer's fixed random matrix (C×D for dfa/drtp, its weight's shape for fa), drawn once."""
+        if self.feedback is None:
+            self.feedback = random_feedback(rows, cols, self.seed).to(device)
+        return self.feedback
+
+    def weight_feedback(self) -> torch.Tensor:
+        """FA: the fixed matrix that stands in for this layer's weight in the backward pass."""
+        weight = self.module[0].fc.weight
+        return self.feedback_matrix(*weight.shape, weight.device)
+
+    def output_feedback(self, out: torch.Tensor) -> torch.Tensor:
+        """DFA, DRTP: the fixed C×D matrix that projects an N×C error or target to this layer's output."""
+        return self.feedback_matrix(self.num_classes, out[0].numel(), out.device)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """This layer's output on a detached input, with its graph kept for `apply` (FA keeps the pre-activation)."""
+        self.module.train()
+        self.head.train()
+        x = self.prepare(x)
+        with self.autocast(x):
+            if self.method != "fa":
+                return self.module(x)
+            layer = self.module[0]
+            self.pre = layer.fc(x.flatten(1))
+            return layer.activate(self.pre)
+
+    def fa_down(self, out: torch.Tensor, signal: torch.Tensor) -> torch.Tensor:
+        """FA: the signal for the layer below, from this layer's signal (call before `apply` frees the graph)."""
+        (pre_signal,) = torch.autograd.grad(out, self.pre, signal, retain_graph=True)
+        return fa_signal(pre_signal, self.weight_feedback())
+
+    def output_signal(self, out: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The last layer: (∂CE/∂out through its fixed head, the output error e = ∂CE/∂logits)."""
+        logits = self.head(out).float()
+        (signal,) = torch.autograd.grad(F.cross_entropy(logits, y), out)
+        return signal, output_error(logits.detach(), y)
+
+    def apply(self, out: torch.Tensor, signal: torch.Tensor, y: torch.Tensor) -> StepOutput:
+        """Update this layer's parameters by ∂<out, signal>/∂θ and report its head's loss on out."""
+        with torch.no_grad():
+            logits = self.head(out).float()
+            loss_cls = F.cross_entropy(logits, y)
+        self.optimizer.zero_grad(set_to_none=True)
+        out.backward(signal.to(out.dtype))
+        self.optimizer.step()
+        if self.scheduler is not None:
+            self.scheduler.step()
+        stats = StepStats(loss=loss_cls, sgr=torch.zeros((), device=out.device),
+                          correct=(logits.argmax(dim=1) == y).sum(), count=y.shape[0])
+        return StepOutput(out=None if self.is_last else out.detach().float(), delta=None, stats=stats)
+
+    def train_step(self, x: torch.Tensor, delta_prev: torch.Tensor | None, y: torch.Tensor) -> StepOutput:
+        """DRTP: the update needs only this layer's input and the label, so it runs in a pipeline stage."""
+        if self.method != "drtp":
+            raise ValueError(f"method {self.method} needs the output error of the whole network: use trainer.feedback_batch")
+        out = self.forward(x)
+        return self.apply(out, drtp_signal(y, self.output_feedback(out), out.shape), y)

@@ -14,6 +14,7 @@ import torch
 import yaml
 from tqdm import tqdm
 
+from pipeline.bpfree import NEEDS_OUTPUT_ERROR, dfa_signal
 from pipeline.checkpoint import (Checkpoint, CheckpointError, checkpoint_dir, fingerprint, load_stage_state, prune,
                                  save_atomic, stage_state, write_manifest)
 from pipeline.config import Config
@@ -21,7 +22,7 @@ from pipeline.data import ImageData, eval_batches, probe_batch, steps_per_epoch,
 from pipeline.metrics import JsonlLog, ModuleMeter, eval_record, format_eval, train_records, truncate_after
 from pipeline.probe import InputDriftProbe
 from pipeline.stages import build_local_modules, build_stage_steps, is_due, split_cuts
-from pipeline.step import StageStep, StepStats
+from pipeline.step import SignalStep, StageStep, StepStats
 
 
 def train_batch(steps: list[StageStep], x: torch.Tensor, y: torch.Tensor) -> list[StepStats]:
@@ -32,6 +33,28 @@ def train_batch(steps: list[StageStep], x: torch.Tensor, y: torch.Tensor) -> lis
         result = step.train_step(x, delta, y)
         x, delta = result.out, result.delta
         stats.append(result.stats)
+    return stats
+
+
+def feedback_batch(steps: list[SignalStep], x: torch.Tensor, y: torch.Tensor) -> list[StepStats]:
+    """FA / DFA: one forward through every layer, the output error, then each layer updated by its fed-back signal.
+
+    The last layer learns from its own loss through its fixed head; layer k < K from the
+    signal layer k+1 passes down through a fixed matrix (fa) or from the output error (dfa).
+    """
+    outs = []
+    for step in steps:
+        outs.append(step.forward(x))
+        x = outs[-1].detach()
+    signal, error = steps[-1].output_signal(outs[-1], y)
+    stats: list[StepStats] = []
+    for k in reversed(range(len(steps))):
+        step = steps[k]
+        if step.method == "dfa" and k < len(steps) - 1:
+            signal = dfa_signal(error, step.output_feedback(outs[k]), outs[k].shape)
+        down = step.fa_down(outs[k], signal) if step.method == "fa" and k > 0 else None
+        stats.insert(0, step.apply(outs[k], signal, y).stats)
+        signal = down
     return stats
 
 
@@ -112,7 +135,8 @@ class SequentialTrainer:
                 if global_step <= self.start_step:
                     bar.update(1)
                     continue
-                for k, stats in enumerate(train_batch(self.steps, x, y)):
+                batch_stats = (feedback_batch if self.cfg.method in NEEDS_OUTPUT_ERROR else train_batch)(self.steps, x, y)
+                for k, stats in enumerate(batch_stats):
                     meter.update(k, stats)
                 self._after_step(meter, bar, epoch, global_step)
                 if is_due(self.cfg.eval_every, global_step, self.steps_per_epoch, self.total_steps):
