@@ -1,0 +1,193 @@
+"""Run a study: every arm of a study YAML × every seed with the sequential reference trainer, then tables and plots.
+
+    python experiments/study.py experiments/table3.yaml [--out DIR]
+
+A study YAML holds `base` (a config file path, relative to the study file, or inline keys),
+`arms` (name -> config overrides), `seeds` and optionally `out` (default runs/study/<name>).
+Run i of arm a lands in OUT/a/seed<s>/; a run whose summary.json exists is skipped, so an
+interrupted study continues where it stopped. The final table (mean ± std over seeds of
+the last head's test accuracy) is printed last and written to OUT/results.md and
+OUT/results.json; OUT/plots/ gets accuracy, SGR-term and ΔL_k curves per arm.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from pipeline.config import Config, ConfigError, from_dict, load_yaml, validate  # noqa: E402
+from pipeline.metrics import read_jsonl  # noqa: E402
+
+
+def load_study(path: Path) -> dict[str, Any]:
+    """The study YAML with `base` resolved to a Config; one-line ConfigError on a malformed study."""
+    study = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(study.get("arms"), dict) or not study["arms"]:
+        raise ConfigError(f"{path}: a study needs `arms`, a mapping of arm name -> config overrides")
+    if not isinstance(study.get("seeds", [0]), list):
+        raise ConfigError(f"{path}: `seeds` must be a list of integers, e.g. [0, 1, 2]")
+    base = study.get("base", {})
+    if isinstance(base, str):
+        candidate = path.parent / base
+        study["base"] = load_yaml(candidate if candidate.is_file() else base)
+    else:
+        study["base"] = from_dict(base, source=f"{path} base")
+    study.setdefault("seeds", [0])
+    study.setdefault("out", f"runs/study/{path.stem}")
+    return study
+
+
+def arm_config(base: Config, overrides: dict[str, Any], seed: int, run_dir: Path) -> Config:
+    """The validated config of one run: base, the arm's overrides, the seed, the run dir; sequential, no progress bar."""
+    values = {**(overrides or {}), "seed": seed, "out": str(run_dir), "schedule": "sequential", "progress": False}
+    return validate(from_dict(values, base=base, source="study arm"))
+
+
+def run_study(study: dict[str, Any], out: Path) -> list[dict[str, Any]]:
+    """Train every arm × seed not yet finished (no summary.json), then return one result row per arm."""
+    from pipeline.data import load_data
+    from pipeline.trainer import SequentialTrainer
+
+    datasets: dict[tuple, Any] = {}
+    for arm, overrides in study["arms"].items():
+        for seed in study["seeds"]:
+            run_dir = out / arm / f"seed{seed}"
+            cfg = arm_config(study["base"], overrides, seed, run_dir)
+            if (run_dir / "summary.json").exists():
+                print(f"[study] {arm} seed {seed}: done before, skipped", flush=True)
+                continue
+            key = (cfg.dataset, cfg.data_dir, cfg.image_size, cfg.train_subset)
+            if key not in datasets:
+                datasets[key] = load_data(*key)
+            print(f"[study] {arm} seed {seed}: training -> {run_dir}", flush=True)
+            try:
+                SequentialTrainer(cfg, datasets[key], run_dir).run()
+            except FloatingPointError as err:  # a diverged arm is a result too: recorded, and the study goes on
+                print(f"[study] {arm} seed {seed}: diverged: {err}", flush=True)
+                (run_dir / "summary.json").write_text(json.dumps({"final_test_acc": None, "diverged": str(err)}))
+    return collect(study, out)
+
+
+def mean_std(values: list[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (0 for a single value)."""
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def collect(study: dict[str, Any], out: Path) -> list[dict[str, Any]]:
+    """One row per arm: the last head's final test accuracy per seed, its mean ± std, and the final mean SGR term."""
+    rows = []
+    for arm in study["arms"]:
+        accs, sgrs, seconds = [], [], []
+        for seed in study["seeds"]:
+            run_dir = out / arm / f"seed{seed}"
+            summary = json.loads((run_dir / "summary.json").read_text())
+            if summary["final_test_acc"] is None:
+                continue
+            accs.append(100 * summary["final_test_acc"])
+            seconds.append(summary["seconds"])
+            _, sgr = sgr_curve(read_jsonl(run_dir / "metrics.jsonl"))
+            sgrs.append(sgr[-1] if sgr else 0.0)
+        mean, std = mean_std(accs) if accs else (float("nan"), float("nan"))
+        rows.append({"arm": arm, "overrides": study["arms"][arm], "seeds": study["seeds"], "test_acc": accs,
+                     "diverged": len(study["seeds"]) - len(accs), "mean": mean, "std": std,
+                     "final_sgr": statistics.fmean(sgrs) if sgrs else float("nan"),
+                     "seconds": statistics.fmean(seconds) if seconds else float("nan")})
+    return rows
+
+
+def sgr_curve(records: list[dict]) -> tuple[list[int], list[float]]:
+    """Steps and the SGR term averaged over modules 2..K at each training record (the paper's Figure 2)."""
+    by_step: dict[int, list[float]] = {}
+    for r in records:
+        if r["event"] == "train" and r["module"] > 1:
+            by_step.setdefault(r["step"], []).append(r["sgr"])
+    steps = sorted(by_step)
+    return steps, [statistics.fmean(by_step[s]) for s in steps]
+
+
+def format_table(rows: list[dict[str, Any]]) -> str:
+    """The markdown results table."""
+    lines = ["| arm | overrides | test acc % (mean ± std) | per seed | final SGR term | s/run |", "|---|---|---|---|---|---|"]
+    for r in rows:
+        overrides = ", ".join(f"{k}={v}" for k, v in (r["overrides"] or {}).items())
+        per_seed = " / ".join([f"{a:.2f}" for a in r["test_acc"]] + ["diverged"] * r["diverged"])
+        lines.append(f"| {r['arm']} | {overrides} | {r['mean']:.2f} ± {r['std']:.2f} | {per_seed} | "
+                     f"{r['final_sgr']:.3g} | {r['seconds']:.0f} |")
+    return "\n".join(lines)
+
+
+def plot_study(study: dict[str, Any], out: Path) -> list[Path]:
+    """accuracy.png, sgr.png and delta_loss.png in OUT/plots: seed-averaged curves per arm."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    plot_dir = out / "plots"
+    plot_dir.mkdir(parents=True, exist_ok=True)
+    runs = {arm: [read_jsonl(out / arm / f"seed{s}" / "metrics.jsonl") for s in study["seeds"]
+                  if json.loads((out / arm / f"seed{s}" / "summary.json").read_text())["final_test_acc"] is not None]
+            for arm in study["arms"]}
+    figures = {name: plt.subplots(figsize=(6, 4)) for name in ("accuracy", "sgr", "delta_loss")}
+    for arm, records in runs.items():
+        if not records:
+            continue
+        evals = [[r for r in rec if r["event"] == "eval"] for rec in records]
+        steps = [r["step"] for r in evals[0]]
+        acc = [statistics.fmean(100 * e[i]["test_acc"][-1] for e in evals) for i in range(len(steps))]
+        figures["accuracy"][1].plot(steps, acc, marker="o", label=arm)
+        curves = [sgr_curve(rec) for rec in records]
+        if curves[0][0]:
+            n = min(len(c[1]) for c in curves)
+            figures["sgr"][1].plot(curves[0][0][:n], [statistics.fmean(c[1][i] for c in curves) for i in range(n)], label=arm)
+        probed = [i for i, r in enumerate(evals[0]) if r.get("delta_loss") and r["delta_loss"][-1] is not None]
+        if probed:  # ΔL_k averaged over modules 2..K and seeds (the paper's Figure 3)
+            values = [statistics.fmean(d for e in evals for d in e[i]["delta_loss"][1:]) for i in probed]
+            figures["delta_loss"][1].plot([steps[i] for i in probed], values, marker="o", label=arm)
+    labels = {"accuracy": "test accuracy of the last head (%)", "sgr": "SGR term, mean over modules 2..K",
+              "delta_loss": "ΔL_k, mean over modules 2..K"}
+    written = []
+    for name, (fig, ax) in figures.items():
+        ax.set(xlabel="training step", ylabel=labels[name])
+        if name == "sgr" and any(line.get_ydata().min() > 0 for line in ax.lines):
+            ax.set_yscale("log")
+        if name == "delta_loss":
+            ax.axhline(0, color="gray", lw=0.5)
+        if ax.lines:
+            ax.legend()
+        fig.tight_layout()
+        fig.savefig(plot_dir / f"{name}.png", dpi=100)
+        plt.close(fig)
+        written.append(plot_dir / f"{name}.png")
+    return written
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description="Run every arm × seed of a study YAML, then tabulate and plot.")
+    p.add_argument("study", help="study YAML (base, arms, seeds, out)")
+    p.add_argument("--out", help="output directory (default: the study's `out`)")
+    args = p.parse_args(argv)
+    try:
+        study = load_study(Path(args.study))
+        out = Path(args.out or study["out"])
+        rows = run_study(study, out)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    plot_study(study, out)
+    table = format_table(rows)
+    (out / "results.md").write_text(f"# {Path(args.study).name}\n\n{table}\n")
+    (out / "results.json").write_text(json.dumps(rows, indent=1))
+    print(table)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
