@@ -136,6 +136,7 @@ def build_stage_steps(cfg: Config, local: list[LocalModule], steps_per_epoch: in
     """A StageStep per module, each with its own optimizer and schedule (SignalSteps for fa, dfa, drtp layers)."""
     lam = method_lambda(cfg)
     k_total = len(local)
+    track_sgr = cfg.track_sgr and cfg.method not in BPFREE_METHODS  # their layers pass no δ to compare with
     if cfg.method in BPFREE_METHODS:
         check_bpfree(cfg, local)
     steps = []
@@ -146,7 +147,7 @@ def build_stage_steps(cfg: Config, local: list[LocalModule], steps_per_epoch: in
                                     num_classes=lm.head.frame.shape[1], seed=1000 * cfg.seed + k,
                                     is_first=k == 0, is_last=k == k_total - 1))
             continue
-        next_needs_delta = k + 1 < k_total and (lam > 0 or cfg.track_sgr)
+        next_needs_delta = k + 1 < k_total and (lam > 0 or track_sgr)
         steps.append(
             StageStep(
                 lm.module, lm.head, optimizer, scheduler,
@@ -156,7 +157,7 @@ def build_stage_steps(cfg: Config, local: list[LocalModule], steps_per_epoch: in
                 send_delta=next_needs_delta,
                 reforward=cfg.method == "reforward",
                 sgr_reduction=cfg.sgr_reduction,
-                track_sgr=cfg.track_sgr,
+                track_sgr=track_sgr,
                 amp=cfg.amp == "bf16",
                 channels_last=cfg.channels_last,
             )

@@ -164,6 +164,13 @@ def test_drtp_on_conv_layers_and_fa_dfa_refuse_a_lone_train_step(batch):
         fa_steps[0].train_step(batch[0], None, batch[1])
 
 
+def test_track_sgr_is_ignored_by_the_bpfree_baselines(batch):
+    """Their layers pass no δ, so DRTP's last (ordinary) module must not wait for one."""
+    _, steps = build(bpfree_config("drtp", track_sgr=True))
+    assert not steps[-1].needs_delta
+    assert len(train_batch(steps, *batch)) == 3
+
+
 @pytest.mark.parametrize("overrides,message", [
     (dict(method="fa", model="plainconv3", model_args={"width": 4}), "use an mlp<depth> model"),
     (dict(method="dfa", split=[2], stages=None), "module 1 holds 2 units: use split: per_block"),
