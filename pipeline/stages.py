@@ -78,6 +78,8 @@ def build_local_modules(cfg: Config, in_channels: int, num_classes: int, input_s
             except ValueError as err:
                 raise ConfigError(f"head of module {k + 1}: {err}") from None
         local.append(LocalModule(module, head))
+    if cfg.method in BPFREE_METHODS:
+        check_bpfree(cfg, local)
     return local
 
 
@@ -137,8 +139,6 @@ def build_stage_steps(cfg: Config, local: list[LocalModule], steps_per_epoch: in
     lam = method_lambda(cfg)
     k_total = len(local)
     track_sgr = cfg.track_sgr and cfg.method not in BPFREE_METHODS  # their layers pass no δ to compare with
-    if cfg.method in BPFREE_METHODS:
-        check_bpfree(cfg, local)
     steps = []
     for k, lm in enumerate(local):
         optimizer, scheduler = build_optimizer(cfg, lm, steps_per_epoch, cfg.epochs)

@@ -27,3 +27,12 @@ def test_fa_and_dfa_refuse_the_pipeline_in_one_line(tmp_path, capsys, method):
     assert err == (f"error: method {method} updates every layer from the output error of the same batch, which a "
                    "pipeline stage does not have yet; run it with --schedule sequential\n")
     assert not (tmp_path / "r").exists()  # refused before anything ran
+
+
+def test_fa_on_conv_layers_is_refused_in_one_line(tmp_path, capsys):
+    argv = ["--dataset", "digits", "--model", "plainconv3", "--method", "fa", "--schedule", "sequential", "--no-progress",
+            "--out", str(tmp_path / "r"), "--set", "stages=null", "--set", "split=per_block", "--set", "head=etf",
+            "--set", "last_head=etf"]
+    assert launch.main(argv) == 2
+    assert capsys.readouterr().err == ("error: method fa feeds the error back through fixed matrices in place of linear "
+                                       "weights: use an mlp<depth> model\n")
