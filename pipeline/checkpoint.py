@@ -154,13 +154,19 @@ def latest_checkpoint(run_dir: Path, expected: dict[str, Any]) -> Checkpoint:
 
 
 def prune(run_dir: Path, keep_last: int) -> None:
-    """Keep the newest `keep_last` complete checkpoints and the best by test accuracy; drop older torn ones."""
-    scanned = _scan(run_dir)
-    complete = [c for _, c, _ in scanned if c is not None]
+    """Keep the newest `keep_last` complete checkpoints and the best by test accuracy.
+
+    Folders without a manifest are never deleted here: one may be a checkpoint still being
+    written; resume skips them with a warning.
+    """
+    complete = complete_checkpoints_quiet(run_dir)
     scored = [c for c in complete if c.manifest.get("test_acc") is not None]
     best = max(scored, key=lambda c: c.manifest["test_acc"]).path if scored else None
-    keep = {c.path for c in complete[max(0, len(complete) - keep_last):]} | {best}
-    newest = complete[-1].path if complete else None
-    for path, _, _ in scanned:
-        if path not in keep and newest is not None and path < newest:
-            shutil.rmtree(path, ignore_errors=True)
+    for c in complete[: max(0, len(complete) - keep_last)]:
+        if c.path != best:
+            shutil.rmtree(c.path, ignore_errors=True)
+
+
+def complete_checkpoints_quiet(run_dir: Path) -> list[Checkpoint]:
+    """The complete checkpoints of a run, oldest first, without warning about torn ones."""
+    return [c for _, c, _ in _scan(run_dir) if c is not None]

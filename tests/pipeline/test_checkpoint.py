@@ -56,7 +56,8 @@ def test_prune_keeps_the_newest_and_the_best(tmp_path):
     (torn / "manifest.json").unlink()
     prune(tmp_path, keep_last=2)
     left = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
-    assert left == ["step00000020", "step00000040", "step00000050"]  # best (0.9) + newest two; torn 35 dropped
+    # best (0.9) + newest two; the folder without a manifest may be one being written: left alone
+    assert left == ["step00000020", "step00000035", "step00000040", "step00000050"]
 
 
 def test_manifest_is_written_last_and_lists_sizes(tmp_path):
