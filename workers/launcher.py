@@ -103,7 +103,7 @@ def run_spawned(cfg: Config, stages: int, steps_per_epoch: int, resume: Checkpoi
     finally:
         _stop(processes)
         coordinator.close()
-        ctx.term()
+        ctx.destroy(linger=0)  # closes whatever is still open: cleanup after Ctrl-C or a failure cannot block
         shutil.rmtree(tmp, ignore_errors=True)
 
 

@@ -257,7 +257,7 @@ def stage_main(spec: StageSpec) -> None:
     finally:
         if worker is not None:
             worker.close()
-        ctx.term()
+        ctx.destroy(linger=LINGER_MS)  # pending records get LINGER_MS to leave; never blocks longer
 
 
 def _die_with_parent() -> None:
