@@ -221,7 +221,8 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt:
         print("interrupted: all stages stopped", file=sys.stderr, flush=True)
-        return 130
+        sys.stdout.flush()
+        os._exit(130)  # the stages are stopped; don't let an interrupted helper thread hold up interpreter exit
     if result is not None:
         print(f"final test accuracy (last head): {100 * result['final_test_acc']:.2f}% in {result['seconds']:.0f} s; "
               f"records in {cfg.out}/metrics.jsonl", flush=True)

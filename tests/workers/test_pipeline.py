@@ -196,7 +196,7 @@ def test_a_hung_stage_is_detected_by_its_missing_heartbeat(tmp_path):
 def test_ctrl_c_stops_every_process(tmp_path):
     proc, stages = start_long_run(tmp_path)
     os.killpg(proc.pid, signal.SIGINT)  # what a terminal's Ctrl-C does: the whole process group
-    _, err = proc.communicate(timeout=30)
+    _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130 and "interrupted: all stages stopped" in err
     time.sleep(0.5)
     assert not any(alive(pid) for pid in stages)
