@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
+import threading
 from pathlib import Path
 
 DEFAULT_CONFIG = Path(__file__).parent / "configs" / "default.yaml"
@@ -176,6 +178,8 @@ def check_topology(cfg, stages: int, world_size: int) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    if threading.current_thread() is threading.main_thread():  # Ctrl-C must stop the run even if SIGINT was inherited ignored
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     if argv and argv[0] in TOOLS:
         return run_tool(argv)
     args = parse_args(argv)
