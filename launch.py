@@ -3,7 +3,8 @@
 Flags override the YAML; `--set key=value` overrides any config key; `--resume RUN_DIR`
 continues a run from its newest complete checkpoint. Every config, data, checkpoint or
 device problem ends the run before training with one line that says what to fix.
-`python launch.py plot|export|evaluate RUN_DIR` work on a finished or interrupted run.
+`python launch.py plot|export|evaluate RUN_DIR` work on a finished or interrupted run;
+`python launch.py plan [flags]` measures the config's model and prints the memory-balanced split.
 """
 from __future__ import annotations
 
@@ -119,7 +120,7 @@ def run_tool(argv: list[str]) -> int:
     args = parse_tool_args(argv)
     from pipeline.checkpoint import CheckpointError, complete_checkpoints
     from pipeline.config import ConfigError, load_yaml
-    from pipeline.data import DataError, load_data
+    from pipeline.data import DataError, load_config_data
 
     run_dir = Path(args.run_dir)
     if not (run_dir / "config.yaml").exists():
@@ -133,7 +134,7 @@ def run_tool(argv: list[str]) -> int:
         return 0
     try:
         cfg = load_yaml(run_dir / "config.yaml")
-        data = load_data(cfg.dataset, cfg.data_dir, cfg.image_size, cfg.train_subset)
+        data = load_config_data(cfg)
         found = complete_checkpoints(run_dir)
         if not found:
             raise CheckpointError(f"{run_dir} has no complete checkpoint")
@@ -154,6 +155,40 @@ def run_tool(argv: list[str]) -> int:
     _, steps = restore_steps(cfg, data, found[-1], torch.device("cpu"))
     scores = evaluate(steps, data, cfg.eval_batch_size, torch.device("cpu"))
     print(format_eval(found[-1].step, scores["test_acc"]))
+    return 0
+
+
+def run_plan(argv: list[str]) -> int:
+    """`launch.py plan [training flags]`: measure every candidate module, print the least-memory split for K."""
+    from pipeline.config import ConfigError
+    from pipeline.data import DataError, load_config_data
+    from pipeline.plan import plan_split
+
+    args = parse_args(argv)
+    try:
+        cfg = build_config(args)
+        if cfg.method == "bp":
+            raise ConfigError("method bp trains the whole network as one module: there is no split to plan")
+        if cfg.stages is None:
+            raise ConfigError("plan needs the number of modules: give --stages K")
+        data = load_config_data(cfg)
+        plan = plan_split(cfg, data.in_channels, data.num_classes, data.input_size)
+    except (ConfigError, DataError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    mb, bp = 1 << 20, plan.global_bp.total
+    total_s = sum(plan.seconds)
+    print(f"plan: {cfg.model}, {cfg.method} (λ={cfg.lam}), K={cfg.stages}, batch {plan.batch_size}, {cfg.device}; "
+          f"measured at batch {plan.profile_batch}, saved activations scaled to {plan.batch_size}; MB = 2^20 bytes")
+    print(f"{'stage':>5} {'units':>8} {'saved MB':>10} {'weights MB':>11} {'total MB':>10} {'of BP':>7} {'compute':>8}")
+    for k, (units, memory, seconds) in enumerate(zip(plan.units, plan.memory, plan.seconds)):
+        weights = memory.params + memory.grads + memory.optimizer
+        print(f"{k + 1:>5} {f'{units.start}-{units.stop - 1}':>8} {memory.saved / mb:>10.1f} {weights / mb:>11.1f} "
+              f"{memory.total / mb:>10.1f} {memory.total / bp:>7.1%} {seconds / total_s:>8.1%}")
+    largest = max(m.total for m in plan.memory)
+    print(f"global BP {bp / mb:.1f} MB; largest stage {largest / mb:.1f} MB: saving {1 - largest / bp:.1%}")
+    cuts = ",".join(map(str, plan.cuts))
+    print(f"cuts [{cuts}]: train with split: auto, or with these cuts: --set split=[{cuts}]")
     return 0
 
 
@@ -182,10 +217,13 @@ def main(argv: list[str] | None = None) -> int:
         signal.signal(signal.SIGINT, signal.default_int_handler)
     if argv and argv[0] in TOOLS:
         return run_tool(argv)
+    if argv and argv[0] == "plan":
+        return run_plan(argv[1:])
     args = parse_args(argv)
     from pipeline.checkpoint import CheckpointError
     from pipeline.config import ConfigError
-    from pipeline.data import DataError, load_data, steps_per_epoch
+    from pipeline.data import DataError, load_config_data, steps_per_epoch
+    from pipeline.plan import resolve_auto_split
     from pipeline.stages import build_local_modules
     from pipeline.trainer import SequentialTrainer
     from workers.coordinator import StageFailed
@@ -194,10 +232,15 @@ def main(argv: list[str] | None = None) -> int:
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     try:
         cfg = build_config(args)
-        data = load_data(cfg.dataset, cfg.data_dir, cfg.image_size, cfg.train_subset)
+        data = load_config_data(cfg)
         steps = steps_per_epoch(data, cfg.batch_size)
         if steps < 1:
             raise ConfigError(f"the training set has {len(data.train_y)} samples, fewer than batch_size={cfg.batch_size}")
+        cfg, plan = resolve_auto_split(cfg, data.in_channels, data.num_classes, data.input_size)
+        if plan is not None and int(os.environ.get("RANK", "0")) == 0:
+            largest = max(m.total for m in plan.memory)
+            print(f"split auto: cuts {plan.cuts}, largest stage {largest / 2**20:.1f} MB of global BP's "
+                  f"{plan.global_bp.total / 2**20:.1f} MB (see `launch.py plan`)", flush=True)
         stages = len(build_local_modules(cfg, data.in_channels, data.num_classes, data.input_size))
         check_topology(cfg, stages, world_size)
         resume = find_resume(args, cfg, data, steps * cfg.epochs)  # every torchrun rank finds the same one

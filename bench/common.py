@@ -9,7 +9,6 @@ import argparse
 import json
 import os
 import platform
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -18,7 +17,8 @@ from typing import Any, Callable
 import torch
 
 from pipeline.config import Config, validate
-from pipeline.data import ImageData, load_data, steps_per_epoch, train_batches
+from pipeline.data import Data, load_config_data, steps_per_epoch, train_batches
+from pipeline.plan import median_seconds
 from pipeline.stages import build_local_modules, build_stage_steps
 from pipeline.step import StageStep
 from pipeline.trainer import evaluate, train_batch
@@ -58,12 +58,12 @@ def bench_config(**overrides: Any) -> Config:
     return validate(Config(**values))
 
 
-def bench_data(cfg: Config) -> ImageData:
+def bench_data(cfg: Config) -> Data:
     """The config's dataset (synthetic: 512 training and 128 test images, so 4 batches of 128 per epoch)."""
-    return load_data(cfg.dataset, cfg.data_dir, cfg.image_size, cfg.train_subset)
+    return load_config_data(cfg)
 
 
-def build_steps(cfg: Config, data: ImageData, device: str = "cpu") -> list[StageStep]:
+def build_steps(cfg: Config, data: Data, device: str = "cpu") -> list[StageStep]:
     """The config's modules as StageSteps, built exactly as the trainer and the stage processes build them."""
     local = build_local_modules(cfg, data.in_channels, data.num_classes, data.input_size)
     for lm in local:
@@ -80,18 +80,6 @@ def stage_inputs(steps: list[StageStep], x: torch.Tensor, y: torch.Tensor) -> li
         result = step.train_step(x, delta, y)
         x, delta = result.out, result.delta
     return inputs
-
-
-def median_seconds(fn: Callable[[], Any], reps: int, warmup: int = 1) -> float:
-    """Median wall time of fn over `reps` calls, after `warmup` untimed calls."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(reps):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def stage_step_seconds(steps: list[StageStep], x: torch.Tensor, y: torch.Tensor, reps: int) -> list[float]:

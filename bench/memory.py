@@ -1,20 +1,21 @@
 """Memory each stage keeps for one training step, against global BP of the same model and batch.
 
 Per stage: the bytes autograd saves for backward during a real StageStep.train_step (SGR's
-input-gradient graph and double backward included), counted over unique storages with
-torch.autograd.graph.saved_tensors_hooks, parameters excluded; plus parameter, gradient and
-optimizer-state bytes. Saving as in the paper: 1 − (largest stage / global BP). Besides the
-paper's ResNet-32 splits, the split that minimises the largest stage is searched over all cut
-points with the bytes of every possible module (every range of units) measured at a small
-batch and scaled, then measured for real.
+input-gradient graph and double backward included), counted over unique storages, plus
+parameter, gradient and optimizer-state bytes (pipeline/plan.py measures them). Saving as in
+the paper: 1 − (largest stage / global BP). Besides the paper's ResNet-32 splits, the
+memory-balanced split of `split: auto` is planned (measured at a small batch and scaled),
+then measured for real at the full batch. The full size (no flag) adds the ImageNet models of the paper's
+Table 5 at 224×224: planned from a profiling pass at batch 2 on the CPU (exact at batch 2,
+scaled to the paper's 256) and set beside the paper's per-GPU memory.
 With CUDA, each stage's torch.cuda.max_memory_allocated during its step (above the memory
 allocated before it) is reported too.
 """
 from __future__ import annotations
 
+import dataclasses
 import sys
 from pathlib import Path
-from typing import Callable
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as `python bench/memory.py`
 
@@ -22,53 +23,34 @@ import torch
 
 from pipeline.config import Config
 from pipeline.data import train_batches
-from pipeline.step import StageStep, StepOutput
+from pipeline.plan import ModuleMemory, plan_split, step_memory
 from bench.common import (bench_config, bench_data, build_steps, markdown_table, meta, parse, parser, size_of,
                           unit_spans, write_results)
 
 MB = 1 << 20
-SIZES = {  # model, batch, the paper's splits (name, K), K of the balanced splits, batch of the split search
+SIZES = {  # model, batch, the paper's splits (name, K), K of the balanced splits, batch of the profiling pass
     "smoke": ("resnet8", 16, [("last_stage", 2), ("resolution", 3), ("per_block", 4)], [2], 4),
     "quick": ("resnet32", 128, [("last_stage", 2), ("resolution", 3), ("per_block", 16)], [2, 3, 4], 8),
 }
-SIZES["full"] = SIZES["quick"]  # the counts are exact: a longer run measures nothing more
+SIZES["full"] = SIZES["quick"]
+# The paper's Table 5 (GB per GPU at batch 256, 8 A100s): model -> (global BP, {K: SGR}).
+TABLE5 = {"tv_resnet50": (21.49, {2: 17.91, 3: 15.34}), "tv_resnet101": (31.70, {3: 18.18}),
+          "vit_s16": (20.70, {3: 11.73}), "swin_t": (26.78, {3: 15.83}), "swin_s": (42.60, {3: 22.83})}
+IMAGENET = {  # size -> [(model, model_args, image size, K, batch)]; smoke: a tiny ViT, to run the code path
+    "smoke": [("vit_s16", {"patch_size": 8, "num_layers": 3, "hidden_dim": 32, "mlp_dim": 64, "num_heads": 2}, 32, 2, 8)],
+    "quick": [],
+    "full": [(model, {}, 224, k, 256) for model, (_, sgr) in TABLE5.items() for k in sorted(sgr)],
+}
+HEADS = {"vit_s16": "token_linear", "swin_t": "token_linear", "swin_s": "token_linear"}
 
 
-def saved_bytes(fn: Callable[[], object], exclude: set[int]) -> int:
-    """Bytes of the unique storages autograd saves for backward while fn runs (storages in `exclude` left out)."""
-    kept: dict[int, torch.UntypedStorage] = {}
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        storage = t.untyped_storage()
-        if storage.data_ptr() not in exclude and storage.nbytes():
-            kept[storage.data_ptr()] = storage  # held until the end: no address is reused meanwhile
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        fn()
-    return sum(storage.nbytes() for storage in kept.values())
-
-
-def stage_memory(step: StageStep, x: torch.Tensor, delta: torch.Tensor | None, y: torch.Tensor) -> tuple[dict[str, int], StepOutput]:
-    """Saved-for-backward, parameter, gradient and optimizer-state bytes of one real train_step, and its output."""
-    params = [*step.module.parameters(), *step.head.parameters()]
-    if x.is_cuda:
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        before = torch.cuda.memory_allocated()
-    outputs = []
-    saved = saved_bytes(lambda: outputs.append(step.train_step(x, delta, y)), {p.untyped_storage().data_ptr() for p in params})
-    result = {
-        "saved": saved,
-        "params": sum(p.numel() * p.element_size() for p in params),
-        "grads": sum(p.grad.numel() * p.grad.element_size() for p in params if p.grad is not None),
-        "optimizer": sum(v.numel() * v.element_size() for s in step.optimizer.state.values()
-                         for v in s.values() if torch.is_tensor(v)),
-    }
-    result["total"] = result["saved"] + result["params"] + result["grads"] + result["optimizer"]
-    if x.is_cuda:
-        result["cuda_peak"] = torch.cuda.max_memory_allocated() - before  # above what was allocated before the step
-    return result, outputs[0]
+def as_row(memory: ModuleMemory) -> dict[str, int]:
+    """A stage's bytes as a flat record (total included; cuda_peak only where measured)."""
+    row = {"saved": memory.saved, "params": memory.params, "grads": memory.grads, "optimizer": memory.optimizer,
+           "total": memory.total}
+    if memory.cuda_peak is not None:
+        row["cuda_peak"] = memory.cuda_peak
+    return row
 
 
 def measure_split(cfg: Config, x: torch.Tensor, y: torch.Tensor, device: str) -> list[dict]:
@@ -76,75 +58,63 @@ def measure_split(cfg: Config, x: torch.Tensor, y: torch.Tensor, device: str) ->
     steps = build_steps(cfg, bench_data(cfg), device)
     rows, delta = [], None
     for k, (step, span) in enumerate(zip(steps, unit_spans(steps))):
-        memory, result = stage_memory(step, x, delta, y)
-        rows.append({"stage": k + 1, "units": span, **memory})
+        memory, result = step_memory(step, x, delta, y)
+        rows.append({"stage": k + 1, "units": span, **as_row(memory)})
         x, delta = result.out, result.delta
     return rows
 
 
-def range_costs(cfg: Config, x: torch.Tensor, y: torch.Tensor, device: str, small_batch: int) -> dict[tuple[int, int], int]:
-    """Total bytes of a module made of units a..b-1, for every a < b, measured at a small batch and scaled to the full one.
-
-    A module cut at a and b is the stage it would be in any split with those cut points (SGR
-    and a local head unless it is first or last); its input is unit a-1's real activation, with
-    a zero δ where SGR needs one (the bytes do not depend on values). Saved activations grow in
-    proportion to the batch; parameters, gradients and optimizer state do not.
-    """
-    bp = build_steps(bench_config(**{**cfg.to_dict(), "method": "bp"}), bench_data(cfg), device)[0]
-    n = len(bp.module)
-    acts = [x[:small_batch]]
-    with torch.no_grad():
-        for unit in bp.module:
-            acts.append(unit(acts[-1]))
-    scale = x.shape[0] / small_batch
-    costs = {}
-    for a in range(n):
-        for b in range(a + 1, n + 1):
-            cuts = [c for c in (a, b) if 0 < c < n]
-            steps = build_steps(bench_config(**{**cfg.to_dict(), "stages": len(cuts) + 1, "split": cuts}),
-                                bench_data(cfg), device)
-            step = steps[1 if a > 0 else 0]
-            delta = torch.zeros_like(acts[a]) if step.needs_delta else None
-            memory, _ = stage_memory(step, acts[a], delta, y[:small_batch])
-            costs[(a, b)] = round(scale * memory["saved"]) + memory["params"] + memory["grads"] + memory["optimizer"]
-    return costs
-
-
-def balanced_cuts(costs: dict[tuple[int, int], int], n: int, k: int) -> tuple[list[int], int]:
-    """Cut points into k modules that minimise the largest module's measured bytes (dynamic programming)."""
-    best = {(1, b): (costs[(0, b)], []) for b in range(1, n + 1)}  # (modules, units covered) -> (largest, cuts)
-    for m in range(2, k + 1):
-        for b in range(m, n + 1):
-            best[(m, b)] = min((max(best[(m - 1, a)][0], costs[(a, b)]), best[(m - 1, a)][1] + [a])
-                               for a in range(m - 1, b))
-    largest, cuts = best[(k, n)]
-    return cuts, largest
+def imagenet_rows(size: str, threads: int) -> list[dict]:
+    """The Table 5 models planned at 224×224 from a profiling pass at batch 2 (exact there, scaled to batch 256)."""
+    rows = []
+    for model, model_args, image_size, k, batch in IMAGENET[size]:
+        profile = 2
+        cfg = bench_config(dataset="synthetic", image_size=image_size, model=model, model_args=model_args, stages=k,
+                           split="auto", batch_size=batch, profile_batch=profile, head=HEADS.get(model, "conv_linear"),
+                           lam=1e4, threads=threads)
+        plan = plan_split(cfg, 3, 1000, image_size)
+        n = len(plan.measured) and max(b for _, b in plan.measured)
+        at_profile = [plan.measured[(r.start, r.stop)].total for r in plan.units]
+        bp_gb, sgr = TABLE5.get(model, (None, {}))
+        rows.append({"model": model, "K": k, "cuts": plan.cuts, "image_size": image_size, "profile_batch": profile,
+                     "batch_size": batch, "units": n,
+                     "largest_over_bp_at_profile_batch": max(at_profile) / plan.measured[(0, n)].total,
+                     "largest_over_bp": max(m.total for m in plan.memory) / plan.global_bp.total,
+                     "global_bp_bytes": plan.global_bp.total, "stage_bytes": [m.total for m in plan.memory],
+                     "compute_share": [s / sum(plan.seconds) for s in plan.seconds],
+                     "paper_ratio": sgr[k] / bp_gb if k in sgr else None})
+    return rows
 
 
 def main(argv: list[str] | None = None) -> dict:
-    """Measure global BP, the paper's splits and the balanced splits; print the tables last."""
+    """Measure global BP, the paper's splits and the planned splits (at full size also the ImageNet models); print the tables last."""
     args = parse(parser("memory", "bytes kept per stage for one training step, against global BP"), argv)
-    model, batch, paper, balanced, small_batch = SIZES[size_of(args)]
+    size = size_of(args)
+    model, batch, paper, balanced, profile_batch = SIZES[size]
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    cfg = bench_config(model=model, batch_size=batch, method="sgr", threads=args.threads)
-    x, y = next(train_batches(bench_data(cfg), 0, batch, cfg.seed, False))
+    cfg = bench_config(model=model, batch_size=batch, method="sgr", threads=args.threads, device=device,
+                       profile_batch=profile_batch)
+    data = bench_data(cfg)
+    x, y = next(train_batches(data, 0, batch, cfg.seed, False))
     x, y = x.to(device), y.to(device)
-    bp = measure_split(bench_config(**{**cfg.to_dict(), "method": "bp"}), x, y, device)[0]
-    costs = range_costs(cfg, x, y, device, small_batch)
-    n_units = max(b for _, b in costs)
+    bp = measure_split(dataclasses.replace(cfg, method="bp"), x, y, device)[0]
     splits = [(name, k, name, None) for name, k in paper]
     for k in balanced:
-        cuts, predicted = balanced_cuts(costs, n_units, k)
-        splits.append((f"balanced {cuts}", k, cuts, predicted))
+        plan = plan_split(dataclasses.replace(cfg, stages=k, split="auto"), data.in_channels, data.num_classes,
+                          data.input_size)
+        splits.append((f"balanced {plan.cuts}", k, plan.cuts, max(m.total for m in plan.memory)))
     summary, stages = [], []
     for name, k, split, predicted in splits:
-        measured = measure_split(bench_config(**{**cfg.to_dict(), "stages": k, "split": split}), x, y, device)
+        measured = measure_split(dataclasses.replace(cfg, stages=k, split=split), x, y, device)
         largest = max(s["total"] for s in measured)
-        summary.append({"split": name, "K": k, "largest_stage_bytes": largest, "searched_largest_bytes": predicted,
+        summary.append({"split": name, "K": k, "largest_stage_bytes": largest, "planned_largest_bytes": predicted,
                         "global_bp_bytes": bp["total"], "saving": 1 - largest / bp["total"]})
         stages += [{"split": name, "K": k, **s} for s in measured]
+    scale = batch / plan.profile_batch
+    imagenet = imagenet_rows(size, args.threads)
     results = {"meta": meta(args), "model": model, "batch_size": batch, "device": device, "global_bp": bp,
-               "module_bytes": {f"{a}-{b - 1}": v for (a, b), v in costs.items()}, "stages": stages, "rows": summary}
+               "module_bytes": {f"{a}-{b - 1}": m.at_batch(scale).total for (a, b), m in plan.measured.items()},
+               "stages": stages, "imagenet": imagenet, "rows": summary}
     write_results(args.out, results)
 
     cuda_col = ["CUDA step peak MB"] if device == "cuda" else []
@@ -155,10 +125,21 @@ def main(argv: list[str] | None = None) -> dict:
                            s["grads"] / MB, s["optimizer"] / MB, s["total"] / MB,
                            *([s["cuda_peak"] / MB] if device == "cuda" else [])]
                           for s in [{"split": "global BP", "K": 1, **bp}, *stages]]))
+    if imagenet:
+        print()
+        print("ImageNet models, split: auto (SGR, λ = 1e4, SGD), planned from a profiling pass at batch 2; "
+              "largest stage / global BP, against the paper's Table 5 (GB per GPU)")
+        print(markdown_table(["model", "K", "cuts", "image", "at batch 2", f"at batch {imagenet[0]['batch_size']}",
+                              "paper", "global BP MB", "compute share per stage"],
+                             [[r["model"], r["K"], r["cuts"], r["image_size"], r["largest_over_bp_at_profile_batch"],
+                               r["largest_over_bp"], "-" if r["paper_ratio"] is None else f"{r['paper_ratio']:.3f}",
+                               r["global_bp_bytes"] / MB, " / ".join(f"{c:.2f}" for c in r["compute_share"])]
+                              for r in imagenet]))
     print()
-    print(markdown_table(["split", "K", "largest stage MB", "global BP MB", "saving 1 − largest / BP"],
-                         [[r["split"], r["K"], r["largest_stage_bytes"] / MB, r["global_bp_bytes"] / MB, r["saving"]]
-                          for r in summary]))
+    print(markdown_table(["split", "K", "largest stage MB", "planned MB", "global BP MB", "saving 1 − largest / BP"],
+                         [[r["split"], r["K"], r["largest_stage_bytes"] / MB,
+                           "-" if r["planned_largest_bytes"] is None else r["planned_largest_bytes"] / MB,
+                           r["global_bp_bytes"] / MB, r["saving"]] for r in summary]))
     return results
 
 

@@ -31,16 +31,18 @@ class Config:
     # data
     dataset: str = "fashion_mnist"  # fashion_mnist | digits | cifar10 | cifar100 | imagefolder | synthetic
     data_dir: str | None = None  # None: the dataset's default location
-    image_size: int = 32  # imagefolder: images are resized and centre-cropped to this
+    image_size: int = 32  # imagefolder: training crops and evaluation centre crops have this size
+    loader_workers: int = 4  # imagefolder: processes decoding images for the first stage (0: decode in the stage)
     train_subset: int = 0  # use only the first N training samples (0: all)
-    augment: bool = False  # random crop (pad 4) + horizontal flip; imagefolder: RandomResizedCrop + flip
+    augment: bool = False  # random crop (pad 4) + horizontal flip; imagefolder: RandomResizedCrop + flip of the original
     batch_size: int = 128
     eval_batch_size: int = 1000
     # model and split
     model: str = "resnet8"  # family + depth: resnet32, plainnet32, vgg17, ...
     model_args: dict[str, Any] = field(default_factory=dict)  # e.g. {width: 16} or {widths: [64, 128]}
     stages: int | None = 3  # K; None: take it from `split`
-    split: str | list[int] | None = None  # named split or cut points; None: the paper's split for K
+    split: str | list[int] | None = None  # named split, cut points, or auto (least memory, measured); None: the paper's split for K
+    profile_batch: int = 4  # split auto: batch of the profiling pass (saved activations are scaled to batch_size)
     head: str = "conv_linear"  # local head of modules 1..K-1: conv_linear | etf (conv maps), token_linear (ViT, Swin)
     last_head: str = "own"  # head of module K ('own' = the network's classifier)
     head_width: int = 0  # conv_linear head channels (0: the module's channels)
@@ -152,6 +154,8 @@ def validate(cfg: Config) -> Config:
          f"method {cfg.method} is a BP-free baseline with fixed heads: set head: etf and last_head: etf")
     need(cfg.stages is None or cfg.stages >= 1, f"stages must be >= 1, got {cfg.stages}")
     need(cfg.stages is not None or cfg.split is not None, "give stages: K or a split")
+    need(cfg.split != "auto" or cfg.stages is not None, "split: auto needs stages: K (the number of modules to plan)")
+    need(cfg.profile_batch >= 2, f"profile_batch must be >= 2 (BatchNorm needs it), got {cfg.profile_batch}")
     need(cfg.epochs >= 1, f"epochs must be >= 1, got {cfg.epochs}")
     need(cfg.batch_size >= 2, f"batch_size must be >= 2 (BatchNorm needs it), got {cfg.batch_size}")
     need(cfg.eval_batch_size >= 1, f"eval_batch_size must be >= 1, got {cfg.eval_batch_size}")
@@ -162,6 +166,7 @@ def validate(cfg: Config) -> Config:
     need(cfg.lr_schedule in LR_SCHEDULES, f"lr_schedule must be one of {', '.join(LR_SCHEDULES)}, got {cfg.lr_schedule!r}")
     need(cfg.warmup_epochs >= 0, f"warmup_epochs must be >= 0, got {cfg.warmup_epochs}")
     need(cfg.train_subset >= 0, f"train_subset must be >= 0, got {cfg.train_subset}")
+    need(cfg.loader_workers >= 0, f"loader_workers must be >= 0, got {cfg.loader_workers}")
     need(cfg.schedule in SCHEDULES, f"schedule must be one of {', '.join(SCHEDULES)}, got {cfg.schedule!r}")
     need(cfg.depth >= 1, f"depth must be >= 1, got {cfg.depth}")
     need(cfg.transport in TRANSPORTS, f"transport must be one of {', '.join(TRANSPORTS)}, got {cfg.transport!r}")

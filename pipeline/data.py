@@ -1,26 +1,31 @@
-"""Datasets held in memory as uint8 images, and deterministic batches drawn from them.
+"""Datasets and the deterministic batches drawn from them.
 
-Every source (Fashion-MNIST idx files, scikit-learn digits, CIFAR python batches, an
-ImageFolder tree, synthetic noise) becomes the same `ImageData`. Batches depend only on
-(seed, epoch), so a run, a resumed run and a pipeline's first stage all see the same ones.
+Small sources (Fashion-MNIST idx files, scikit-learn digits, CIFAR python batches, synthetic
+noise) are held in memory as uint8 images: `ImageData`. An ImageFolder tree (ImageNet) is
+streamed: `ImageFolderData` holds file paths and labels, and images are decoded batch by
+batch, by loader processes, only where batches are drawn (the pipeline's first stage).
+Batches depend only on (seed, epoch), so a run, a resumed run and a pipeline's first stage
+all see the same ones.
 """
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import io
 import math
-import os
 import pickle
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
 import numpy as np
 import torch
 
+if TYPE_CHECKING:
+    from pipeline.config import Config
+
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
 DATASETS = ("fashion_mnist", "digits", "cifar10", "cifar100", "imagefolder", "synthetic")
-LOADER_WORKERS_FROM = 4096  # ImageFolder splits of at least this many images are decoded by several processes
 
 
 class DataError(RuntimeError):
@@ -36,7 +41,6 @@ class ImageData:
     test_x: torch.Tensor
     test_y: torch.Tensor
     num_classes: int
-    crop: str = "pad"  # training augmentation's crop: pad (pad 4, random crop) or resized (RandomResizedCrop)
 
     def __post_init__(self) -> None:
         # numpy in float64: the statistics must not depend on the torch thread count, or processes
@@ -44,6 +48,25 @@ class ImageData:
         pixels = self.train_x.transpose(0, 1).reshape(self.train_x.shape[1], -1).numpy().astype(np.float64) / 255
         self.mean = torch.from_numpy(pixels.mean(axis=1)).float()
         self.std = torch.from_numpy(pixels.std(axis=1, ddof=1)).float().clamp_min(1e-3)
+
+    def train_images(self, batches: list[torch.Tensor], generator: torch.Generator, use_augment: bool) -> Iterator[torch.Tensor]:
+        """The uint8 training images of each index batch, in order; augmented (pad 4, random crop, flip) from `generator`."""
+        for idx in batches:
+            x = self.train_x[idx]
+            yield augment(x, generator) if use_augment else x
+
+    def test_images(self, batch_size: int) -> Iterator[torch.Tensor]:
+        """The uint8 test images in order, batch by batch."""
+        for i in range(0, len(self.test_y), batch_size):
+            yield self.test_x[i : i + batch_size]
+
+    def probe_images(self, size: int) -> torch.Tensor:
+        """The first `size` training images."""
+        return self.train_x[:size]
+
+    def subset(self, n: int) -> ImageData:
+        """Only the first n training images (the statistics are the subset's)."""
+        return ImageData(self.train_x[:n], self.train_y[:n], self.test_x, self.test_y, self.num_classes)
 
     @property
     def in_channels(self) -> int:
@@ -55,8 +78,13 @@ class ImageData:
 
     def normalize(self, x: torch.Tensor) -> torch.Tensor:
         """uint8 images to float, standardised per channel with the train set's statistics."""
-        x = x.float().div_(255)
-        return (x - self.mean[None, :, None, None]) / self.std[None, :, None, None]
+        return normalize(x, self.mean, self.std)
+
+
+def normalize(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """uint8 images to float, standardised per channel."""
+    x = x.float().div_(255)
+    return (x - mean[None, :, None, None]) / std[None, :, None, None]
 
 
 # --- readers -------------------------------------------------------------------------
@@ -171,34 +199,111 @@ def load_cifar(data_dir: str | None, num_classes: int) -> ImageData:
     )
 
 
-def load_image_folder(data_dir: str | None, image_size: int) -> ImageData:
-    """An ImageFolder tree (DIR/train/<class>/*.png, DIR/val or DIR/test likewise), resized into memory.
+IMAGENET_MEAN = (0.485, 0.456, 0.406)  # ImageFolder inputs are standardised with ImageNet's channel statistics
+IMAGENET_STD = (0.229, 0.224, 0.225)
+EVAL_RESIZE = 256 / 224  # evaluation: resize the shorter side to image_size * 256/224, then centre-crop
 
-    Every image is resized (shorter side) and centre-cropped to image_size and kept as uint8:
-    N x 3 x image_size^2 bytes per process, so ImageNet-1k's train set (1.28M images) needs 193 GB at
-    224 and 63 GB at 128. Training batches augment with RandomResizedCrop + flip (crop='resized').
-    Large folders are decoded by several loader processes.
+
+@dataclass
+class ImageFolderData:
+    """An ImageFolder tree streamed from disk: file paths and labels in memory, images decoded batch by batch.
+
+    Training images get torchvision's RandomResizedCrop + flip of the original image, each from
+    its own seed drawn from the epoch's generator, so the batches do not depend on how many
+    loader processes decode them; test and probe images are resized and centre-cropped.
     """
-    from torchvision import datasets, transforms
+
+    train_files: list[str]
+    train_y: torch.Tensor
+    test_files: list[str]
+    test_y: torch.Tensor
+    num_classes: int
+    image_size: int
+    workers: int = 0  # loader processes decoding images (0: decode in the calling process)
+
+    def __post_init__(self) -> None:
+        self.mean, self.std = torch.tensor(IMAGENET_MEAN), torch.tensor(IMAGENET_STD)
+
+    in_channels = 3
+
+    @property
+    def input_size(self) -> int:
+        return self.image_size
+
+    def normalize(self, x: torch.Tensor) -> torch.Tensor:
+        """uint8 images to float, standardised with ImageNet's channel statistics."""
+        return normalize(x, self.mean, self.std)
+
+    def train_images(self, batches: list[torch.Tensor], generator: torch.Generator, use_augment: bool) -> Iterator[torch.Tensor]:
+        """The uint8 training images of each index batch, in order; with augmentation, each from a seed drawn from `generator`."""
+        items = []
+        for idx in batches:
+            seeds = torch.randint(0, 2**62, (len(idx),), generator=generator).tolist() if use_augment else [-1] * len(idx)
+            items.append([(self.train_files[i], seed) for i, seed in zip(idx.tolist(), seeds)])
+        return self._decode(items)
+
+    def test_images(self, batch_size: int) -> Iterator[torch.Tensor]:
+        """The uint8 test images in order, batch by batch, resized and centre-cropped."""
+        files = self.test_files
+        return self._decode([[(f, -1) for f in files[i : i + batch_size]] for i in range(0, len(files), batch_size)])
+
+    def probe_images(self, size: int) -> torch.Tensor:
+        """The first `size` training images, resized and centre-cropped."""
+        return torch.cat(list(self._decode([[(f, -1) for f in self.train_files[:size]]])))
+
+    def subset(self, n: int) -> ImageFolderData:
+        """Only the first n training images."""
+        return dataclasses.replace(self, train_files=self.train_files[:n], train_y=self.train_y[:n])
+
+    def _decode(self, items: list[list[tuple[str, int]]]) -> Iterator[torch.Tensor]:
+        loader = torch.utils.data.DataLoader(FolderImages(self.image_size), batch_sampler=items,
+                                             num_workers=self.workers, collate_fn=torch.stack)
+        return iter(loader)
+
+
+Data = ImageData | ImageFolderData  # what batches are drawn from
+
+
+class FolderImages(torch.utils.data.Dataset):
+    """Decodes one (path, seed) item to a uint8 3×S×S image: a seeded RandomResizedCrop + flip, or (seed -1)
+    a resize of the shorter side to S·256/224 and a centre crop."""
+
+    def __init__(self, image_size: int) -> None:
+        self.image_size = image_size
+
+    def __getitem__(self, item: tuple[str, int]) -> torch.Tensor:
+        from PIL import Image
+        from torchvision.transforms.v2 import functional as TF
+
+        path, seed = item
+        with Image.open(path) as image:
+            x = TF.pil_to_tensor(image.convert("RGB"))
+        size = self.image_size
+        if seed < 0:
+            x = TF.resize(x, [round(size * EVAL_RESIZE)], antialias=True)
+            return TF.center_crop(x, [size, size])
+        g = torch.Generator().manual_seed(seed)
+        top, left, h, w = random_resized_box(x.shape[1], x.shape[2], g)
+        x = TF.resized_crop(x, top, left, h, w, [size, size], antialias=True)
+        return x.flip(2) if torch.rand(1, generator=g).item() < 0.5 else x
+
+
+def load_image_folder(data_dir: str | None, image_size: int, workers: int = 0) -> ImageFolderData:
+    """An ImageFolder tree (DIR/train/<class>/*.JPEG, DIR/val or DIR/test likewise), listed; images are read when drawn."""
+    from torchvision import datasets
 
     root = Path(data_dir or "data/imagefolder")
     test_dir = next((root / d for d in ("val", "test") if (root / d).is_dir()), None)
     if not (root / "train").is_dir() or test_dir is None:
         raise DataError(f"ImageFolder data needs {root}/train and {root}/val (or test), one subfolder per class")
-    tf = transforms.Compose([transforms.Resize(image_size), transforms.CenterCrop(image_size), transforms.PILToTensor()])
-
-    def stack(folder: Path) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
-        ds = datasets.ImageFolder(str(folder), transform=lambda im: tf(im.convert("RGB")))
-        workers = min(8, os.cpu_count() or 1) if len(ds) >= LOADER_WORKERS_FROM else 0
-        loader = torch.utils.data.DataLoader(ds, batch_size=256, num_workers=workers)
-        xs, ys = zip(*loader)
-        return torch.cat(xs), torch.cat(ys), ds.classes
-
-    train_x, train_y, classes = stack(root / "train")
-    test_x, test_y, test_classes = stack(test_dir)
-    if test_classes != classes:
-        raise DataError(f"{test_dir} has classes {test_classes}, but {root}/train has {classes}")
-    return ImageData(train_x, train_y, test_x, test_y, len(classes), crop="resized")
+    try:
+        train, test = datasets.ImageFolder(str(root / "train")), datasets.ImageFolder(str(test_dir))
+    except (FileNotFoundError, OSError) as err:
+        raise DataError(f"ImageFolder {root}: {err}") from None
+    if test.classes != train.classes:
+        raise DataError(f"{test_dir} has classes {test.classes}, but {root}/train has {train.classes}")
+    return ImageFolderData([p for p, _ in train.samples], torch.tensor(train.targets), [p for p, _ in test.samples],
+                           torch.tensor(test.targets), len(train.classes), image_size, workers)
 
 
 def synthetic_data(image_size: int, num_classes: int = 10, n_train: int = 512, n_test: int = 128) -> ImageData:
@@ -212,7 +317,8 @@ def synthetic_data(image_size: int, num_classes: int = 10, n_train: int = 512, n
     )
 
 
-def load_data(dataset: str, data_dir: str | None = None, image_size: int = 32, train_subset: int = 0) -> ImageData:
+def load_data(dataset: str, data_dir: str | None = None, image_size: int = 32, train_subset: int = 0,
+              loader_workers: int = 0) -> Data:
     """Load a dataset by name (see DATASETS); `train_subset` keeps only the first N training images."""
     if dataset == "fashion_mnist":
         data = load_fashion_mnist(data_dir)
@@ -221,15 +327,17 @@ def load_data(dataset: str, data_dir: str | None = None, image_size: int = 32, t
     elif dataset in ("cifar10", "cifar100"):
         data = load_cifar(data_dir, 10 if dataset == "cifar10" else 100)
     elif dataset == "imagefolder":
-        data = load_image_folder(data_dir, image_size)
+        data = load_image_folder(data_dir, image_size, loader_workers)
     elif dataset == "synthetic":
         data = synthetic_data(image_size)
     else:
         raise DataError(f"unknown dataset {dataset!r}; use one of {', '.join(DATASETS)}")
-    if train_subset:
-        data = ImageData(data.train_x[:train_subset], data.train_y[:train_subset], data.test_x, data.test_y,
-                         data.num_classes, data.crop)
-    return data
+    return data.subset(train_subset) if train_subset else data
+
+
+def load_config_data(cfg: Config) -> Data:
+    """The data a run config names."""
+    return load_data(cfg.dataset, cfg.data_dir, cfg.image_size, cfg.train_subset, cfg.loader_workers)
 
 
 # --- batches ---------------------------------------------------------------------------
@@ -249,59 +357,47 @@ def augment(x: torch.Tensor, generator: torch.Generator, pad: int = 4) -> torch.
     return out.permute(0, 3, 1, 2).contiguous()
 
 
-def random_resized_crop(
-    x: torch.Tensor, generator: torch.Generator, scale: tuple[float, float] = (0.08, 1.0),
+def random_resized_box(
+    h: int, w: int, generator: torch.Generator, scale: tuple[float, float] = (0.08, 1.0),
     ratio: tuple[float, float] = (3 / 4, 4 / 3),
-) -> torch.Tensor:
-    """torchvision's RandomResizedCrop + horizontal flip per sample, back to the same size (uint8 in, uint8 out).
+) -> tuple[int, int, int, int]:
+    """torchvision's RandomResizedCrop box (top, left, height, width) for an h×w image, drawn from `generator` only.
 
-    Each crop covers a random fraction `scale` of the image with a random aspect ratio; as in
-    torchvision, ten tries, then the whole image. The randomness comes from `generator` only.
+    The box covers a random fraction `scale` of the image with a random aspect ratio; as in
+    torchvision, ten tries, then the whole image.
     """
-    from torchvision.transforms.v2 import functional as TF
-
-    b, _, h, w = x.shape
-    out = torch.empty_like(x)
     log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
-    for n in range(b):
-        top, left, ch, cw = 0, 0, h, w
-        for _ in range(10):
-            u = torch.rand(4, generator=generator).tolist()
-            area = h * w * (scale[0] + (scale[1] - scale[0]) * u[0])
-            aspect = math.exp(log_ratio[0] + (log_ratio[1] - log_ratio[0]) * u[1])
-            tw, th = round(math.sqrt(area * aspect)), round(math.sqrt(area / aspect))
-            if 0 < tw <= w and 0 < th <= h:
-                top, left, ch, cw = int(u[2] * (h - th + 1)), int(u[3] * (w - tw + 1)), th, tw
-                break
-        out[n] = TF.resized_crop(x[n], top, left, ch, cw, [h, w], antialias=True)
-    flip = torch.rand(b, generator=generator) < 0.5
-    out[flip] = out[flip].flip(3)
-    return out
+    for _ in range(10):
+        u = torch.rand(4, generator=generator).tolist()
+        area = h * w * (scale[0] + (scale[1] - scale[0]) * u[0])
+        aspect = math.exp(log_ratio[0] + (log_ratio[1] - log_ratio[0]) * u[1])
+        tw, th = round(math.sqrt(area * aspect)), round(math.sqrt(area / aspect))
+        if 0 < tw <= w and 0 < th <= h:
+            return int(u[2] * (h - th + 1)), int(u[3] * (w - tw + 1)), th, tw
+    return 0, 0, h, w
 
 
-def steps_per_epoch(data: ImageData, batch_size: int) -> int:
+def steps_per_epoch(data: Data, batch_size: int) -> int:
     """Training batches per epoch (the last partial batch is dropped)."""
     return len(data.train_y) // batch_size
 
 
-def train_batches(data: ImageData, epoch: int, batch_size: int, seed: int, use_augment: bool) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+def train_batches(data: Data, epoch: int, batch_size: int, seed: int,
+                  use_augment: bool) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """The epoch's shuffled, augmented, normalised training batches; a function of (seed, epoch) only."""
     g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
     order = torch.randperm(len(data.train_y), generator=g)
-    for i in range(steps_per_epoch(data, batch_size)):
-        idx = order[i * batch_size : (i + 1) * batch_size]
-        x = data.train_x[idx]
-        if use_augment:
-            x = augment(x, g) if data.crop == "pad" else random_resized_crop(x, g)
+    batches = [order[i * batch_size : (i + 1) * batch_size] for i in range(steps_per_epoch(data, batch_size))]
+    for idx, x in zip(batches, data.train_images(batches, g, use_augment)):
         yield data.normalize(x), data.train_y[idx]
 
 
-def probe_batch(data: ImageData, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+def probe_batch(data: Data, size: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The fixed probe batch of the ΔL_k analysis: the first `size` training samples, normalised, not augmented."""
-    return data.normalize(data.train_x[:size]), data.train_y[:size]
+    return data.normalize(data.probe_images(size)), data.train_y[:size]
 
 
-def eval_batches(data: ImageData, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+def eval_batches(data: Data, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """The test set in order, normalised."""
-    for i in range(0, len(data.test_y), batch_size):
-        yield data.normalize(data.test_x[i : i + batch_size]), data.test_y[i : i + batch_size]
+    for i, x in enumerate(data.test_images(batch_size)):
+        yield data.normalize(x), data.test_y[i * batch_size : (i + 1) * batch_size]

@@ -9,7 +9,7 @@ import torch.nn as nn
 
 from pipeline.checkpoint import Checkpoint, load_stage_state
 from pipeline.config import Config, from_dict
-from pipeline.data import ImageData, steps_per_epoch
+from pipeline.data import Data, steps_per_epoch
 from pipeline.stages import LocalModule, build_local_modules, build_stage_steps
 from pipeline.step import StageStep
 
@@ -24,7 +24,7 @@ def inference_model(cfg: Config, in_channels: int, num_classes: int, input_size:
     return stitch(build_local_modules(cfg, in_channels, num_classes, input_size))
 
 
-def restore_steps(cfg: Config, data: ImageData, checkpoint: Checkpoint,
+def restore_steps(cfg: Config, data: Data, checkpoint: Checkpoint,
                   device: torch.device) -> tuple[list[LocalModule], list[StageStep]]:
     """Every module of a run, with the weights of a checkpoint."""
     local = build_local_modules(cfg, data.in_channels, data.num_classes, data.input_size)
@@ -37,7 +37,7 @@ def restore_steps(cfg: Config, data: ImageData, checkpoint: Checkpoint,
     return local, steps
 
 
-def export_model(cfg: Config, data: ImageData, checkpoint: Checkpoint, path: Path) -> dict[str, Any]:
+def export_model(cfg: Config, data: Data, checkpoint: Checkpoint, path: Path) -> dict[str, Any]:
     """Write the checkpoint's network as one state dict for `inference_model`, with what is needed to rebuild
     it and the input normalisation it was trained with."""
     local, _ = restore_steps(cfg, data, checkpoint, torch.device("cpu"))

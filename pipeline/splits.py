@@ -4,7 +4,7 @@ A cut point is the index of the unit that starts a new module; module 1 always s
 """
 from __future__ import annotations
 
-SPLIT_NAMES = ("whole", "last_stage", "resolution", "per_block", "even")
+SPLIT_NAMES = ("whole", "last_stage", "resolution", "per_block", "even", "auto")
 
 
 class SplitError(ValueError):
@@ -26,6 +26,9 @@ def named_cuts(name: str, resolution: list[int], stages: int | None = None) -> l
         if first_of_last == 0:
             raise SplitError("split 'last_stage' needs a model with more than one resolution stage")
         return [first_of_last]
+    if name == "auto":
+        raise SplitError("split 'auto' is chosen by measurement before the run: launch.py does it "
+                         "(`launch.py plan` shows it); in code, call pipeline.plan.resolve_auto_split first")
     if name == "even":
         if stages is None:
             raise SplitError("split 'even' needs stages: K")

@@ -47,6 +47,35 @@ def split_cuts(cfg: Config, in_channels: int, num_classes: int, input_size: int)
         return module_cuts(cfg, build_net(cfg, in_channels, num_classes, input_size))
 
 
+def unit_outputs(net: Network, in_channels: int, input_size: int) -> list[torch.Tensor]:
+    """Every unit's output on a dummy batch of 2 (eval mode, no RNG drawn): the shapes heads are built for."""
+    x = torch.zeros(2, in_channels, input_size, input_size)
+    outputs = []
+    with torch.no_grad():
+        for unit in net.units:
+            unit.eval()
+            x = unit(x)
+            outputs.append(x)
+    return outputs
+
+
+def local_module(cfg: Config, net: Network, units: range, example_out: torch.Tensor, num_classes: int,
+                 k: int, is_last: bool) -> LocalModule:
+    """Module k (0-based) made of the network's `units`, with the config's local head for its output."""
+    module = nn.Sequential(*(net.units[i] for i in units))
+    kind = cfg.last_head if is_last else cfg.head
+    if kind == "own":
+        if not is_last:
+            raise ConfigError("head 'own' (the network's classifier) is only for the last module")
+        return LocalModule(module, net.classifier)
+    try:
+        head = build_head(kind, feature_channels(example_out, net.layout), num_classes, width=cfg.head_width,
+                          seed=cfg.seed + k, layout=net.layout)
+    except ValueError as err:
+        raise ConfigError(f"head of module {k + 1}: {err}") from None
+    return LocalModule(module, head)
+
+
 def build_local_modules(cfg: Config, in_channels: int, num_classes: int, input_size: int) -> list[LocalModule]:
     """The config's network cut into local modules with their heads, initialised from cfg.seed.
 
@@ -55,32 +84,20 @@ def build_local_modules(cfg: Config, in_channels: int, num_classes: int, input_s
     """
     torch.manual_seed(cfg.seed)
     net = build_net(cfg, in_channels, num_classes, input_size)
-    if cfg.channels_last and net.layout != "nchw":
-        raise ConfigError(f"channels_last is for conv nets; model {cfg.model}'s features are {net.layout}: set channels_last: false")
+    check_layout(cfg, net)
+    outputs = unit_outputs(net, in_channels, input_size)
     ranges = module_ranges(module_cuts(cfg, net), len(net.units))
-    x = torch.zeros(2, in_channels, input_size, input_size)
-    local = []
-    for k, units in enumerate(ranges):
-        module = nn.Sequential(*(net.units[i] for i in units))
-        module.eval()
-        with torch.no_grad():
-            x = module(x)
-        is_last = k == len(ranges) - 1
-        kind = cfg.last_head if is_last else cfg.head
-        if kind == "own":
-            if not is_last:
-                raise ConfigError("head 'own' (the network's classifier) is only for the last module")
-            head = net.classifier
-        else:
-            try:
-                head = build_head(kind, feature_channels(x, net.layout), num_classes, width=cfg.head_width,
-                                  seed=cfg.seed + k, layout=net.layout)
-            except ValueError as err:
-                raise ConfigError(f"head of module {k + 1}: {err}") from None
-        local.append(LocalModule(module, head))
+    local = [local_module(cfg, net, units, outputs[units[-1]], num_classes, k, k == len(ranges) - 1)
+             for k, units in enumerate(ranges)]
     if cfg.method in BPFREE_METHODS:
         check_bpfree(cfg, local)
     return local
+
+
+def check_layout(cfg: Config, net: Network) -> None:
+    """channels_last only applies to conv nets (NCHW feature maps)."""
+    if cfg.channels_last and net.layout != "nchw":
+        raise ConfigError(f"channels_last is for conv nets; model {cfg.model}'s features are {net.layout}: set channels_last: false")
 
 
 def lr_factor(cfg: Config, step: int, total_steps: int, steps_per_epoch: int) -> float:
@@ -136,30 +153,27 @@ def check_bpfree(cfg: Config, local: list[LocalModule]) -> None:
 
 def build_stage_steps(cfg: Config, local: list[LocalModule], steps_per_epoch: int) -> list[StageStep]:
     """A StageStep per module, each with its own optimizer and schedule (SignalSteps for fa, dfa, drtp layers)."""
+    return [build_stage_step(cfg, lm, k, len(local), steps_per_epoch) for k, lm in enumerate(local)]
+
+
+def build_stage_step(cfg: Config, lm: LocalModule, k: int, k_total: int, steps_per_epoch: int) -> StageStep:
+    """The StageStep of module k (0-based) of k_total: its optimizer, schedule, λ and what it passes on."""
     lam = method_lambda(cfg)
-    k_total = len(local)
     track_sgr = cfg.track_sgr and cfg.method not in BPFREE_METHODS  # their layers pass no δ to compare with
-    steps = []
-    for k, lm in enumerate(local):
-        optimizer, scheduler = build_optimizer(cfg, lm, steps_per_epoch, cfg.epochs)
-        if cfg.method in NEEDS_OUTPUT_ERROR or (cfg.method == "drtp" and k < k_total - 1):
-            steps.append(SignalStep(lm.module, lm.head, optimizer, scheduler, method=cfg.method,
-                                    num_classes=lm.head.frame.shape[1], seed=1000 * cfg.seed + k,
-                                    is_first=k == 0, is_last=k == k_total - 1))
-            continue
-        next_needs_delta = k + 1 < k_total and (lam > 0 or track_sgr)
-        steps.append(
-            StageStep(
-                lm.module, lm.head, optimizer, scheduler,
-                lam=lam if k > 0 else 0.0,
-                is_first=k == 0,
-                is_last=k == k_total - 1,
-                send_delta=next_needs_delta,
-                reforward=cfg.method == "reforward",
-                sgr_reduction=cfg.sgr_reduction,
-                track_sgr=track_sgr,
-                amp=cfg.amp == "bf16",
-                channels_last=cfg.channels_last,
-            )
-        )
-    return steps
+    optimizer, scheduler = build_optimizer(cfg, lm, steps_per_epoch, cfg.epochs)
+    if cfg.method in NEEDS_OUTPUT_ERROR or (cfg.method == "drtp" and k < k_total - 1):
+        return SignalStep(lm.module, lm.head, optimizer, scheduler, method=cfg.method,
+                          num_classes=lm.head.frame.shape[1], seed=1000 * cfg.seed + k,
+                          is_first=k == 0, is_last=k == k_total - 1)
+    return StageStep(
+        lm.module, lm.head, optimizer, scheduler,
+        lam=lam if k > 0 else 0.0,
+        is_first=k == 0,
+        is_last=k == k_total - 1,
+        send_delta=k + 1 < k_total and (lam > 0 or track_sgr),  # the next module needs δ
+        reforward=cfg.method == "reforward",
+        sgr_reduction=cfg.sgr_reduction,
+        track_sgr=track_sgr,
+        amp=cfg.amp == "bf16",
+        channels_last=cfg.channels_last,
+    )

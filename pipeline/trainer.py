@@ -18,7 +18,7 @@ from pipeline.bpfree import NEEDS_OUTPUT_ERROR, dfa_signal
 from pipeline.checkpoint import (Checkpoint, CheckpointError, checkpoint_dir, fingerprint, load_stage_state, prune,
                                  save_atomic, stage_state, write_manifest)
 from pipeline.config import Config
-from pipeline.data import ImageData, eval_batches, probe_batch, steps_per_epoch, train_batches
+from pipeline.data import Data, eval_batches, probe_batch, steps_per_epoch, train_batches
 from pipeline.metrics import JsonlLog, ModuleMeter, eval_record, format_eval, train_records, truncate_after
 from pipeline.probe import InputDriftProbe
 from pipeline.stages import build_local_modules, build_stage_steps, is_due, split_cuts
@@ -59,7 +59,7 @@ def feedback_batch(steps: list[SignalStep], x: torch.Tensor, y: torch.Tensor) ->
 
 
 @torch.no_grad()
-def evaluate(steps: list[StageStep], data: ImageData, batch_size: int, device: torch.device) -> dict[str, list[float]]:
+def evaluate(steps: list[StageStep], data: Data, batch_size: int, device: torch.device) -> dict[str, list[float]]:
     """Top-1 and top-5 test accuracy of every module's head; the last head's is the model's accuracy."""
     correct1 = [0] * len(steps)
     correct5 = [0] * len(steps)
@@ -77,7 +77,7 @@ def evaluate(steps: list[StageStep], data: ImageData, batch_size: int, device: t
 class SequentialTrainer:
     """Trains a config's local modules in one process and records metrics and checkpoints in a run directory."""
 
-    def __init__(self, cfg: Config, data: ImageData, run_dir: Path | None = None, resume: Checkpoint | None = None) -> None:
+    def __init__(self, cfg: Config, data: Data, run_dir: Path | None = None, resume: Checkpoint | None = None) -> None:
         self.cfg, self.data = cfg, data
         self.device = torch.device(cfg.device)
         if cfg.threads:

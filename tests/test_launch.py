@@ -104,3 +104,29 @@ def test_a_finished_run_exports_evaluates_plots_and_refuses_what_would_lose_it(t
         assert launch.main(argv) == 2
         err = capsys.readouterr().err
         assert message in err and err.count("\n") == 1, err
+
+
+def test_plan_prints_the_split_that_split_auto_then_trains_with(tmp_path, capsys):
+    assert launch.main(["plan", *DIGITS, "--stages", "3"]) == 0
+    printed = capsys.readouterr().out.splitlines()
+    assert printed[0].startswith("plan: resnet8, sgr (λ=1.0), K=3, batch 32, cpu; measured at batch 4")
+    cuts = printed[-1].split("]")[0].removeprefix("cuts [")
+    bounds = [0, *map(int, cuts.split(",")), 4]
+    assert [line.split()[:2] for line in printed[2:5]] == [[str(k + 1), f"{bounds[k]}-{bounds[k + 1] - 1}"] for k in range(3)]
+    out = tmp_path / "run"
+    argv = [*DIGITS, "--stages", "3", "--set", "split=auto", "--set", "train_subset=64", "--out", str(out)]
+    assert launch.main([*argv, "--schedule", "sequential"]) == 0
+    assert f"split auto: cuts [{cuts.replace(',', ', ')}]" in capsys.readouterr().out
+    saved = (out / "config.yaml").read_text()
+    assert "split:\n" + "".join(f"- {c}\n" for c in cuts.split(",")) in saved
+    assert launch.main([*argv, "--resume", str(out), "--epochs", "2"]) == 0  # the pipeline resumes with the planned cuts
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--method", "bp"], "error: method bp trains the whole network as one module: there is no split to plan"),
+    (["--stages", "9"], "error: stages=9 is out of range: model resnet8 has 4 units, so use 1..4"),
+])
+def test_plan_refuses_what_it_cannot_plan_in_one_line(capsys, argv, message):
+    assert launch.main(["plan", *DIGITS, *argv]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(message) and err.count("\n") == 1

@@ -21,7 +21,7 @@ import zmq
 
 from pipeline.checkpoint import checkpoint_dir, fingerprint, load_stage_state, save_atomic, stage_state
 from pipeline.config import Config, from_dict
-from pipeline.data import eval_batches, load_data, probe_batch, steps_per_epoch, train_batches
+from pipeline.data import eval_batches, load_config_data, probe_batch, steps_per_epoch, train_batches
 from pipeline.metrics import ModuleMeter, train_records
 from pipeline.probe import InputDriftProbe
 from pipeline.stages import build_local_modules, build_stage_steps, is_due, split_cuts
@@ -75,7 +75,7 @@ class StageWorker:
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
         torch.set_num_threads(spec.threads)
-        self.data = load_data(self.cfg.dataset, self.cfg.data_dir, self.cfg.image_size, self.cfg.train_subset)
+        self.data = load_config_data(self.cfg)
         local = build_local_modules(self.cfg, self.data.in_channels, self.data.num_classes, self.data.input_size)
         if len(local) != spec.stages:
             raise ValueError(f"the config's split gives {len(local)} modules but the pipeline has {spec.stages} stages")

@@ -14,7 +14,7 @@ KEYS = {  # script -> keys results.json must hold, besides meta and rows
     "throughput": {"steps_per_epoch", "warmup_epochs", "epochs"},
     "schedule_overhead": {"target"},
     "transport": {"latency_us", "targets"},
-    "memory": {"global_bp", "stages", "module_bytes"},
+    "memory": {"global_bp", "stages", "module_bytes", "imagenet"},
     "sgr_overhead": {"reps"},
 }
 PLOTS = {"schedule_overhead": "schedule_overhead.png", "transport": "transport.png"}

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from pipeline.data import (
-    DataError, augment, eval_batches, load_data, random_resized_crop, read_idx, steps_per_epoch, train_batches,
+    DataError, augment, eval_batches, load_data, probe_batch, random_resized_box, read_idx, steps_per_epoch,
+    train_batches,
 )
 
 
@@ -98,18 +99,14 @@ def test_missing_cifar_says_where_to_get_it(tmp_path):
         load_data("cifar10", str(tmp_path))
 
 
-def test_image_folder(tmp_path):
-    from PIL import Image
-
-    rng = np.random.default_rng(2)
-    for split, n in (("train", 3), ("val", 2)):
-        for cls in ("cat", "dog"):
-            (tmp_path / split / cls).mkdir(parents=True)
-            for i in range(n):
-                Image.fromarray(rng.integers(0, 256, (20, 24, 3)).astype(np.uint8)).save(tmp_path / split / cls / f"{i}.png")
+def test_image_folder_is_listed_not_decoded(tmp_path):
+    write_image_folder(tmp_path)
     data = load_data("imagefolder", str(tmp_path), image_size=16)
-    assert data.train_x.shape == (6, 3, 16, 16) and data.test_x.shape == (4, 3, 16, 16)
-    assert data.train_y.tolist() == [0, 0, 0, 1, 1, 1] and data.num_classes == 2
+    assert data.train_y.tolist() == [0, 0, 0, 1, 1, 1] and data.num_classes == 2 and len(data.test_y) == 6
+    assert not any(torch.is_tensor(v) and v.dtype == torch.uint8 for v in vars(data).values())  # no pixels held
+    assert (data.in_channels, data.input_size) == (3, 16)
+    assert [x.shape for x in data.test_images(4)] == [(4, 3, 16, 16), (2, 3, 16, 16)]
+    assert load_data("imagefolder", str(tmp_path), image_size=16, train_subset=2).train_files == data.train_files[:2]
 
 
 def test_digits_and_synthetic():
@@ -168,21 +165,35 @@ def write_image_folder(root, sizes=((40, 30), (30, 40), (36, 36))) -> None:
                 image.save(root / split / cls / f"{i}.{'jpg' if i % 2 else 'png'}")
 
 
-def test_image_folder_trains_with_random_resized_crops(tmp_path, monkeypatch):
+def test_image_folder_batches_do_not_depend_on_the_loader_processes(tmp_path):
     write_image_folder(tmp_path)
     data = load_data("imagefolder", str(tmp_path), image_size=16)
-    assert data.crop == "resized" and data.train_x.shape == (6, 3, 16, 16) and data.test_x.shape == (6, 3, 16, 16)
-    monkeypatch.setattr("pipeline.data.LOADER_WORKERS_FROM", 1)  # decoded by loader processes: the same images
-    assert torch.equal(load_data("imagefolder", str(tmp_path), image_size=16).train_x, data.train_x)
-    a, b = (list(train_batches(data, 1, 3, seed=7, use_augment=True)) for _ in range(2))
-    assert all(torch.equal(xa, xb) for (xa, _), (xb, _) in zip(a, b))
-    plain = list(train_batches(data, 1, 3, seed=7, use_augment=False))
-    assert a[0][0].shape == plain[0][0].shape and not torch.equal(a[0][0], plain[0][0])
+    a = list(train_batches(data, 1, 3, seed=7, use_augment=True))
+    b = list(train_batches(load_data("imagefolder", str(tmp_path), image_size=16, loader_workers=2), 1, 3, seed=7,
+                           use_augment=True))
+    assert len(a) == 2 and all(torch.equal(xa, xb) and torch.equal(ya, yb) for (xa, ya), (xb, yb) in zip(a, b))
+    assert not torch.equal(a[0][0], next(train_batches(data, 2, 3, seed=7, use_augment=True))[0])  # a new epoch
 
 
-def test_random_resized_crop_of_the_whole_image_is_the_image_or_its_flip():
-    x = torch.randint(0, 256, (8, 3, 12, 12), dtype=torch.uint8)
-    out = random_resized_crop(x, torch.Generator().manual_seed(0), scale=(1.0, 1.0), ratio=(1.0, 1.0))
-    assert all(torch.equal(o, i) or torch.equal(o, i.flip(2)) for o, i in zip(out, x))
-    crops = random_resized_crop(x, torch.Generator().manual_seed(0))
-    assert crops.dtype == torch.uint8 and crops.shape == x.shape and not torch.equal(crops, x)
+def test_image_folder_augments_training_crops_and_centre_crops_the_rest(tmp_path):
+    write_image_folder(tmp_path)
+    data = load_data("imagefolder", str(tmp_path), image_size=16)
+    plain = next(train_batches(data, 0, 6, seed=7, use_augment=False))
+    crops = next(train_batches(data, 0, 6, seed=7, use_augment=True))
+    assert plain[0].shape == crops[0].shape == (6, 3, 16, 16) and torch.equal(plain[1], crops[1])
+    assert not torch.equal(plain[0], crops[0])
+    order = torch.randperm(6, generator=torch.Generator().manual_seed(7 * 1_000_003))
+    probe_x, probe_y = probe_batch(data, 6)  # the probe: the first images, resized and centre-cropped
+    assert torch.equal(plain[0], probe_x[order]) and torch.equal(plain[1], probe_y[order])
+
+
+def test_random_resized_box_follows_torchvision_rules():
+    assert random_resized_box(12, 12, torch.Generator().manual_seed(0), scale=(1.0, 1.0), ratio=(1.0, 1.0)) == (0, 0, 12, 12)
+    g = torch.Generator().manual_seed(0)
+    for h, w in ((300, 200), (64, 64), (50, 400)):
+        for _ in range(50):
+            top, left, bh, bw = random_resized_box(h, w, g)
+            assert 0 <= top and top + bh <= h and 0 <= left and left + bw <= w
+            assert (bh, bw) == (h, w) or (0.07 <= bh * bw / (h * w) <= 1.0 and 0.7 <= bw / bh <= 1.4)
+    first = [random_resized_box(300, 200, torch.Generator().manual_seed(5)) for _ in range(2)]
+    assert first[0] == first[1]

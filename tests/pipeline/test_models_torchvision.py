@@ -11,6 +11,7 @@ from pipeline.config import Config, ConfigError, load_yaml, validate
 from pipeline.data import load_data, steps_per_epoch, synthetic_data, train_batches
 from pipeline.metrics import read_jsonl
 from pipeline.models import build_network
+from pipeline.plan import resolve_auto_split, step_memory
 from pipeline.stages import build_local_modules, build_stage_steps
 from workers.launcher import run_spawned
 
@@ -139,4 +140,20 @@ def test_bf16_autocast_sgr_step_is_close_to_fp32(model, args, head):
 def test_imagenet_configs_validate_and_build(path):
     cfg = validate(dataclasses.replace(load_yaml(path), device="cpu"))  # they ask for cuda, absent here
     assert cfg.lam == 1e4 and cfg.optimizer == ("sgd" if cfg.model.startswith("tv_resnet") else "adamw")
-    assert len(build_local_modules(cfg, 3, 1000, 32)) == cfg.stages  # at 32x32 to stay quick
+    assert cfg.split == "auto"  # planned before the run (profiling every candidate module takes minutes on a CPU)
+    assert len(build_local_modules(dataclasses.replace(cfg, split="even"), 3, 1000, 32)) == cfg.stages  # quick at 32x32
+
+
+def test_auto_split_of_a_torchvision_resnet_is_the_real_stages_memory():
+    """Planned at the training batch, each module of tv_resnet18 needs exactly what the real stage needs."""
+    cfg = validate(Config(model="tv_resnet18", stages=3, split="auto", batch_size=2, profile_batch=2, lam=1e4,
+                          head_width=16))
+    resolved, plan = resolve_auto_split(cfg, 3, 10, 16)
+    assert len(plan.cuts) == 2 and resolved.split == plan.cuts
+    steps = build_stage_steps(resolved, build_local_modules(resolved, 3, 10, 16), steps_per_epoch=1)
+    g = torch.Generator().manual_seed(0)
+    x, y, delta = torch.randn(2, 3, 16, 16, generator=g), torch.randint(0, 10, (2,), generator=g), None
+    for step, planned in zip(steps, plan.memory):
+        memory, result = step_memory(step, x, delta, y)
+        assert memory.total == planned.total
+        x, delta = result.out, result.delta

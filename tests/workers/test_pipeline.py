@@ -15,9 +15,10 @@ import torch
 
 from pipeline.checkpoint import complete_checkpoints
 from pipeline.config import Config
-from pipeline.data import load_data, steps_per_epoch
+from pipeline.data import load_config_data, steps_per_epoch
 from pipeline.metrics import read_jsonl
 from pipeline.trainer import SequentialTrainer
+from tests.pipeline.test_data import write_image_folder
 from workers.coordinator import StageFailed
 from workers.launcher import run_spawned
 
@@ -33,7 +34,7 @@ def small_config(tmp_path: Path, **overrides) -> Config:
 
 
 def reference(cfg: Config, tmp_path: Path) -> tuple[SequentialTrainer, dict]:
-    data = load_data(cfg.dataset, train_subset=cfg.train_subset)
+    data = load_config_data(cfg)
     trainer = SequentialTrainer(dataclasses.replace(cfg, schedule="sequential"), data, tmp_path / "reference")
     return trainer, trainer.run()
 
@@ -56,7 +57,7 @@ def assert_bit_identical(trainer: SequentialTrainer, states: list[dict]) -> None
 
 
 def run_pipeline(cfg: Config) -> dict:
-    data = load_data(cfg.dataset, train_subset=cfg.train_subset)
+    data = load_config_data(cfg)
     return run_spawned(cfg, cfg.stages, steps_per_epoch(data, cfg.batch_size))
 
 
@@ -72,6 +73,19 @@ def test_pipeline_equals_the_sequential_reference_to_the_bit(tmp_path, stages, m
     assert [r["step"] for r in evals] == [4, 8, 12]
     assert evals == eval_records(tmp_path / "reference")
     assert evals[0]["delta_loss"] == [None] * stages and evals[1]["delta_loss"][0] == 0.0
+
+
+def test_a_streamed_image_folder_trains_through_the_pipeline_as_in_the_reference(tmp_path):
+    """Only stage 1 decodes images (with loader processes and RandomResizedCrop); the result is the reference's."""
+    write_image_folder(tmp_path / "folder", sizes=((40, 30), (30, 40), (36, 36), (24, 50)))
+    cfg = small_config(tmp_path, dataset="imagefolder", data_dir=str(tmp_path / "folder"), image_size=16, augment=True,
+                       stages=2, train_subset=0, batch_size=4, eval_batch_size=3, probe_size=4, eval_every=1,
+                       loader_workers=2)
+    trainer, expected = reference(cfg, tmp_path)
+    result = run_pipeline(cfg)
+    assert_bit_identical(trainer, pipeline_states(Path(cfg.out), 2))
+    assert result["final_test_acc"] == expected["final_test_acc"]
+    assert eval_records(Path(cfg.out)) == eval_records(tmp_path / "reference")
 
 
 def eval_records(run_dir: Path) -> list[dict]:

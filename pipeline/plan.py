@@ -1,0 +1,198 @@
+"""The memory-balanced split (`split: auto`): measure every candidate module, then choose the cuts.
+
+A candidate module is any range of units a..b-1 in the place it would hold in a split: SGR
+and a local head unless it comes first, the network's classifier if it comes last. Its
+training memory is measured by one real StageStep.train_step: the bytes autograd saves for
+backward (SGR's double-backward graph included), counted over unique storages with
+torch.autograd.graph.saved_tensors_hooks, plus parameter, gradient and optimizer-state
+bytes. The pass runs at a small batch; saved activations grow in proportion to the batch and
+are scaled to the training batch, the rest does not depend on it. The cuts that minimise the
+largest module then come from a dynamic programme over that table (`balanced_cuts`, pure).
+"""
+from __future__ import annotations
+
+import dataclasses
+import statistics
+import time
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+
+from pipeline.config import Config
+from pipeline.models import Network
+from pipeline.splits import module_ranges
+from pipeline.stages import build_net, build_stage_step, check_layout, local_module, unit_outputs
+from pipeline.step import StageStep, StepOutput
+
+
+@dataclass(frozen=True)
+class ModuleMemory:
+    """Bytes one module keeps for a training step: saved for backward, parameters, gradients, optimizer state."""
+
+    saved: int
+    params: int
+    grads: int
+    optimizer: int
+    cuda_peak: int | None = None  # on a GPU: torch.cuda.max_memory_allocated during the step, above what was there before
+
+    @property
+    def total(self) -> int:
+        return self.saved + self.params + self.grads + self.optimizer
+
+    def at_batch(self, factor: float) -> ModuleMemory:
+        """The same module at `factor` times the batch: saved activations scale, the rest does not."""
+        return dataclasses.replace(self, saved=round(factor * self.saved), cuda_peak=None)
+
+
+@dataclass
+class Plan:
+    """A split chosen by measurement: cut points, and each module's memory (at the training batch) and step time."""
+
+    cuts: list[int]
+    units: list[range]
+    memory: list[ModuleMemory]
+    seconds: list[float]  # median train_step seconds of each module at the profiling batch
+    global_bp: ModuleMemory  # the whole network as one module: global BP's memory at the training batch
+    batch_size: int
+    profile_batch: int
+    measured: dict[tuple[int, int], ModuleMemory]  # every candidate module (units a..b-1) at the profiling batch
+
+
+def saved_bytes(fn: Callable[[], object], exclude: set[int]) -> int:
+    """Bytes of the unique storages autograd saves for backward while fn runs (storages in `exclude` left out)."""
+    kept: dict[int, torch.UntypedStorage] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in exclude and storage.nbytes():
+            kept[storage.data_ptr()] = storage  # held until the end: no address is reused meanwhile
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return sum(storage.nbytes() for storage in kept.values())
+
+
+def step_memory(step: StageStep, x: torch.Tensor, delta: torch.Tensor | None, y: torch.Tensor) -> tuple[ModuleMemory, StepOutput]:
+    """The memory of one real train_step of a module, and the step's output."""
+    params = [*step.module.parameters(), *step.head.parameters()]
+    if x.is_cuda:
+        torch.cuda.synchronize(x.device)
+        torch.cuda.reset_peak_memory_stats(x.device)
+        before = torch.cuda.memory_allocated(x.device)
+    outputs = []
+    saved = saved_bytes(lambda: outputs.append(step.train_step(x, delta, y)), {p.untyped_storage().data_ptr() for p in params})
+    memory = ModuleMemory(
+        saved=saved,
+        params=sum(p.numel() * p.element_size() for p in params),
+        grads=sum(p.grad.numel() * p.grad.element_size() for p in params if p.grad is not None),
+        optimizer=sum(v.numel() * v.element_size() for s in step.optimizer.state.values()
+                      for v in s.values() if torch.is_tensor(v)),
+        cuda_peak=torch.cuda.max_memory_allocated(x.device) - before if x.is_cuda else None,
+    )
+    return memory, outputs[0]
+
+
+def median_seconds(fn: Callable[[], Any], reps: int, warmup: int = 1) -> float:
+    """Median wall time of fn over `reps` calls, after `warmup` untimed calls."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def balanced_cuts(costs: dict[tuple[int, int], int], n: int, k: int) -> tuple[list[int], int]:
+    """Cut points into k modules that minimise the largest module's cost; costs[(a, b)] is units a..b-1's.
+
+    Dynamic programming over (modules used, units covered); ties go to the earliest cuts.
+    """
+    if not 1 <= k <= n:
+        raise ValueError(f"cannot cut {n} units into {k} modules")
+    best = {(1, b): (costs[(0, b)], []) for b in range(1, n + 1)}  # (modules, units covered) -> (largest, cuts)
+    for m in range(2, k + 1):
+        for b in range(m, n + 1):
+            best[(m, b)] = min((max(best[(m - 1, a)][0], costs[(a, b)]), best[(m - 1, a)][1] + [a])
+                               for a in range(m - 1, b))
+    largest, cuts = best[(k, n)]
+    return cuts, largest
+
+
+class Profiler:
+    """Builds and measures any range of a network's units as the module it would be in a split.
+
+    Every candidate shares the network's units; the optimizers run at learning rate 0 so the
+    weights stay as built (the bytes do not depend on them anyway).
+    """
+
+    def __init__(self, cfg: Config, net: Network, in_channels: int, num_classes: int, input_size: int, batch: int) -> None:
+        self.cfg = dataclasses.replace(cfg, lr=0.0)
+        self.net, self.num_classes, self.n = net, num_classes, len(net.units)
+        device = torch.device(cfg.device)
+        self.outputs = unit_outputs(net, in_channels, input_size)
+        for unit in net.units:
+            unit.to(device)
+        net.classifier.to(device)
+        g = torch.Generator().manual_seed(cfg.seed)
+        self.y = torch.randint(0, num_classes, (batch,), generator=g).to(device)
+        self.inputs = [torch.randn(batch, in_channels, input_size, input_size, generator=g).to(device)]
+        with torch.no_grad():  # each unit's input, so a candidate starting at unit a gets a real one
+            for unit in net.units[:-1]:
+                self.inputs.append(unit(self.inputs[-1]))
+
+    def step(self, a: int, b: int) -> tuple[StageStep, torch.Tensor | None]:
+        """The StageStep of units a..b-1 in their place, and the δ it receives (zeros of the input's shape)."""
+        k = 0 if a == 0 else 1
+        k_total = k + 1 + (b < self.n)
+        lm = local_module(self.cfg, self.net, range(a, b), self.outputs[b - 1], self.num_classes, k, b == self.n)
+        lm.head.to(self.inputs[0].device)
+        step = build_stage_step(self.cfg, lm, k, k_total, steps_per_epoch=1)
+        return step, torch.zeros_like(self.inputs[a]) if step.needs_delta else None
+
+    def memory(self, a: int, b: int) -> ModuleMemory:
+        """Measured memory of units a..b-1 as a module, at the profiling batch."""
+        step, delta = self.step(a, b)
+        return step_memory(step, self.inputs[a], delta, self.y)[0]
+
+    def seconds(self, a: int, b: int, reps: int = 3) -> float:
+        """Median train_step seconds of units a..b-1 as a module, at the profiling batch."""
+        step, delta = self.step(a, b)
+        return median_seconds(lambda: step.train_step(self.inputs[a], delta, self.y), reps)
+
+
+def plan_split(cfg: Config, in_channels: int, num_classes: int, input_size: int) -> Plan:
+    """The split of the config's network into cfg.stages modules whose largest needs the least memory at cfg.batch_size."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed)
+        net = build_net(cfg, in_channels, num_classes, input_size)
+        check_layout(cfg, net)
+        return plan_network(cfg, net, in_channels, num_classes, input_size)
+
+
+def plan_network(cfg: Config, net: Network, in_channels: int, num_classes: int, input_size: int) -> Plan:
+    """Measure every candidate module of `net` at cfg.profile_batch, then choose the least-memory cuts for cfg.stages."""
+    n = len(net.units)
+    if not 1 <= cfg.stages <= n:
+        raise ValueError(f"stages={cfg.stages} is out of range: model {cfg.model} has {n} units, so use 1..{n}")
+    batch = min(cfg.profile_batch, cfg.batch_size)
+    profiler = Profiler(cfg, net, in_channels, num_classes, input_size, batch)
+    scale = cfg.batch_size / batch
+    measured = {(a, b): profiler.memory(a, b) for a in range(n) for b in range(a + 1, n + 1)}
+    table = {r: m.at_batch(scale) for r, m in measured.items()}
+    cuts, _ = balanced_cuts({r: m.total for r, m in table.items()}, n, cfg.stages)
+    ranges = module_ranges(cuts, n)
+    seconds = [profiler.seconds(r.start, r.stop) for r in ranges]
+    return Plan(cuts, ranges, [table[(r.start, r.stop)] for r in ranges], seconds, table[(0, n)], cfg.batch_size,
+                batch, measured)
+
+
+def resolve_auto_split(cfg: Config, in_channels: int, num_classes: int, input_size: int) -> tuple[Config, Plan | None]:
+    """The config with `split: auto` replaced by the planned cut points (and the plan); other configs as they are."""
+    if cfg.split != "auto" or cfg.method == "bp":
+        return cfg, None
+    plan = plan_split(cfg, in_channels, num_classes, input_size)
+    return dataclasses.replace(cfg, split=plan.cuts), plan

@@ -1,0 +1,126 @@
+"""The memory-balanced split: the search is exact, the profiled modules are the real stages, known profiles give known cuts."""
+import dataclasses
+import itertools
+import random
+
+import pytest
+import torch
+import torch.nn as nn
+
+from pipeline.config import Config, ConfigError, validate
+from pipeline.models import Network, PoolLinear
+from pipeline.plan import (ModuleMemory, balanced_cuts, plan_network, plan_split, resolve_auto_split, saved_bytes,
+                           step_memory)
+from pipeline.splits import SplitError, module_ranges, resolve_cuts
+from pipeline.stages import build_local_modules, build_stage_steps
+
+
+def brute_force(costs, n, k):
+    """The least largest module over every way to cut n units into k modules."""
+    return min(max(costs[(r.start, r.stop)] for r in module_ranges(list(cuts), n))
+               for cuts in itertools.combinations(range(1, n), k - 1))
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_balanced_cuts_find_the_least_largest_module(seed):
+    rng = random.Random(seed)
+    n = rng.randint(1, 7)
+    costs = {(a, b): rng.randint(0, 50) for a in range(n) for b in range(a + 1, n + 1)}
+    for k in range(1, n + 1):
+        cuts, largest = balanced_cuts(costs, n, k)
+        assert len(cuts) == k - 1 and cuts == sorted(set(cuts)) and all(0 < c < n for c in cuts)
+        assert largest == max(costs[(r.start, r.stop)] for r in module_ranges(cuts, n))
+        assert largest == brute_force(costs, n, k)
+
+
+def test_balanced_cuts_split_additive_costs_evenly():
+    unit = [5, 1, 1, 1, 1, 5]
+    costs = {(a, b): sum(unit[a:b]) for a in range(6) for b in range(a + 1, 7)}
+    assert balanced_cuts(costs, 6, 2) == ([3], 7)
+    assert balanced_cuts(costs, 6, 3) == ([1, 5], 5)
+    with pytest.raises(ValueError, match="cannot cut 6 units into 7 modules"):
+        balanced_cuts(costs, 6, 7)
+
+
+def test_saved_bytes_counts_each_storage_once_and_leaves_out_excluded_ones():
+    w = torch.randn(256, 256, requires_grad=True)
+    x = torch.randn(64, 256)
+
+    def forward():
+        h = x @ w  # saves x (64 KiB) and w (excluded)
+        return (h * h).sum()  # saves h (64 KiB) for both factors: counted once
+
+    assert saved_bytes(forward, {w.untyped_storage().data_ptr()}) == 2 * 64 * 256 * 4
+
+
+def test_module_memory_scales_only_activations():
+    memory = ModuleMemory(saved=100, params=10, grads=10, optimizer=20)
+    assert memory.at_batch(4).total == 440
+
+
+def expand_net(hidden: list[int], dim: int = 8, num_classes: int = 4, in_features: int = 16) -> Network:
+    """Units that widen to hidden[i] and project back: unit i keeps about hidden[i] activations per sample."""
+    units, d_in = [], in_features
+    for h in hidden:
+        units.append(nn.Sequential(nn.Flatten(), nn.Linear(d_in, h), nn.ReLU(), nn.Linear(h, dim)))
+        d_in = dim
+    return Network("expand", units, [0] * len(units), PoolLinear(dim, num_classes), layout="flat")
+
+
+@pytest.mark.parametrize("hidden, stages, expected", [
+    ([2048, 8, 8, 8, 8], 2, [1]),  # the wide unit alone; adding any other only grows the largest module
+    ([8, 8, 8, 8, 2048], 2, [4]),
+    ([2048, 8, 8, 8, 8, 2048], 3, [1, 5]),  # each wide unit alone, the narrow ones together
+])
+def test_plan_isolates_the_units_with_the_most_activations(hidden, stages, expected):
+    cfg = validate(Config(model="expand", stages=stages, head="etf", batch_size=64, profile_batch=8))
+    torch.manual_seed(0)
+    plan = plan_network(cfg, expand_net(hidden), 1, 4, 4)
+    assert plan.cuts == expected
+    assert plan.units == module_ranges(expected, len(hidden))
+    assert len(plan.seconds) == stages and all(s > 0 for s in plan.seconds)
+
+
+def real_stage_memory(cfg: Config, x: torch.Tensor, y: torch.Tensor) -> list[ModuleMemory]:
+    """Each stage's memory when the config's modules are built and trained as the trainer does, on one batch."""
+    local = build_local_modules(cfg, 1, 10, 8)
+    delta, memory = None, []
+    for step in build_stage_steps(cfg, local, steps_per_epoch=1):
+        m, result = step_memory(step, x, delta, y)
+        memory.append(m)
+        x, delta = result.out, result.delta
+    return memory
+
+
+@pytest.mark.parametrize("stages", [2, 3])
+def test_plan_equals_the_best_split_measured_for_real(stages):
+    """At the profiling batch (no scaling), each planned module needs exactly what the real stage needs, and no
+    split of resnet8 built and trained the real way has a smaller largest stage."""
+    cfg = validate(Config(model="resnet8", model_args={"width": 4}, stages=stages, batch_size=8, profile_batch=8))
+    plan = plan_split(cfg, 1, 10, 8)
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(8, 1, 8, 8, generator=g), torch.randint(0, 10, (8,), generator=g)
+    assert [m.total for m in real_stage_memory(dataclasses.replace(cfg, split=plan.cuts), x, y)] == \
+        [m.total for m in plan.memory]
+    best = min(max(m.total for m in real_stage_memory(dataclasses.replace(cfg, split=list(cuts)), x, y))
+               for cuts in itertools.combinations(range(1, 4), stages - 1))
+    assert max(m.total for m in plan.memory) == best
+    assert plan.global_bp.total == real_stage_memory(dataclasses.replace(cfg, method="bp"), x, y)[0].total
+
+
+def test_resolve_auto_split_puts_the_planned_cuts_in_the_config():
+    cfg = validate(Config(model="resnet8", model_args={"width": 4}, stages=3, split="auto", batch_size=8))
+    resolved, plan = resolve_auto_split(cfg, 1, 10, 8)
+    assert resolved.split == plan.cuts and len(plan.cuts) == 2
+    assert len(build_local_modules(resolved, 1, 10, 8)) == 3
+    unchanged, none = resolve_auto_split(dataclasses.replace(cfg, split=[1, 2]), 1, 10, 8)
+    assert unchanged.split == [1, 2] and none is None
+
+
+def test_auto_split_must_be_planned_and_needs_k():
+    with pytest.raises(SplitError, match="split 'auto' is chosen by measurement"):
+        resolve_cuts([0, 0, 1, 2], 3, "auto")
+    with pytest.raises(ConfigError, match="split: auto needs stages"):
+        validate(Config(stages=None, split="auto"))
+    with pytest.raises(ConfigError, match="profile_batch must be >= 2"):
+        validate(Config(profile_batch=1))
