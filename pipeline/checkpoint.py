@@ -92,7 +92,7 @@ def fingerprint(cfg: Config, cuts: list[int]) -> dict[str, Any]:
     """What a checkpoint's weights depend on: a resumed run must match it exactly."""
     return {"model": cfg.model, "model_args": cfg.model_args, "cuts": list(cuts), "stages": len(cuts) + 1,
             "method": cfg.method, "dataset": cfg.dataset, "head": cfg.head, "last_head": cfg.last_head,
-            "batch_size": cfg.batch_size}
+            "batch_size": cfg.batch_size, "optimizer": cfg.optimizer}
 
 
 def write_manifest(path: Path, step: int, epoch: int, run_fingerprint: dict[str, Any], stages: int,

@@ -4,7 +4,7 @@ import warnings
 import pytest
 import torch
 
-from pipeline.checkpoint import (CheckpointError, checkpoint_dir, complete_checkpoints, latest_checkpoint,
+from pipeline.checkpoint import (CheckpointError, checkpoint_dir, complete_checkpoints, fingerprint, latest_checkpoint,
                                  load_stage_state, prune, save_atomic, stage_state, write_manifest)
 from pipeline.config import Config
 from pipeline.stages import build_local_modules, build_stage_steps
@@ -87,3 +87,8 @@ def test_stage_state_round_trips_weights_optimizer_schedule_and_rng(tmp_path):
     a, b = step.train_step(x, delta, y), fresh.train_step(x, delta, y)
     assert torch.equal(a.stats.loss, b.stats.loss)
     assert all(torch.equal(p, q) for p, q in zip(step.module.parameters(), fresh.module.parameters()))
+
+
+def test_the_fingerprint_changes_with_the_optimizer_whose_state_is_saved():
+    sgd, adamw = fingerprint(Config(), [2, 3]), fingerprint(Config(optimizer="adamw"), [2, 3])
+    assert [key for key in sgd if sgd[key] != adamw[key]] == ["optimizer"]
