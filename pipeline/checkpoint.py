@@ -64,6 +64,7 @@ def stage_state(step: StageStep, device: torch.device, probe_input: torch.Tensor
         "optimizer": step.optimizer.state_dict(),
         "scheduler": step.scheduler.state_dict() if step.scheduler is not None else None,
         "rng_cpu": torch.get_rng_state(),
+        "rng_module": step.rng_state,  # the module's own stream (dropout, stochastic depth), None before its first step
     }
     if device.type == "cuda":
         state["rng_cuda"] = torch.cuda.get_rng_state(device)
@@ -78,6 +79,8 @@ def load_stage_state(step: StageStep, path: Path, device: torch.device) -> torch
     step.optimizer.load_state_dict(state["optimizer"])
     if step.scheduler is not None:
         step.scheduler.load_state_dict(state["scheduler"])
+    module_rng = state.get("rng_module")
+    step.rng_state = None if module_rng is None else {name: t.cpu() for name, t in module_rng.items()}
     torch.set_rng_state(state["rng_cpu"].cpu())
     if "rng_cuda" in state and device.type == "cuda":
         torch.cuda.set_rng_state(state["rng_cuda"].cpu(), device)

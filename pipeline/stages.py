@@ -176,4 +176,5 @@ def build_stage_step(cfg: Config, lm: LocalModule, k: int, k_total: int, steps_p
         track_sgr=track_sgr,
         amp=cfg.amp == "bf16",
         channels_last=cfg.channels_last,
+        rng_seed=2**40 + 1000 * cfg.seed + k,  # dropout / stochastic depth: module k's own stream
     )

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
+from typing import Iterator
 
 import torch
 import torch.nn as nn
@@ -44,6 +45,9 @@ class StageStep:
     non-greedy layer-wise training. `reforward` recomputes the output after the update.
     `amp` runs the forward passes and losses under bfloat16 autocast; gradients, the SGR
     term and the tensors passed between modules stay fp32. `channels_last` keeps conv maps NHWC in memory.
+    With `rng_seed`, dropout and stochastic depth draw from the module's own random stream, so a
+    module gets the same draws whether it trains alone in a stage process or beside the others in
+    one process (None: the global stream).
     """
 
     def __init__(
@@ -62,8 +66,11 @@ class StageStep:
         track_sgr: bool = False,
         amp: bool = False,
         channels_last: bool = False,
+        rng_seed: int | None = None,
     ) -> None:
         self.module, self.head = module, head
+        self.rng_seed = rng_seed
+        self.rng_state: dict[str, torch.Tensor] | None = None  # the module's stream between steps (checkpointed)
         self.amp, self.channels_last = amp, channels_last
         if channels_last:
             module.to(memory_format=torch.channels_last)
@@ -81,6 +88,32 @@ class StageStep:
 
     def train_step(self, x: torch.Tensor, delta_prev: torch.Tensor | None, y: torch.Tensor) -> StepOutput:
         """One update of this module on one batch (Algorithm 1, one k)."""
+        with self.own_rng(x.device):
+            return self._update(x, delta_prev, y)
+
+    @contextlib.contextmanager
+    def own_rng(self, device: torch.device) -> Iterator[None]:
+        """Run the block on this module's random stream (seeded from rng_seed at first use), leaving the global one untouched."""
+        if self.rng_seed is None:
+            yield
+            return
+        cuda = device.type == "cuda"
+        with torch.random.fork_rng(devices=[device] if cuda else []):
+            if self.rng_state is None:
+                torch.default_generator.manual_seed(self.rng_seed)
+                if cuda:
+                    with torch.cuda.device(device):
+                        torch.cuda.manual_seed(self.rng_seed)
+            else:
+                torch.set_rng_state(self.rng_state["cpu"])
+                if cuda:
+                    torch.cuda.set_rng_state(self.rng_state["cuda"], device)
+            yield
+            self.rng_state = {"cpu": torch.get_rng_state()}
+            if cuda:
+                self.rng_state["cuda"] = torch.cuda.get_rng_state(device)
+
+    def _update(self, x: torch.Tensor, delta_prev: torch.Tensor | None, y: torch.Tensor) -> StepOutput:
         self.module.train()
         self.head.train()
         use_sgr = self.lam > 0 and not self.is_first

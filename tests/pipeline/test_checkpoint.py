@@ -83,6 +83,7 @@ def test_stage_state_round_trips_weights_optimizer_schedule_and_rng(tmp_path):
     assert torch.equal(load_stage_state(fresh, tmp_path / "s.pt", torch.device("cpu")), probe)
     assert torch.equal(torch.get_rng_state(), expected_rng)
     assert fresh.scheduler.last_epoch == step.scheduler.last_epoch == 1
+    assert torch.equal(fresh.rng_state["cpu"], step.rng_state["cpu"])  # the module's own stream (dropout) goes on
     # both continue identically
     a, b = step.train_step(x, delta, y), fresh.train_step(x, delta, y)
     assert torch.equal(a.stats.loss, b.stats.loss)

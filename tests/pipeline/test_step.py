@@ -161,3 +161,19 @@ def test_channels_last_gives_the_same_update(batch):
     assert torch.allclose(plain.out, nhwc.out, atol=1e-5) and torch.allclose(plain.delta, nhwc.delta, atol=1e-6)
     for p, q in zip(steps[0].module.parameters(), steps[1].module.parameters()):
         assert torch.allclose(p, q, atol=1e-6)
+
+
+@pytest.mark.parametrize("rng_seed", [5, None])
+def test_dropout_draws_from_the_module_own_stream(batch, rng_seed):
+    """With rng_seed, what the rest of the process draws between steps changes nothing; without it, it does."""
+    x, y, delta_prev = batch
+    outputs = []
+    for other_draws in (0, 100):
+        torch.manual_seed(0)
+        module = nn.Sequential(tiny_module(), nn.Dropout(0.5))
+        step = StageStep(module, PoolLinear(4, 3), torch.optim.SGD(module.parameters(), lr=0.1), lam=1.0,
+                         is_first=False, is_last=False, send_delta=True, rng_seed=rng_seed)
+        step.train_step(x, delta_prev, y)
+        torch.rand(other_draws)  # another module, in the same process, draws in between
+        outputs.append(step.train_step(x, delta_prev, y).out)
+    assert torch.equal(outputs[0], outputs[1]) == (rng_seed is not None)
