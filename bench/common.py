@@ -23,7 +23,6 @@ from pipeline.stages import build_local_modules, build_stage_steps
 from pipeline.step import StageStep
 from pipeline.trainer import evaluate, train_batch
 from workers import launcher
-from workers.coordinator import Coordinator
 from workers.simulated import SimulatedStep
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -112,25 +111,14 @@ def run_pipeline(cfg: Config, warmup_steps: int) -> dict[str, Any]:
     """Run the spawned K-process pipeline and measure its steady state, after `warmup_steps`, from the stages' reports.
 
     Each stage reports its cumulative busy and idle seconds with its train records; the
-    coordinator receives them as they happen. Between the last stage's first report at or
+    coordinator times them as they arrive (its `timeline`). Between the last stage's first report at or
     after `warmup_steps` and its last report, the run is past start-up and pipeline fill.
     `cfg.log_every` sets how often stages report (use the steps per epoch).
     """
-    reports: list[tuple[float, int, int, float, float]] = []  # (arrival time, stage, step, busy s, idle s)
-
-    class TimedCoordinator(Coordinator):
-        def handle(self, msg: dict[str, Any]) -> None:
-            if msg["kind"] == "train":
-                reports.append((time.perf_counter(), msg["stage"], msg["record"]["step"], msg["busy"], msg["idle"]))
-            super().handle(msg)
-
     data = bench_data(cfg)
     stages = len(build_local_modules(cfg, data.in_channels, data.num_classes, data.input_size))
-    original, launcher.Coordinator = launcher.Coordinator, TimedCoordinator
-    try:
-        summary = launcher.run_spawned(cfg, stages, steps_per_epoch(data, cfg.batch_size))
-    finally:
-        launcher.Coordinator = original
+    summary = launcher.run_spawned(cfg, stages, steps_per_epoch(data, cfg.batch_size))
+    reports = summary["timeline"]  # (arrival time, stage, step, busy s, idle s) of every train report
     by_stage = [{r[2]: r for r in reports if r[1] == k} for k in range(stages)]
     common_steps = sorted(set.intersection(*(set(s) for s in by_stage)))
     first = next(s for s in common_steps if s >= warmup_steps)

@@ -53,6 +53,7 @@ class Coordinator:
         self.latest: dict[int, str] = {}
         self.evals: dict[int, dict[int, dict[str, Any]]] = {}  # step -> stage -> its head's evaluation
         self.result: dict[str, Any] = {}
+        self.timeline: list[tuple[float, int, int, float, float]] = []  # train reports: (arrival, stage, step, busy s, idle s)
 
     def poll(self, timeout_ms: int) -> None:
         """Handle every record that arrives within `timeout_ms`."""
@@ -67,6 +68,7 @@ class Coordinator:
             self.fingerprint = msg["fingerprint"]
         elif kind == "train":
             record = msg["record"]
+            self.timeline.append((time.perf_counter(), stage, record["step"], msg["busy"], msg["idle"]))
             self.log.write(record)
             self.last_step[stage] = record["step"]
             busy = msg["busy"] / max(1e-9, msg["busy"] + msg["idle"])
@@ -130,12 +132,12 @@ class Coordinator:
         return StageFailed(f"stage {stage + 1} {how} after step {self.last_step[stage]}{detail}{resume}")
 
     def finish(self, seconds: float) -> dict[str, Any]:
-        """Close the live view and write summary.json."""
+        """Close the live view and write summary.json; the returned summary also holds the `timeline` of train reports."""
         self.bar.close()
         busy = [self.done[k]["busy"] / max(1e-9, self.done[k]["busy"] + self.done[k]["idle"]) for k in sorted(self.done)]
         result = {**self.result, "seconds": round(seconds, 1), "busy_fraction": [round(b, 3) for b in busy]}
         (self.run_dir / "summary.json").write_text(json.dumps(result, indent=1))
-        return result
+        return {**result, "timeline": self.timeline}
 
     def close(self) -> None:
         self.bar.close()

@@ -73,6 +73,10 @@ def test_pipeline_equals_the_sequential_reference_to_the_bit(tmp_path, stages, m
     assert [r["step"] for r in evals] == [4, 8, 12]
     assert evals == eval_records(tmp_path / "reference")
     assert evals[0]["delta_loss"] == [None] * stages and evals[1]["delta_loss"][0] == 0.0
+    for k in range(stages):  # the coordinator's timeline of train reports (log_every 2): what benchmarks time
+        reports = [r for r in result["timeline"] if r[1] == k]
+        assert [r[2] for r in reports] == list(range(2, 13, 2))
+        assert all(a[0] <= b[0] and a[3] <= b[3] for a, b in zip(reports, reports[1:]))
 
 
 def test_a_streamed_image_folder_trains_through_the_pipeline_as_in_the_reference(tmp_path):
