@@ -138,7 +138,8 @@ def run_pipeline(cfg: Config, warmup_steps: int) -> dict[str, Any]:
     slowest = min(s["samples_per_s"] for s in per_stage)
     return {"stages": stages, "threads_per_stage": launcher.stage_threads(cfg, stages), "window_steps": last - first,
             "window_s": window, "samples_per_s": achieved, "slowest_stage_samples_per_s": slowest,
-            "efficiency": achieved / slowest, "per_stage": per_stage, "run_seconds": summary["seconds"]}
+            "efficiency": achieved / slowest, "per_stage": per_stage, "run_seconds": summary["seconds"],
+            "peak_memory_bytes": summary["peak_memory_bytes"], "peak_memory_kind": summary["peak_memory_kind"]}
 
 
 def markdown_table(headers: list[str], rows: list[list[Any]]) -> str:

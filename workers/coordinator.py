@@ -135,7 +135,9 @@ class Coordinator:
         """Close the live view and write summary.json; the returned summary also holds the `timeline` of train reports."""
         self.bar.close()
         busy = [self.done[k]["busy"] / max(1e-9, self.done[k]["busy"] + self.done[k]["idle"]) for k in sorted(self.done)]
-        result = {**self.result, "seconds": round(seconds, 1), "busy_fraction": [round(b, 3) for b in busy]}
+        result = {**self.result, "seconds": round(seconds, 1), "busy_fraction": [round(b, 3) for b in busy],
+                  "peak_memory_bytes": [self.done[k]["peak_memory"] for k in sorted(self.done)],
+                  "peak_memory_kind": "cuda_max_allocated" if self.cfg.device.startswith("cuda") else "cpu_max_rss"}
         (self.run_dir / "summary.json").write_text(json.dumps(result, indent=1))
         return {**result, "timeline": self.timeline}
 

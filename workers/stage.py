@@ -10,6 +10,7 @@ and the numbers equal the sequential reference's.
 from __future__ import annotations
 
 import os
+import resource
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -133,7 +134,13 @@ class StageWorker:
             self._relay()
         if self.sender is not None:
             self.sender.drain()
-        self.reporter.send({"kind": "done", "busy": self.busy, "idle": self.idle})
+        self.reporter.send({"kind": "done", "busy": self.busy, "idle": self.idle, "peak_memory": self.peak_memory()})
+
+    def peak_memory(self) -> int:
+        """This stage's peak memory in bytes: allocated on its GPU, or the process's resident set on the CPU."""
+        if self.device.type == "cuda":
+            return torch.cuda.max_memory_allocated(self.device)
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
     def _feed(self) -> None:
         """Stage 1: draw the batches, train, and send results on; evaluation and checkpoint markers when due."""

@@ -16,6 +16,7 @@ KEYS = {  # script -> keys results.json must hold, besides meta and rows
     "transport": {"latency_us", "targets"},
     "memory": {"global_bp", "stages", "module_bytes", "imagenet"},
     "sgr_overhead": {"reps"},
+    "imagenet_gpu": {"steps", "warmup_steps"},
 }
 PLOTS = {"schedule_overhead": "schedule_overhead.png", "transport": "transport.png"}
 

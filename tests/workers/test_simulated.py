@@ -53,3 +53,4 @@ def test_a_simulated_pipeline_runs_and_takes_at_least_its_sleeps(tmp_path):
     result = run_spawned(cfg, cfg.stages, steps_per_epoch(data, cfg.batch_size))
     assert result["seconds"] >= 5 * 0.05
     assert len(result["busy_fraction"]) == 2
+    assert result["peak_memory_kind"] == "cpu_max_rss" and all(b > 50 * 2**20 for b in result["peak_memory_bytes"])
