@@ -92,13 +92,17 @@ def test_a_streamed_image_folder_trains_through_the_pipeline_as_in_the_reference
     assert eval_records(Path(cfg.out)) == eval_records(tmp_path / "reference")
 
 
-def test_dropout_in_the_pipeline_draws_as_in_the_reference(tmp_path):
-    """Each module draws dropout from its own stream, so K processes and one process agree to the bit."""
-    vit = {"patch_size": 8, "num_layers": 3, "hidden_dim": 16, "mlp_dim": 32, "num_heads": 2, "dropout": 0.2,
-           "attention_dropout": 0.1}
-    cfg = small_config(tmp_path, dataset="synthetic", image_size=16, train_subset=32, model="vit_s16", model_args=vit,
-                       head="token_linear", stages=2, batch_size=8, eval_batch_size=64, probe_size=8, optimizer="adamw",
-                       lr=1e-3, lam=1.0)
+TINY_VIT = {"patch_size": 8, "num_layers": 3, "hidden_dim": 16, "mlp_dim": 32, "num_heads": 2, "dropout": 0.2,
+            "attention_dropout": 0.1}
+
+
+@pytest.mark.parametrize("model,args,train_subset", [("vit_s16", TINY_VIT, 32), ("swin_t", {}, 8)])
+def test_dropout_and_stochastic_depth_in_the_pipeline_draw_as_in_the_reference(tmp_path, model, args, train_subset):
+    """Each module draws from its own stream, so K processes and one process agree to the bit (Swin-T: stochastic depth 0.2)."""
+    cfg = small_config(tmp_path, dataset="synthetic", image_size=16 if model == "vit_s16" else 32,
+                       train_subset=train_subset, model=model, model_args=args, head="token_linear", stages=2,
+                       batch_size=8 if model == "vit_s16" else 4, eval_batch_size=64, probe_size=8, optimizer="adamw",
+                       lr=1e-3, lam=1.0, epochs=1 if model == "swin_t" else 2)
     trainer, expected = reference(cfg, tmp_path)
     result = run_pipeline(cfg)
     assert_bit_identical(trainer, pipeline_states(Path(cfg.out), 2))
