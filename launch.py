@@ -179,7 +179,7 @@ def run_plan(argv: list[str]) -> int:
     mb, bp = 1 << 20, plan.global_bp.total
     total_s = sum(plan.seconds)
     print(f"plan: {cfg.model}, {cfg.method} (λ={cfg.lam}), K={cfg.stages}, batch {plan.batch_size}, {cfg.device}; "
-          f"measured at batch {plan.profile_batch}, saved activations scaled to {plan.batch_size}; MB = 2^20 bytes")
+          f"measured at batches {plan.profile_batch} and {plan.profile_batch + 1}, extrapolated; MB = 2^20 bytes")
     print(f"{'stage':>5} {'units':>8} {'saved MB':>10} {'weights MB':>11} {'total MB':>10} {'of BP':>7} {'compute':>8}")
     for k, (units, memory, seconds) in enumerate(zip(plan.units, plan.memory, plan.seconds)):
         weights = memory.params + memory.grads + memory.optimizer
@@ -190,6 +190,29 @@ def run_plan(argv: list[str]) -> int:
     cuts = ",".join(map(str, plan.cuts))
     print(f"cuts [{cuts}]: train with split: auto, or with these cuts: --set split=[{cuts}]")
     return 0
+
+
+def plan_auto_split(cfg, data, world_size: int):
+    """Resolve `split: auto` into cut points (and its plan) before any stage starts.
+
+    The profiling pass runs in a child process, so no CUDA context or cached memory stays with
+    the launcher; under torchrun each rank plans on its own GPU (the plan counts bytes, so every
+    rank gets the same cuts).
+    """
+    import dataclasses
+    import multiprocessing as mp
+
+    from pipeline.plan import resolve_auto_split
+
+    if cfg.split != "auto" or cfg.method == "bp":
+        return cfg, None
+    device = cfg.device
+    if world_size > 1 and device.startswith("cuda"):
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+    with mp.get_context("spawn").Pool(1) as pool:
+        _, plan = pool.apply(resolve_auto_split, (dataclasses.replace(cfg, device=device), data.in_channels,
+                                                  data.num_classes, data.input_size))
+    return dataclasses.replace(cfg, split=plan.cuts), plan
 
 
 def check_topology(cfg, stages: int, world_size: int) -> None:
@@ -223,7 +246,6 @@ def main(argv: list[str] | None = None) -> int:
     from pipeline.checkpoint import CheckpointError
     from pipeline.config import ConfigError
     from pipeline.data import DataError, load_config_data, steps_per_epoch
-    from pipeline.plan import resolve_auto_split
     from pipeline.stages import build_local_modules
     from pipeline.trainer import SequentialTrainer
     from workers.coordinator import StageFailed
@@ -236,7 +258,7 @@ def main(argv: list[str] | None = None) -> int:
         steps = steps_per_epoch(data, cfg.batch_size)
         if steps < 1:
             raise ConfigError(f"the training set has {len(data.train_y)} samples, fewer than batch_size={cfg.batch_size}")
-        cfg, plan = resolve_auto_split(cfg, data.in_channels, data.num_classes, data.input_size)
+        cfg, plan = plan_auto_split(cfg, data, world_size)
         if plan is not None and int(os.environ.get("RANK", "0")) == 0:
             largest = max(m.total for m in plan.memory)
             print(f"split auto: cuts {plan.cuts}, largest stage {largest / 2**20:.1f} MB of global BP's "

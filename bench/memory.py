@@ -4,10 +4,10 @@ Per stage: the bytes autograd saves for backward during a real StageStep.train_s
 input-gradient graph and double backward included), counted over unique storages, plus
 parameter, gradient and optimizer-state bytes (pipeline/plan.py measures them). Saving as in
 the paper: 1 − (largest stage / global BP). Besides the paper's ResNet-32 splits, the
-memory-balanced split of `split: auto` is planned (measured at a small batch and scaled),
+memory-balanced split of `split: auto` is planned (measured at two small batches, extrapolated),
 then measured for real at the full batch. The full size (no flag) adds the ImageNet models of the paper's
-Table 5 at 224×224: planned from a profiling pass at batch 2 on the CPU (exact at batch 2,
-scaled to the paper's 256) and set beside the paper's per-GPU memory.
+Table 5 at 224×224: planned from a profiling pass at batches 2 and 3 on the CPU (exact at batch
+2, extrapolated to the paper's 256) and set beside the paper's per-GPU memory.
 With CUDA, each stage's torch.cuda.max_memory_allocated during its step (above the memory
 allocated before it) is reported too.
 """
@@ -64,10 +64,12 @@ def measure_split(cfg: Config, x: torch.Tensor, y: torch.Tensor, device: str) ->
     return rows
 
 
-def imagenet_rows(size: str, threads: int) -> list[dict]:
-    """The Table 5 models planned at 224×224 from a profiling pass at batch 2 (exact there, scaled to batch 256)."""
+def imagenet_rows(size: str, threads: int, models: list[str] | None = None) -> list[dict]:
+    """The Table 5 models planned at 224×224 from a profiling pass at batches 2 and 3 (exact at 2, extrapolated to 256)."""
     rows = []
     for model, model_args, image_size, k, batch in IMAGENET[size]:
+        if models and model not in models:
+            continue
         profile = 2
         cfg = bench_config(dataset="synthetic", image_size=image_size, model=model, model_args=model_args, stages=k,
                            split="auto", batch_size=batch, profile_batch=profile, head=HEADS.get(model, "conv_linear"),
@@ -88,7 +90,9 @@ def imagenet_rows(size: str, threads: int) -> list[dict]:
 
 def main(argv: list[str] | None = None) -> dict:
     """Measure global BP, the paper's splits and the planned splits (at full size also the ImageNet models); print the tables last."""
-    args = parse(parser("memory", "bytes kept per stage for one training step, against global BP"), argv)
+    p = parser("memory", "bytes kept per stage for one training step, against global BP")
+    p.add_argument("--models", help="comma-separated ImageNet models to plan at full size (default: all of Table 5)")
+    args = parse(p, argv)
     size = size_of(args)
     model, batch, paper, balanced, profile_batch = SIZES[size]
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -110,10 +114,9 @@ def main(argv: list[str] | None = None) -> dict:
         summary.append({"split": name, "K": k, "largest_stage_bytes": largest, "planned_largest_bytes": predicted,
                         "global_bp_bytes": bp["total"], "saving": 1 - largest / bp["total"]})
         stages += [{"split": name, "K": k, **s} for s in measured]
-    scale = batch / plan.profile_batch
-    imagenet = imagenet_rows(size, args.threads)
+    imagenet = imagenet_rows(size, args.threads, args.models.split(",") if args.models else None)
     results = {"meta": meta(args), "model": model, "batch_size": batch, "device": device, "global_bp": bp,
-               "module_bytes": {f"{a}-{b - 1}": m.at_batch(scale).total for (a, b), m in plan.measured.items()},
+               "module_bytes": {f"{a}-{b - 1}": m.total for (a, b), m in plan.table.items()},
                "stages": stages, "imagenet": imagenet, "rows": summary}
     write_results(args.out, results)
 

@@ -42,7 +42,7 @@ class Config:
     model_args: dict[str, Any] = field(default_factory=dict)  # e.g. {width: 16} or {widths: [64, 128]}
     stages: int | None = 3  # K; None: take it from `split`
     split: str | list[int] | None = None  # named split, cut points, or auto (least memory, measured); None: the paper's split for K
-    profile_batch: int = 4  # split auto: batch of the profiling pass (saved activations are scaled to batch_size)
+    profile_batch: int = 4  # split auto: the profiling pass measures at this batch and the next, extrapolates to batch_size
     head: str = "conv_linear"  # local head of modules 1..K-1: conv_linear | etf (conv maps), token_linear (ViT, Swin)
     last_head: str = "own"  # head of module K ('own' = the network's classifier)
     head_width: int = 0  # conv_linear head channels (0: the module's channels)
@@ -155,6 +155,8 @@ def validate(cfg: Config) -> Config:
     need(cfg.stages is None or cfg.stages >= 1, f"stages must be >= 1, got {cfg.stages}")
     need(cfg.stages is not None or cfg.split is not None, "give stages: K or a split")
     need(cfg.split != "auto" or cfg.stages is not None, "split: auto needs stages: K (the number of modules to plan)")
+    need(cfg.split != "auto" or cfg.method not in ("fa", "dfa", "drtp"),
+         f"method {cfg.method} trains one layer per module: use split: per_block, not auto")
     need(cfg.profile_batch >= 2, f"profile_batch must be >= 2 (BatchNorm needs it), got {cfg.profile_batch}")
     need(cfg.epochs >= 1, f"epochs must be >= 1, got {cfg.epochs}")
     need(cfg.batch_size >= 2, f"batch_size must be >= 2 (BatchNorm needs it), got {cfg.batch_size}")

@@ -5,9 +5,11 @@ and a local head unless it comes first, the network's classifier if it comes las
 training memory is measured by one real StageStep.train_step: the bytes autograd saves for
 backward (SGR's double-backward graph included), counted over unique storages with
 torch.autograd.graph.saved_tensors_hooks, plus parameter, gradient and optimizer-state
-bytes. The pass runs at a small batch; saved activations grow in proportion to the batch and
-are scaled to the training batch, the rest does not depend on it. The cuts that minimise the
-largest module then come from a dynamic programme over that table (`balanced_cuts`, pure).
+bytes. The pass runs at two small batches, b and b + 1: saved bytes are a fixed part (under
+bf16 autocast, the weights' bf16 copies) plus a part in proportion to the batch, so the two
+give both and extrapolate exactly to the training batch; the rest does not depend on it. The
+cuts that minimise the largest module then come from a dynamic programme over that table
+(`balanced_cuts`, pure).
 """
 from __future__ import annotations
 
@@ -19,7 +21,7 @@ from typing import Any, Callable
 
 import torch
 
-from pipeline.config import Config
+from pipeline.config import Config, ConfigError
 from pipeline.models import Network
 from pipeline.splits import module_ranges
 from pipeline.stages import build_net, build_stage_step, check_layout, local_module, unit_outputs
@@ -40,9 +42,10 @@ class ModuleMemory:
     def total(self) -> int:
         return self.saved + self.params + self.grads + self.optimizer
 
-    def at_batch(self, factor: float) -> ModuleMemory:
-        """The same module at `factor` times the batch: saved activations scale, the rest does not."""
-        return dataclasses.replace(self, saved=round(factor * self.saved), cuda_peak=None)
+    def at_batch(self, batch: int, measured_batch: int, other: ModuleMemory, other_batch: int) -> ModuleMemory:
+        """The same module at `batch`, from this measurement and `other` at another batch: saved bytes are linear in it."""
+        per_sample = (other.saved - self.saved) / (other_batch - measured_batch)
+        return dataclasses.replace(self, saved=round(self.saved + per_sample * (batch - measured_batch)), cuda_peak=None)
 
 
 @dataclass
@@ -56,7 +59,8 @@ class Plan:
     global_bp: ModuleMemory  # the whole network as one module: global BP's memory at the training batch
     batch_size: int
     profile_batch: int
-    measured: dict[tuple[int, int], ModuleMemory]  # every candidate module (units a..b-1) at the profiling batch
+    measured: dict[tuple[int, int], ModuleMemory]  # every candidate module (units a..b-1) at the profiling batch b
+    table: dict[tuple[int, int], ModuleMemory]  # the same at the training batch: what the cuts were chosen on
 
 
 def saved_bytes(fn: Callable[[], object], exclude: set[int]) -> int:
@@ -130,38 +134,52 @@ class Profiler:
     """
 
     def __init__(self, cfg: Config, net: Network, in_channels: int, num_classes: int, input_size: int, batch: int) -> None:
+        """`batch`: the largest batch it will measure at (smaller ones take the first samples)."""
         self.cfg = dataclasses.replace(cfg, lr=0.0)
         self.net, self.num_classes, self.n = net, num_classes, len(net.units)
-        device = torch.device(cfg.device)
+        self.device = torch.device(cfg.device)
         self.outputs = unit_outputs(net, in_channels, input_size)
         for unit in net.units:
-            unit.to(device)
-        net.classifier.to(device)
+            unit.to(self.device)
+        net.classifier.to(self.device)
         g = torch.Generator().manual_seed(cfg.seed)
-        self.y = torch.randint(0, num_classes, (batch,), generator=g).to(device)
-        self.inputs = [torch.randn(batch, in_channels, input_size, input_size, generator=g).to(device)]
-        with torch.no_grad():  # each unit's input, so a candidate starting at unit a gets a real one
+        self.y = torch.randint(0, num_classes, (batch,), generator=g).to(self.device)
+        self.inputs = [torch.randn(batch, in_channels, input_size, input_size, generator=g).to(self.device)]
+        with torch.no_grad():  # each unit's input (eval mode: per sample), so a candidate starting at unit a gets a real one
             for unit in net.units[:-1]:
                 self.inputs.append(unit(self.inputs[-1]))
 
-    def step(self, a: int, b: int) -> tuple[StageStep, torch.Tensor | None]:
-        """The StageStep of units a..b-1 in their place, and the δ it receives (zeros of the input's shape)."""
+    def step(self, a: int, b: int) -> tuple[StageStep, bool]:
+        """The StageStep of units a..b-1 in their place, and whether it receives a δ (zeros are measured)."""
         k = 0 if a == 0 else 1
         k_total = k + 1 + (b < self.n)
         lm = local_module(self.cfg, self.net, range(a, b), self.outputs[b - 1], self.num_classes, k, b == self.n)
-        lm.head.to(self.inputs[0].device)
+        lm.head.to(self.device)
         step = build_stage_step(self.cfg, lm, k, k_total, steps_per_epoch=1)
-        return step, torch.zeros_like(self.inputs[a]) if step.needs_delta else None
+        return step, step.needs_delta
 
-    def memory(self, a: int, b: int) -> ModuleMemory:
-        """Measured memory of units a..b-1 as a module, at the profiling batch."""
-        step, delta = self.step(a, b)
-        return step_memory(step, self.inputs[a], delta, self.y)[0]
+    def batch(self, a: int, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Unit a's input and the labels for the first `batch` samples, in storages of their own (a kept view would
+        count the whole batch's storage)."""
+        return self.inputs[a][:batch].clone(), self.y[:batch].clone()
 
-    def seconds(self, a: int, b: int, reps: int = 3) -> float:
-        """Median train_step seconds of units a..b-1 as a module, at the profiling batch."""
-        step, delta = self.step(a, b)
-        return median_seconds(lambda: step.train_step(self.inputs[a], delta, self.y), reps)
+    def memory(self, a: int, b: int, batch: int) -> ModuleMemory:
+        """Measured memory of units a..b-1 as a module, at `batch`."""
+        step, needs_delta = self.step(a, b)
+        x, y = self.batch(a, batch)
+        return step_memory(step, x, torch.zeros_like(x) if needs_delta else None, y)[0]
+
+    def seconds(self, a: int, b: int, batch: int, reps: int = 3) -> float:
+        """Median train_step seconds of units a..b-1 as a module, at `batch`."""
+        step, needs_delta = self.step(a, b)
+        x, y = self.batch(a, batch)
+        delta = torch.zeros_like(x) if needs_delta else None
+
+        def one_step() -> None:
+            step.train_step(x, delta, y)
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+        return median_seconds(one_step, reps)
 
 
 def plan_split(cfg: Config, in_channels: int, num_classes: int, input_size: int) -> Plan:
@@ -174,20 +192,22 @@ def plan_split(cfg: Config, in_channels: int, num_classes: int, input_size: int)
 
 
 def plan_network(cfg: Config, net: Network, in_channels: int, num_classes: int, input_size: int) -> Plan:
-    """Measure every candidate module of `net` at cfg.profile_batch, then choose the least-memory cuts for cfg.stages."""
+    """Measure every candidate module of `net` at two small batches, then choose the least-memory cuts for cfg.stages."""
     n = len(net.units)
     if not 1 <= cfg.stages <= n:
-        raise ValueError(f"stages={cfg.stages} is out of range: model {cfg.model} has {n} units, so use 1..{n}")
+        raise ConfigError(f"stages={cfg.stages} is out of range: model {cfg.model} has {n} units, so use 1..{n}")
     batch = min(cfg.profile_batch, cfg.batch_size)
-    profiler = Profiler(cfg, net, in_channels, num_classes, input_size, batch)
-    scale = cfg.batch_size / batch
-    measured = {(a, b): profiler.memory(a, b) for a in range(n) for b in range(a + 1, n + 1)}
-    table = {r: m.at_batch(scale) for r, m in measured.items()}
+    exact = batch == cfg.batch_size  # measured at the training batch: nothing to extrapolate
+    profiler = Profiler(cfg, net, in_channels, num_classes, input_size, batch if exact else batch + 1)
+    ranges_all = [(a, b) for a in range(n) for b in range(a + 1, n + 1)]
+    measured = {r: profiler.memory(*r, batch) for r in ranges_all}
+    table = measured if exact else {
+        r: measured[r].at_batch(cfg.batch_size, batch, profiler.memory(*r, batch + 1), batch + 1) for r in ranges_all}
     cuts, _ = balanced_cuts({r: m.total for r, m in table.items()}, n, cfg.stages)
     ranges = module_ranges(cuts, n)
-    seconds = [profiler.seconds(r.start, r.stop) for r in ranges]
+    seconds = [profiler.seconds(r.start, r.stop, batch) for r in ranges]
     return Plan(cuts, ranges, [table[(r.start, r.stop)] for r in ranges], seconds, table[(0, n)], cfg.batch_size,
-                batch, measured)
+                batch, measured, table)
 
 
 def resolve_auto_split(cfg: Config, in_channels: int, num_classes: int, input_size: int) -> tuple[Config, Plan | None]:

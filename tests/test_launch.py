@@ -30,6 +30,7 @@ def test_cli_runs_a_job_and_flags_override_the_yaml(tmp_path, capsys):
         (["--method", "dgl"], "error: unknown method 'dgl'"),
         (["--lam", "-1"], "error: lam must be >= 0"),
         (["--stages", "9"], "error: stages=9 is out of range: this model has 4 units"),
+        (["--stages", "9", "--set", "split=auto"], "error: stages=9 is out of range: model resnet8 has 4 units"),
         (["--set", "colour=blue"], "error: unknown key 'colour' in command line"),
         (["--config", "configs/missing.yaml"], "error: config file configs/missing.yaml not found"),
         (["--dataset", "fashion_mnist", "--data-dir", "/nonexistent"], "error: Fashion-MNIST file"),
@@ -109,7 +110,7 @@ def test_a_finished_run_exports_evaluates_plots_and_refuses_what_would_lose_it(t
 def test_plan_prints_the_split_that_split_auto_then_trains_with(tmp_path, capsys):
     assert launch.main(["plan", *DIGITS, "--stages", "3"]) == 0
     printed = capsys.readouterr().out.splitlines()
-    assert printed[0].startswith("plan: resnet8, sgr (λ=1.0), K=3, batch 32, cpu; measured at batch 4")
+    assert printed[0].startswith("plan: resnet8, sgr (λ=1.0), K=3, batch 32, cpu; measured at batches 4 and 5, extrapolated")
     cuts = printed[-1].split("]")[0].removeprefix("cuts [")
     bounds = [0, *map(int, cuts.split(",")), 4]
     assert [line.split()[:2] for line in printed[2:5]] == [[str(k + 1), f"{bounds[k]}-{bounds[k + 1] - 1}"] for k in range(3)]

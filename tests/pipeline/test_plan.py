@@ -53,9 +53,18 @@ def test_saved_bytes_counts_each_storage_once_and_leaves_out_excluded_ones():
     assert saved_bytes(forward, {w.untyped_storage().data_ptr()}) == 2 * 64 * 256 * 4
 
 
-def test_module_memory_scales_only_activations():
-    memory = ModuleMemory(saved=100, params=10, grads=10, optimizer=20)
-    assert memory.at_batch(4).total == 440
+def test_module_memory_extrapolates_saved_bytes_linearly_and_keeps_the_rest():
+    at_4, at_5 = ModuleMemory(saved=100, params=10, grads=10, optimizer=20), ModuleMemory(120, 10, 10, 20)
+    assert at_4.at_batch(8, 4, at_5, 5) == ModuleMemory(saved=180, params=10, grads=10, optimizer=20)
+
+
+@pytest.mark.parametrize("amp", ["fp32", "bf16"])
+def test_extrapolated_plan_equals_the_plan_measured_at_the_training_batch(amp):
+    """bf16 autocast saves the weights' bf16 copies, which do not grow with the batch: two batches tell them apart."""
+    cfg = validate(Config(model="resnet8", model_args={"width": 4}, stages=3, batch_size=12, amp=amp))
+    extrapolated = plan_split(dataclasses.replace(cfg, profile_batch=2), 1, 10, 8)
+    measured = plan_split(dataclasses.replace(cfg, profile_batch=12), 1, 10, 8)
+    assert extrapolated.table == measured.table and extrapolated.cuts == measured.cuts
 
 
 def expand_net(hidden: list[int], dim: int = 8, num_classes: int = 4, in_features: int = 16) -> Network:
@@ -124,3 +133,5 @@ def test_auto_split_must_be_planned_and_needs_k():
         validate(Config(stages=None, split="auto"))
     with pytest.raises(ConfigError, match="profile_batch must be >= 2"):
         validate(Config(profile_batch=1))
+    with pytest.raises(ConfigError, match="method drtp trains one layer per module: use split: per_block"):
+        validate(Config(method="drtp", head="etf", last_head="etf", split="auto"))
