@@ -49,11 +49,16 @@ class ImageData:
         self.mean = torch.from_numpy(pixels.mean(axis=1)).float()
         self.std = torch.from_numpy(pixels.std(axis=1, ddof=1)).float().clamp_min(1e-3)
 
-    def train_images(self, batches: list[torch.Tensor], generator: torch.Generator, use_augment: bool) -> Iterator[torch.Tensor]:
-        """The uint8 training images of each index batch, in order; augmented (pad 4, random crop, flip) from `generator`."""
-        for idx in batches:
+    def train_images(self, batches: list[torch.Tensor], generator: torch.Generator, use_augment: bool,
+                     start: int = 0) -> Iterator[torch.Tensor]:
+        """The uint8 training images of each index batch from batch `start` on, in order; augmented (pad 4, random
+        crop, flip) from `generator`, which the skipped batches draw from too."""
+        for i, idx in enumerate(batches):
             x = self.train_x[idx]
-            yield augment(x, generator) if use_augment else x
+            if use_augment:
+                x = augment(x, generator)
+            if i >= start:
+                yield x
 
     def test_images(self, batch_size: int) -> Iterator[torch.Tensor]:
         """The uint8 test images in order, batch by batch."""
@@ -234,13 +239,15 @@ class ImageFolderData:
         """uint8 images to float, standardised with ImageNet's channel statistics."""
         return normalize(x, self.mean, self.std)
 
-    def train_images(self, batches: list[torch.Tensor], generator: torch.Generator, use_augment: bool) -> Iterator[torch.Tensor]:
-        """The uint8 training images of each index batch, in order; with augmentation, each from a seed drawn from `generator`."""
+    def train_images(self, batches: list[torch.Tensor], generator: torch.Generator, use_augment: bool,
+                     start: int = 0) -> Iterator[torch.Tensor]:
+        """The uint8 training images of each index batch from batch `start` on, in order; with augmentation, each from
+        a seed drawn from `generator` (the skipped batches draw theirs too, but are not decoded)."""
         items = []
         for idx in batches:
             seeds = torch.randint(0, 2**62, (len(idx),), generator=generator).tolist() if use_augment else [-1] * len(idx)
             items.append([(self.train_files[i], seed) for i, seed in zip(idx.tolist(), seeds)])
-        return self._decode(items)
+        return self._decode(items[start:])
 
     def test_images(self, batch_size: int) -> Iterator[torch.Tensor]:
         """The uint8 test images in order, batch by batch, resized and centre-cropped."""
@@ -382,13 +389,14 @@ def steps_per_epoch(data: Data, batch_size: int) -> int:
     return len(data.train_y) // batch_size
 
 
-def train_batches(data: Data, epoch: int, batch_size: int, seed: int,
-                  use_augment: bool) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """The epoch's shuffled, augmented, normalised training batches; a function of (seed, epoch) only."""
+def train_batches(data: Data, epoch: int, batch_size: int, seed: int, use_augment: bool,
+                  start: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """The epoch's shuffled, augmented, normalised training batches from batch `start` on (a resumed run skips those it
+    trained on); a function of (seed, epoch) only."""
     g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
     order = torch.randperm(len(data.train_y), generator=g)
     batches = [order[i * batch_size : (i + 1) * batch_size] for i in range(steps_per_epoch(data, batch_size))]
-    for idx, x in zip(batches, data.train_images(batches, g, use_augment)):
+    for idx, x in zip(batches[start:], data.train_images(batches, g, use_augment, start)):
         yield data.normalize(x), data.train_y[idx]
 
 

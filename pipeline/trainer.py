@@ -120,8 +120,8 @@ class SequentialTrainer:
         (self.run_dir / "summary.json").write_text(json.dumps(result, indent=1))
         return result
 
-    def _batches(self, epoch: int):
-        for x, y in train_batches(self.data, epoch, self.cfg.batch_size, self.cfg.seed, self.cfg.augment):
+    def _batches(self, epoch: int, start: int = 0):
+        for x, y in train_batches(self.data, epoch, self.cfg.batch_size, self.cfg.seed, self.cfg.augment, start):
             yield x.to(self.device), y.to(self.device)
 
     def _run_joint(self) -> dict[str, Any]:
@@ -130,11 +130,10 @@ class SequentialTrainer:
         for epoch in range(self.start_step // self.steps_per_epoch, self.cfg.epochs):
             meter = ModuleMeter(len(self.steps))
             bar = self._bar(epoch, f"epoch {epoch + 1}/{self.cfg.epochs}")
-            for i, (x, y) in enumerate(self._batches(epoch)):  # batches before a resumed step are drawn and skipped
+            skip = max(0, self.start_step - epoch * self.steps_per_epoch)  # batches a resumed run trained on
+            bar.update(skip)
+            for i, (x, y) in enumerate(self._batches(epoch, skip), start=skip):
                 global_step = epoch * self.steps_per_epoch + i + 1
-                if global_step <= self.start_step:
-                    bar.update(1)
-                    continue
                 batch_stats = (feedback_batch if self.cfg.method in NEEDS_OUTPUT_ERROR else train_batch)(self.steps, x, y)
                 for k, stats in enumerate(batch_stats):
                     meter.update(k, stats)

@@ -147,11 +147,10 @@ class StageWorker:
         start = self.spec.start_step
         probe = probe_batch(self.data, self.cfg.probe_size) if self.probing else None
         for epoch in range(start // self.steps_per_epoch, self.cfg.epochs):
-            batches = train_batches(self.data, epoch, self.cfg.batch_size, self.cfg.seed, self.cfg.augment)
-            for i, (x, y) in enumerate(batches):  # batches before a resumed step are drawn and skipped
+            skip = max(0, start - epoch * self.steps_per_epoch)  # batches a resumed run trained on
+            batches = train_batches(self.data, epoch, self.cfg.batch_size, self.cfg.seed, self.cfg.augment, skip)
+            for i, (x, y) in enumerate(batches, start=skip):
                 step = epoch * self.steps_per_epoch + i + 1
-                if step <= start:
-                    continue
                 header = {"epoch": epoch, "step": step}
                 self._train({"kind": "train", **header}, x.to(self.device), None, y.to(self.device))
                 if is_due(self.cfg.eval_every, step, self.steps_per_epoch, self.total_steps):

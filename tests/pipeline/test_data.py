@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from pipeline.data import (
-    DataError, augment, eval_batches, load_data, probe_batch, random_resized_box, read_idx, steps_per_epoch,
+    DataError, FolderImages, augment, eval_batches, load_data, probe_batch, random_resized_box, read_idx, steps_per_epoch,
     train_batches,
 )
 
@@ -197,3 +197,17 @@ def test_random_resized_box_follows_torchvision_rules():
             assert (bh, bw) == (h, w) or (0.07 <= bh * bw / (h * w) <= 1.0 and 0.7 <= bw / bh <= 1.4)
     first = [random_resized_box(300, 200, torch.Generator().manual_seed(5)) for _ in range(2)]
     assert first[0] == first[1]
+
+
+def test_a_resumed_epoch_starts_mid_way_with_the_same_batches_and_decodes_only_those(tmp_path, monkeypatch):
+    write_image_folder(tmp_path)
+    for data in (load_data("digits", train_subset=300), load_data("imagefolder", str(tmp_path), image_size=16)):
+        full = list(train_batches(data, 2, 2, seed=3, use_augment=True))
+        tail = list(train_batches(data, 2, 2, seed=3, use_augment=True, start=1))
+        assert len(tail) == len(full) - 1
+        assert all(torch.equal(a, b) and torch.equal(ya, yb) for (a, ya), (b, yb) in zip(full[1:], tail))
+    decoded = []
+    original = FolderImages.__getitem__
+    monkeypatch.setattr(FolderImages, "__getitem__", lambda self, item: decoded.append(item) or original(self, item))
+    list(train_batches(data, 2, 2, seed=3, use_augment=True, start=2))
+    assert len(decoded) == 2  # only the last batch of the three
