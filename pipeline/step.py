@@ -106,8 +106,11 @@ class StageStep:
                         torch.cuda.manual_seed(self.rng_seed)
             else:
                 torch.set_rng_state(self.rng_state["cpu"])
-                if cuda:
+                if cuda and "cuda" in self.rng_state:
                     torch.cuda.set_rng_state(self.rng_state["cuda"], device)
+                elif cuda:  # a stream saved on the CPU, continued on a GPU
+                    with torch.cuda.device(device):
+                        torch.cuda.manual_seed(self.rng_seed)
             yield
             self.rng_state = {"cpu": torch.get_rng_state()}
             if cuda:
