@@ -52,7 +52,8 @@ def arm_config(base: Config, overrides: dict[str, Any], seed: int, run_dir: Path
 
 def run_study(study: dict[str, Any], out: Path) -> list[dict[str, Any]]:
     """Train every arm × seed not yet finished (no summary.json), then return one result row per arm."""
-    from pipeline.data import load_data
+    from pipeline.data import load_config_data
+    from pipeline.plan import resolve_auto_split
     from pipeline.trainer import SequentialTrainer
 
     datasets: dict[tuple, Any] = {}
@@ -65,10 +66,12 @@ def run_study(study: dict[str, Any], out: Path) -> list[dict[str, Any]]:
                 continue
             key = (cfg.dataset, cfg.data_dir, cfg.image_size, cfg.train_subset)
             if key not in datasets:
-                datasets[key] = load_data(*key)
+                datasets[key] = load_config_data(cfg)
+            data = datasets[key]
+            cfg, _ = resolve_auto_split(cfg, data.in_channels, data.num_classes, data.input_size)
             print(f"[study] {arm} seed {seed}: training -> {run_dir}", flush=True)
             try:
-                SequentialTrainer(cfg, datasets[key], run_dir).run()
+                SequentialTrainer(cfg, data, run_dir).run()
             except FloatingPointError as err:  # a diverged arm is a result too: recorded, and the study goes on
                 print(f"[study] {arm} seed {seed}: diverged: {err}", flush=True)
                 (run_dir / "summary.json").write_text(json.dumps({"final_test_acc": None, "diverged": str(err)}))
