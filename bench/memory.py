@@ -130,7 +130,7 @@ def main(argv: list[str] | None = None) -> dict:
                           for s in [{"split": "global BP", "K": 1, **bp}, *stages]]))
     if imagenet:
         print()
-        print("ImageNet models, split: auto (SGR, λ = 1e4, SGD), planned from a profiling pass at batch 2; "
+        print("ImageNet models, split: auto (SGR, λ = 1e4, SGD, fp32), planned from a profiling pass at batches 2 and 3; "
               "largest stage / global BP, against the paper's Table 5 (GB per GPU)")
         print(markdown_table(["model", "K", "cuts", "image", "at batch 2", f"at batch {imagenet[0]['batch_size']}",
                               "paper", "global BP MB", "compute share per stage"],
