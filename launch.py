@@ -185,8 +185,7 @@ def run_plan(argv: list[str]) -> int:
         weights = memory.params + memory.grads + memory.optimizer
         print(f"{k + 1:>5} {f'{units.start}-{units.stop - 1}':>8} {memory.saved / mb:>10.1f} {weights / mb:>11.1f} "
               f"{memory.total / mb:>10.1f} {memory.total / bp:>7.1%} {seconds / total_s:>8.1%}")
-    largest = max(m.total for m in plan.memory)
-    print(f"global BP {bp / mb:.1f} MB; largest stage {largest / mb:.1f} MB: saving {1 - largest / bp:.1%}")
+    print(f"global BP {bp / mb:.1f} MB; largest stage {plan.largest / mb:.1f} MB: saving {1 - plan.largest / bp:.1%}")
     cuts = ",".join(map(str, plan.cuts))
     print(f"cuts [{cuts}]: train with split: auto, or with these cuts: --set split=[{cuts}]")
     return 0
@@ -260,8 +259,7 @@ def main(argv: list[str] | None = None) -> int:
             raise ConfigError(f"the training set has {len(data.train_y)} samples, fewer than batch_size={cfg.batch_size}")
         cfg, plan = plan_auto_split(cfg, data, world_size)
         if plan is not None and int(os.environ.get("RANK", "0")) == 0:
-            largest = max(m.total for m in plan.memory)
-            print(f"split auto: cuts {plan.cuts}, largest stage {largest / 2**20:.1f} MB of global BP's "
+            print(f"split auto: cuts {plan.cuts}, largest stage {plan.largest / 2**20:.1f} MB of global BP's "
                   f"{plan.global_bp.total / 2**20:.1f} MB (see `launch.py plan`)", flush=True)
         stages = len(build_local_modules(cfg, data.in_channels, data.num_classes, data.input_size))
         check_topology(cfg, stages, world_size)

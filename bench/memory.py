@@ -75,13 +75,13 @@ def imagenet_rows(size: str, threads: int, models: list[str] | None = None) -> l
                            split="auto", batch_size=batch, profile_batch=profile, head=HEADS.get(model, "conv_linear"),
                            lam=1e4, threads=threads)
         plan = plan_split(cfg, 3, 1000, image_size)
-        n = len(plan.measured) and max(b for _, b in plan.measured)
+        n = plan.n_units
         at_profile = [plan.measured[(r.start, r.stop)].total for r in plan.units]
         bp_gb, sgr = TABLE5.get(model, (None, {}))
         rows.append({"model": model, "K": k, "cuts": plan.cuts, "image_size": image_size, "profile_batch": profile,
                      "batch_size": batch, "units": n,
                      "largest_over_bp_at_profile_batch": max(at_profile) / plan.measured[(0, n)].total,
-                     "largest_over_bp": max(m.total for m in plan.memory) / plan.global_bp.total,
+                     "largest_over_bp": plan.largest / plan.global_bp.total,
                      "global_bp_bytes": plan.global_bp.total, "stage_bytes": [m.total for m in plan.memory],
                      "compute_share": [s / sum(plan.seconds) for s in plan.seconds],
                      "paper_ratio": sgr[k] / bp_gb if k in sgr else None})
@@ -106,7 +106,7 @@ def main(argv: list[str] | None = None) -> dict:
     for k in balanced:
         plan = plan_split(dataclasses.replace(cfg, stages=k, split="auto"), data.in_channels, data.num_classes,
                           data.input_size)
-        splits.append((f"balanced {plan.cuts}", k, plan.cuts, max(m.total for m in plan.memory)))
+        splits.append((f"balanced {plan.cuts}", k, plan.cuts, plan.largest))
     summary, stages = [], []
     for name, k, split, predicted in splits:
         measured = measure_split(dataclasses.replace(cfg, stages=k, split=split), x, y, device)

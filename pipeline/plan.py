@@ -50,17 +50,38 @@ class ModuleMemory:
 
 @dataclass
 class Plan:
-    """A split chosen by measurement: cut points, and each module's memory (at the training batch) and step time."""
+    """A split chosen by measurement: cut points, every candidate module's memory, and each chosen module's step time."""
 
     cuts: list[int]
-    units: list[range]
-    memory: list[ModuleMemory]
-    seconds: list[float]  # median train_step seconds of each module at the profiling batch
-    global_bp: ModuleMemory  # the whole network as one module: global BP's memory at the training batch
+    seconds: list[float]  # median train_step seconds of each chosen module at the profiling batch
     batch_size: int
     profile_batch: int
     measured: dict[tuple[int, int], ModuleMemory]  # every candidate module (units a..b-1) at the profiling batch b
     table: dict[tuple[int, int], ModuleMemory]  # the same at the training batch: what the cuts were chosen on
+
+    @property
+    def n_units(self) -> int:
+        return max(b for _, b in self.table)
+
+    @property
+    def units(self) -> list[range]:
+        """The unit range of each chosen module."""
+        return module_ranges(self.cuts, self.n_units)
+
+    @property
+    def memory(self) -> list[ModuleMemory]:
+        """Each chosen module's memory at the training batch."""
+        return [self.table[(r.start, r.stop)] for r in self.units]
+
+    @property
+    def global_bp(self) -> ModuleMemory:
+        """The whole network as one module: global BP's memory at the training batch."""
+        return self.table[(0, self.n_units)]
+
+    @property
+    def largest(self) -> int:
+        """The largest chosen module's bytes at the training batch: what the cuts minimise."""
+        return max(m.total for m in self.memory)
 
 
 def saved_bytes(fn: Callable[[], object], exclude: set[int]) -> int:
@@ -204,10 +225,8 @@ def plan_network(cfg: Config, net: Network, in_channels: int, num_classes: int, 
     table = measured if exact else {
         r: measured[r].at_batch(cfg.batch_size, batch, profiler.memory(*r, batch + 1), batch + 1) for r in ranges_all}
     cuts, _ = balanced_cuts({r: m.total for r, m in table.items()}, n, cfg.stages)
-    ranges = module_ranges(cuts, n)
-    seconds = [profiler.seconds(r.start, r.stop, batch) for r in ranges]
-    return Plan(cuts, ranges, [table[(r.start, r.stop)] for r in ranges], seconds, table[(0, n)], cfg.batch_size,
-                batch, measured, table)
+    seconds = [profiler.seconds(r.start, r.stop, batch) for r in module_ranges(cuts, n)]
+    return Plan(cuts, seconds, cfg.batch_size, batch, measured, table)
 
 
 def resolve_auto_split(cfg: Config, in_channels: int, num_classes: int, input_size: int) -> tuple[Config, Plan | None]:
