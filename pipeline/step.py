@@ -98,19 +98,17 @@ class StageStep:
             yield
             return
         cuda = device.type == "cuda"
+        saved = self.rng_state or {}  # a stream saved on the CPU and continued on a GPU has no "cuda" part yet
         with torch.random.fork_rng(devices=[device] if cuda else []):
-            if self.rng_state is None:
-                torch.default_generator.manual_seed(self.rng_seed)
-                if cuda:
-                    with torch.cuda.device(device):
-                        torch.cuda.manual_seed(self.rng_seed)
+            if "cpu" in saved:
+                torch.set_rng_state(saved["cpu"])
             else:
-                torch.set_rng_state(self.rng_state["cpu"])
-                if cuda and "cuda" in self.rng_state:
-                    torch.cuda.set_rng_state(self.rng_state["cuda"], device)
-                elif cuda:  # a stream saved on the CPU, continued on a GPU
-                    with torch.cuda.device(device):
-                        torch.cuda.manual_seed(self.rng_seed)
+                torch.default_generator.manual_seed(self.rng_seed)
+            if cuda and "cuda" in saved:
+                torch.cuda.set_rng_state(saved["cuda"], device)
+            elif cuda:
+                with torch.cuda.device(device):
+                    torch.cuda.manual_seed(self.rng_seed)
             yield
             self.rng_state = {"cpu": torch.get_rng_state()}
             if cuda:
