@@ -206,12 +206,22 @@ def plan_auto_split(cfg, data, world_size: int):
     if cfg.split != "auto" or cfg.method == "bp":
         return cfg, None
     device = cfg.device
-    if world_size > 1 and device.startswith("cuda"):
-        device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+    if world_size > 1:  # this rank's own stage device
+        device = rank_device(cfg, int(os.environ.get("RANK", "0")))
     with mp.get_context("spawn").Pool(1) as pool:
         _, plan = pool.apply(resolve_auto_split, (dataclasses.replace(cfg, device=device), data.in_channels,
                                                   data.num_classes, data.input_size))
     return dataclasses.replace(cfg, split=plan.cuts), plan
+
+
+def rank_device(cfg, rank: int) -> str:
+    """The device of the stage this torchrun rank runs (workers.placement.stage_device with its local rank)."""
+    import torch
+
+    from workers.placement import stage_device
+
+    visible = torch.cuda.device_count() if cfg.device.startswith("cuda") else 0
+    return stage_device(cfg.device, cfg.gpus, rank, visible, int(os.environ.get("LOCAL_RANK", "0")))
 
 
 def check_topology(cfg, stages: int, world_size: int) -> None:
@@ -231,6 +241,16 @@ def check_topology(cfg, stages: int, world_size: int) -> None:
         raise ConfigError(f"gpus lists {len(cfg.gpus)} devices but the split has {stages} stages; give one GPU per stage")
     if world_size > 1 and cfg.schedule != "pipeline":
         raise ConfigError("--schedule sequential runs in one process; start it with python, not torchrun")
+    if cfg.schedule == "pipeline" and cfg.device.startswith("cuda"):  # every stage's GPU exists (one-line error if not)
+        if world_size > 1:
+            rank_device(cfg, int(os.environ.get("RANK", "0")))
+        else:
+            import torch
+
+            from workers.placement import stage_device
+
+            for k in range(stages):
+                stage_device(cfg.device, cfg.gpus, k, torch.cuda.device_count())
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -67,6 +67,8 @@ class Config:
     device: str = "cpu"
     threads: int = 0  # torch intra-op threads (0: leave PyTorch's default)
     amp: str = "fp32"  # fp32 | bf16: each module's forward and losses under bfloat16 autocast (gradients, SGR fp32)
+    wire_fp32: bool = False  # amp bf16: pass activations and δ between modules in fp32 instead of bf16
+    deterministic: bool = False  # deterministic kernels (torch.use_deterministic_algorithms): GPU runs repeat to the bit
     channels_last: bool = False  # conv nets: keep feature maps NHWC in memory (faster convolutions on GPUs)
     schedule: str = "pipeline"  # pipeline: one process per module; sequential: the single-process reference
     depth: int = 2  # pipeline: messages a stage may send ahead of the next stage's progress
@@ -189,4 +191,6 @@ def validate(cfg: Config) -> Config:
              f"device {cfg.device} does not exist: this machine has {torch.cuda.device_count()} GPU(s)")
         bad = [g for g in cfg.gpus if not 0 <= g < torch.cuda.device_count()]
         need(not bad, f"gpus {bad} do not exist: this machine has {torch.cuda.device_count()} GPU(s)")
+        need(cfg.amp != "bf16" or torch.cuda.is_bf16_supported(),
+             f"amp: bf16 asked for but the GPU of {cfg.device} has no bfloat16 support (pre-Ampere); use amp: fp32")
     return cfg

@@ -131,3 +131,14 @@ def test_plan_refuses_what_it_cannot_plan_in_one_line(capsys, argv, message):
     assert launch.main(["plan", *DIGITS, *argv]) == 2
     err = capsys.readouterr().err
     assert err.startswith(message) and err.count("\n") == 1
+
+
+def test_bf16_on_a_gpu_without_it_is_one_line(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr("torch.cuda.is_available", lambda: True)
+    monkeypatch.setattr("torch.cuda.device_count", lambda: 1)
+    monkeypatch.setattr("torch.cuda.is_bf16_supported", lambda: False)
+    argv = [*DIGITS, "--out", str(tmp_path / "run"), "--device", "cuda", "--set", "amp=bf16"]
+    assert launch.main(argv) == 2
+    assert capsys.readouterr().err == ("error: amp: bf16 asked for but the GPU of cuda has no bfloat16 support "
+                                       "(pre-Ampere); use amp: fp32\n")
+

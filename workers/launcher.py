@@ -8,6 +8,7 @@
 """
 from __future__ import annotations
 
+import json
 import multiprocessing as mp
 import os
 import shutil
@@ -24,18 +25,29 @@ import zmq
 from pipeline.checkpoint import Checkpoint
 from pipeline.config import Config
 from workers.coordinator import Coordinator
+from workers.ipc_check import cuda_ipc_error
+from workers.placement import stage_device, use_cuda_ipc
 from workers.stage import StageSpec, StageWorker, stage_main
 
 STOP_GRACE_S = 3.0
 
 
-def stage_devices(cfg: Config, stages: int) -> list[str]:
-    """Each stage's device: cuda:<gpus[k]> (default k mod #GPUs) on GPUs, else the CPU."""
-    if not cfg.device.startswith("cuda"):
-        return ["cpu"] * stages
-    if cfg.gpus:  # one per stage: launch.check_topology
-        return [f"cuda:{g}" for g in cfg.gpus]
-    return [f"cuda:{k % torch.cuda.device_count()}" for k in range(stages)]
+def visible_gpus(cfg: Config) -> int:
+    """How many GPUs this process sees (0 for a CPU run: no CUDA call at all)."""
+    return torch.cuda.device_count() if cfg.device.startswith("cuda") else 0
+
+
+def checked_ipc(use: bool, producer: str, consumer: str, checked: dict[tuple[str, str], bool]) -> bool:
+    """`use`, unless the start-up check finds CUDA IPC broken between the two devices (then zmq, with a warning)."""
+    if not use:
+        return False
+    if (producer, consumer) not in checked:
+        error = cuda_ipc_error(producer, consumer)
+        if error is not None:
+            print(f"warning: CUDA IPC from {producer} to {consumer} does not work here ({error}); "
+                  "those stages pass tensors through host memory (zmq) instead", file=sys.stderr, flush=True)
+        checked[(producer, consumer)] = error is None
+    return checked[(producer, consumer)]
 
 
 def stage_threads(cfg: Config, stages: int, local_stages: int | None = None) -> int:
@@ -68,10 +80,15 @@ def run_spawned(cfg: Config, stages: int, steps_per_epoch: int, resume: Checkpoi
     ctx = zmq.Context()
     start_step = resume.step if resume is not None else 0
     coordinator = Coordinator(cfg, stages, steps_per_epoch, ctx, f"ipc://{tmp}/report", start_step)
-    devices = stage_devices(cfg, stages)
+    visible = visible_gpus(cfg)
+    devices = [stage_device(cfg.device, cfg.gpus, k, visible) for k in range(stages)]
     threads = stage_threads(cfg, stages)
     link = [f"ipc://{tmp}/link{k}" for k in range(stages)]  # link[k]: input of stage k
-    use_ipc = [cfg.transport == "auto" and devices[k].startswith("cuda") and devices[k + 1].startswith("cuda")
+    # Spawned stages inherit this process's CUDA_VISIBLE_DEVICES: a GPU's index names the same GPU in each of them.
+    seen = [f"cuda:{i}" for i in range(visible)]
+    checked: dict[tuple[str, str], bool] = {}
+    use_ipc = [checked_ipc(use_cuda_ipc(cfg.transport, devices[k] if devices[k] in seen else None, seen),
+                           devices[k], devices[k + 1], checked)
                for k in range(stages - 1)] + [False]
     specs = [
         StageSpec(k, stages, cfg.to_dict(), link[k] if k else None, link[k + 1] if k + 1 < stages else None,
@@ -122,7 +139,11 @@ def run_torchrun(cfg: Config, stages: int, steps_per_epoch: int, resume: Checkpo
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", str(world)))
     single_node = local_world == world
     host = "127.0.0.1" if single_node else os.environ.get("SGR_HOST", socket.gethostbyname(socket.gethostname()))
-    device = f"cuda:{local_rank}" if cfg.device.startswith("cuda") else "cpu"
+    visible = visible_gpus(cfg)
+    device = stage_device(cfg.device, cfg.gpus, rank, visible, local_rank)
+    # GPUs are named by UUID between ranks: each rank may see a different set, numbered from 0 (CUDA_VISIBLE_DEVICES)
+    uuids = [str(torch.cuda.get_device_properties(i).uuid) for i in range(visible)]
+    own_uuid = uuids[torch.device(device).index] if device.startswith("cuda") else None
     ctx = zmq.Context()
     coordinator = None
     start_step = resume.step if resume is not None else 0
@@ -133,12 +154,14 @@ def run_torchrun(cfg: Config, stages: int, steps_per_epoch: int, resume: Checkpo
                      stage_threads(cfg, stages, local_world), resume=_resume_path(resume), start_step=start_step)
     worker = StageWorker(spec, ctx)
     if worker.in_endpoint is not None:
-        store.set(f"sgr/in/{rank}", f"{worker.in_endpoint} {socket.gethostname()} {device}")
+        store.set(f"sgr/in/{rank}", json.dumps({"endpoint": worker.in_endpoint, "gpu": own_uuid, "visible": uuids}))
     out_endpoint, cuda_ipc = None, False
     if rank + 1 < stages:
-        out_endpoint, next_host, next_device = store.get(f"sgr/in/{rank + 1}").decode().split()
-        cuda_ipc = (cfg.transport == "auto" and next_host == socket.gethostname()
-                    and device.startswith("cuda") and next_device.startswith("cuda"))
+        consumer = json.loads(store.get(f"sgr/in/{rank + 1}").decode())
+        out_endpoint = consumer["endpoint"]
+        # the check's consumer process runs here: on the next stage's GPU if this rank sees it, else on our own
+        check_on = f"cuda:{uuids.index(consumer['gpu'])}" if consumer["gpu"] in uuids else device
+        cuda_ipc = checked_ipc(use_cuda_ipc(cfg.transport, own_uuid, consumer["visible"]), device, check_on, {})
     worker.connect(out_endpoint, store.get("sgr/report").decode(), cuda_ipc)
     watcher = None
     if coordinator is not None:

@@ -14,7 +14,10 @@ from pipeline.step import StageStep, StepOutput, StepStats
 
 
 class SimulatedStep:
-    """Stands in for a StageStep: sleeps `ms` per training batch and passes its input on unchanged."""
+    """Stands in for a StageStep: sleeps `ms` per training batch and passes a copy of its input on.
+
+    A copy, because a stage sends only tensors it made: a CUDA tensor received by IPC cannot be shared again.
+    """
 
     def __init__(self, step: StageStep, ms: float) -> None:
         self.step, self.seconds = step, ms / 1000
@@ -27,8 +30,8 @@ class SimulatedStep:
         delta = torch.zeros_like(x) if self.step.send_delta and not last else None
         zero = torch.zeros(())
         stats = StepStats(loss=zero, sgr=zero, correct=torch.zeros((), dtype=torch.long), count=y.shape[0])
-        return StepOutput(out=None if last else x, delta=delta, stats=stats)
+        return StepOutput(out=None if last else x.clone(), delta=delta, stats=stats)
 
     def eval_forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """No compute: x passes on, with one-class zero logits (simulated accuracy means nothing)."""
-        return x, torch.zeros(x.shape[0], 1)
+        """No compute: a copy of x passes on, with one-class zero logits (simulated accuracy means nothing)."""
+        return x.clone(), torch.zeros(x.shape[0], 1, device=x.device)

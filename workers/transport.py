@@ -3,7 +3,8 @@
 A link joins one producer to one consumer over a zmq PAIR socket (`ipc://` on one host,
 `tcp://` across hosts). A message is a msgpack header followed by one raw frame per CPU
 tensor (sent without copies, received straight into tensors), or, with CUDA IPC, only a
-device-memory handle in the header. Nothing is ever pickled.
+device-memory handle in the header (for a stage's own outputs only: `placement.travels_by_ipc`).
+Nothing is ever pickled.
 
 Flow control is by credit: the producer may have at most `depth` messages that the consumer
 has not yet declared `done`; that bound is the only buffering between two stages, and it
@@ -18,6 +19,8 @@ from typing import Any, Callable
 import msgpack
 import torch
 import zmq
+
+from workers.placement import HOST_TENSORS, travels_by_ipc
 
 LINGER_MS = 1000
 WAIT_SLICE_MS = 1000  # while waiting on a peer, call `on_wait` this often (a stage's heartbeat)
@@ -77,7 +80,7 @@ def encode(header: dict[str, Any], tensors: dict[str, torch.Tensor | None], cuda
         if t is None:
             continue
         entry: dict[str, Any] = {"name": name, "dtype": str(t.dtype).removeprefix("torch."), "shape": list(t.shape)}
-        if cuda_ipc and t.is_cuda:
+        if travels_by_ipc(name, t.is_cuda, t.numel(), cuda_ipc):
             entry.update(ipc=_share_cuda(t), offset=t.storage_offset(), stride=list(t.stride()))
         else:
             frames.append(_tensor_bytes(_to_host(t)))
@@ -86,7 +89,11 @@ def encode(header: dict[str, Any], tensors: dict[str, torch.Tensor | None], cuda
 
 
 def decode(frames: list[Any], device: torch.device | None = None) -> Message:
-    """A Message from received frames; raw frames become tensors without a copy, IPC handles are opened."""
+    """A Message from received frames; raw frames become tensors without a copy, IPC handles are opened.
+
+    Tensors are placed on `device`, except the labels (HOST_TENSORS): they stay on the host, where
+    the stage forwards them from, and the stage moves them to its device itself.
+    """
     header = msgpack.unpackb(frames[0].bytes if hasattr(frames[0], "bytes") else frames[0], raw=False)
     meta = header.pop("tensors", [])
     raw = iter(frames[1:])
@@ -102,7 +109,7 @@ def decode(frames: list[Any], device: torch.device | None = None) -> Message:
                 t = torch.empty(shape, dtype=dtype)
             else:
                 t = torch.frombuffer(buffer, dtype=torch.uint8).view(dtype).reshape(shape)
-        if device is not None and t.device != device:
+        if device is not None and t.device != device and entry["name"] not in HOST_TENSORS:
             t = t.to(device, non_blocking=False)
         tensors[entry["name"]] = t
     return Message(header, tensors)

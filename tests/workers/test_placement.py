@@ -1,0 +1,62 @@
+import pytest
+
+from pipeline.config import ConfigError
+from workers.placement import stage_device, travels_by_ipc, use_cuda_ipc
+
+# (device, gpus, visible GPUs, local rank or None when one launcher spawns every stage) -> device of stages 0, 1, 2
+PLACEMENT = [
+    ("cpu", [], 0, None, ["cpu", "cpu", "cpu"]),
+    ("cpu", [], 4, 1, ["cpu", "cpu", "cpu"]),  # a CPU run never looks at GPUs
+    # spawn: one launcher, every stage on this host
+    ("cuda", [], 1, None, ["cuda:0", "cuda:0", "cuda:0"]),  # one GPU: every stage shares it
+    ("cuda", [], 2, None, ["cuda:0", "cuda:1", "cuda:0"]),  # fewer GPUs than stages: round robin
+    ("cuda", [], 8, None, ["cuda:0", "cuda:1", "cuda:2"]),
+    ("cuda", [3, 1, 3], 4, None, ["cuda:3", "cuda:1", "cuda:3"]),  # gpus: one per stage, as given
+    ("cuda:1", [], 2, None, ["cuda:1", "cuda:1", "cuda:1"]),  # an explicit GPU takes every stage, as sequential does
+    # torchrun, one process per stage: stage = rank, the local rank spreads the ranks of one node
+    ("cuda", [], 8, 2, ["cuda:2", "cuda:2", "cuda:2"]),
+    ("cuda", [], 1, 2, ["cuda:0", "cuda:0", "cuda:0"]),  # 3 ranks on a node with one GPU
+    ("cuda", [], 2, 5, ["cuda:1", "cuda:1", "cuda:1"]),  # more local ranks than GPUs
+    ("cuda", [], 1, 7, ["cuda:0", "cuda:0", "cuda:0"]),  # each rank sees only its own GPU (CUDA_VISIBLE_DEVICES)
+    ("cuda:0", [], 1, 3, ["cuda:0", "cuda:0", "cuda:0"]),
+    ("cuda", [0, 0, 1], 2, 1, ["cuda:0", "cuda:0", "cuda:1"]),  # gpus wins over the local rank
+]
+
+
+@pytest.mark.parametrize("device, gpus, visible, local_rank, expected", PLACEMENT)
+def test_stage_placement(device, gpus, visible, local_rank, expected):
+    assert [stage_device(device, gpus, k, visible, local_rank) for k in range(3)] == expected
+
+
+@pytest.mark.parametrize("device, gpus, visible, local_rank, message", [
+    ("cuda", [], 0, None, "no CUDA GPU is visible"),
+    ("cuda", [0, 2, 0], 2, None, r"gpus\[1\] = 2 does not exist: this process sees 2 GPU\(s\)"),
+    ("cuda:3", [], 2, 0, r"device cuda:3 does not exist: this process sees 2 GPU\(s\)"),
+])
+def test_placement_that_cannot_run_is_one_line(device, gpus, visible, local_rank, message):
+    with pytest.raises(ConfigError, match=message) as err:
+        [stage_device(device, gpus, k, visible, local_rank) for k in range(3)]
+    assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("transport, producer, consumer_sees, expected", [
+    ("auto", "GPU-a", ["GPU-a", "GPU-b"], True),  # same host, the consumer can open the producer's GPU
+    ("auto", "GPU-a", ["GPU-b"], False),  # each rank sees only its own GPU: no handle can be opened
+    ("auto", "GPU-a", [], False),  # another host, or a CPU consumer
+    ("auto", None, ["GPU-a"], False),  # a CPU producer has nothing to share
+    ("zmq", "GPU-a", ["GPU-a"], False),  # zmq forced
+])
+def test_cuda_ipc_only_when_the_consumer_sees_the_producers_gpu(transport, producer, consumer_sees, expected):
+    assert use_cuda_ipc(transport, producer, consumer_sees) is expected
+
+
+@pytest.mark.parametrize("name, is_cuda, numel, link_ipc, expected", [
+    ("x", True, 10, True, True),  # the stage's own activation
+    ("delta", True, 10, True, True),
+    ("y", True, 10, True, False),  # labels are forwarded from stage to stage: never by handle
+    ("x", True, 0, True, False),  # an empty tensor has no memory to share
+    ("x", False, 10, True, False),  # CPU tensors go as frames
+    ("x", True, 10, False, False),  # a link without IPC
+])
+def test_which_tensors_travel_by_ipc(name, is_cuda, numel, link_ipc, expected):
+    assert travels_by_ipc(name, is_cuda, numel, link_ipc) is expected

@@ -1,0 +1,61 @@
+"""Where each stage runs and how its tensors may travel: pure decisions, tested on the CPU.
+
+Nothing here touches a GPU. The launcher asks the CUDA runtime for the facts (how many GPUs
+this process sees, their UUIDs, bf16 support) and passes them in, so every rule about
+placement, CUDA IPC and dtypes is a plain function of its arguments.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+from pipeline.config import ConfigError
+
+HOST_TENSORS = frozenset({"y"})  # labels: small, travel as frames and stay on the host until a stage uses them
+
+
+def stage_device(device: str, gpus: Sequence[int], stage: int, visible: int, local_rank: int | None = None) -> str:
+    """The device of pipeline stage `stage` (0-based).
+
+    device: the config's `cpu`, `cuda` or `cuda:N`; gpus: the config's per-stage GPU list (may
+    be empty); visible: GPUs this process sees; local_rank: this process's rank on its node
+    under torchrun with one process per stage (None when one launcher spawns every stage).
+    `cuda:N` puts every stage on GPU N, as the sequential trainer does; `gpus` picks one per
+    stage; plain `cuda` spreads the stages (by stage, or by local rank under torchrun) over the
+    visible GPUs, so several stages may share one.
+    """
+    if not device.startswith("cuda"):
+        return "cpu"
+    if visible < 1:
+        raise ConfigError(f"device {device} asked for but no CUDA GPU is visible; use --device cpu")
+    if gpus:
+        index = gpus[stage]
+        if not 0 <= index < visible:
+            raise ConfigError(f"gpus[{stage}] = {index} does not exist: this process sees {visible} GPU(s) "
+                              f"(check CUDA_VISIBLE_DEVICES or the gpus list)")
+        return f"cuda:{index}"
+    if ":" in device:
+        index = int(device.partition(":")[2])
+        if index >= visible:
+            raise ConfigError(f"device {device} does not exist: this process sees {visible} GPU(s); use cuda:0..{visible - 1}")
+        return device
+    slot = stage if local_rank is None else local_rank
+    return f"cuda:{slot % visible}"
+
+
+def use_cuda_ipc(transport: str, producer_gpu: str | None, consumer_gpus: Sequence[str]) -> bool:
+    """Whether a link may pass CUDA IPC handles: only when the consumer can open the producer's GPU.
+
+    producer_gpu: the UUID of the producer's GPU (None on the CPU); consumer_gpus: the UUIDs of
+    every GPU the consumer's process sees (empty on another host, or without CUDA). Host names
+    are not enough: under torchrun each rank may see only its own GPU.
+    """
+    return transport == "auto" and producer_gpu is not None and producer_gpu in consumer_gpus
+
+
+def travels_by_ipc(name: str, is_cuda: bool, numel: int, link_ipc: bool) -> bool:
+    """Whether one tensor of a message goes as a CUDA IPC handle (else as a raw frame through host memory).
+
+    Only a stage's own outputs go by handle: labels are forwarded from stage to stage, and a CUDA
+    tensor received by IPC cannot be shared again. An empty tensor has no memory to share.
+    """
+    return link_ipc and is_cuda and numel > 0 and name not in HOST_TENSORS
