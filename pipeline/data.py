@@ -82,14 +82,29 @@ class ImageData:
         return self.train_x.shape[2]
 
     def normalize(self, x: torch.Tensor) -> torch.Tensor:
-        """uint8 images to float, standardised per channel with the train set's statistics."""
-        return normalize(x, self.mean, self.std)
+        """uint8 images to float on their device, standardised per channel with the train set's statistics."""
+        return normalize(x, *stats_on(self, x.device))
 
 
 def normalize(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
     """uint8 images to float, standardised per channel."""
     x = x.float().div_(255)
     return (x - mean[None, :, None, None]) / std[None, :, None, None]
+
+
+def stats_on(data: Data, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The data's channel mean and std on `device`, copied there once (not once per batch)."""
+    cache = data.__dict__.setdefault("_stats_on", {})
+    if device not in cache:
+        cache[device] = (data.mean.to(device), data.std.to(device))
+    return cache[device]
+
+
+def to_device(t: torch.Tensor, device: torch.device | None) -> torch.Tensor:
+    """A CPU tensor on `device`; to a GPU through pinned memory with a non-blocking copy, so the host need not wait."""
+    if device is None or device.type == "cpu":
+        return t
+    return t.pin_memory().to(device, non_blocking=True)
 
 
 # --- readers -------------------------------------------------------------------------
@@ -236,8 +251,8 @@ class ImageFolderData:
         return self.image_size
 
     def normalize(self, x: torch.Tensor) -> torch.Tensor:
-        """uint8 images to float, standardised with ImageNet's channel statistics."""
-        return normalize(x, self.mean, self.std)
+        """uint8 images to float on their device, standardised with ImageNet's channel statistics."""
+        return normalize(x, *stats_on(self, x.device))
 
     def train_images(self, batches: list[torch.Tensor], generator: torch.Generator, use_augment: bool,
                      start: int = 0) -> Iterator[torch.Tensor]:
@@ -390,22 +405,27 @@ def steps_per_epoch(data: Data, batch_size: int) -> int:
 
 
 def train_batches(data: Data, epoch: int, batch_size: int, seed: int, use_augment: bool,
-                  start: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+                  start: int = 0, device: torch.device | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """The epoch's shuffled, augmented, normalised training batches from batch `start` on (a resumed run skips those it
-    trained on); a function of (seed, epoch) only."""
+    trained on); a function of (seed, epoch) only.
+
+    Images travel to `device` as uint8 and are normalised there (a quarter of the fp32 bytes, no host-side float
+    pass); labels stay on the CPU.
+    """
     g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
     order = torch.randperm(len(data.train_y), generator=g)
     batches = [order[i * batch_size : (i + 1) * batch_size] for i in range(steps_per_epoch(data, batch_size))]
     for idx, x in zip(batches[start:], data.train_images(batches, g, use_augment, start)):
-        yield data.normalize(x), data.train_y[idx]
+        yield data.normalize(to_device(x, device)), data.train_y[idx]
 
 
-def probe_batch(data: Data, size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The fixed probe batch of the ΔL_k analysis: the first `size` training samples, normalised, not augmented."""
-    return data.normalize(data.probe_images(size)), data.train_y[:size]
+def probe_batch(data: Data, size: int, device: torch.device | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The fixed probe batch of the ΔL_k analysis: the first `size` training samples, normalised on `device`, not
+    augmented; labels on the CPU."""
+    return data.normalize(to_device(data.probe_images(size), device)), data.train_y[:size]
 
 
-def eval_batches(data: Data, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """The test set in order, normalised."""
+def eval_batches(data: Data, batch_size: int, device: torch.device | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """The test set in order, normalised on `device`; labels on the CPU."""
     for i, x in enumerate(data.test_images(batch_size)):
-        yield data.normalize(x), data.test_y[i * batch_size : (i + 1) * batch_size]
+        yield data.normalize(to_device(x, device)), data.test_y[i * batch_size : (i + 1) * batch_size]

@@ -6,40 +6,54 @@ import math
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from pipeline.step import StepStats
 
 
 class ModuleMeter:
-    """Running sums of each module's loss, SGR term and local accuracy since the last reset."""
+    """Running sums of each module's loss, SGR term and local accuracy since the last reset.
+
+    The sums stay on the module's device, so a step never waits for the host to read a number:
+    the next step's kernels are queued while this one runs. They are read (and checked for
+    NaN) only by `averages` and `check_finite`, every `log_every` steps and before a checkpoint.
+    """
 
     def __init__(self, n_modules: int, first_module: int = 0) -> None:
         self.n, self.first_module = n_modules, first_module  # a pipeline stage meters its one module
         self.reset()
 
     def reset(self) -> None:
-        self.loss = [0.0] * self.n
-        self.sgr = [0.0] * self.n
-        self.correct = [0] * self.n
+        self.loss: list[torch.Tensor | float] = [0.0] * self.n
+        self.sgr: list[torch.Tensor | float] = [0.0] * self.n
+        self.correct: list[torch.Tensor | int] = [0] * self.n
         self.count = [0] * self.n
         self.steps = [0] * self.n
 
     def update(self, k: int, stats: StepStats) -> None:
-        """Add one step of module k; a NaN or infinite loss stops training here, before it reaches a checkpoint."""
-        loss = float(stats.loss)
-        if not math.isfinite(loss):
-            raise FloatingPointError(f"module {self.first_module + k + 1}'s loss is {loss}; lower lr or lam, or check the data")
-        self.loss[k] += loss
-        self.sgr[k] += float(stats.sgr)
-        self.correct[k] += int(stats.correct)
+        """Add one step of module k (device tensors, no host sync)."""
+        self.loss[k] = self.loss[k] + stats.loss.detach().float()
+        self.sgr[k] = self.sgr[k] + stats.sgr.detach().float()
+        self.correct[k] = self.correct[k] + stats.correct
         self.count[k] += stats.count
         self.steps[k] += 1
 
+    def check_finite(self) -> list[float]:
+        """Each module's summed loss; a NaN or infinite one stops training here, before it reaches a checkpoint."""
+        losses = [float(loss) for loss in self.loss]
+        for k, loss in enumerate(losses):
+            if not math.isfinite(loss):
+                raise FloatingPointError(f"module {self.first_module + k + 1}'s loss is {loss}; "
+                                         "lower lr or lam, or check the data")
+        return losses
+
     def averages(self) -> dict[str, list[float]]:
+        losses = self.check_finite()
         steps = [max(1, s) for s in self.steps]
         return {
-            "loss": [l / s for l, s in zip(self.loss, steps)],
-            "sgr": [g / s for g, s in zip(self.sgr, steps)],
-            "acc": [c / max(1, n) for c, n in zip(self.correct, self.count)],
+            "loss": [l / s for l, s in zip(losses, steps)],
+            "sgr": [float(g) / s for g, s in zip(self.sgr, steps)],
+            "acc": [int(c) / max(1, n) for c, n in zip(self.correct, self.count)],
         }
 
     def summary(self) -> str:
@@ -48,6 +62,12 @@ class ModuleMeter:
         return " | ".join(
             f"M{k + 1} {avg['loss'][k]:.3f}/{100 * avg['acc'][k]:.0f}%" for k in range(self.n) if self.steps[k]
         )
+
+
+def topk_correct(logits: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """How many of a batch's samples are right at top-1 and at top-5 (fewer classes: top-all), as device tensors."""
+    top = logits.topk(min(5, logits.shape[1]), dim=1).indices
+    return (top[:, 0] == y).sum(), (top == y[:, None]).any(dim=1).sum()
 
 
 def train_records(meter: ModuleMeter, epoch: int, step: int, lrs: list[float]) -> list[dict[str, Any]]:

@@ -18,10 +18,10 @@ from pipeline.bpfree import NEEDS_OUTPUT_ERROR, dfa_signal
 from pipeline.checkpoint import (Checkpoint, CheckpointError, checkpoint_dir, fingerprint, load_stage_state, prune,
                                  save_atomic, stage_state, write_manifest)
 from pipeline.config import Config
-from pipeline.data import Data, eval_batches, probe_batch, steps_per_epoch, train_batches
-from pipeline.metrics import JsonlLog, ModuleMeter, eval_record, format_eval, train_records, truncate_after
+from pipeline.data import Data, eval_batches, probe_batch, steps_per_epoch, to_device, train_batches
+from pipeline.metrics import JsonlLog, ModuleMeter, eval_record, format_eval, topk_correct, train_records, truncate_after
 from pipeline.probe import InputDriftProbe
-from pipeline.stages import build_local_modules, build_stage_steps, is_due, split_cuts
+from pipeline.stages import build_local_modules, build_stage_steps, configure_torch, is_due, split_cuts
 from pipeline.step import SignalStep, StageStep, StepStats
 
 
@@ -61,17 +61,17 @@ def feedback_batch(steps: list[SignalStep], x: torch.Tensor, y: torch.Tensor) ->
 @torch.no_grad()
 def evaluate(steps: list[StageStep], data: Data, batch_size: int, device: torch.device) -> dict[str, list[float]]:
     """Top-1 and top-5 test accuracy of every module's head; the last head's is the model's accuracy."""
-    correct1 = [0] * len(steps)
-    correct5 = [0] * len(steps)
-    for x, y in eval_batches(data, batch_size):
-        x, y = x.to(device), y.to(device)
+    correct1: list[torch.Tensor | int] = [0] * len(steps)  # on the device: read once, at the end
+    correct5: list[torch.Tensor | int] = [0] * len(steps)
+    for x, y in eval_batches(data, batch_size, device):
+        y = to_device(y, device)
         for k, step in enumerate(steps):
             x, logits = step.eval_forward(x)
-            top = logits.topk(min(5, logits.shape[1]), dim=1).indices
-            correct1[k] += int((top[:, 0] == y).sum())
-            correct5[k] += int((top == y[:, None]).any(dim=1).sum())
+            top1, top5 = topk_correct(logits, y)
+            correct1[k] += top1
+            correct5[k] += top5
     n = len(data.test_y)
-    return {"test_acc": [c / n for c in correct1], "test_top5": [c / n for c in correct5]}
+    return {"test_acc": [int(c) / n for c in correct1], "test_top5": [int(c) / n for c in correct5]}
 
 
 class SequentialTrainer:
@@ -80,6 +80,7 @@ class SequentialTrainer:
     def __init__(self, cfg: Config, data: Data, run_dir: Path | None = None, resume: Checkpoint | None = None) -> None:
         self.cfg, self.data = cfg, data
         self.device = torch.device(cfg.device)
+        configure_torch(cfg)
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
         self.local = build_local_modules(cfg, data.in_channels, data.num_classes, data.input_size)
@@ -92,7 +93,7 @@ class SequentialTrainer:
         self.run_dir = Path(run_dir or cfg.out)
         self.fingerprint = fingerprint(cfg, split_cuts(cfg, data.in_channels, data.num_classes, data.input_size))
         self.probes = [InputDriftProbe() for _ in self.steps]
-        self.probe = probe_batch(data, cfg.probe_size) if cfg.probe_size else None
+        self.probe = probe_batch(data, cfg.probe_size, self.device) if cfg.probe_size else None
         self.start_step = 0
         if resume is not None:
             if cfg.method == "greedy":
@@ -121,8 +122,9 @@ class SequentialTrainer:
         return result
 
     def _batches(self, epoch: int, start: int = 0):
-        for x, y in train_batches(self.data, epoch, self.cfg.batch_size, self.cfg.seed, self.cfg.augment, start):
-            yield x.to(self.device), y.to(self.device)
+        for x, y in train_batches(self.data, epoch, self.cfg.batch_size, self.cfg.seed, self.cfg.augment, start,
+                                  self.device):
+            yield x, to_device(y, self.device)
 
     def _run_joint(self) -> dict[str, Any]:
         """All modules train on every batch (bp, layerwise, sgr, reforward); evaluations and checkpoints as due."""
@@ -141,6 +143,7 @@ class SequentialTrainer:
                 if is_due(self.cfg.eval_every, global_step, self.steps_per_epoch, self.total_steps):
                     result = self._evaluate(epoch, global_step, len(self.steps))
                 if is_due(self.cfg.checkpoint_every, global_step, self.steps_per_epoch, self.total_steps):
+                    meter.check_finite()  # a NaN since the last log must not reach a sealed checkpoint
                     self._checkpoint(epoch, global_step, result)
             bar.close()
         return result
@@ -179,7 +182,7 @@ class SequentialTrainer:
         scores = evaluate(self.steps[:n_heads], self.data, self.cfg.eval_batch_size, self.device)
         delta_loss: list[float | None] = [None] * n_heads
         if self.probe is not None and n_heads == len(self.steps):
-            x, y = (t.to(self.device) for t in self.probe)
+            x, y = self.probe[0], to_device(self.probe[1], self.device)
             for k, (step, probe) in enumerate(zip(self.steps, self.probes)):
                 x, delta_loss[k] = probe(step, x, y)
         self.log.write(eval_record(epoch, global_step, scores["test_acc"], scores["test_top5"], delta_loss))

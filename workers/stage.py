@@ -22,10 +22,10 @@ import zmq
 
 from pipeline.checkpoint import checkpoint_dir, fingerprint, load_stage_state, save_atomic, stage_state
 from pipeline.config import Config, from_dict
-from pipeline.data import eval_batches, load_config_data, probe_batch, steps_per_epoch, train_batches
-from pipeline.metrics import ModuleMeter, train_records
+from pipeline.data import eval_batches, load_config_data, probe_batch, steps_per_epoch, to_device, train_batches
+from pipeline.metrics import ModuleMeter, topk_correct, train_records
 from pipeline.probe import InputDriftProbe
-from pipeline.stages import build_local_modules, build_stage_steps, is_due, split_cuts
+from pipeline.stages import build_local_modules, build_stage_steps, configure_torch, is_due, split_cuts
 from pipeline.step import StageStep
 from workers.simulated import SimulatedStep
 from workers.transport import LINGER_MS, Message, Receiver, Sender
@@ -73,6 +73,7 @@ class StageWorker:
         self.cfg: Config = from_dict(spec.config)
         self.rank, self.last = spec.rank, spec.rank == spec.stages - 1
         self.device = torch.device(spec.device)
+        configure_torch(self.cfg)  # before the first CUDA call: deterministic kernels need the cuBLAS workspace set
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
         torch.set_num_threads(spec.threads)
@@ -103,7 +104,7 @@ class StageWorker:
         self.reporter: Reporter | None = None
         self.meter = ModuleMeter(1, first_module=self.rank)
         self.busy = self.idle = 0.0
-        self.eval_counts = [0, 0, 0]  # correct top-1, correct top-5, samples
+        self.eval_counts: list[torch.Tensor | int] = [0, 0, 0]  # correct top-1, top-5 (on the device), samples
 
     @property
     def in_endpoint(self) -> str | None:
@@ -145,19 +146,19 @@ class StageWorker:
     def _feed(self) -> None:
         """Stage 1: draw the batches, train, and send results on; evaluation and checkpoint markers when due."""
         start = self.spec.start_step
-        probe = probe_batch(self.data, self.cfg.probe_size) if self.probing else None
+        probe = probe_batch(self.data, self.cfg.probe_size, self.device) if self.probing else None
         for epoch in range(start // self.steps_per_epoch, self.cfg.epochs):
             skip = max(0, start - epoch * self.steps_per_epoch)  # batches a resumed run trained on
-            batches = train_batches(self.data, epoch, self.cfg.batch_size, self.cfg.seed, self.cfg.augment, skip)
+            batches = train_batches(self.data, epoch, self.cfg.batch_size, self.cfg.seed, self.cfg.augment, skip,
+                                    self.device)  # uint8 to the device, normalised there
             for i, (x, y) in enumerate(batches, start=skip):
                 step = epoch * self.steps_per_epoch + i + 1
                 header = {"epoch": epoch, "step": step}
-                self._train({"kind": "train", **header}, x.to(self.device), None, y.to(self.device))
+                self._train({"kind": "train", **header}, x, None, y)
                 if is_due(self.cfg.eval_every, step, self.steps_per_epoch, self.total_steps):
-                    for ex, ey in eval_batches(self.data, self.cfg.eval_batch_size):
-                        self._eval({"kind": "eval", **header}, ex.to(self.device), ey.to(self.device))
-                    self._eval_end({"kind": "eval_end", **header},
-                                   *((t.to(self.device) for t in probe) if probe is not None else (None, None)))
+                    for ex, ey in eval_batches(self.data, self.cfg.eval_batch_size, self.device):
+                        self._eval({"kind": "eval", **header}, ex, ey)
+                    self._eval_end({"kind": "eval_end", **header}, *(probe if probe is not None else (None, None)))
                 if is_due(self.cfg.checkpoint_every, step, self.steps_per_epoch, self.total_steps):
                     self._checkpoint({"kind": "checkpoint", **header})
         self._send({"kind": "stop"}, {})
@@ -185,9 +186,11 @@ class StageWorker:
 
     # --- message handlers -----------------------------------------------------------
 
+    # Labels `y` arrive and leave on the host (placement.HOST_TENSORS); each handler moves its own copy to the device.
+
     def _train(self, header: dict[str, Any], x: torch.Tensor, delta: torch.Tensor | None, y: torch.Tensor) -> None:
         start = time.perf_counter()
-        result = self.step.train_step(x, delta, y)
+        result = self.step.train_step(x, delta, to_device(y, self.device))
         self.meter.update(0, result.stats)
         self.busy += time.perf_counter() - start
         self.beat()
@@ -203,18 +206,18 @@ class StageWorker:
 
     def _eval(self, header: dict[str, Any], x: torch.Tensor, y: torch.Tensor) -> None:
         out, logits = self.step.eval_forward(x)
-        top = logits.topk(min(5, logits.shape[1]), dim=1).indices
-        self.eval_counts[0] += int((top[:, 0] == y).sum())
-        self.eval_counts[1] += int((top == y[:, None]).any(dim=1).sum())
+        correct1, correct5 = topk_correct(logits, to_device(y, self.device))
+        self.eval_counts[0] += correct1
+        self.eval_counts[1] += correct5
         self.eval_counts[2] += y.shape[0]
         self._send(header, {"x": out, "y": y})
 
     def _eval_end(self, header: dict[str, Any], probe_x: torch.Tensor | None, probe_y: torch.Tensor | None) -> None:
         """Report this head's accuracy and ΔL_k (on the probe batch that rides on the marker), then pass it on."""
-        correct1, correct5, count = self.eval_counts
+        correct1, correct5, count = (int(c) for c in self.eval_counts)
         delta_loss, tensors = None, {}
         if probe_x is not None:
-            out, delta_loss = self.probe(self.real_step, probe_x, probe_y)
+            out, delta_loss = self.probe(self.real_step, probe_x, to_device(probe_y, self.device))
             tensors = {"x": out, "y": probe_y}
         self.reporter.send({"kind": "eval", "epoch": header["epoch"], "step": header["step"],
                             "acc": correct1 / max(1, count), "top5": correct5 / max(1, count), "delta_loss": delta_loss})
@@ -223,6 +226,7 @@ class StageWorker:
 
     def _checkpoint(self, header: dict[str, Any]) -> None:
         """Save this module's state after the training batch the marker follows, then pass the marker on."""
+        self.meter.check_finite()  # a NaN since the last log must not reach a sealed checkpoint
         path = checkpoint_dir(Path(self.cfg.out), header["step"]) / f"stage{self.rank + 1}.pt"
         save_atomic(stage_state(self.real_step, self.device, self.probe.previous_input), path)
         self.reporter.send({"kind": "saved", "epoch": header["epoch"], "step": header["step"]})

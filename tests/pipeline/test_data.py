@@ -211,3 +211,24 @@ def test_a_resumed_epoch_starts_mid_way_with_the_same_batches_and_decodes_only_t
     monkeypatch.setattr(FolderImages, "__getitem__", lambda self, item: decoded.append(item) or original(self, item))
     list(train_batches(data, 2, 2, seed=3, use_augment=True, start=2))
     assert len(decoded) == 2  # only the last batch of the three
+
+
+def test_images_travel_as_uint8_and_are_normalised_where_they_land(monkeypatch):
+    import pipeline.data as data_module
+
+    data = load_data("digits")
+    moved = []
+    real = data_module.to_device
+    monkeypatch.setattr(data_module, "to_device", lambda t, device: moved.append(t) or real(t, device))
+    cpu = torch.device("cpu")
+    batches = list(train_batches(data, 1, 64, seed=5, use_augment=True, device=cpu))
+    first_eval = next(eval_batches(data, 100, cpu))
+    probe = probe_batch(data, 16, cpu)
+    assert len(moved) == len(batches) + 2 and all(t.dtype == torch.uint8 for t in moved)  # a quarter of fp32's bytes
+    # the numbers are the old path's: the uint8 images normalised on the host, then moved as floats
+    mean, std = data.mean[None, :, None, None], data.std[None, :, None, None]
+    for (x, _), images in zip([*batches, first_eval, probe], moved):
+        assert torch.equal(x, (images.float() / 255 - mean) / std)
+    assert torch.equal(moved[-2], data.test_x[:100]) and torch.equal(moved[-1], data.train_x[:16])
+    monkeypatch.undo()
+    assert all(torch.equal(a[0], b[0]) for a, b in zip(batches, train_batches(data, 1, 64, seed=5, use_augment=True)))

@@ -22,8 +22,20 @@ def test_meter_averages_and_numbers_modules_from_its_first():
 
 @pytest.mark.parametrize("bad", [math.nan, math.inf])
 def test_a_non_finite_loss_is_refused_naming_the_module(bad):
+    meter = ModuleMeter(1, first_module=2)
+    meter.update(0, stats(1.0))
+    meter.update(0, stats(bad))  # kept on the device: nothing is read back per step
     with pytest.raises(FloatingPointError, match=f"module 3's loss is {bad}"):
-        ModuleMeter(1, first_module=2).update(0, stats(bad))
+        meter.check_finite()
+    with pytest.raises(FloatingPointError, match=f"module 3's loss is {bad}"):
+        train_records(meter, epoch=0, step=2, lrs=[0.1])
+
+
+def test_meter_sums_stay_tensors_on_the_steps_device():
+    meter = ModuleMeter(2)
+    meter.update(1, stats(0.5))
+    assert isinstance(meter.loss[1], torch.Tensor) and isinstance(meter.correct[1], torch.Tensor)
+    assert meter.loss[0] == 0.0 and meter.check_finite() == [0.0, 0.5]
 
 
 def test_truncate_after_drops_what_a_dead_run_wrote_after_its_checkpoint(tmp_path):
