@@ -71,9 +71,19 @@ def stage_state(step: StageStep, device: torch.device, probe_input: torch.Tensor
     return state
 
 
+def read_stage_file(path: Path) -> dict[str, Any]:
+    """A stage file's state, every tensor on the CPU (weights_only: no code runs on load).
+
+    Loading to the CPU and letting each `load_state_dict` place what it owns keeps Adam's `step`
+    counters on the CPU, as in a fresh run; loaded onto a GPU they would cost two host syncs per
+    parameter per step.
+    """
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
 def load_stage_state(step: StageStep, path: Path, device: torch.device) -> torch.Tensor | None:
-    """Restore a stage file into a freshly built StageStep (weights_only: no code runs on load); returns the probe input."""
-    state = torch.load(path, map_location=device, weights_only=True)
+    """Restore a stage file into a freshly built StageStep on `device`; returns the probe input (on `device`)."""
+    state = read_stage_file(path)
     step.module.load_state_dict(state["module"])
     step.head.load_state_dict(state["head"])
     step.optimizer.load_state_dict(state["optimizer"])
@@ -81,10 +91,11 @@ def load_stage_state(step: StageStep, path: Path, device: torch.device) -> torch
         step.scheduler.load_state_dict(state["scheduler"])
     module_rng = state.get("rng_module")
     step.rng_state = None if module_rng is None else {name: t.cpu() for name, t in module_rng.items()}
-    torch.set_rng_state(state["rng_cpu"].cpu())
+    torch.set_rng_state(state["rng_cpu"])
     if "rng_cuda" in state and device.type == "cuda":
-        torch.cuda.set_rng_state(state["rng_cuda"].cpu(), device)
-    return state["probe_input"]
+        torch.cuda.set_rng_state(state["rng_cuda"], device)
+    probe_input = state["probe_input"]
+    return None if probe_input is None else probe_input.to(device)
 
 
 def checkpoint_dir(run_dir: Path, step: int) -> Path:

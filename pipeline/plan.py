@@ -24,7 +24,7 @@ import torch
 from pipeline.config import Config, ConfigError
 from pipeline.models import Network
 from pipeline.splits import module_ranges
-from pipeline.stages import build_net, build_stage_step, check_layout, local_module, unit_outputs
+from pipeline.stages import build_net, build_stage_step, check_layout, local_module, unit_outputs, wire_dtype
 from pipeline.step import StageStep, StepOutput
 
 
@@ -86,17 +86,20 @@ class Plan:
 
 def saved_bytes(fn: Callable[[], object], exclude: set[int]) -> int:
     """Bytes of the unique storages autograd saves for backward while fn runs (storages in `exclude` left out)."""
-    kept: dict[int, torch.UntypedStorage] = {}
+    kept: dict[int, int] = {}  # storage address -> bytes
 
     def pack(t: torch.Tensor) -> torch.Tensor:
+        # Only addresses are kept, not the storages: holding them would keep every saved tensor alive to the end
+        # of the step and overstate a CUDA peak measured around it. No address is reused among saved storages: a
+        # local step saves everything before its one final backward frees it (the δ and SGR grads retain the graph).
         storage = t.untyped_storage()
         if storage.data_ptr() not in exclude and storage.nbytes():
-            kept[storage.data_ptr()] = storage  # held until the end: no address is reused meanwhile
+            kept[storage.data_ptr()] = storage.nbytes()
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         fn()
-    return sum(storage.nbytes() for storage in kept.values())
+    return sum(kept.values())
 
 
 def step_memory(step: StageStep, x: torch.Tensor, delta: torch.Tensor | None, y: torch.Tensor) -> tuple[ModuleMemory, StepOutput]:
@@ -180,9 +183,10 @@ class Profiler:
         return step, step.needs_delta
 
     def batch(self, a: int, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Unit a's input and the labels for the first `batch` samples, in storages of their own (a kept view would
-        count the whole batch's storage)."""
-        return self.inputs[a][:batch].clone(), self.y[:batch].clone()
+        """Unit a's input, as the previous module would send it, and the labels for the first `batch` samples, in
+        storages of their own (a kept view would count the whole batch's storage)."""
+        x = self.inputs[a][:batch].clone()
+        return (x if a == 0 else x.to(wire_dtype(self.cfg))), self.y[:batch].clone()  # later modules get the wire dtype
 
     def memory(self, a: int, b: int, batch: int) -> ModuleMemory:
         """Measured memory of units a..b-1 as a module, at `batch`."""

@@ -14,8 +14,12 @@ NORM_EPS = 1e-12
 
 
 def normalize_per_sample(grad: torch.Tensor, eps: float = NORM_EPS) -> torch.Tensor:
-    """Flatten each sample's gradient and divide it by its L2 norm (an all-zero row stays zero)."""
-    return F.normalize(grad.reshape(grad.shape[0], -1), p=2.0, dim=1, eps=eps)
+    """Flatten each sample's gradient and divide it by its L2 norm (an all-zero row stays zero).
+
+    Always in float32: gradients may arrive in bfloat16 or float16 (activations and δ travel in
+    the compute dtype), and in float16 the eps would round to 0 and turn a zero row into NaN.
+    """
+    return F.normalize(grad.reshape(grad.shape[0], -1).float(), p=2.0, dim=1, eps=eps)
 
 
 def sgr_term(grad_now: torch.Tensor, grad_prev: torch.Tensor, reduction: str = "mean") -> torch.Tensor:

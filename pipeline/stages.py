@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 
 import torch
@@ -177,4 +178,27 @@ def build_stage_step(cfg: Config, lm: LocalModule, k: int, k_total: int, steps_p
         amp=cfg.amp == "bf16",
         channels_last=cfg.channels_last,
         rng_seed=2**40 + 1000 * cfg.seed + k,  # dropout / stochastic depth: module k's own stream
+        wire_dtype=wire_dtype(cfg),
     )
+
+
+def configure_torch(cfg: Config) -> None:
+    """Process-wide torch settings of a run; call before the first CUDA work.
+
+    `deterministic`: only deterministic kernels (an op without one raises, naming itself), and the
+    cuBLAS workspace that makes matrix products repeat to the bit. Needed for a GPU pipeline to
+    equal the sequential reference to the bit; on the CPU the kernels already are deterministic.
+    """
+    if cfg.deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)
+        torch.backends.cudnn.benchmark = False
+
+
+def wire_dtype(cfg: Config) -> torch.dtype:
+    """The dtype of the activations and δ passed between modules: the compute dtype unless `wire_fp32` asks for fp32.
+
+    Under bf16 autocast a module's output is already bf16; casting it to fp32 would double what
+    every message and every in-flight slot holds without adding information.
+    """
+    return torch.bfloat16 if cfg.amp == "bf16" and not cfg.wire_fp32 else torch.float32

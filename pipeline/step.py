@@ -43,8 +43,10 @@ class StageStep:
 
     lam > 0 adds the SGR term against the δ received from the previous module; lam = 0 is
     non-greedy layer-wise training. `reforward` recomputes the output after the update.
-    `amp` runs the forward passes and losses under bfloat16 autocast; gradients, the SGR
-    term and the tensors passed between modules stay fp32. `channels_last` keeps conv maps NHWC in memory.
+    `amp` runs the forward passes and losses under bfloat16 autocast; parameters, their gradients
+    and the SGR term stay fp32. The output and δ passed to the next module are cast to `wire_dtype`
+    (the compute dtype: bf16 under amp, unless the config asks for fp32, see stages.wire_dtype).
+    `channels_last` keeps conv maps NHWC in memory.
     With `rng_seed`, dropout and stochastic depth draw from the module's own random stream, so a
     module gets the same draws whether it trains alone in a stage process or beside the others in
     one process (None: the global stream).
@@ -67,8 +69,10 @@ class StageStep:
         amp: bool = False,
         channels_last: bool = False,
         rng_seed: int | None = None,
+        wire_dtype: torch.dtype = torch.float32,
     ) -> None:
         self.module, self.head = module, head
+        self.wire_dtype = wire_dtype
         self.rng_seed = rng_seed
         self.rng_state: dict[str, torch.Tensor] | None = None  # the module's stream between steps (checkpointed)
         self.amp, self.channels_last = amp, channels_last
@@ -137,7 +141,7 @@ class StageStep:
         delta_out = None
         if self.send_delta and not self.is_last:
             (delta_out,) = torch.autograd.grad(loss_cls, out, retain_graph=True)
-            delta_out = delta_out.detach().float()
+            delta_out = delta_out.detach().to(self.wire_dtype)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
@@ -150,7 +154,7 @@ class StageStep:
                     passed_on = self.module(x.detach())
             else:
                 passed_on = out.detach()
-            passed_on = passed_on.float()
+            passed_on = passed_on.to(self.wire_dtype)
         stats = StepStats(
             loss=loss_cls.detach(),
             sgr=sgr.detach(),
@@ -168,7 +172,7 @@ class StageStep:
             x = self.prepare(x)
             out = self.module(x)
             logits = self.head(out)
-        return out.float(), logits.float()
+        return out.to(self.wire_dtype), logits.float()
 
     def prepare(self, x: torch.Tensor) -> torch.Tensor:
         """A received input, detached, in this module's memory format."""
@@ -258,7 +262,7 @@ class SignalStep(StageStep):
             self.scheduler.step()
         stats = StepStats(loss=loss_cls, sgr=torch.zeros((), device=out.device),
                           correct=(logits.argmax(dim=1) == y).sum(), count=y.shape[0])
-        return StepOutput(out=None if self.is_last else out.detach().float(), delta=None, stats=stats)
+        return StepOutput(out=None if self.is_last else out.detach().to(self.wire_dtype), delta=None, stats=stats)
 
     def train_step(self, x: torch.Tensor, delta_prev: torch.Tensor | None, y: torch.Tensor) -> StepOutput:
         """DRTP: the update needs only this layer's input and the label, so it runs in a pipeline stage."""

@@ -93,3 +93,19 @@ def test_stage_state_round_trips_weights_optimizer_schedule_and_rng(tmp_path):
 def test_the_fingerprint_changes_with_the_optimizer_whose_state_is_saved():
     sgd, adamw = fingerprint(Config(), [2, 3]), fingerprint(Config(optimizer="adamw"), [2, 3])
     assert [key for key in sgd if sgd[key] != adamw[key]] == ["optimizer"]
+
+
+def test_checkpoints_load_on_the_cpu_and_adam_step_counters_stay_there(tmp_path, monkeypatch):
+    cfg = Config(dataset="digits", model="resnet8", stages=2, batch_size=8, optimizer="adamw", progress=False)
+    step = build_stage_steps(cfg, build_local_modules(cfg, 1, 10, 8), steps_per_epoch=4)[0]
+    step.train_step(torch.randn(8, 1, 8, 8), None, torch.randint(0, 10, (8,)))
+    save_atomic(stage_state(step, torch.device("cpu"), torch.randn(2, 1, 8, 8)), tmp_path / "stage1.pt")
+    locations = []
+    real_load = torch.load
+    monkeypatch.setattr(torch, "load", lambda *a, **kw: locations.append(kw.get("map_location")) or real_load(*a, **kw))
+    fresh = build_stage_steps(cfg, build_local_modules(cfg, 1, 10, 8), steps_per_epoch=4)[0]
+    probe = load_stage_state(fresh, tmp_path / "stage1.pt", torch.device("cpu"))
+    assert locations == ["cpu"]  # on a GPU, map_location=device would put Adam's `step` there: two syncs per parameter
+    steps = [s["step"] for s in fresh.optimizer.state.values()]
+    assert steps and all(t.device.type == "cpu" and t.dtype == torch.float32 and float(t) == 1.0 for t in steps)
+    assert probe.shape == (2, 1, 8, 8)

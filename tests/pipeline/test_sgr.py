@@ -47,3 +47,13 @@ def test_bad_arguments_are_errors():
         sgr_term(torch.ones(2, 3), torch.ones(2, 4))
     with pytest.raises(ValueError, match="unknown SGR reduction"):
         sgr_term(torch.ones(2, 3), torch.ones(2, 3), "sum")
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_sgr_term_is_computed_in_float32_whatever_the_gradients_dtype(dtype):
+    g = torch.Generator().manual_seed(3)
+    now, prev = torch.randn(4, 6, generator=g), torch.randn(4, 6, generator=g)
+    now[1] = 0  # an all-zero sample: float16's eps would round to 0 and give NaN
+    term = sgr_term(now.to(dtype), prev.to(dtype))
+    assert term.dtype == torch.float32 and torch.isfinite(term)
+    assert torch.allclose(term, sgr_term(now.to(dtype).float(), prev.to(dtype).float()))

@@ -177,3 +177,19 @@ def test_dropout_draws_from_the_module_own_stream(batch, rng_seed):
         torch.rand(other_draws)  # another module, in the same process, draws in between
         outputs.append(step.train_step(x, delta_prev, y).out)
     assert torch.equal(outputs[0], outputs[1]) == (rng_seed is not None)
+
+
+@pytest.mark.parametrize("wire", [torch.float32, torch.bfloat16])
+def test_output_and_delta_are_passed_on_in_the_wire_dtype(batch, wire):
+    x, y, _ = batch
+    step = StageStep(tiny_module(), PoolLinear(4, 3), torch.optim.SGD([*tiny_module().parameters()], lr=0.1),
+                     is_first=True, is_last=False, send_delta=True, amp=True, wire_dtype=wire)
+    result = step.train_step(x, None, y)
+    assert result.out.dtype == wire and result.delta.dtype == wire
+    out, logits = step.eval_forward(x)
+    assert out.dtype == wire and logits.dtype == torch.float32
+    nxt_module, nxt_head = tiny_module(4, 4), PoolLinear(4, 3)  # the next module (same amp) takes what arrives
+    nxt = StageStep(nxt_module, nxt_head, torch.optim.SGD([*nxt_module.parameters(), *nxt_head.parameters()], lr=0.1),
+                    lam=1.0, is_first=False, is_last=True, send_delta=False, amp=True, wire_dtype=wire)
+    stats = nxt.train_step(result.out, result.delta, y).stats
+    assert torch.isfinite(stats.sgr) and stats.sgr.dtype == torch.float32
