@@ -33,7 +33,8 @@ TINY = {  # --smoke: the same configs shrunk to run in seconds on a CPU
     "imagenet_vit_s16_k3_sgr.yaml": {"model_args": {"patch_size": 8, "num_layers": 3, "hidden_dim": 32, "mlp_dim": 64,
                                                     "num_heads": 2}},
 }
-SIZES = {"smoke": (8, 4, 2), "quick": (256, 100, 10), "full": (256, 300, 20)}  # batch, timed steps, warm-up steps
+SIZES = {"smoke": (8, 4, 2), "check": (64, 20, 5), "quick": (256, 100, 10), "full": (256, 300, 20)}  # batch, timed, warm-up
+# "check": the reduced size scripts/gpu_check.sh runs (a minute or two on one GPU)
 
 
 def run_config(name: str, size: str, threads: int) -> Config:
@@ -84,8 +85,10 @@ def global_bp(cfg: Config, steps: int, warmup: int) -> tuple[float, int | None]:
 
 def main(argv: list[str] | None = None) -> dict:
     """Global BP, then the K-stage pipeline, per config; print the table last."""
-    args = parse(parser("imagenet_gpu", "ResNet-50 and ViT-S, K=3, pipeline on one GPU vs global BP", threads=1), argv)
-    size = size_of(args)
+    p = parser("imagenet_gpu", "ResNet-50 and ViT-S, K=3, pipeline on one GPU vs global BP", threads=1)
+    p.add_argument("--check", action="store_true", help="the reduced size of scripts/gpu_check.sh (batch 64, 20 steps)")
+    args = parse(p, argv)
+    size = "check" if args.check else size_of(args)
     _, steps, warmup = SIZES[size]
     if size != "smoke" and not torch.cuda.is_available():
         sys.exit("bench/imagenet_gpu.py needs a CUDA GPU (use --smoke to run its code on the CPU)")
@@ -105,7 +108,7 @@ def main(argv: list[str] | None = None) -> dict:
                      "bp_peak_bytes": bp_peak, "stage_peak_bytes": peaks, "peak_memory_kind": pipe["peak_memory_kind"],
                      "largest_over_bp": max(peaks) / bp_peak if bp_peak else None,
                      "planned_largest_over_bp": plan.largest / plan.global_bp.total})
-    write_results(args.out, {"meta": meta(args), "steps": steps, "warmup_steps": warmup, "rows": rows})
+    write_results(args.out, {"meta": {**meta(args), "size": size}, "steps": steps, "warmup_steps": warmup, "rows": rows})
     device = torch.cuda.get_device_name() if torch.cuda.is_available() and size != "smoke" else "cpu"
     print(f"{steps} timed steps after {warmup}, synthetic data, {device}; GiB = 2^30 bytes; "
           "peak = torch.cuda.max_memory_allocated per process (--smoke: resident set)")

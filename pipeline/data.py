@@ -278,8 +278,11 @@ class ImageFolderData:
         return dataclasses.replace(self, train_files=self.train_files[:n], train_y=self.train_y[:n])
 
     def _decode(self, items: list[list[tuple[str, int]]]) -> Iterator[torch.Tensor]:
+        # forkserver, not fork: a stage process has zmq and OpenMP threads, and a child forked from a threaded
+        # process can inherit a lock held by one of them (stage 1 hung in its first batch now and then)
         loader = torch.utils.data.DataLoader(FolderImages(self.image_size), batch_sampler=items,
-                                             num_workers=self.workers, collate_fn=torch.stack)
+                                             num_workers=self.workers, collate_fn=torch.stack,
+                                             multiprocessing_context="forkserver" if self.workers else None)
         return iter(loader)
 
 

@@ -59,10 +59,16 @@ def _to_host(t: torch.Tensor) -> torch.Tensor:
     return host.copy_(t)
 
 
-def _share_cuda(t: torch.Tensor) -> list[Any]:
-    """The CUDA IPC handle of a tensor's storage, as msgpack-able values."""
-    storage = t.untyped_storage()
-    return list(storage._share_cuda_())
+def _share_cuda(t: torch.Tensor) -> list[Any] | None:
+    """The CUDA IPC handle of a tensor's storage, as msgpack-able values; None if the storage cannot be shared.
+
+    A tensor this process itself received by IPC cannot be shared again (PyTorch refuses); the
+    placement rule keeps such tensors off IPC, and this is the backstop: it goes as a frame.
+    """
+    try:
+        return list(t.untyped_storage()._share_cuda_())
+    except RuntimeError:
+        return None
 
 
 def _open_cuda(meta: dict[str, Any]) -> torch.Tensor:
@@ -80,8 +86,9 @@ def encode(header: dict[str, Any], tensors: dict[str, torch.Tensor | None], cuda
         if t is None:
             continue
         entry: dict[str, Any] = {"name": name, "dtype": str(t.dtype).removeprefix("torch."), "shape": list(t.shape)}
-        if travels_by_ipc(name, t.is_cuda, t.numel(), cuda_ipc):
-            entry.update(ipc=_share_cuda(t), offset=t.storage_offset(), stride=list(t.stride()))
+        handle = _share_cuda(t) if travels_by_ipc(name, t.is_cuda, t.numel(), cuda_ipc) else None
+        if handle is not None:
+            entry.update(ipc=handle, offset=t.storage_offset(), stride=list(t.stride()))
         else:
             frames.append(_tensor_bytes(_to_host(t)))
         meta.append(entry)

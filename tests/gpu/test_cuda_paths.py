@@ -1,0 +1,108 @@
+"""The CUDA paths, run whenever a GPU is present (skipped otherwise); scripts/gpu_check.sh runs them first.
+
+The decisions around them (placement, which tensors go by IPC, dtypes, where checkpoints load)
+are pure functions tested on the CPU in tests/workers and tests/pipeline; here the real CUDA
+calls run: IPC between processes, pinned copies, bf16 on the wire, a resume on the GPU.
+"""
+import multiprocessing as mp
+
+import msgpack
+import pytest
+import torch
+import zmq
+
+from bench.gpu_check import STRESS_MESSAGES, check_transport
+from pipeline.checkpoint import load_stage_state, save_atomic, stage_state
+from pipeline.config import Config
+from pipeline.data import eval_batches, load_data, train_batches
+from pipeline.stages import build_local_modules, build_stage_steps
+from workers.ipc_check import cuda_ipc_error
+from workers.transport import Receiver, Sender, encode
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+CUDA = torch.device("cuda:0")
+
+
+def test_cuda_ipc_works_between_two_processes_on_this_gpu():
+    assert cuda_ipc_error("cuda:0", "cuda:0") is None
+
+
+def test_transport_stress_between_three_processes_by_cuda_ipc():
+    assert check_transport("cuda:0").startswith(f"{STRESS_MESSAGES} messages")
+
+
+def test_labels_and_empty_tensors_travel_as_frames_even_on_an_ipc_link():
+    frames = encode({}, {"x": torch.ones(4, device=CUDA), "y": torch.arange(4, device=CUDA),
+                         "empty": torch.empty(0, device=CUDA)}, cuda_ipc=True)
+    meta = {m["name"]: m for m in msgpack.unpackb(frames[0], raw=False)["tensors"]}
+    assert "ipc" in meta["x"] and "ipc" not in meta["y"] and "ipc" not in meta["empty"]
+    assert len(frames) == 3  # the header, then frames for y and the empty tensor
+
+
+def _forwarder(in_endpoint: str, out_endpoint: str) -> None:
+    ctx = zmq.Context()
+    receiver = Receiver(ctx, in_endpoint, timeout_s=60, device=CUDA)
+    sender = Sender(ctx, out_endpoint, depth=1, timeout_s=60, cuda_ipc=True)
+    message = receiver.recv()
+    sender.send({}, {"x": message.tensors["x"]})  # received by IPC: cannot be re-shared, must go as a frame
+    sender.drain()
+    receiver.done(message)
+    ctx.destroy(linger=1000)
+
+
+def test_a_tensor_received_by_ipc_is_forwarded_without_the_reshare_crash(tmp_path):
+    ctx = zmq.Context()
+    last = Receiver(ctx, f"ipc://{tmp_path}/b", timeout_s=60, device=CUDA)
+    first = Sender(ctx, f"ipc://{tmp_path}/a", depth=1, timeout_s=60, cuda_ipc=True)
+    middle = mp.get_context("spawn").Process(target=_forwarder, args=(f"ipc://{tmp_path}/a", f"ipc://{tmp_path}/b"))
+    middle.start()
+    x = torch.randn(64, 64, device=CUDA)
+    first.send({}, {"x": x})
+    message = last.recv()
+    assert torch.equal(message.tensors["x"], x)
+    last.done(message)
+    first.drain()
+    middle.join(timeout=60)
+    assert middle.exitcode == 0
+    ctx.destroy(linger=0)
+
+
+def test_uint8_batches_normalised_on_the_gpu_equal_the_host_normalised_ones():
+    data = load_data("digits")
+    for (gx, gy), (cx, cy) in zip(train_batches(data, 0, 64, 3, True, device=CUDA), train_batches(data, 0, 64, 3, True)):
+        assert gx.is_cuda and torch.equal(gx.cpu(), cx) and torch.equal(gy, cy)
+    gx, _ = next(eval_batches(data, 100, CUDA))
+    assert torch.equal(gx.cpu(), next(eval_batches(data, 100))[0])
+
+
+def test_bf16_activations_and_delta_cross_between_modules_on_the_gpu():
+    cfg = Config(dataset="digits", model="resnet8", stages=2, batch_size=8, amp="bf16", device="cuda:0", progress=False)
+    local = build_local_modules(cfg, 1, 10, 8)
+    for lm in local:
+        lm.module.to(CUDA)
+        lm.head.to(CUDA)
+    first, second = build_stage_steps(cfg, local, steps_per_epoch=4)
+    y = torch.randint(0, 10, (8,), device=CUDA)
+    result = first.train_step(torch.randn(8, 1, 8, 8, device=CUDA), None, y)
+    assert result.out.dtype == torch.bfloat16 and result.delta.dtype == torch.bfloat16
+    assert torch.isfinite(second.train_step(result.out, result.delta, y).stats.sgr)
+
+
+def test_a_resume_on_the_gpu_keeps_adam_step_counters_on_the_cpu(tmp_path):
+    cfg = Config(dataset="digits", model="resnet8", stages=2, batch_size=8, optimizer="adamw", device="cuda:0",
+                 progress=False)
+
+    def step_on_gpu():
+        local = build_local_modules(cfg, 1, 10, 8)
+        for lm in local:
+            lm.module.to(CUDA)
+            lm.head.to(CUDA)
+        return build_stage_steps(cfg, local, steps_per_epoch=4)[0]
+
+    step = step_on_gpu()
+    step.train_step(torch.randn(8, 1, 8, 8, device=CUDA), None, torch.randint(0, 10, (8,), device=CUDA))
+    save_atomic(stage_state(step, CUDA), tmp_path / "stage1.pt")
+    fresh = step_on_gpu()
+    load_stage_state(fresh, tmp_path / "stage1.pt", CUDA)
+    for state in fresh.optimizer.state.values():
+        assert state["step"].device.type == "cpu" and state["exp_avg"].is_cuda
