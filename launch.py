@@ -118,7 +118,9 @@ def find_resume(args: argparse.Namespace, cfg, data, steps_per_run: int):
 def run_tool(argv: list[str]) -> int:
     """`launch.py plot|export|evaluate RUN_DIR`."""
     args = parse_tool_args(argv)
-    from pipeline.checkpoint import CheckpointError, complete_checkpoints
+    import warnings
+
+    from pipeline.checkpoint import CheckpointError, newest_good_checkpoint
     from pipeline.config import ConfigError, load_yaml
     from pipeline.data import DataError, load_config_data
 
@@ -135,26 +137,35 @@ def run_tool(argv: list[str]) -> int:
     try:
         cfg = load_yaml(run_dir / "config.yaml")
         data = load_config_data(cfg)
-        found = complete_checkpoints(run_dir)
-        if not found:
-            raise CheckpointError(f"{run_dir} has no complete checkpoint")
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            checkpoint = newest_good_checkpoint(run_dir)
+        for w in caught:
+            print(f"warning: {w.message}", file=sys.stderr)
     except (ConfigError, DataError, CheckpointError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    import pickle
+
     import torch
 
     from pipeline.export import export_model, restore_steps
     from pipeline.metrics import format_eval
     from pipeline.trainer import evaluate
 
-    if args.tool == "export":
-        path = Path(args.to or run_dir / "model.pt")
-        export_model(cfg, data, found[-1], path)
-        print(f"exported step {found[-1].step} to {path}; load it with pipeline.export.load_exported({str(path)!r})")
-        return 0
-    _, steps = restore_steps(cfg, data, found[-1], torch.device("cpu"))
+    try:
+        if args.tool == "export":
+            path = Path(args.to or run_dir / "model.pt")
+            export_model(cfg, data, checkpoint, path)
+            print(f"exported step {checkpoint.step} to {path}; load it with pipeline.export.load_exported({str(path)!r})")
+            return 0
+        _, steps = restore_steps(cfg, data, checkpoint, torch.device("cpu"))
+    except (pickle.UnpicklingError, EOFError, RuntimeError, KeyError) as err:  # a file older checkpoints did not checksum
+        print(f"error: checkpoint {checkpoint.path} cannot be loaded ({type(err).__name__}: {str(err).splitlines()[0]})",
+              file=sys.stderr)
+        return 2
     scores = evaluate(steps, data, cfg.eval_batch_size, torch.device("cpu"))
-    print(format_eval(found[-1].step, scores["test_acc"]))
+    print(format_eval(checkpoint.step, scores["test_acc"]))
     return 0
 
 
@@ -265,6 +276,7 @@ def main(argv: list[str] | None = None) -> int:
     from pipeline.checkpoint import CheckpointError
     from pipeline.config import ConfigError
     from pipeline.data import DataError, load_config_data, steps_per_epoch
+    from pipeline.rundir import lock_run_dir
     from pipeline.stages import build_local_modules
     from pipeline.trainer import SequentialTrainer
     from workers.coordinator import StageFailed
@@ -283,6 +295,8 @@ def main(argv: list[str] | None = None) -> int:
                   f"{plan.global_bp.total / 2**20:.1f} MB (see `launch.py plan`)", flush=True)
         stages = len(build_local_modules(cfg, data.in_channels, data.num_classes, data.input_size))
         check_topology(cfg, stages, world_size)
+        if int(os.environ.get("RANK", "0")) == 0:  # held until this process exits: a second launcher is refused
+            run_lock = lock_run_dir(Path(cfg.out))  # noqa: F841 (kept open on purpose)
         resume = find_resume(args, cfg, data, steps * cfg.epochs)  # every torchrun rank finds the same one
     except (ConfigError, DataError, CheckpointError) as err:
         print(f"error: {err}", file=sys.stderr)

@@ -2,13 +2,17 @@
 
 A checkpoint of training step t is the folder RUN_DIR/checkpoints/step{t:08d} holding
 stage{k}.pt (module, head, optimizer, scheduler and RNG state of module k after batch t) and
-manifest.json. Only a folder whose manifest exists and whose stage files have the sizes it
-lists counts: a run killed while saving leaves a torn folder that resume skips. The same
+manifest.json, which lists each stage file's size and SHA-256. Only a folder whose manifest
+exists, is well formed and names its own step, and whose stage files have the sizes it lists,
+counts: a run killed while saving leaves a torn folder that resume skips. Before a checkpoint is
+resumed, exported or evaluated its files are checked against their SHA-256; one that fails is
+skipped with a warning and the previous one is used. The same
 format serves the pipeline (each stage process writes its own file) and the sequential
 trainer (one process writes them all).
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -71,6 +75,23 @@ def stage_state(step: StageStep, device: torch.device, probe_input: torch.Tensor
     return state
 
 
+def check_finite(step: StageStep, module: int) -> None:
+    """Refuse to checkpoint module `module` (1-based) if any parameter or buffer is NaN or infinite.
+
+    A sealed checkpoint is what a failed run is resumed from, so non-finite state must never reach
+    one. One host sync for the whole module.
+    """
+    tensors = {f"{part}.{name}": t for part, owner in (("module", step.module), ("head", step.head))
+               for name, t in owner.state_dict().items() if t.is_floating_point()}
+    if not tensors:
+        return
+    finite = torch.stack([t.isfinite().all() for t in tensors.values()]).tolist()
+    bad = [name for name, ok in zip(tensors, finite) if not ok]
+    if bad:
+        raise FloatingPointError(f"module {module}'s {bad[0]} is not finite ({len(bad)} tensor(s) in all); "
+                                 "this state is not checkpointed: lower lr or lam")
+
+
 def read_stage_file(path: Path) -> dict[str, Any]:
     """A stage file's state, every tensor on the CPU (weights_only: no code runs on load).
 
@@ -109,10 +130,22 @@ def fingerprint(cfg: Config, cuts: list[int]) -> dict[str, Any]:
             "batch_size": cfg.batch_size, "optimizer": cfg.optimizer}
 
 
+def file_digest(path: Path) -> str:
+    """The SHA-256 of a file's bytes, read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def write_manifest(path: Path, step: int, epoch: int, run_fingerprint: dict[str, Any], stages: int,
                    test_acc: float | None) -> None:
-    """Seal a checkpoint: list each stage file with its size, then write the manifest atomically."""
-    files = {f"stage{k + 1}.pt": (path / f"stage{k + 1}.pt").stat().st_size for k in range(stages)}
+    """Seal a checkpoint: list each stage file with its size and SHA-256, then write the manifest atomically."""
+    files = {}
+    for k in range(stages):
+        file = path / f"stage{k + 1}.pt"
+        files[file.name] = {"bytes": file.stat().st_size, "sha256": file_digest(file)}
     manifest = {"step": step, "epoch": epoch, "fingerprint": run_fingerprint, "files": files, "test_acc": test_acc}
     tmp = path / (MANIFEST + ".tmp")
     with open(tmp, "w") as f:
@@ -122,17 +155,52 @@ def write_manifest(path: Path, step: int, epoch: int, run_fingerprint: dict[str,
     os.replace(tmp, path / MANIFEST)
 
 
+def manifest_problem(path: Path, manifest: Any) -> str:
+    """What is wrong with a parsed manifest's shape ('' if nothing): a hand-edited or foreign file is not trusted."""
+    if not isinstance(manifest, dict):
+        return "the manifest is not a JSON object"
+    step, files = manifest.get("step"), manifest.get("files")
+    if not isinstance(step, int) or isinstance(step, bool) or step < 1:
+        return f"the manifest's step is {step!r}, not a positive integer"
+    if path.name != f"step{step:08d}":
+        return f"the manifest says step {step} but the folder is {path.name} (edited?)"
+    if not isinstance(manifest.get("fingerprint"), dict):
+        return "the manifest has no fingerprint"
+    if not isinstance(files, dict) or not files:
+        return "the manifest lists no stage files"
+    if sorted(files) != [f"stage{k + 1}.pt" for k in range(len(files))]:
+        return f"the manifest lists {sorted(files)}, not stage1.pt..stage{len(files)}.pt"
+    for name, entry in files.items():
+        size = entry.get("bytes") if isinstance(entry, dict) else entry  # format 1 listed sizes only
+        if not isinstance(size, int) or isinstance(size, bool) or (isinstance(entry, dict)
+                                                                  and not isinstance(entry.get("sha256"), str)):
+            return f"the manifest's entry for {name} is {entry!r}"
+    return ""
+
+
 def _read(path: Path) -> tuple[Checkpoint | None, str]:
-    """The checkpoint in `path`, or None and why it is torn."""
+    """The checkpoint in `path`, or None and why it is torn or malformed (sizes only: cheap, no file is read)."""
     try:
         manifest = json.loads((path / MANIFEST).read_text())
     except (OSError, ValueError):
         return None, "no readable manifest (interrupted while saving)"
-    for name, size in manifest["files"].items():
+    problem = manifest_problem(path, manifest)
+    if problem:
+        return None, problem
+    for name, entry in manifest["files"].items():
         file = path / name
+        size = entry["bytes"] if isinstance(entry, dict) else entry
         if not file.exists() or file.stat().st_size != size:
             return None, f"{name} is missing or truncated"
     return Checkpoint(path, manifest), ""
+
+
+def verify(checkpoint: Checkpoint) -> str:
+    """Why a checkpoint's stage files are not the ones its manifest sealed ('' if they are)."""
+    for name, entry in checkpoint.manifest["files"].items():
+        if isinstance(entry, dict) and file_digest(checkpoint.path / name) != entry["sha256"]:
+            return f"{name} does not match its SHA-256 in the manifest (corrupted on disk)"
+    return ""
 
 
 def _scan(run_dir: Path) -> list[tuple[Path, Checkpoint | None, str]]:
@@ -142,7 +210,7 @@ def _scan(run_dir: Path) -> list[tuple[Path, Checkpoint | None, str]]:
 
 
 def complete_checkpoints(run_dir: Path) -> list[Checkpoint]:
-    """Every complete checkpoint of a run, oldest first; torn ones are skipped with a warning."""
+    """Every complete checkpoint of a run, oldest first; torn or malformed ones are skipped with a warning."""
     found = []
     for path, checkpoint, why in _scan(run_dir):
         if checkpoint is None:
@@ -152,12 +220,20 @@ def complete_checkpoints(run_dir: Path) -> list[Checkpoint]:
     return found
 
 
+def newest_good_checkpoint(run_dir: Path) -> Checkpoint:
+    """The newest complete checkpoint whose files match their checksums; each one that fails is warned about."""
+    for checkpoint in reversed(complete_checkpoints(run_dir)):
+        problem = verify(checkpoint)
+        if not problem:
+            return checkpoint
+        warnings.warn(f"skipping checkpoint {checkpoint.path}: {problem}", stacklevel=2)
+    raise CheckpointError(f"{run_dir} has no complete, uncorrupted checkpoint to resume from; "
+                          "start it again without --resume")
+
+
 def latest_checkpoint(run_dir: Path, expected: dict[str, Any]) -> Checkpoint:
-    """The newest complete checkpoint of `run_dir`, refused if it was trained with a different model or split."""
-    found = complete_checkpoints(run_dir)
-    if not found:
-        raise CheckpointError(f"{run_dir} has no complete checkpoint to resume from; start it again without --resume")
-    latest = found[-1]
+    """The newest good checkpoint of `run_dir`, refused if it was trained with a different model or split."""
+    latest = newest_good_checkpoint(run_dir)
     differ = [key for key in expected if latest.manifest["fingerprint"].get(key) != expected[key]]
     if differ:
         was = ", ".join(f"{k}={latest.manifest['fingerprint'].get(k)!r}" for k in differ)

@@ -15,8 +15,8 @@ import yaml
 from tqdm import tqdm
 
 from pipeline.bpfree import NEEDS_OUTPUT_ERROR, dfa_signal
-from pipeline.checkpoint import (Checkpoint, CheckpointError, checkpoint_dir, fingerprint, load_stage_state, prune,
-                                 save_atomic, stage_state, write_manifest)
+from pipeline.checkpoint import (Checkpoint, CheckpointError, check_finite, checkpoint_dir, fingerprint, load_stage_state,
+                                 prune, save_atomic, stage_state, write_manifest)
 from pipeline.config import Config
 from pipeline.data import Data, eval_batches, probe_batch, steps_per_epoch, to_device, train_batches
 from pipeline.metrics import JsonlLog, ModuleMeter, eval_record, format_eval, topk_correct, train_records, truncate_after
@@ -192,6 +192,8 @@ class SequentialTrainer:
     def _checkpoint(self, epoch: int, global_step: int, result: dict[str, Any]) -> None:
         """Every module's state after `global_step`, sealed with a manifest; older checkpoints pruned."""
         path = checkpoint_dir(self.run_dir, global_step)
+        for k, step in enumerate(self.steps):
+            check_finite(step, k + 1)
         for k, (step, probe) in enumerate(zip(self.steps, self.probes)):
             save_atomic(stage_state(step, self.device, probe.previous_input), path / f"stage{k + 1}.pt")
         test_acc = result["final_test_acc"] if result.get("step") == global_step else None

@@ -1,4 +1,6 @@
 import json
+import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -142,3 +144,73 @@ def test_bf16_on_a_gpu_without_it_is_one_line(tmp_path, capsys, monkeypatch):
     assert capsys.readouterr().err == ("error: amp: bf16 asked for but the GPU of cuda has no bfloat16 support "
                                        "(pre-Ampere); use amp: fp32\n")
 
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--set", "split=[1,"], "error: override 'split=[1,': the value is not valid YAML"),
+    (["--set", "lr=null"], "error: config key 'lr' needs a value, got null"),
+    (["--lr", "inf"], "error: config key 'lr' must be a finite number, got inf"),
+    (["--lam", "inf"], "error: config key 'lam' must be a finite number, got inf"),
+    (["--set", "peer_timeout=.inf"], "error: config key 'peer_timeout' must be a finite number, got inf"),
+    (["--set", "log_every=true"], "error: config key 'log_every' must be an integer, got True"),
+    (["--set", "image_size=0"], "error: image_size must be >= 8 pixels, got 0"),
+    (["--set", "model_args={widths: [-4, 8]}"], "error: model_args {'widths': [-4, 8]}: sizes and counts must be >= 1"),
+])
+def test_bad_values_on_the_command_line_are_one_line_and_exit_2(tmp_path, capsys, argv, message):
+    assert launch.main([*DIGITS, "--out", str(tmp_path / "run"), *argv]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(message) and err.count("\n") == 1
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_binary_config_file_is_one_line(tmp_path, capsys):
+    (tmp_path / "bin.yaml").write_bytes(b"lr: 0.1\nseed: \x00\x01\xff\xfe\n")
+    assert launch.main(["--config", str(tmp_path / "bin.yaml"), "--out", str(tmp_path / "run")]) == 2
+    assert capsys.readouterr().err == f"error: config file {tmp_path / 'bin.yaml'} is not text (binary bytes); give a YAML file\n"
+
+
+def test_a_second_launcher_on_a_live_run_directory_is_refused_and_deletes_nothing(tmp_path, capsys):
+    from pipeline.rundir import lock_run_dir
+
+    run_dir = tmp_path / "run"
+    held = lock_run_dir(run_dir)  # what a running launcher holds
+    (run_dir / "checkpoints" / "step00000004").mkdir(parents=True)
+    (run_dir / "metrics.jsonl").write_text('{"event": "train", "step": 4}\n')
+    for extra in ([], ["--fresh"]):
+        assert launch.main([*DIGITS, "--out", str(run_dir), *extra]) == 2
+        assert capsys.readouterr().err == (f"error: {run_dir} is in use by another run (pid {os.getpid()}); wait for "
+                                           "it to end, stop it, or choose another --out\n")
+    assert (run_dir / "checkpoints" / "step00000004").is_dir()
+    assert (run_dir / "metrics.jsonl").read_text() == '{"event": "train", "step": 4}\n'
+    held.close()  # the first run ends: the directory is free again
+    assert launch.main([*DIGITS, "--out", str(run_dir), "--fresh", "--epochs", "1", "--set", "train_subset=128",
+                        "--schedule", "sequential"]) == 0
+
+
+def test_a_corrupted_newest_checkpoint_is_skipped_and_the_resumed_run_ends_as_an_uninterrupted_one(tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    argv = [*DIGITS, "--out", str(run_dir), "--schedule", "sequential", "--threads", "1", "--set", "train_subset=128",
+            "--set", "checkpoint_every=1", "--set", "keep_checkpoints=10", "--set", "probe_size=0"]
+    assert launch.main(argv) == 0
+    final = {k: torch.load(run_dir / "checkpoints" / "step00000004" / f"stage{k}.pt", weights_only=True)
+             for k in (1, 2, 3)}
+    shutil.rmtree(run_dir / "checkpoints" / "step00000004")  # as if killed after step 3's checkpoint
+    stage2 = run_dir / "checkpoints" / "step00000003" / "stage2.pt"
+    data = bytearray(stage2.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # one flipped byte: same size
+    stage2.write_bytes(bytes(data))
+    capsys.readouterr()
+    assert launch.main(["--resume", str(run_dir), "--no-progress"]) == 0
+    out, err = capsys.readouterr()
+    assert f"step00000003: stage2.pt does not match its SHA-256 in the manifest" in err
+    assert f"resuming {run_dir} from step 2" in out
+    for k, state in final.items():
+        resumed = torch.load(run_dir / "checkpoints" / "step00000004" / f"stage{k}.pt", weights_only=True)
+        for part in ("module", "head"):
+            assert all(torch.equal(v, resumed[part][n]) for n, v in state[part].items()), (k, part)
+    for step in (1, 2, 3):  # no good checkpoint left (the resumed run rewrote step 3): one line, exit 2
+        (run_dir / "checkpoints" / f"step{step:08d}" / "manifest.json").write_text("{}")
+    shutil.rmtree(run_dir / "checkpoints" / "step00000004")
+    assert launch.main(["--resume", str(run_dir), "--no-progress"]) == 2
+    assert capsys.readouterr().err.endswith(f"error: {run_dir} has no complete, uncorrupted checkpoint to resume from; "
+                                            "start it again without --resume\n")

@@ -20,7 +20,7 @@ import msgpack
 import torch
 import zmq
 
-from pipeline.checkpoint import checkpoint_dir, fingerprint, load_stage_state, save_atomic, stage_state
+from pipeline.checkpoint import check_finite, checkpoint_dir, fingerprint, load_stage_state, save_atomic, stage_state
 from pipeline.config import Config, from_dict
 from pipeline.data import eval_batches, load_config_data, probe_batch, steps_per_epoch, to_device, train_batches
 from pipeline.metrics import ModuleMeter, topk_correct, train_records
@@ -227,6 +227,7 @@ class StageWorker:
     def _checkpoint(self, header: dict[str, Any]) -> None:
         """Save this module's state after the training batch the marker follows, then pass the marker on."""
         self.meter.check_finite()  # a NaN since the last log must not reach a sealed checkpoint
+        check_finite(self.real_step, self.rank + 1)  # nor an inf in a weight or BatchNorm statistic
         path = checkpoint_dir(Path(self.cfg.out), header["step"]) / f"stage{self.rank + 1}.pt"
         save_atomic(stage_state(self.real_step, self.device, self.probe.previous_input), path)
         self.reporter.send({"kind": "saved", "epoch": header["epoch"], "step": header["step"]})

@@ -1,11 +1,14 @@
+import hashlib
 import json
+import random
+import re
 import warnings
 
 import pytest
 import torch
 
-from pipeline.checkpoint import (CheckpointError, checkpoint_dir, complete_checkpoints, fingerprint, latest_checkpoint,
-                                 load_stage_state, prune, save_atomic, stage_state, write_manifest)
+from pipeline.checkpoint import (CheckpointError, check_finite, checkpoint_dir, complete_checkpoints, fingerprint,
+                                 latest_checkpoint, load_stage_state, prune, save_atomic, stage_state, write_manifest)
 from pipeline.config import Config
 from pipeline.stages import build_local_modules, build_stage_steps
 
@@ -45,7 +48,7 @@ def test_a_run_with_another_model_or_split_is_refused(tmp_path):
     with pytest.raises(CheckpointError, match=r"was trained with cuts=\[2, 3\], stages=3, but this config has "
                                               r"cuts=\[2\], stages=2; resume with the run's own config"):
         latest_checkpoint(tmp_path, {**FINGERPRINT, "cuts": [2], "stages": 2})
-    with pytest.raises(CheckpointError, match="has no complete checkpoint"):
+    with pytest.raises(CheckpointError, match="has no complete, uncorrupted checkpoint"):
         latest_checkpoint(tmp_path / "empty", FINGERPRINT)
 
 
@@ -60,11 +63,13 @@ def test_prune_keeps_the_newest_and_the_best(tmp_path):
     assert left == ["step00000020", "step00000035", "step00000040", "step00000050"]
 
 
-def test_manifest_is_written_last_and_lists_sizes(tmp_path):
+def test_manifest_is_written_last_and_lists_sizes_and_checksums(tmp_path):
     path = fake_checkpoint(tmp_path, 7, stages=2, test_acc=0.25)
     manifest = json.loads((path / "manifest.json").read_text())
     assert manifest["step"] == 7 and manifest["test_acc"] == 0.25
-    assert manifest["files"] == {f"stage{k}.pt": (path / f"stage{k}.pt").stat().st_size for k in (1, 2)}
+    assert manifest["files"] == {f"stage{k}.pt": {"bytes": (path / f"stage{k}.pt").stat().st_size,
+                                                  "sha256": hashlib.sha256((path / f"stage{k}.pt").read_bytes()).hexdigest()}
+                                 for k in (1, 2)}
     assert not list(path.glob("*.tmp"))
 
 
@@ -109,3 +114,59 @@ def test_checkpoints_load_on_the_cpu_and_adam_step_counters_stay_there(tmp_path,
     steps = [s["step"] for s in fresh.optimizer.state.values()]
     assert steps and all(t.device.type == "cpu" and t.dtype == torch.float32 and float(t) == 1.0 for t in steps)
     assert probe.shape == (2, 1, 8, 8)
+
+
+@pytest.mark.parametrize("manifest, why", [
+    ({}, "the manifest's step is None"),
+    ([], "the manifest is not a JSON object"),
+    ({"step": 20, "epoch": 0, "fingerprint": FINGERPRINT, "files": None}, "the manifest lists no stage files"),
+    ({"step": 20, "epoch": 0, "files": {"stage1.pt": 1}}, "the manifest has no fingerprint"),
+    ({"step": 30, "epoch": 0, "fingerprint": FINGERPRINT, "files": {"stage1.pt": 1}},
+     "the manifest says step 30 but the folder is step00000020 (edited?)"),
+    ({"step": 20, "epoch": 0, "fingerprint": FINGERPRINT, "files": {"stage2.pt": 1}},
+     "the manifest lists ['stage2.pt'], not stage1.pt..stage1.pt"),
+    ({"step": 20, "epoch": 0, "fingerprint": FINGERPRINT, "files": {"stage1.pt": "big"}},
+     "the manifest's entry for stage1.pt is 'big'"),
+])
+def test_a_malformed_manifest_is_skipped_and_the_previous_checkpoint_used(tmp_path, manifest, why):
+    fake_checkpoint(tmp_path, 10)
+    bad = fake_checkpoint(tmp_path, 20)
+    (bad / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.warns(UserWarning, match=f"skipping checkpoint .*step00000020: {re.escape(why)}"):
+        assert latest_checkpoint(tmp_path, FINGERPRINT).step == 10
+
+
+@pytest.mark.parametrize("damage", ["one_byte", "garbage"])
+def test_a_corrupted_stage_file_fails_its_checksum_and_the_previous_checkpoint_is_used(tmp_path, damage):
+    fake_checkpoint(tmp_path, 10)
+    bad = fake_checkpoint(tmp_path, 20)
+    data = bytearray((bad / "stage2.pt").read_bytes())
+    if damage == "one_byte":  # same size: only the checksum can tell
+        data[len(data) // 2] ^= 0xFF
+    else:
+        data = bytearray(random.Random(0).randbytes(len(data)))
+    (bad / "stage2.pt").write_bytes(bytes(data))
+    assert [c.step for c in complete_checkpoints(tmp_path)] == [10, 20]  # sizes agree
+    with pytest.warns(UserWarning, match="step00000020: stage2.pt does not match its SHA-256 in the manifest"):
+        assert latest_checkpoint(tmp_path, FINGERPRINT).step == 10
+    (checkpoint_dir(tmp_path, 10) / "stage1.pt").write_bytes(b"x" * (checkpoint_dir(tmp_path, 10) / "stage1.pt").stat().st_size)
+    with pytest.warns(UserWarning), pytest.raises(CheckpointError, match="has no complete, uncorrupted checkpoint"):
+        latest_checkpoint(tmp_path, FINGERPRINT)
+
+
+def test_format_1_manifests_of_sizes_only_still_count(tmp_path):
+    path = fake_checkpoint(tmp_path, 10)
+    manifest = json.loads((path / "manifest.json").read_text())
+    manifest["files"] = {name: entry["bytes"] for name, entry in manifest["files"].items()}
+    (path / "manifest.json").write_text(json.dumps(manifest))
+    assert latest_checkpoint(tmp_path, FINGERPRINT).step == 10
+
+
+def test_non_finite_state_is_never_checkpointed():
+    cfg = Config(dataset="digits", model="resnet8", stages=2, batch_size=8, progress=False)
+    step = build_stage_steps(cfg, build_local_modules(cfg, 1, 10, 8), steps_per_epoch=4)[0]
+    check_finite(step, 1)  # a fresh module is fine
+    bn = next(name for name, _ in step.module.named_buffers() if name.endswith("running_var"))
+    step.module.get_buffer(bn).fill_(float("inf"))
+    with pytest.raises(FloatingPointError, match=f"module 1's module.{bn} is not finite .* not checkpointed"):
+        check_finite(step, 1)
