@@ -6,6 +6,7 @@ the key and says how to fix it, before any data is read or any training starts.
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -94,19 +95,36 @@ FIELDS = {f.name: f for f in dataclasses.fields(Config)}
 
 
 def _coerce(name: str, value: Any) -> Any:
-    """Check a value's type against the field's default type, allowing ints where floats are wanted."""
-    default = getattr(Config(), name)
-    if value is None or default is None:
+    """Check a value's type against the field's: no null where a value is needed, no bool for a number, finite
+    floats (ints allowed), ints in int lists; one line naming the key otherwise."""
+    default, declared = getattr(Config(), name), str(FIELDS[name].type)
+    if value is None:
+        if "None" in declared or default is None:
+            return value
+        raise ConfigError(f"config key '{name}' needs a value, got null (leave the key out for its default {default!r})")
+    if default is None:
         return value
+    kind = KIND_NAMES.get(type(default), type(default).__name__)
     if isinstance(default, bool):
         if not isinstance(value, bool):
             raise ConfigError(f"config key '{name}' must be true or false, got {value!r}")
         return value
-    if isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
+    if isinstance(value, bool):  # YAML's true is an int to Python; never a number here
+        raise ConfigError(f"config key '{name}' must be {kind}, got {value!r}")
+    if isinstance(default, float) and isinstance(value, int):
+        value = float(value)
     if isinstance(default, (int, float, str, dict, list)) and not isinstance(value, type(default)):
-        raise ConfigError(f"config key '{name}' must be a {type(default).__name__}, got {value!r}")
+        raise ConfigError(f"config key '{name}' must be {kind}, got {value!r}")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"config key '{name}' must be a finite number, got {value!r}")
+    if isinstance(value, list) and name in INT_LISTS and not all(
+            isinstance(v, int) and not isinstance(v, bool) for v in value):
+        raise ConfigError(f"config key '{name}' must be a list of integers, got {value!r}")
     return value
+
+
+INT_LISTS = ("gpus", "lr_milestones")
+KIND_NAMES = {int: "an integer", float: "a number", str: "a string", dict: "a mapping", list: "a list"}
 
 
 def from_dict(values: dict[str, Any], base: Config | None = None, source: str = "config") -> Config:
@@ -126,6 +144,8 @@ def load_yaml(path: str | Path) -> Config:
         raise ConfigError(f"config file {path} not found; pick one from configs/ (e.g. configs/default.yaml)")
     try:
         values = yaml.safe_load(path.read_text()) or {}
+    except UnicodeDecodeError:
+        raise ConfigError(f"config file {path} is not text (binary bytes); give a YAML file") from None
     except yaml.YAMLError as err:
         raise ConfigError(f"config file {path} is not valid YAML: {str(err).splitlines()[0]}") from None
     if not isinstance(values, dict):
@@ -138,7 +158,16 @@ def parse_override(text: str) -> tuple[str, Any]:
     if "=" not in text:
         raise ConfigError(f"override {text!r} must look like key=value, e.g. lr=0.05")
     key, raw = text.split("=", 1)
-    return key.strip(), yaml.safe_load(raw)
+    try:
+        return key.strip(), yaml.safe_load(raw)
+    except yaml.YAMLError as err:
+        raise ConfigError(f"override {text!r}: the value is not valid YAML ({str(err).splitlines()[0]})") from None
+
+
+def _has_non_positive_int(value: Any) -> bool:
+    """Whether a model argument is (or lists) an integer below 1: no width, depth or count can be."""
+    values = value if isinstance(value, list) else [value]
+    return any(isinstance(v, int) and not isinstance(v, bool) and v < 1 for v in values)
 
 
 def validate(cfg: Config) -> Config:
@@ -161,6 +190,9 @@ def validate(cfg: Config) -> Config:
          f"method {cfg.method} trains one layer per module: use split: per_block, not auto")
     need(cfg.profile_batch >= 2, f"profile_batch must be >= 2 (BatchNorm needs it), got {cfg.profile_batch}")
     need(cfg.epochs >= 1, f"epochs must be >= 1, got {cfg.epochs}")
+    need(cfg.image_size >= 8, f"image_size must be >= 8 pixels, got {cfg.image_size}")
+    bad_args = {k: v for k, v in cfg.model_args.items() if _has_non_positive_int(v)}
+    need(not bad_args, f"model_args {bad_args}: sizes and counts must be >= 1")
     need(cfg.batch_size >= 2, f"batch_size must be >= 2 (BatchNorm needs it), got {cfg.batch_size}")
     need(cfg.eval_batch_size >= 1, f"eval_batch_size must be >= 1, got {cfg.eval_batch_size}")
     need(cfg.lr > 0, f"lr must be > 0, got {cfg.lr}")

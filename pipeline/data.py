@@ -14,6 +14,7 @@ import gzip
 import io
 import math
 import pickle
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterator
@@ -43,6 +44,9 @@ class ImageData:
     num_classes: int
 
     def __post_init__(self) -> None:
+        for part, x, y in (("train", self.train_x, self.train_y), ("test", self.test_x, self.test_y)):
+            if len(x) != len(y):
+                raise DataError(f"the {part} set has {len(x)} images but {len(y)} labels; the files do not belong together")
         # numpy in float64: the statistics must not depend on the torch thread count, or processes
         # with different thread counts would normalise the same images to different bits.
         pixels = self.train_x.transpose(0, 1).reshape(self.train_x.shape[1], -1).numpy().astype(np.float64) / 255
@@ -114,7 +118,10 @@ def read_idx(path: Path) -> np.ndarray:
     """Read one idx file (MNIST format, optionally gzipped) into a numpy array."""
     raw = path.read_bytes()
     if path.suffix == ".gz":
-        raw = gzip.decompress(raw)
+        try:
+            raw = gzip.decompress(raw)
+        except (EOFError, OSError, zlib.error) as err:
+            raise DataError(f"{path} is a damaged gzip file ({err}); download or copy it again") from None
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08:
         raise DataError(f"{path} is not an unsigned-byte idx file (bad magic number)")
     ndim = raw[3]

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -144,5 +145,14 @@ def truncate_after(path: Path, step: int) -> None:
 
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
-    """All records of a metrics.jsonl file."""
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    """All records of a metrics.jsonl file; a torn last line (a write cut short: full disk, kill) is dropped with a warning."""
+    lines = [line for line in path.read_text(errors="replace").splitlines() if line.strip()]
+    records = []
+    for i, line in enumerate(lines):
+        try:
+            records.append(json.loads(line))
+        except ValueError:
+            if i < len(lines) - 1:
+                raise ValueError(f"{path} line {i + 1} is not JSON; the file was edited or damaged") from None
+            print(f"warning: {path}: dropped a torn last line (a write cut short)", file=sys.stderr, flush=True)
+    return records

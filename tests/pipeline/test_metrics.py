@@ -63,3 +63,19 @@ def test_records_are_mirrored_to_tensorboard(tmp_path):
     assert [(e.step, e.value) for e in events.Scalars("test_acc/head2")] == [(7, 0.75)]
     assert [(e.step, e.value) for e in events.Scalars("delta_loss/module2")] == [(7, -0.125)]
     assert "delta_loss/module1" not in events.Tags()["scalars"]
+
+
+def test_a_torn_last_line_is_dropped_with_a_warning_and_the_log_goes_on(tmp_path, capsys):
+    path = tmp_path / "metrics.jsonl"
+    log = JsonlLog(path)
+    for step in (5, 10):
+        log.write(eval_record(0, step, [0.5], [0.9], [None]))
+    log.close()
+    with path.open("a") as f:
+        f.write('{"event": "eval", "ste')  # the disk filled mid-write
+    truncate_after(path, 10)
+    assert capsys.readouterr().err == f"warning: {path}: dropped a torn last line (a write cut short)\n"
+    assert [r["step"] for r in read_jsonl(path)] == [5, 10] and path.read_text().endswith("}\n")
+    path.write_text('{"step": 1}\nnot json\n{"step": 2}\n')
+    with pytest.raises(ValueError, match="line 2 is not JSON"):
+        read_jsonl(path)
