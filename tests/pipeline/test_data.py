@@ -56,6 +56,22 @@ def test_truncated_idx_file_is_an_error(tmp_path):
         read_idx(tmp_path / "x")
 
 
+def test_a_damaged_gz_file_is_a_one_line_error(tmp_path):
+    write_fashion_fixture(tmp_path)
+    gz = tmp_path / "train-images-idx3-ubyte.gz"
+    gz.write_bytes(gz.read_bytes()[:-20])
+    with pytest.raises(DataError, match="train-images-idx3-ubyte.gz is a damaged gzip file") as err:
+        load_data("fashion_mnist", str(tmp_path))
+    assert "\n" not in str(err.value)
+
+
+def test_a_labels_file_shorter_than_its_images_is_an_error(tmp_path):
+    write_fashion_fixture(tmp_path)
+    write_idx(tmp_path / "train-labels-idx1-ubyte", np.arange(30) % 10, gz=True)
+    with pytest.raises(DataError, match="the train set has 40 images but 30 labels"):
+        load_data("fashion_mnist", str(tmp_path))
+
+
 def write_cifar_fixture(root, classes):
     rng = np.random.default_rng(1)
     if classes == 10:
