@@ -264,16 +264,25 @@ def check_topology(cfg, stages: int, world_size: int) -> None:
                 stage_device(cfg.device, cfg.gpus, k, torch.cuda.device_count())
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the launcher is, so the same cleanup as Ctrl-C's runs (exit 143 instead of 130)."""
+
+
+def _terminate(signum: int, frame: object) -> None:
+    raise Terminated()
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if threading.current_thread() is threading.main_thread():  # Ctrl-C must stop the run even if SIGINT was inherited ignored
         signal.signal(signal.SIGINT, signal.default_int_handler)
+        signal.signal(signal.SIGTERM, _terminate)  # `kill`, a scheduler's preemption: stop the stages as Ctrl-C does
     if argv and argv[0] in TOOLS:
         return run_tool(argv)
     if argv and argv[0] == "plan":
         return run_plan(argv[1:])
     args = parse_args(argv)
-    from pipeline.checkpoint import CheckpointError
+    from pipeline.checkpoint import CheckpointError, DiskFull
     from pipeline.config import ConfigError
     from pipeline.data import DataError, load_config_data, steps_per_epoch
     from pipeline.rundir import lock_run_dir
@@ -317,13 +326,14 @@ def main(argv: list[str] | None = None) -> int:
     except CheckpointError as err:
         print(f"error: {err}", file=sys.stderr, flush=True)
         return 2
-    except (StageFailed, FloatingPointError) as err:
+    except (StageFailed, FloatingPointError, DiskFull) as err:
         print(f"error: {err}", file=sys.stderr, flush=True)
         return 1
-    except KeyboardInterrupt:
-        print("interrupted: all stages stopped", file=sys.stderr, flush=True)
+    except KeyboardInterrupt as err:
+        terminated = isinstance(err, Terminated)
+        print(f"{'terminated' if terminated else 'interrupted'}: all stages stopped", file=sys.stderr, flush=True)
         sys.stdout.flush()
-        os._exit(130)  # the stages are stopped; don't let an interrupted helper thread hold up interpreter exit
+        os._exit(143 if terminated else 130)  # the stages are stopped; no interrupted helper thread may hold up exit
     if result is not None:
         print(f"final test accuracy (last head): {100 * result['final_test_acc']:.2f}% in {result['seconds']:.0f} s; "
               f"records in {cfg.out}/metrics.jsonl", flush=True)

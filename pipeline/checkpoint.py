@@ -12,6 +12,7 @@ trainer (one process writes them all).
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -48,14 +49,48 @@ class Checkpoint:
         return self.path / f"stage{k + 1}.pt"
 
 
+class DiskFull(OSError):
+    """A write that ran out of disk space; the message names the file and the space it needs."""
+
+
+def disk_full(path: Path, needed: int | None = None) -> DiskFull:
+    """The one-line error for a write to `path` that found no space left (`needed`: bytes it would have taken)."""
+    free = shutil.disk_usage(path.parent if path.parent.exists() else ".").free
+    need = f", about {needed / 2**20:.1f} MiB needed" if needed else ""
+    return DiskFull(f"disk full writing {path}: {free / 2**20:.1f} MiB free{need}; free some space (or choose "
+                    "another --out) and resume")
+
+
+def tensor_bytes(obj: Any) -> int:
+    """The bytes of every tensor inside nested dicts, lists and tuples."""
+    if torch.is_tensor(obj):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(tensor_bytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(tensor_bytes(v) for v in obj)
+    return 0
+
+
 def save_atomic(obj: Any, path: Path) -> None:
-    """torch.save to a temporary file, fsync, then rename: a reader never sees a torn file."""
+    """torch.save to a temporary file, fsync, then rename: a reader never sees a torn file.
+
+    A full disk is one line naming the file and the space it needs (torch.save itself reports
+    it as `unexpected pos`); the temporary file is removed, the previous checkpoints stay.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(path.suffix + ".tmp")
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+    except (OSError, RuntimeError) as err:
+        tmp.unlink(missing_ok=True)
+        needed = tensor_bytes(obj)
+        if getattr(err, "errno", None) == errno.ENOSPC or shutil.disk_usage(path.parent).free < needed:
+            raise disk_full(path, needed) from None
+        raise
     os.replace(tmp, path)
 
 

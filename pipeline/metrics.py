@@ -1,6 +1,7 @@
 """Run records: per-module running averages, a JSON-lines log, and a one-line progress summary."""
 from __future__ import annotations
 
+import errno
 import json
 import math
 import sys
@@ -9,6 +10,7 @@ from typing import Any
 
 import torch
 
+from pipeline.checkpoint import disk_full
 from pipeline.step import StepStats
 
 
@@ -102,12 +104,18 @@ class JsonlLog:
 
     def __init__(self, path: Path, tensorboard: bool = False) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
+        self.path = path
         self.file = path.open("a")
         self.board = _summary_writer(path.parent / "tensorboard") if tensorboard else None
 
     def write(self, record: dict[str, Any]) -> None:
-        self.file.write(json.dumps(record) + "\n")
-        self.file.flush()
+        try:
+            self.file.write(json.dumps(record) + "\n")
+            self.file.flush()
+        except OSError as err:
+            if err.errno == errno.ENOSPC:
+                raise disk_full(self.path) from None
+            raise
         if self.board is not None:
             for tag, value in _scalars(record):
                 self.board.add_scalar(tag, value, record["step"])

@@ -20,8 +20,12 @@ LOCK_FILE = ".lock"
 def lock_run_dir(run_dir: Path) -> IO[str]:
     """Take the run directory's lock (creating the directory); keep the returned file open for the run's life."""
     run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    handle = open(run_dir / LOCK_FILE, "a+")
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        handle = open(run_dir / LOCK_FILE, "a+")
+    except OSError as err:
+        raise CheckpointError(f"--out {run_dir} cannot be a run directory ({err.strerror}); "
+                              "give a writable folder") from None
     try:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:

@@ -25,6 +25,9 @@ class StageFailed(RuntimeError):
     """A stage process died or reported an error; the message names the stage."""
 
 
+PAUSE_S = 2.0  # a poll loop that polls every 0.1 s and saw no poll for this long was itself paused
+
+
 class Coordinator:
     """Owns the run directory and the live view of a K-stage pipeline."""
 
@@ -47,6 +50,7 @@ class Coordinator:
         self.errors: dict[int, str] = {}
         self.last_step = [start_step] * stages
         self.last_seen: dict[int, float] = {}  # stage -> when it last sent anything (from its `ready` on)
+        self.last_poll = self.paused_until = time.monotonic()
         self.fingerprint: dict[str, Any] = {}
         self.saved: dict[int, set[int]] = {}  # step -> stages that saved their part of its checkpoint
         self.last_checkpoint = start_step if start_step else None
@@ -56,7 +60,16 @@ class Coordinator:
         self.timeline: list[tuple[float, int, int, float, float]] = []  # train reports: (arrival, stage, step, busy s, idle s)
 
     def poll(self, timeout_ms: int) -> None:
-        """Handle every record that arrives within `timeout_ms`."""
+        """Handle every record that arrives within `timeout_ms`.
+
+        A gap since the previous poll longer than PAUSE_S means this process itself was stopped
+        (SIGSTOP, a suspended laptop, a swapped-out launcher): silence during it proves nothing,
+        so every stage counts as seen at the gap's end.
+        """
+        now = time.monotonic()
+        if now - self.last_poll > PAUSE_S:
+            self.paused_until = now
+        self.last_poll = now
         while self.socket.poll(timeout_ms, zmq.POLLIN):
             self.handle(msgpack.unpackb(self.socket.recv(), raw=False))
             timeout_ms = 0
@@ -108,7 +121,8 @@ class Coordinator:
         by its exit, and one that stalls there leaves its neighbours without messages (peer_timeout).
         """
         now = time.monotonic()
-        silent = [k for k, seen in self.last_seen.items() if k not in self.done and now - seen > timeout_s]
+        silent = [k for k, seen in self.last_seen.items()
+                  if k not in self.done and now - max(seen, self.paused_until) > timeout_s]
         return silent[0] if silent else None
 
     def _write_eval(self, epoch: int, step: int, per_stage: list[dict[str, Any]]) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import resource
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -64,6 +65,34 @@ class Reporter:
         self.socket.close()
 
 
+class Heartbeat(threading.Thread):
+    """Tells the coordinator once a second that this process is alive, from its own thread and socket.
+
+    Independent of the training loop: a long step, a slow data decode or a wait on a neighbour
+    does not silence it; a frozen or killed process does, so the coordinator names the right stage.
+    """
+
+    PERIOD_S = 1.0
+
+    def __init__(self, ctx: zmq.Context, endpoint: str, rank: int) -> None:
+        super().__init__(name=f"heartbeat{rank + 1}", daemon=True)
+        self.ctx, self.endpoint, self.rank = ctx, endpoint, rank
+        self.stopped = threading.Event()
+
+    def run(self) -> None:
+        reporter = Reporter(self.ctx, self.endpoint, self.rank)  # zmq sockets belong to one thread each
+        try:
+            while not self.stopped.wait(self.PERIOD_S):
+                reporter.send({"kind": "beat"})
+        finally:
+            reporter.close()
+
+    def stop(self) -> None:
+        self.stopped.set()
+        if self.is_alive():
+            self.join(timeout=5)
+
+
 class StageWorker:
     """One module's training loop inside its own process."""
 
@@ -97,9 +126,9 @@ class StageWorker:
         if self.cfg.simulate_step_ms > 0:  # bench/schedule_overhead.py: sleep instead of compute
             self.step = SimulatedStep(self.real_step, self.cfg.simulate_step_ms)
         self.probing = self.cfg.probe_size > 0 and self.cfg.simulate_step_ms == 0
-        self.last_beat = 0.0
         self.receiver = None if spec.in_endpoint is None else Receiver(
-            ctx, spec.in_endpoint, self.cfg.peer_timeout, self.device, peer=f"stage {self.rank}", on_wait=self.beat)
+            ctx, spec.in_endpoint, self.cfg.peer_timeout, self.device, peer=f"stage {self.rank}")
+        self.heartbeat: Heartbeat | None = None
         self.sender: Sender | None = None
         self.reporter: Reporter | None = None
         self.meter = ModuleMeter(1, first_module=self.rank)
@@ -115,20 +144,15 @@ class StageWorker:
         """Connect to the next stage's input link and to the coordinator."""
         if out_endpoint is not None:
             self.sender = Sender(self.ctx, out_endpoint, self.cfg.depth, self.cfg.peer_timeout, cuda_ipc,
-                                 peer=f"stage {self.rank + 2}", on_wait=self.beat)
+                                 peer=f"stage {self.rank + 2}")
         self.reporter = Reporter(self.ctx, report_endpoint, self.rank)
+        self.heartbeat = Heartbeat(self.ctx, report_endpoint, self.rank)
 
     # --- the loop -----------------------------------------------------------------
 
-    def beat(self) -> None:
-        """Tell the coordinator this stage is alive (at most once a second); also called while waiting on a peer."""
-        now = time.monotonic()
-        if now - self.last_beat >= 1.0:
-            self.reporter.send({"kind": "beat"})
-            self.last_beat = now
-
     def run(self) -> None:
         self.reporter.send({"kind": "ready", "pid": os.getpid(), "fingerprint": self.fingerprint})
+        self.heartbeat.start()
         if self.receiver is None:
             self._feed()
         else:
@@ -193,7 +217,6 @@ class StageWorker:
         result = self.step.train_step(x, delta, to_device(y, self.device))
         self.meter.update(0, result.stats)
         self.busy += time.perf_counter() - start
-        self.beat()
         self._send({"kind": "train", "epoch": header["epoch"], "step": header["step"]},
                    {"x": result.out, "delta": result.delta, "y": y})
         if header["step"] % self.cfg.log_every == 0 or header["step"] % self.steps_per_epoch == 0:
@@ -241,6 +264,8 @@ class StageWorker:
         self.idle += time.perf_counter() - start
 
     def close(self) -> None:
+        if self.heartbeat is not None:
+            self.heartbeat.stop()
         for part in (self.receiver, self.sender, self.reporter):
             if part is not None:
                 part.close()

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import msgpack
 import torch
@@ -23,7 +23,6 @@ import zmq
 from workers.placement import HOST_TENSORS, travels_by_ipc
 
 LINGER_MS = 1000
-WAIT_SLICE_MS = 1000  # while waiting on a peer, call `on_wait` this often (a stage's heartbeat)
 
 
 class PeerLost(RuntimeError):
@@ -122,29 +121,20 @@ def decode(frames: list[Any], device: torch.device | None = None) -> Message:
     return Message(header, tensors)
 
 
-def _wait_readable(socket: zmq.Socket, timeout_ms: int, on_wait: Callable[[], None] | None) -> bool:
-    """Poll `socket` for up to `timeout_ms`, calling `on_wait` every WAIT_SLICE_MS; whether a message arrived."""
-    waited = 0
-    while waited < timeout_ms:
-        slice_ms = min(WAIT_SLICE_MS, timeout_ms - waited)
-        if socket.poll(slice_ms, zmq.POLLIN):
-            return True
-        waited += slice_ms
-        if on_wait is not None:
-            on_wait()
-    return False
+def _wait_readable(socket: zmq.Socket, timeout_ms: int) -> bool:
+    """Poll `socket` for up to `timeout_ms`; whether a message arrived."""
+    return bool(socket.poll(timeout_ms, zmq.POLLIN))
 
 
 class Sender:
     """The producing end of a link: connects, sends, and waits for credit when `depth` messages are unfinished."""
 
     def __init__(self, ctx: zmq.Context, endpoint: str, depth: int = 2, timeout_s: float = 120.0,
-                 cuda_ipc: bool = False, peer: str = "the next stage", on_wait: Callable[[], None] | None = None) -> None:
+                 cuda_ipc: bool = False, peer: str = "the next stage") -> None:
         self.socket = ctx.socket(zmq.PAIR)
         self.socket.setsockopt(zmq.LINGER, LINGER_MS)
         self.socket.connect(endpoint)
         self.depth, self.timeout_ms, self.cuda_ipc, self.peer = depth, int(timeout_s * 1000), cuda_ipc, peer
-        self.on_wait = on_wait
         self.seq = 0
         self.in_flight: OrderedDict[int, list[torch.Tensor]] = OrderedDict()  # seq -> tensors kept alive
 
@@ -159,7 +149,7 @@ class Sender:
         self.seq += 1
 
     def _wait_credit(self) -> None:
-        if not _wait_readable(self.socket, self.timeout_ms, self.on_wait):
+        if not _wait_readable(self.socket, self.timeout_ms):
             raise PeerLost(f"{self.peer} acknowledged nothing for {self.timeout_ms / 1000:.0f} s; it is dead or hung")
         done = msgpack.unpackb(self.socket.recv(), raw=False)["done"]
         self.in_flight.pop(done, None)
@@ -177,17 +167,16 @@ class Receiver:
     """The consuming end of a link: binds, receives in order, and returns credit with `done`."""
 
     def __init__(self, ctx: zmq.Context, endpoint: str, timeout_s: float = 120.0,
-                 device: torch.device | None = None, peer: str = "the previous stage",
-                 on_wait: Callable[[], None] | None = None) -> None:
+                 device: torch.device | None = None, peer: str = "the previous stage") -> None:
         self.socket = ctx.socket(zmq.PAIR)
         self.socket.setsockopt(zmq.LINGER, LINGER_MS)
         self.socket.bind(endpoint)
         self.endpoint = self.socket.getsockopt_string(zmq.LAST_ENDPOINT)
-        self.timeout_ms, self.device, self.peer, self.on_wait = int(timeout_s * 1000), device, peer, on_wait
+        self.timeout_ms, self.device, self.peer = int(timeout_s * 1000), device, peer
 
     def recv(self) -> Message:
         """The next message, or PeerLost if none arrives within the timeout."""
-        if not _wait_readable(self.socket, self.timeout_ms, self.on_wait):
+        if not _wait_readable(self.socket, self.timeout_ms):
             raise PeerLost(f"{self.peer} sent nothing for {self.timeout_ms / 1000:.0f} s; it is dead or hung")
         return decode(self.socket.recv_multipart(copy=False), self.device)
 

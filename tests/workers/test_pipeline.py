@@ -258,3 +258,27 @@ def test_torchrun_with_the_wrong_number_of_processes_is_refused(tmp_path):
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode != 0
     assert "torchrun started 2 processes but the split has 3 stages; use --nproc-per-node 3" in proc.stderr
+
+
+def test_a_frozen_stage_is_named_within_thirty_seconds_with_the_defaults(tmp_path):
+    proc, stages = start_long_run(tmp_path)
+    frozen_at = time.time()
+    os.kill(stages[1], signal.SIGSTOP)  # alive but silent: its heartbeat thread is frozen too
+    _, err = proc.communicate(timeout=90)
+    assert time.time() - frozen_at < 30 + 5  # heartbeat_timeout 30 s, polled every 0.1 s; 5 s for a loaded machine
+    assert proc.returncode == 1
+    assert err.strip().splitlines()[-1].startswith("error: stage 2 sent no heartbeat for 30 s (hung) after step")
+    time.sleep(0.5)
+    assert not any(alive(pid) for pid in stages)
+
+
+def test_a_paused_launcher_does_not_declare_a_healthy_stage_hung(tmp_path):
+    proc, stages = start_long_run(tmp_path, "--set", "heartbeat_timeout=3")
+    os.kill(proc.pid, signal.SIGSTOP)  # the launcher, not a stage: its own pause must not count
+    time.sleep(10)
+    os.kill(proc.pid, signal.SIGCONT)
+    time.sleep(4)  # more than heartbeat_timeout after it resumes
+    assert proc.poll() is None, proc.communicate()
+    os.killpg(proc.pid, signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and "hung" not in err
