@@ -28,7 +28,7 @@ ROOT = Path(__file__).parents[2]
 def small_config(tmp_path: Path, **overrides) -> Config:
     values = dict(dataset="digits", model="resnet8", stages=3, method="sgr", lam=50.0, epochs=2, batch_size=32,
                   train_subset=192, lr=0.05, threads=1, progress=False, eval_batch_size=128, log_every=2,
-                  eval_every=4, probe_size=64, peer_timeout=30.0, out=str(tmp_path / "pipeline"))
+                  eval_every=4, probe_size=64, out=str(tmp_path / "pipeline"))
     values.update(overrides)
     return Config(**values)
 
