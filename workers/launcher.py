@@ -30,6 +30,9 @@ from workers.placement import stage_device, use_cuda_ipc
 from workers.stage import StageSpec, StageWorker, stage_main
 
 STOP_GRACE_S = 3.0
+# A failing stage sends its error record, then exits: about a second apart when idle, several seconds on a
+# loaded host. The launcher waits up to this long for whichever of the two comes second (a guard, not a pause).
+END_WAIT_S = 30.0
 
 
 def visible_gpus(cfg: Config) -> int:
@@ -59,6 +62,25 @@ def stage_threads(cfg: Config, stages: int, local_stages: int | None = None) -> 
 
 def _describe_exit(code: int) -> str:
     return f"was killed by signal {-code}" if code < 0 else f"exited with code {code}"
+
+
+def _describe_end(code: int | None, reported_error: bool) -> str:
+    if code is None:  # still alive END_WAIT_S after its error
+        return "failed"
+    return _describe_exit(code) if code or reported_error else "stopped early"
+
+
+def _await_end(coordinator: Coordinator, k: int, p: mp.Process) -> None:
+    """Stage k reported an error or exited: wait (up to END_WAIT_S) for its exit and for the record it sent before.
+
+    A stage sends its last record before it exits (`done` before exit code 0, its error before
+    exit code 1, none when a signal kills it), yet the launcher may see either first.
+    """
+    deadline = time.monotonic() + END_WAIT_S
+    p.join(timeout=END_WAIT_S)
+    while (p.exitcode is not None and p.exitcode >= 0 and k not in coordinator.done and k not in coordinator.errors
+           and time.monotonic() < deadline):
+        coordinator.poll(100)
 
 
 def _stop(processes: list[mp.Process]) -> None:
@@ -107,13 +129,10 @@ def run_spawned(cfg: Config, stages: int, steps_per_epoch: int, resume: Checkpoi
             if silent is not None:
                 raise coordinator.failure(silent, f"sent no heartbeat for {cfg.heartbeat_timeout:.0f} s (hung)")
             for k, p in enumerate(processes):
-                if k in coordinator.errors:  # reported an error: give it a moment to exit, then stop everything
-                    p.join(timeout=STOP_GRACE_S)
-                    raise coordinator.failure(k, _describe_exit(p.exitcode) if p.exitcode is not None else "failed")
-                if p.exitcode is not None and k not in coordinator.done:
-                    coordinator.poll(300)  # its error record may still be on the way
-                    if k not in coordinator.done:
-                        raise coordinator.failure(k, _describe_exit(p.exitcode) if p.exitcode else "stopped early")
+                if k in coordinator.errors or (p.exitcode is not None and k not in coordinator.done):
+                    _await_end(coordinator, k, p)
+                    if k not in coordinator.done:  # else it had finished and its `done` was still on the way
+                        raise coordinator.failure(k, _describe_end(p.exitcode, k in coordinator.errors))
         for p in processes:
             p.join(timeout=60)
         return coordinator.finish(time.time() - start)

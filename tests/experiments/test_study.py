@@ -18,7 +18,7 @@ seeds: [0, 1]
 
 def run(study: Path, out: Path) -> str:
     done = subprocess.run([sys.executable, "experiments/study.py", str(study), "--out", str(out)], cwd=ROOT,
-                          capture_output=True, text=True, timeout=120)
+                          capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     return done.stdout
 

@@ -98,7 +98,7 @@ def test_sgr_steps_are_finite_for_each_family(model, args, head, optimizer):
 def test_one_pipeline_run_with_bf16_and_channels_last(tmp_path):
     cfg = Config(dataset="synthetic", image_size=32, train_subset=16, model="tv_resnet18", stages=2, method="sgr",
                  lam=1e4, amp="bf16", channels_last=True, epochs=1, batch_size=4, lr=0.01, threads=1,
-                 eval_batch_size=64, probe_size=8, progress=False, peer_timeout=60.0, out=str(tmp_path / "run"))
+                 eval_batch_size=64, probe_size=8, progress=False, out=str(tmp_path / "run"))
     data = load_data(cfg.dataset, image_size=cfg.image_size, train_subset=cfg.train_subset)
     result = run_spawned(cfg, cfg.stages, steps_per_epoch(data, cfg.batch_size))
     train = [r for r in read_jsonl(tmp_path / "run" / "metrics.jsonl") if r["event"] == "train"]

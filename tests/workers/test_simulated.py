@@ -47,7 +47,7 @@ def test_negative_delay_is_a_config_error():
 
 def test_a_simulated_pipeline_runs_and_takes_at_least_its_sleeps(tmp_path):
     cfg = Config(dataset="digits", model="resnet8", stages=2, method="sgr", epochs=1, batch_size=96, threads=1,
-                 train_subset=480, eval_batch_size=400, progress=False, peer_timeout=30.0,
+                 train_subset=480, eval_batch_size=400, progress=False,
                  simulate_step_ms=50.0, out=str(tmp_path / "run"))
     data = load_data(cfg.dataset, train_subset=cfg.train_subset)
     result = run_spawned(cfg, cfg.stages, steps_per_epoch(data, cfg.batch_size))
