@@ -3,6 +3,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -214,3 +215,12 @@ def test_a_corrupted_newest_checkpoint_is_skipped_and_the_resumed_run_ends_as_an
     assert launch.main(["--resume", str(run_dir), "--no-progress"]) == 2
     assert capsys.readouterr().err.endswith(f"error: {run_dir} has no complete, uncorrupted checkpoint to resume from; "
                                             "start it again without --resume\n")
+
+
+def test_an_out_that_is_a_file_is_one_line_and_leaves_no_ipc_folder(tmp_path, capsys):
+    before = set(Path(tempfile.gettempdir()).glob("sgr-*"))
+    (tmp_path / "file").write_text("not a folder")
+    assert launch.main([*DIGITS, "--out", str(tmp_path / "file")]) == 2
+    assert capsys.readouterr().err == (f"error: --out {tmp_path / 'file'} cannot be a run directory (File exists); "
+                                       "give a writable folder\n")
+    assert set(Path(tempfile.gettempdir()).glob("sgr-*")) <= before

@@ -17,6 +17,7 @@ import sys
 import tempfile
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -30,6 +31,8 @@ from workers.placement import stage_device, use_cuda_ipc
 from workers.stage import StageSpec, StageWorker, stage_main
 
 STOP_GRACE_S = 3.0
+IPC_PREFIX = "sgr-"  # the launcher's folder of ipc sockets under the temp dir
+LAUNCHER_PID = "launcher.pid"  # in that folder: who made it, so a later launcher can tell it is stale
 # A failing stage sends its error record, then exits: about a second apart when idle, several seconds on a
 # loaded host. The launcher waits up to this long for whichever of the two comes second (a guard, not a pause).
 END_WAIT_S = 30.0
@@ -98,29 +101,33 @@ def _stop(processes: list[mp.Process]) -> None:
 
 def run_spawned(cfg: Config, stages: int, steps_per_epoch: int, resume: Checkpoint | None = None) -> dict[str, Any]:
     """Spawn K local stage processes linked by ipc:// sockets, coordinate them, and stop all on any failure."""
-    tmp = tempfile.mkdtemp(prefix="sgr-")
+    remove_stale_ipc_dirs(Path(tempfile.gettempdir()))
+    tmp = tempfile.mkdtemp(prefix=IPC_PREFIX)
+    (Path(tmp) / LAUNCHER_PID).write_text(str(os.getpid()))
     ctx = zmq.Context()
-    start_step = resume.step if resume is not None else 0
-    coordinator = Coordinator(cfg, stages, steps_per_epoch, ctx, f"ipc://{tmp}/report", start_step)
-    visible = visible_gpus(cfg)
-    devices = [stage_device(cfg.device, cfg.gpus, k, visible) for k in range(stages)]
-    threads = stage_threads(cfg, stages)
-    link = [f"ipc://{tmp}/link{k}" for k in range(stages)]  # link[k]: input of stage k
-    # Spawned stages inherit this process's CUDA_VISIBLE_DEVICES: a GPU's index names the same GPU in each of them.
-    seen = [f"cuda:{i}" for i in range(visible)]
-    checked: dict[tuple[str, str], bool] = {}
-    use_ipc = [checked_ipc(use_cuda_ipc(cfg.transport, devices[k] if devices[k] in seen else None, seen),
-                           devices[k], devices[k + 1], checked)
-               for k in range(stages - 1)] + [False]
-    specs = [
-        StageSpec(k, stages, cfg.to_dict(), link[k] if k else None, link[k + 1] if k + 1 < stages else None,
-                  coordinator.endpoint, devices[k], threads, use_ipc[k], _resume_path(resume), start_step)
-        for k in range(stages)
-    ]
-    spawn = mp.get_context("spawn")
-    processes = [spawn.Process(target=stage_main, args=(spec,), name=f"stage{spec.rank + 1}") for spec in specs]
-    start = time.time()
-    try:
+    processes: list[mp.Process] = []
+    coordinator: Coordinator | None = None
+    try:  # from here on every exit path, an error before training included, removes tmp and closes the sockets
+        start_step = resume.step if resume is not None else 0
+        coordinator = Coordinator(cfg, stages, steps_per_epoch, ctx, f"ipc://{tmp}/report", start_step)
+        visible = visible_gpus(cfg)
+        devices = [stage_device(cfg.device, cfg.gpus, k, visible) for k in range(stages)]
+        threads = stage_threads(cfg, stages)
+        link = [f"ipc://{tmp}/link{k}" for k in range(stages)]  # link[k]: input of stage k
+        # Spawned stages inherit this process's CUDA_VISIBLE_DEVICES: a GPU's index names the same GPU in each of them.
+        seen = [f"cuda:{i}" for i in range(visible)]
+        checked: dict[tuple[str, str], bool] = {}
+        use_ipc = [checked_ipc(use_cuda_ipc(cfg.transport, devices[k] if devices[k] in seen else None, seen),
+                               devices[k], devices[k + 1], checked)
+                   for k in range(stages - 1)] + [False]
+        specs = [
+            StageSpec(k, stages, cfg.to_dict(), link[k] if k else None, link[k + 1] if k + 1 < stages else None,
+                      coordinator.endpoint, devices[k], threads, use_ipc[k], _resume_path(resume), start_step)
+            for k in range(stages)
+        ]
+        spawn = mp.get_context("spawn")
+        processes = [spawn.Process(target=stage_main, args=(spec,), name=f"stage{spec.rank + 1}") for spec in specs]
+        start = time.time()
         for p in processes:
             p.start()
         while not coordinator.finished:
@@ -138,9 +145,38 @@ def run_spawned(cfg: Config, stages: int, steps_per_epoch: int, resume: Checkpoi
         return coordinator.finish(time.time() - start)
     finally:
         _stop(processes)
-        coordinator.close()
+        if coordinator is not None:
+            coordinator.close()
         ctx.destroy(linger=0)  # closes whatever is still open: cleanup after Ctrl-C or a failure cannot block
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def remove_stale_ipc_dirs(root: Path) -> list[Path]:
+    """Delete the ipc folders of launchers that are gone: one killed with SIGKILL cannot remove its own.
+
+    A folder counts as stale only if it names its launcher (LAUNCHER_PID) and no process has that
+    pid; anything else under the prefix (a live run, a folder still being made) is left alone.
+    """
+    removed = []
+    for folder in root.glob(f"{IPC_PREFIX}*"):
+        try:
+            pid = int((folder / LAUNCHER_PID).read_text())
+        except (OSError, ValueError):
+            continue
+        if not _pid_alive(pid):
+            shutil.rmtree(folder, ignore_errors=True)
+            removed.append(folder)
+    return removed
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
 
 
 def _resume_path(resume: Checkpoint | None) -> str | None:

@@ -170,3 +170,23 @@ def test_non_finite_state_is_never_checkpointed():
     step.module.get_buffer(bn).fill_(float("inf"))
     with pytest.raises(FloatingPointError, match=f"module 1's module.{bn} is not finite .* not checkpointed"):
         check_finite(step, 1)
+
+
+def test_a_full_disk_while_saving_is_one_line_naming_the_file_and_the_space(tmp_path, monkeypatch):
+    import collections
+
+    import pipeline.checkpoint as checkpoint_module
+
+    def no_space(obj, f):
+        f.write(b"partial")
+        raise RuntimeError("[enforce fail at inline_container.cc:778] . unexpected pos 64 vs 0")  # torch.save's words
+
+    monkeypatch.setattr(checkpoint_module.torch, "save", no_space)
+    usage = collections.namedtuple("usage", "total used free")
+    monkeypatch.setattr(checkpoint_module.shutil, "disk_usage", lambda path: usage(2**30, 2**30 - 1024, 1024))
+    path = tmp_path / "step00000004" / "stage1.pt"
+    with pytest.raises(checkpoint_module.DiskFull) as err:
+        save_atomic({"w": torch.zeros(2**18)}, path)
+    assert str(err.value) == (f"disk full writing {path}: 0.0 MiB free, about 1.0 MiB needed; free some space "
+                              "(or choose another --out) and resume")
+    assert not path.exists() and not path.with_suffix(".pt.tmp").exists()

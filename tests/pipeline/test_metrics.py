@@ -79,3 +79,19 @@ def test_a_torn_last_line_is_dropped_with_a_warning_and_the_log_goes_on(tmp_path
     path.write_text('{"step": 1}\nnot json\n{"step": 2}\n')
     with pytest.raises(ValueError, match="line 2 is not JSON"):
         read_jsonl(path)
+
+
+def test_a_full_disk_while_logging_is_one_line(tmp_path, monkeypatch):
+    import errno
+
+    from pipeline.checkpoint import DiskFull
+
+    log = JsonlLog(tmp_path / "metrics.jsonl")
+
+    class FullFile:
+        def write(self, text):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(log, "file", FullFile())
+    with pytest.raises(DiskFull, match=f"disk full writing {tmp_path / 'metrics.jsonl'}: .* MiB free; free some space"):
+        log.write(eval_record(0, 5, [0.5], [0.9], [None]))

@@ -20,7 +20,7 @@ from pipeline.metrics import read_jsonl
 from pipeline.trainer import SequentialTrainer
 from tests.pipeline.test_data import write_image_folder
 from workers.coordinator import StageFailed
-from workers.launcher import run_spawned
+from workers.launcher import remove_stale_ipc_dirs, run_spawned
 
 ROOT = Path(__file__).parents[2]
 
@@ -284,3 +284,38 @@ def test_a_paused_launcher_does_not_declare_a_healthy_stage_hung(tmp_path):
     os.killpg(proc.pid, signal.SIGINT)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130 and "hung" not in err
+
+
+def launcher_ipc_dirs(pid: int) -> list[Path]:
+    """The ipc folders under the temp dir that launcher `pid` made."""
+    found = []
+    for pid_file in Path(tempfile.gettempdir()).glob("sgr-*/launcher.pid"):
+        try:
+            if int(pid_file.read_text()) == pid:
+                found.append(pid_file.parent)
+        except (OSError, ValueError):
+            continue
+    return found
+
+
+def test_sigterm_stops_every_process_exits_143_and_leaves_no_ipc_folder(tmp_path):
+    proc, stages = start_long_run(tmp_path)
+    assert launcher_ipc_dirs(proc.pid)
+    proc.send_signal(signal.SIGTERM)  # the launcher only, as `kill` or a scheduler would
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 143 and "terminated: all stages stopped" in err
+    time.sleep(0.5)
+    assert not any(alive(pid) for pid in stages) and not launcher_ipc_dirs(proc.pid)
+
+
+def test_the_ipc_folder_of_a_launcher_killed_with_sigkill_is_removed_by_the_next_run(tmp_path):
+    proc, stages = start_long_run(tmp_path)
+    left = launcher_ipc_dirs(proc.pid)
+    os.kill(proc.pid, signal.SIGKILL)  # no cleanup can run; the stages die with their parent
+    proc.communicate(timeout=30)
+    deadline = time.time() + 15
+    while any(alive(pid) for pid in stages) and time.time() < deadline:
+        time.sleep(0.1)
+    assert not any(alive(pid) for pid in stages) and all(d.is_dir() for d in left) and left
+    assert remove_stale_ipc_dirs(Path(tempfile.gettempdir())) == left  # what the next launcher does first
+    assert not any(d.exists() for d in left)
