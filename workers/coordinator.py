@@ -19,6 +19,7 @@ from tqdm import tqdm
 from pipeline.checkpoint import checkpoint_dir, prune, write_manifest
 from pipeline.config import Config
 from pipeline.metrics import JsonlLog, eval_record, format_eval, truncate_after
+from workers.security import RunKeys, secure
 
 
 class StageFailed(RuntimeError):
@@ -32,10 +33,11 @@ class Coordinator:
     """Owns the run directory and the live view of a K-stage pipeline."""
 
     def __init__(self, cfg: Config, stages: int, steps_per_epoch: int, ctx: zmq.Context, endpoint: str,
-                 start_step: int = 0) -> None:
+                 start_step: int = 0, keys: RunKeys | None = None) -> None:
         self.cfg, self.stages = cfg, stages
         self.socket = ctx.socket(zmq.PULL)
         self.socket.setsockopt(zmq.LINGER, 0)
+        secure(self.socket, keys, server=True)
         self.socket.bind(endpoint)
         self.endpoint = self.socket.getsockopt_string(zmq.LAST_ENDPOINT)
         self.run_dir = Path(cfg.out)

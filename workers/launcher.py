@@ -28,6 +28,7 @@ from pipeline.config import Config
 from workers.coordinator import Coordinator
 from workers.ipc_check import cuda_ipc_error
 from workers.placement import stage_device, use_cuda_ipc
+from workers.security import STORE_KEY as SECURITY_STORE_KEY, RunKeys, new_run_keys, start_authenticator
 from workers.stage import StageSpec, StageWorker, stage_main
 
 STOP_GRACE_S = 3.0
@@ -199,14 +200,19 @@ def run_torchrun(cfg: Config, stages: int, steps_per_epoch: int, resume: Checkpo
     # GPUs are named by UUID between ranks: each rank may see a different set, numbered from 0 (CUDA_VISIBLE_DEVICES)
     uuids = [str(torch.cuda.get_device_properties(i).uuid) for i in range(visible)]
     own_uuid = uuids[torch.device(device).index] if device.startswith("cuda") else None
+    if rank == 0:  # the run's CURVE keys: only processes that got them from the store can join a tcp link
+        store.set(SECURITY_STORE_KEY, new_run_keys().encode())
+    keys = RunKeys.decode(store.get(SECURITY_STORE_KEY))
     ctx = zmq.Context()
+    authenticator = start_authenticator(ctx, keys)
     coordinator = None
     start_step = resume.step if resume is not None else 0
     if rank == 0:
-        coordinator = Coordinator(cfg, stages, steps_per_epoch, ctx, f"tcp://{host}:*", start_step)
+        coordinator = Coordinator(cfg, stages, steps_per_epoch, ctx, f"tcp://{host}:*", start_step, keys)
         store.set("sgr/report", coordinator.endpoint)
     spec = StageSpec(rank, stages, cfg.to_dict(), f"tcp://{host}:*" if rank else None, None, None, device,
-                     stage_threads(cfg, stages, local_world), resume=_resume_path(resume), start_step=start_step)
+                     stage_threads(cfg, stages, local_world), resume=_resume_path(resume), start_step=start_step,
+                     keys=keys)
     worker = StageWorker(spec, ctx)
     if worker.in_endpoint is not None:
         store.set(f"sgr/in/{rank}", json.dumps({"endpoint": worker.in_endpoint, "gpu": own_uuid, "visible": uuids}))
@@ -233,6 +239,8 @@ def run_torchrun(cfg: Config, stages: int, steps_per_epoch: int, resume: Checkpo
         worker.close()
         if coordinator is not None:
             coordinator.close()
+        if authenticator is not None:
+            authenticator.stop()
         ctx.term()
         dist.destroy_process_group()
 

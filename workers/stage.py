@@ -29,6 +29,7 @@ from pipeline.probe import InputDriftProbe
 from pipeline.stages import build_local_modules, build_stage_steps, configure_torch, is_due, split_cuts
 from pipeline.step import StageStep
 from workers.simulated import SimulatedStep
+from workers.security import RunKeys, secure
 from workers.transport import LINGER_MS, Message, Receiver, Sender
 
 
@@ -47,14 +48,16 @@ class StageSpec:
     cuda_ipc: bool = False  # send to the next stage by CUDA IPC handle
     resume: str | None = None  # checkpoint folder to continue from
     start_step: int = 0  # the training step that checkpoint holds
+    keys: RunKeys | None = None  # tcp links: the run's CURVE keys (workers/security.py)
 
 
 class Reporter:
     """Pushes msgpack records from a stage to the coordinator."""
 
-    def __init__(self, ctx: zmq.Context, endpoint: str, rank: int) -> None:
+    def __init__(self, ctx: zmq.Context, endpoint: str, rank: int, keys: RunKeys | None = None) -> None:
         self.socket = ctx.socket(zmq.PUSH)
         self.socket.setsockopt(zmq.LINGER, LINGER_MS)
+        secure(self.socket, keys, server=False)
         self.socket.connect(endpoint)
         self.rank = rank
 
@@ -74,13 +77,13 @@ class Heartbeat(threading.Thread):
 
     PERIOD_S = 1.0
 
-    def __init__(self, ctx: zmq.Context, endpoint: str, rank: int) -> None:
+    def __init__(self, ctx: zmq.Context, endpoint: str, rank: int, keys: RunKeys | None = None) -> None:
         super().__init__(name=f"heartbeat{rank + 1}", daemon=True)
-        self.ctx, self.endpoint, self.rank = ctx, endpoint, rank
+        self.ctx, self.endpoint, self.rank, self.keys = ctx, endpoint, rank, keys
         self.stopped = threading.Event()
 
     def run(self) -> None:
-        reporter = Reporter(self.ctx, self.endpoint, self.rank)  # zmq sockets belong to one thread each
+        reporter = Reporter(self.ctx, self.endpoint, self.rank, self.keys)  # zmq sockets belong to one thread each
         try:
             while not self.stopped.wait(self.PERIOD_S):
                 reporter.send({"kind": "beat"})
@@ -127,7 +130,7 @@ class StageWorker:
             self.step = SimulatedStep(self.real_step, self.cfg.simulate_step_ms)
         self.probing = self.cfg.probe_size > 0 and self.cfg.simulate_step_ms == 0
         self.receiver = None if spec.in_endpoint is None else Receiver(
-            ctx, spec.in_endpoint, self.cfg.peer_timeout, self.device, peer=f"stage {self.rank}")
+            ctx, spec.in_endpoint, self.cfg.peer_timeout, self.device, peer=f"stage {self.rank}", keys=spec.keys)
         self.heartbeat: Heartbeat | None = None
         self.sender: Sender | None = None
         self.reporter: Reporter | None = None
@@ -144,9 +147,9 @@ class StageWorker:
         """Connect to the next stage's input link and to the coordinator."""
         if out_endpoint is not None:
             self.sender = Sender(self.ctx, out_endpoint, self.cfg.depth, self.cfg.peer_timeout, cuda_ipc,
-                                 peer=f"stage {self.rank + 2}")
-        self.reporter = Reporter(self.ctx, report_endpoint, self.rank)
-        self.heartbeat = Heartbeat(self.ctx, report_endpoint, self.rank)
+                                 peer=f"stage {self.rank + 2}", keys=self.spec.keys)
+        self.reporter = Reporter(self.ctx, report_endpoint, self.rank, self.spec.keys)
+        self.heartbeat = Heartbeat(self.ctx, report_endpoint, self.rank, self.spec.keys)
 
     # --- the loop -----------------------------------------------------------------
 
@@ -286,7 +289,7 @@ def stage_main(spec: StageSpec) -> None:
         if worker is not None and worker.reporter is not None:
             worker.reporter.send({"kind": "error", "error": f"{type(err).__name__}: {err}"})
         else:  # failed before connecting: a short-lived reporter, closed so that ctx.term() cannot block
-            reporter = Reporter(ctx, spec.report_endpoint, spec.rank)
+            reporter = Reporter(ctx, spec.report_endpoint, spec.rank, spec.keys)
             reporter.send({"kind": "error", "error": f"{type(err).__name__}: {err}"})
             reporter.close()
         raise

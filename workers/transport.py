@@ -21,6 +21,7 @@ import torch
 import zmq
 
 from workers.placement import HOST_TENSORS, travels_by_ipc
+from workers.security import RunKeys, secure
 
 LINGER_MS = 1000
 
@@ -130,9 +131,10 @@ class Sender:
     """The producing end of a link: connects, sends, and waits for credit when `depth` messages are unfinished."""
 
     def __init__(self, ctx: zmq.Context, endpoint: str, depth: int = 2, timeout_s: float = 120.0,
-                 cuda_ipc: bool = False, peer: str = "the next stage") -> None:
+                 cuda_ipc: bool = False, peer: str = "the next stage", keys: RunKeys | None = None) -> None:
         self.socket = ctx.socket(zmq.PAIR)
         self.socket.setsockopt(zmq.LINGER, LINGER_MS)
+        secure(self.socket, keys, server=False)
         self.socket.connect(endpoint)
         self.depth, self.timeout_ms, self.cuda_ipc, self.peer = depth, int(timeout_s * 1000), cuda_ipc, peer
         self.seq = 0
@@ -167,9 +169,11 @@ class Receiver:
     """The consuming end of a link: binds, receives in order, and returns credit with `done`."""
 
     def __init__(self, ctx: zmq.Context, endpoint: str, timeout_s: float = 120.0,
-                 device: torch.device | None = None, peer: str = "the previous stage") -> None:
+                 device: torch.device | None = None, peer: str = "the previous stage",
+                 keys: RunKeys | None = None) -> None:
         self.socket = ctx.socket(zmq.PAIR)
         self.socket.setsockopt(zmq.LINGER, LINGER_MS)
+        secure(self.socket, keys, server=True)
         self.socket.bind(endpoint)
         self.endpoint = self.socket.getsockopt_string(zmq.LAST_ENDPOINT)
         self.timeout_ms, self.device, self.peer = int(timeout_s * 1000), device, peer
