@@ -77,7 +77,7 @@ class Config:
     gpus: list[int] = field(default_factory=list)  # pipeline on cuda: GPU of each stage (default: stage k on k mod #GPUs)
     peer_timeout: float = 120.0  # pipeline: seconds without a message from a neighbour before it counts as dead
     simulate_step_ms: float = 0.0  # pipeline benchmark: each stage sleeps this long instead of training (0: off)
-    heartbeat_timeout: float = 30.0  # pipeline: seconds without a heartbeat (sent once a second by a thread) before a stage counts as hung
+    heartbeat_timeout: float = 20.0  # pipeline: seconds without a heartbeat (sent once a second by a thread) before a stage counts as hung
     out: str = "runs/default"
     log_every: int = 20  # steps between JSONL training records
     tensorboard: bool = True  # also write TensorBoard event files, when tensorboard is installed

@@ -215,6 +215,10 @@ def test_a_corrupted_newest_checkpoint_is_skipped_and_the_resumed_run_ends_as_an
     assert launch.main(["--resume", str(run_dir), "--no-progress"]) == 2
     assert capsys.readouterr().err.endswith(f"error: {run_dir} has no complete, uncorrupted checkpoint to resume from; "
                                             "start it again without --resume\n")
+    for tool in ("evaluate", "export"):  # the tools refuse it in one line too
+        assert launch.main([tool, str(run_dir)]) == 2
+        assert capsys.readouterr().err.endswith(f"error: {run_dir} has no complete, uncorrupted checkpoint to resume "
+                                                "from; start it again without --resume\n")
 
 
 def test_an_out_that_is_a_file_is_one_line_and_leaves_no_ipc_folder(tmp_path, capsys):

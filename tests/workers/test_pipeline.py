@@ -267,9 +267,9 @@ def test_a_frozen_stage_is_named_within_thirty_seconds_with_the_defaults(tmp_pat
     frozen_at = time.time()
     os.kill(stages[1], signal.SIGSTOP)  # alive but silent: its heartbeat thread is frozen too
     _, err = proc.communicate(timeout=90)
-    assert time.time() - frozen_at < 30 + 5  # heartbeat_timeout 30 s, polled every 0.1 s; 5 s for a loaded machine
+    assert time.time() - frozen_at < 30  # named after heartbeat_timeout (20 s), all stopped 3 s later at most
     assert proc.returncode == 1
-    assert err.strip().splitlines()[-1].startswith("error: stage 2 sent no heartbeat for 30 s (hung) after step")
+    assert err.strip().splitlines()[-1].startswith("error: stage 2 sent no heartbeat for 20 s (hung) after step")
     time.sleep(0.5)
     assert not any(alive(pid) for pid in stages)
 
