@@ -9,6 +9,7 @@ device problem ends the run before training with one line that says what to fix.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import signal
 import sys
@@ -282,6 +283,12 @@ def main(argv: list[str] | None = None) -> int:
     if argv and argv[0] == "plan":
         return run_plan(argv[1:])
     args = parse_args(argv)
+    with contextlib.ExitStack() as held:  # the run directory's lock, released however the run ends
+        return run_job(args, held)
+
+
+def run_job(args: argparse.Namespace, held: contextlib.ExitStack) -> int:
+    """Train the job `args` describe (sequential, spawned or torchrun); the exit code. `held` keeps the run's lock."""
     from pipeline.checkpoint import CheckpointError, DiskFull
     from pipeline.config import ConfigError
     from pipeline.data import DataError, load_config_data, steps_per_epoch
@@ -304,8 +311,8 @@ def main(argv: list[str] | None = None) -> int:
                   f"{plan.global_bp.total / 2**20:.1f} MB (see `launch.py plan`)", flush=True)
         stages = len(build_local_modules(cfg, data.in_channels, data.num_classes, data.input_size))
         check_topology(cfg, stages, world_size)
-        if int(os.environ.get("RANK", "0")) == 0:  # held until this process exits: a second launcher is refused
-            run_lock = lock_run_dir(Path(cfg.out))  # noqa: F841 (kept open on purpose)
+        if int(os.environ.get("RANK", "0")) == 0:  # a second launcher on this directory is refused while we run
+            held.enter_context(lock_run_dir(Path(cfg.out)))
         resume = find_resume(args, cfg, data, steps * cfg.epochs)  # every torchrun rank finds the same one
     except (ConfigError, DataError, CheckpointError) as err:
         print(f"error: {err}", file=sys.stderr)

@@ -203,7 +203,7 @@ def manifest_problem(path: Path, manifest: Any) -> str:
         return "the manifest has no fingerprint"
     if not isinstance(files, dict) or not files:
         return "the manifest lists no stage files"
-    if sorted(files) != [f"stage{k + 1}.pt" for k in range(len(files))]:
+    if set(files) != {f"stage{k + 1}.pt" for k in range(len(files))}:
         return f"the manifest lists {sorted(files)}, not stage1.pt..stage{len(files)}.pt"
     for name, entry in files.items():
         size = entry.get("bytes") if isinstance(entry, dict) else entry  # format 1 listed sizes only
