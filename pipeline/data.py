@@ -264,11 +264,27 @@ class ImageFolderData:
 
     def _decode(self, items: list[list[tuple[str, int]]]) -> Iterator[torch.Tensor]:
         loader = torch.utils.data.DataLoader(FolderImages(self.image_size), batch_sampler=items,
-                                             num_workers=self.workers, collate_fn=torch.stack)
+                                             num_workers=self.workers, collate_fn=torch.stack,
+                                             worker_init_fn=die_with_parent)
         return iter(loader)
 
 
 Data = ImageData | ImageFolderData  # what batches are drawn from
+
+
+def die_with_parent(_worker_id: int | None = None) -> None:
+    """On Linux, have the kernel send SIGTERM to this process when its parent dies (no orphans).
+
+    Stage processes call it, and so do loader processes (as `worker_init_fn`): a stage stopped
+    by its launcher would otherwise leave its loader processes behind, for good.
+    """
+    try:
+        import ctypes
+        import signal
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, int(signal.SIGTERM))  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
 
 
 class FolderImages(torch.utils.data.Dataset):
