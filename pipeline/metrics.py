@@ -124,5 +124,10 @@ def truncate_after(path: Path, step: int) -> None:
 
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
-    """All records of a metrics.jsonl file."""
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    """All complete records of a metrics.jsonl file.
+
+    A record is complete once its newline is written: a reader polling a live run can see a
+    line still being written, and a killed run can leave a torn last line.
+    """
+    complete = path.read_text().split("\n")[:-1]  # after the last newline: nothing, or a partial record
+    return [json.loads(line) for line in complete if line.strip()]
