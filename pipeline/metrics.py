@@ -146,21 +146,28 @@ def _scalars(record: dict[str, Any]) -> list[tuple[str, float]]:
 
 
 def truncate_after(path: Path, step: int) -> None:
-    """Drop the records of steps after `step` (written by a run that died after its last checkpoint)."""
+    """Drop the records of steps after `step` (written by a run that died after its last checkpoint), and a torn
+    last line (with a warning)."""
     if path.exists():
+        if path.read_bytes()[-1:] not in (b"", b"\n"):  # the last record has no newline: its write was cut short
+            print(f"warning: {path}: dropped a torn last line (a write cut short)", file=sys.stderr, flush=True)
         kept = [r for r in read_jsonl(path) if r.get("step", 0) <= step]
         path.write_text("".join(json.dumps(r) + "\n" for r in kept))
 
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
-    """All records of a metrics.jsonl file; a torn last line (a write cut short: full disk, kill) is dropped with a warning."""
-    lines = [line for line in path.read_text(errors="replace").splitlines() if line.strip()]
+    """All complete records of a metrics.jsonl file.
+
+    A record is complete once its newline is written: a reader polling a live run can see a
+    line still being written, and a killed run or a full disk can leave a torn last line.
+    A complete line that is not JSON is an error naming it.
+    """
+    *complete, _partial = path.read_text(errors="replace").split("\n")
     records = []
-    for i, line in enumerate(lines):
-        try:
-            records.append(json.loads(line))
-        except ValueError:
-            if i < len(lines) - 1:
+    for i, line in enumerate(complete):
+        if line.strip():
+            try:
+                records.append(json.loads(line))
+            except ValueError:
                 raise ValueError(f"{path} line {i + 1} is not JSON; the file was edited or damaged") from None
-            print(f"warning: {path}: dropped a torn last line (a write cut short)", file=sys.stderr, flush=True)
     return records

@@ -23,7 +23,8 @@ import zmq
 
 from pipeline.checkpoint import check_finite, checkpoint_dir, fingerprint, load_stage_state, save_atomic, stage_state
 from pipeline.config import Config, from_dict
-from pipeline.data import eval_batches, load_config_data, probe_batch, steps_per_epoch, to_device, train_batches
+from pipeline.data import (die_with_parent, eval_batches, load_config_data, probe_batch, steps_per_epoch, to_device,
+                           train_batches)
 from pipeline.metrics import ModuleMeter, topk_correct, train_records
 from pipeline.probe import InputDriftProbe
 from pipeline.stages import build_local_modules, build_stage_steps, configure_torch, is_due, split_cuts
@@ -276,7 +277,7 @@ class StageWorker:
 
 def stage_main(spec: StageSpec) -> None:
     """Entry point of a stage process: run the worker; report any error to the coordinator, then re-raise."""
-    _die_with_parent()
+    die_with_parent()
     ctx = zmq.Context()
     worker = None
     try:
@@ -297,14 +298,3 @@ def stage_main(spec: StageSpec) -> None:
         if worker is not None:
             worker.close()
         ctx.destroy(linger=LINGER_MS)  # pending records get LINGER_MS to leave; never blocks longer
-
-
-def _die_with_parent() -> None:
-    """On Linux, have the kernel send SIGTERM to this process when its parent dies (no orphans)."""
-    try:
-        import ctypes
-        import signal
-
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, int(signal.SIGTERM))  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass
