@@ -228,12 +228,10 @@ def plan_auto_split(cfg, data, world_size: int):
 
 def rank_device(cfg, rank: int) -> str:
     """The device of the stage this torchrun rank runs (workers.placement.stage_device with its local rank)."""
-    import torch
-
+    from workers.launcher import visible_gpus
     from workers.placement import stage_device
 
-    visible = torch.cuda.device_count() if cfg.device.startswith("cuda") else 0
-    return stage_device(cfg.device, cfg.gpus, rank, visible, int(os.environ.get("LOCAL_RANK", "0")))
+    return stage_device(cfg.device, cfg.gpus, rank, visible_gpus(cfg), int(os.environ.get("LOCAL_RANK", "0")))
 
 
 def check_topology(cfg, stages: int, world_size: int) -> None:
@@ -257,12 +255,9 @@ def check_topology(cfg, stages: int, world_size: int) -> None:
         if world_size > 1:
             rank_device(cfg, int(os.environ.get("RANK", "0")))
         else:
-            import torch
+            from workers.launcher import spawned_devices
 
-            from workers.placement import stage_device
-
-            for k in range(stages):
-                stage_device(cfg.device, cfg.gpus, k, torch.cuda.device_count())
+            spawned_devices(cfg, stages)
 
 
 class Terminated(KeyboardInterrupt):

@@ -44,6 +44,12 @@ def visible_gpus(cfg: Config) -> int:
     return torch.cuda.device_count() if cfg.device.startswith("cuda") else 0
 
 
+def spawned_devices(cfg: Config, stages: int) -> list[str]:
+    """Each stage's device when one launcher spawns them all (they see this process's GPUs)."""
+    visible = visible_gpus(cfg)
+    return [stage_device(cfg.device, cfg.gpus, k, visible) for k in range(stages)]
+
+
 def checked_ipc(use: bool, producer: str, consumer: str, checked: dict[tuple[str, str], bool]) -> bool:
     """`use`, unless the start-up check finds CUDA IPC broken between the two devices (then zmq, with a warning)."""
     if not use:
@@ -111,12 +117,11 @@ def run_spawned(cfg: Config, stages: int, steps_per_epoch: int, resume: Checkpoi
     try:  # from here on every exit path, an error before training included, removes tmp and closes the sockets
         start_step = resume.step if resume is not None else 0
         coordinator = Coordinator(cfg, stages, steps_per_epoch, ctx, f"ipc://{tmp}/report", start_step)
-        visible = visible_gpus(cfg)
-        devices = [stage_device(cfg.device, cfg.gpus, k, visible) for k in range(stages)]
+        devices = spawned_devices(cfg, stages)
         threads = stage_threads(cfg, stages)
         link = [f"ipc://{tmp}/link{k}" for k in range(stages)]  # link[k]: input of stage k
         # Spawned stages inherit this process's CUDA_VISIBLE_DEVICES: a GPU's index names the same GPU in each of them.
-        seen = [f"cuda:{i}" for i in range(visible)]
+        seen = [f"cuda:{i}" for i in range(visible_gpus(cfg))]
         checked: dict[tuple[str, str], bool] = {}
         use_ipc = [checked_ipc(use_cuda_ipc(cfg.transport, devices[k] if devices[k] in seen else None, seen),
                                devices[k], devices[k + 1], checked)
