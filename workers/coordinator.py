@@ -26,7 +26,7 @@ class StageFailed(RuntimeError):
     """A stage process died or reported an error; the message names the stage."""
 
 
-PAUSE_S = 2.0  # a poll loop that polls every 0.1 s and saw no poll for this long was itself paused
+PAUSE_S = 2.0  # a launcher loop that looks at the clock every 0.1 s and saw a gap this long was itself paused
 
 
 class Coordinator:
@@ -52,7 +52,7 @@ class Coordinator:
         self.errors: dict[int, str] = {}
         self.last_step = [start_step] * stages
         self.last_seen: dict[int, float] = {}  # stage -> when it last sent anything (from its `ready` on)
-        self.last_poll = self.paused_until = time.monotonic()
+        self.last_tick = self.paused_until = time.monotonic()
         self.fingerprint: dict[str, Any] = {}
         self.saved: dict[int, set[int]] = {}  # step -> stages that saved their part of its checkpoint
         self.last_checkpoint = start_step if start_step else None
@@ -62,19 +62,23 @@ class Coordinator:
         self.timeline: list[tuple[float, int, int, float, float]] = []  # train reports: (arrival, stage, step, busy s, idle s)
 
     def poll(self, timeout_ms: int) -> None:
-        """Handle every record that arrives within `timeout_ms`.
-
-        A gap since the previous poll longer than PAUSE_S means this process itself was stopped
-        (SIGSTOP, a suspended laptop, a swapped-out launcher): silence during it proves nothing,
-        so every stage counts as seen at the gap's end.
-        """
-        now = time.monotonic()
-        if now - self.last_poll > PAUSE_S:
-            self.paused_until = now
-        self.last_poll = now
+        """Handle every record that arrives within `timeout_ms`."""
+        self._tick()
         while self.socket.poll(timeout_ms, zmq.POLLIN):
+            self._tick(timeout_ms / 1000)  # a pause inside the wait shows here, before what queued up during it
             self.handle(msgpack.unpackb(self.socket.recv(), raw=False))
             timeout_ms = 0
+        self._tick(timeout_ms / 1000)
+
+    def _tick(self, waited_s: float = 0.0) -> float:
+        """Now; a gap since the previous tick longer than PAUSE_S (plus a wait we asked for) means this
+        process itself was stopped (SIGSTOP, a suspended laptop, a swapped-out launcher): silence during
+        it proves nothing, so every stage counts as seen at the gap's end."""
+        now = time.monotonic()
+        if now - self.last_tick > waited_s + PAUSE_S:
+            self.paused_until = now
+        self.last_tick = now
+        return now
 
     def handle(self, msg: dict[str, Any]) -> None:
         stage, kind = msg["stage"], msg["kind"]
@@ -122,7 +126,7 @@ class Coordinator:
         Start-up (loading data, building the model) is not judged: a stage that dies there is seen
         by its exit, and one that stalls there leaves its neighbours without messages (peer_timeout).
         """
-        now = time.monotonic()
+        now = self._tick()
         silent = [k for k, seen in self.last_seen.items()
                   if k not in self.done and now - max(seen, self.paused_until) > timeout_s]
         return silent[0] if silent else None

@@ -1,0 +1,45 @@
+"""The coordinator's judgement of hung stages, without stage processes."""
+import time
+
+import zmq
+
+from pipeline.config import Config
+from workers.coordinator import PAUSE_S, Coordinator
+
+
+class LateSocket:
+    """A socket whose wait returns PAUSE_S + 0.5 s late and empty, as when the launcher was stopped inside it
+    and the records that queued up meanwhile have not reached the socket yet."""
+
+    def poll(self, timeout_ms: int, _flags: int) -> int:
+        time.sleep(timeout_ms / 1000 + PAUSE_S + 0.5)
+        return 0
+
+
+def test_a_pause_of_the_launcher_inside_its_wait_does_not_make_a_stage_hung(tmp_path):
+    ctx = zmq.Context()
+    coordinator = Coordinator(Config(out=str(tmp_path / "run"), progress=False), 2, 10, ctx, "inproc://report")
+    socket = coordinator.socket
+    try:
+        coordinator.handle({"stage": 0, "kind": "beat"})
+        coordinator.socket = LateSocket()
+        coordinator.poll(100)
+        assert coordinator.silent_stage(1.0) is None  # silent for 2.6 s, but we were the ones stopped
+        time.sleep(1.2)
+        assert coordinator.silent_stage(1.0) == 0  # silent for 1.2 s after the pause: hung
+    finally:
+        coordinator.socket = socket
+        coordinator.close()
+        ctx.destroy(linger=0)
+
+
+def test_a_long_wait_that_was_asked_for_is_not_a_pause(tmp_path):
+    ctx = zmq.Context()
+    coordinator = Coordinator(Config(out=str(tmp_path / "run"), progress=False), 2, 10, ctx, "inproc://report")
+    try:
+        coordinator.handle({"stage": 1, "kind": "beat"})
+        coordinator.poll(int(1000 * (PAUSE_S + 0.5)))  # nothing arrives; the wait ran its full length
+        assert coordinator.silent_stage(1.0) == 1
+    finally:
+        coordinator.close()
+        ctx.destroy(linger=0)
