@@ -10,9 +10,11 @@ all see the same ones.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import gzip
 import io
 import math
+import os
 import pickle
 import zlib
 from dataclasses import dataclass
@@ -21,6 +23,8 @@ from typing import TYPE_CHECKING, Iterator
 
 import numpy as np
 import torch
+
+from pipeline.lifeline import exit_with, forkserver
 
 if TYPE_CHECKING:
     from pipeline.config import Config
@@ -286,31 +290,16 @@ class ImageFolderData:
 
     def _decode(self, items: list[list[tuple[str, int]]]) -> Iterator[torch.Tensor]:
         # forkserver, not fork: a stage process has zmq and OpenMP threads, and a child forked from a threaded
-        # process can inherit a lock held by one of them (stage 1 hung in its first batch now and then). The
-        # forkserver ends with this process, and each loader with the forkserver (die_with_parent).
+        # process can inherit a lock held by one of them (stage 1 hung in its first batch now and then).
+        # Each loader ends with this process (exit_with), even when it is killed with SIGKILL.
         loader = torch.utils.data.DataLoader(FolderImages(self.image_size), batch_sampler=items,
                                              num_workers=self.workers, collate_fn=torch.stack,
-                                             multiprocessing_context="forkserver" if self.workers else None,
-                                             worker_init_fn=die_with_parent)
+                                             multiprocessing_context=forkserver() if self.workers else None,
+                                             worker_init_fn=functools.partial(exit_with, os.getpid()))
         return iter(loader)
 
 
 Data = ImageData | ImageFolderData  # what batches are drawn from
-
-
-def die_with_parent(_worker_id: int | None = None) -> None:
-    """On Linux, have the kernel send SIGTERM to this process when its parent dies (no orphans).
-
-    Stage processes call it, and so do loader processes (as `worker_init_fn`): a stage stopped
-    by its launcher would otherwise leave its loader processes behind, for good.
-    """
-    try:
-        import ctypes
-        import signal
-
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, int(signal.SIGTERM))  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass
 
 
 class FolderImages(torch.utils.data.Dataset):

@@ -25,6 +25,7 @@ import zmq
 
 from pipeline.checkpoint import Checkpoint
 from pipeline.config import Config
+from pipeline.lifeline import forkserver, process_alive
 from workers.coordinator import Coordinator
 from workers.ipc_check import cuda_ipc_error
 from workers.placement import stage_device, use_cuda_ipc
@@ -95,6 +96,7 @@ def _await_end(coordinator: Coordinator, k: int, p: mp.Process) -> None:
 
 def _stop(processes: list[mp.Process]) -> None:
     """Terminate every stage still alive, then kill what has not exited within the grace period."""
+    processes = [p for p in processes if p.pid is not None]  # a failed start leaves the later ones unstarted
     for p in processes:
         if p.is_alive():
             p.terminate()
@@ -128,11 +130,11 @@ def run_spawned(cfg: Config, stages: int, steps_per_epoch: int, resume: Checkpoi
                    for k in range(stages - 1)] + [False]
         specs = [
             StageSpec(k, stages, cfg.to_dict(), link[k] if k else None, link[k + 1] if k + 1 < stages else None,
-                      coordinator.endpoint, devices[k], threads, use_ipc[k], _resume_path(resume), start_step)
+                      coordinator.endpoint, devices[k], threads, use_ipc[k], _resume_path(resume), start_step,
+                      launcher_pid=os.getpid())
             for k in range(stages)
         ]
-        spawn = mp.get_context("spawn")
-        processes = [spawn.Process(target=stage_main, args=(spec,), name=f"stage{spec.rank + 1}") for spec in specs]
+        processes = [forkserver().Process(target=stage_main, args=(spec,), name=f"stage{spec.rank + 1}") for spec in specs]
         start = time.time()
         for p in processes:
             p.start()
@@ -169,20 +171,10 @@ def remove_stale_ipc_dirs(root: Path) -> list[Path]:
             pid = int((folder / LAUNCHER_PID).read_text())
         except (OSError, ValueError):
             continue
-        if not _pid_alive(pid):
+        if not process_alive(pid):
             shutil.rmtree(folder, ignore_errors=True)
             removed.append(folder)
     return removed
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # someone else's process
-        return True
-    return True
 
 
 def _resume_path(resume: Checkpoint | None) -> str | None:

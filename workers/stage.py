@@ -23,8 +23,9 @@ import zmq
 
 from pipeline.checkpoint import check_finite, checkpoint_dir, fingerprint, load_stage_state, save_atomic, stage_state
 from pipeline.config import Config, from_dict
-from pipeline.data import (die_with_parent, eval_batches, load_config_data, probe_batch, steps_per_epoch, to_device,
+from pipeline.data import (eval_batches, load_config_data, probe_batch, steps_per_epoch, to_device,
                            train_batches)
+from pipeline.lifeline import exit_with
 from pipeline.metrics import ModuleMeter, topk_correct, train_records
 from pipeline.probe import InputDriftProbe
 from pipeline.stages import build_local_modules, build_stage_steps, configure_torch, is_due, split_cuts
@@ -50,6 +51,7 @@ class StageSpec:
     resume: str | None = None  # checkpoint folder to continue from
     start_step: int = 0  # the training step that checkpoint holds
     keys: RunKeys | None = None  # tcp links: the run's CURVE keys (workers/security.py)
+    launcher_pid: int | None = None  # the process that started this one: the stage ends when it does
 
 
 class Reporter:
@@ -277,7 +279,8 @@ class StageWorker:
 
 def stage_main(spec: StageSpec) -> None:
     """Entry point of a stage process: run the worker; report any error to the coordinator, then re-raise."""
-    die_with_parent()
+    if spec.launcher_pid is not None:
+        exit_with(spec.launcher_pid)  # a launcher killed with SIGKILL cannot stop its stages itself
     ctx = zmq.Context()
     worker = None
     try:

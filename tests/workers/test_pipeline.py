@@ -83,7 +83,7 @@ def test_a_streamed_image_folder_trains_through_the_pipeline_as_in_the_reference
     """Only stage 1 decodes images (with loader processes and RandomResizedCrop); the result is the reference's."""
     write_image_folder(tmp_path / "folder", sizes=((40, 30), (30, 40), (36, 36), (24, 50)))
     cfg = small_config(tmp_path, dataset="imagefolder", data_dir=str(tmp_path / "folder"), image_size=16, augment=True,
-                       stages=2, train_subset=0, batch_size=4, eval_batch_size=3, probe_size=4, eval_every=1,
+                       stages=2, train_subset=0, batch_size=4, eval_batch_size=3, probe_size=4, eval_every=2,
                        loader_workers=2)
     trainer, expected = reference(cfg, tmp_path)
     result = run_pipeline(cfg)
@@ -195,8 +195,19 @@ def start_long_run(tmp_path: Path, *extra: str) -> tuple[subprocess.Popen, list[
             break
         assert proc.poll() is None, proc.communicate()
         time.sleep(0.2)
-    stages = [pid for pid in children_of(proc.pid) if "resource_tracker" not in Path(f"/proc/{pid}/cmdline").read_text()]
-    return proc, stages
+    return proc, stage_pids(proc.pid)
+
+
+def forkserver_of(launcher: int) -> int:
+    """The process the launcher's stages are forked from (pipeline.lifeline.forkserver)."""
+    servers = [pid for pid in children_of(launcher) if "forkserver" in Path(f"/proc/{pid}/cmdline").read_text()]
+    assert len(servers) == 1, f"launcher {launcher} has forkservers {servers}"
+    return servers[0]
+
+
+def stage_pids(launcher: int) -> list[int]:
+    """The launcher's stage processes, in stage order."""
+    return sorted(children_of(forkserver_of(launcher)))
 
 
 def test_a_killed_stage_stops_the_whole_run_within_ten_seconds_and_the_run_resumes(tmp_path):
@@ -232,11 +243,12 @@ def test_a_hung_stage_is_detected_by_its_missing_heartbeat(tmp_path):
 
 def test_ctrl_c_stops_every_process(tmp_path):
     proc, stages = start_long_run(tmp_path)
+    processes = [*stages, forkserver_of(proc.pid)]  # the forkserver too ends with the run
     os.killpg(proc.pid, signal.SIGINT)  # what a terminal's Ctrl-C does: the whole process group
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130 and "interrupted: all stages stopped" in err
     time.sleep(0.5)
-    assert not any(alive(pid) for pid in stages)
+    assert not any(alive(pid) for pid in processes)
 
 
 def test_torchrun_one_process_per_stage_equals_the_reference(tmp_path):
@@ -300,22 +312,24 @@ def launcher_ipc_dirs(pid: int) -> list[Path]:
 
 def test_sigterm_stops_every_process_exits_143_and_leaves_no_ipc_folder(tmp_path):
     proc, stages = start_long_run(tmp_path)
+    processes = [*stages, forkserver_of(proc.pid)]  # the forkserver too ends with the run
     assert launcher_ipc_dirs(proc.pid)
     proc.send_signal(signal.SIGTERM)  # the launcher only, as `kill` or a scheduler would
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 143 and "terminated: all stages stopped" in err
     time.sleep(0.5)
-    assert not any(alive(pid) for pid in stages) and not launcher_ipc_dirs(proc.pid)
+    assert not any(alive(pid) for pid in processes) and not launcher_ipc_dirs(proc.pid)
 
 
 def test_the_ipc_folder_of_a_launcher_killed_with_sigkill_is_removed_by_the_next_run(tmp_path):
     proc, stages = start_long_run(tmp_path)
+    processes = [*stages, forkserver_of(proc.pid)]  # the forkserver too ends with the run
     left = launcher_ipc_dirs(proc.pid)
     os.kill(proc.pid, signal.SIGKILL)  # no cleanup can run; the stages die with their parent
     proc.communicate(timeout=30)
     deadline = time.time() + 15
-    while any(alive(pid) for pid in stages) and time.time() < deadline:
+    while any(alive(pid) for pid in processes) and time.time() < deadline:
         time.sleep(0.1)
-    assert not any(alive(pid) for pid in stages) and all(d.is_dir() for d in left) and left
+    assert not any(alive(pid) for pid in processes) and all(d.is_dir() for d in left) and left
     assert remove_stale_ipc_dirs(Path(tempfile.gettempdir())) == left  # what the next launcher does first
     assert not any(d.exists() for d in left)

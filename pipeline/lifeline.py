@@ -1,0 +1,60 @@
+"""How a run's processes start, and how they end with the process they serve.
+
+Stages and loader processes are forked from one server process that imported PRELOAD once: a
+spawned process would import torch again (seconds, for each of K stages and each loader). They end
+with their launcher or stage through `exit_with`: a parent-death signal (PR_SET_PDEATHSIG) does not
+serve, since their parent is the server, and a forkserver lives as long as any process it forked.
+"""
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import select
+import signal
+import threading
+import time
+
+POLL_S = 1.0  # where pidfd_open is missing (not Linux >= 5.3): how often to look
+PRELOAD = ["workers.stage"]  # torch, the models, the data code: all that a stage or a loader process runs
+
+
+def forkserver() -> mp.context.ForkServerContext:
+    """The start method of stages and loader processes: forks of a server that imported PRELOAD.
+
+    The server is single-threaded and never touches CUDA, so its forks may. They see the environment
+    the server started with (the first use in this process). Its forks share it, a stage's loaders too.
+    """
+    context = mp.get_context("forkserver")
+    context.set_forkserver_preload(PRELOAD)  # read when the server starts
+    return context
+
+
+def exit_with(pid: int, _worker_id: int | None = None) -> None:
+    """From now on, SIGTERM this process as soon as process `pid` has ended (a daemon thread watches it).
+
+    Also a DataLoader `worker_init_fn` (as `functools.partial(exit_with, pid)`): the worker id is ignored.
+    """
+    threading.Thread(target=_watch, args=(pid,), name=f"exit-with-{pid}", daemon=True).start()
+
+
+def _watch(pid: int) -> None:
+    try:
+        fd = os.pidfd_open(pid)
+        select.select([fd], [], [])  # readable once the process has ended
+    except ProcessLookupError:  # ended already
+        pass
+    except (AttributeError, OSError):
+        while process_alive(pid):
+            time.sleep(POLL_S)
+    os.kill(os.getpid(), signal.SIGTERM)
+
+
+def process_alive(pid: int) -> bool:
+    """Whether a process with this pid exists (someone else's counts)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
