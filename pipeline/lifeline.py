@@ -8,9 +8,11 @@ serve, since their parent is the server, and a forkserver lives as long as any p
 from __future__ import annotations
 
 import multiprocessing as mp
+import multiprocessing.forkserver
 import os
 import select
 import signal
+import sys
 import threading
 import time
 
@@ -26,6 +28,17 @@ def forkserver() -> mp.context.ForkServerContext:
     """
     context = mp.get_context("forkserver")
     context.set_forkserver_preload(PRELOAD)  # read when the server starts
+    # Python 3.11's server imports PRELOAD before it takes this process's sys.path (3.12 takes it first):
+    # started with sys.path as its PYTHONPATH, it imports the code this process runs, not an installed copy.
+    saved = os.environ.get("PYTHONPATH")
+    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
+    try:
+        multiprocessing.forkserver.ensure_running()  # no-op once running
+    finally:
+        if saved is None:
+            del os.environ["PYTHONPATH"]
+        else:
+            os.environ["PYTHONPATH"] = saved
     return context
 
 

@@ -1,8 +1,13 @@
 """exit_with: a process forked from a forkserver ends when the process it serves ends, SIGKILL included."""
+import shutil
 import subprocess
+import sys
 import time
+from pathlib import Path
 
 from pipeline.lifeline import exit_with, forkserver, process_alive
+
+ROOT = Path(__file__).parents[2]
 
 
 def _serve(pid: int) -> None:
@@ -33,3 +38,23 @@ def test_watching_a_process_that_has_ended_ends_this_one_at_once():
     child.start()
     child.join(timeout=10)
     assert child.exitcode == -15 and not process_alive(gone.pid)
+
+
+def test_the_forkserver_imports_the_code_of_this_process_not_an_installed_copy(tmp_path):
+    """Run from a copy of the packages (another checkout, say): stages must run the copy's code."""
+    for package in ("pipeline", "workers"):
+        shutil.copytree(ROOT / package, tmp_path / package, ignore=shutil.ignore_patterns("__pycache__"))
+    (tmp_path / "origin.py").write_text("def report(queue):\n    import workers.stage\n    queue.put(workers.stage.__file__)\n")
+    script = ("import sys; sys.path.insert(0, sys.argv[1])\n"
+              "import origin\nfrom pipeline.lifeline import forkserver\n"
+              "if __name__ == '__main__':\n"
+              "    context = forkserver(); queue = context.Queue()\n"
+              "    child = context.Process(target=origin.report, args=(queue,)); child.start()\n"
+              "    print(queue.get(timeout=120)); child.join()\n")
+    (tmp_path / "main.py").write_text(script)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    proc = subprocess.run([sys.executable, str(tmp_path / "main.py"), str(tmp_path)], cwd=elsewhere,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip() == str(tmp_path / "workers" / "stage.py")
