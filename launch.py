@@ -286,7 +286,7 @@ def run_job(args: argparse.Namespace, held: contextlib.ExitStack) -> int:
     """Train the job `args` describe (sequential, spawned or torchrun); the exit code. `held` keeps the run's lock."""
     from pipeline.checkpoint import CheckpointError, DiskFull
     from pipeline.config import ConfigError
-    from pipeline.data import DataError, load_config_data, steps_per_epoch
+    from pipeline.data import DataError, data_shape, load_config_data, steps_per_epoch
     from pipeline.rundir import lock_run_dir
     from pipeline.stages import build_local_modules
     from pipeline.trainer import SequentialTrainer
@@ -321,10 +321,11 @@ def run_job(args: argparse.Namespace, held: contextlib.ExitStack) -> int:
         if cfg.schedule == "sequential":
             result = SequentialTrainer(cfg, data, resume=resume).run()
         elif world_size > 1:
-            result = run_torchrun(cfg, stages, steps, resume)
+            result = run_torchrun(cfg, stages, data_shape(data, cfg.batch_size), resume)
         else:
-            del data  # each stage process loads its own copy
-            result = run_spawned(cfg, stages, steps, resume)
+            shape = data_shape(data, cfg.batch_size)
+            del data  # stage 1 loads its own copy; the other stages need only its shape
+            result = run_spawned(cfg, stages, shape, resume)
     except CheckpointError as err:
         print(f"error: {err}", file=sys.stderr, flush=True)
         return 2

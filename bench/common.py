@@ -12,12 +12,12 @@ import platform
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
 from pipeline.config import Config, validate
-from pipeline.data import Data, load_config_data, steps_per_epoch, train_batches
+from pipeline.data import Data, data_shape, load_config_data, steps_per_epoch, train_batches
 from pipeline.plan import median_seconds
 from pipeline.stages import build_local_modules, build_stage_steps
 from pipeline.step import StageStep
@@ -117,7 +117,7 @@ def run_pipeline(cfg: Config, warmup_steps: int) -> dict[str, Any]:
     """
     data = bench_data(cfg)
     stages = len(build_local_modules(cfg, data.in_channels, data.num_classes, data.input_size))
-    summary = launcher.run_spawned(cfg, stages, steps_per_epoch(data, cfg.batch_size))
+    summary = launcher.run_spawned(cfg, stages, data_shape(data, cfg.batch_size))
     reports = summary["timeline"]  # (arrival time, stage, step, busy s, idle s) of every train report
     by_stage = [{r[2]: r for r in reports if r[1] == k} for k in range(stages)]
     common_steps = sorted(set.intersection(*(set(s) for s in by_stage)))

@@ -420,6 +420,21 @@ def steps_per_epoch(data: Data, batch_size: int) -> int:
     return len(data.train_y) // batch_size
 
 
+@dataclass(frozen=True)
+class DataShape:
+    """What a pipeline stage needs to know of the data without holding it (only stage 1 draws batches)."""
+
+    in_channels: int
+    num_classes: int
+    input_size: int
+    steps_per_epoch: int
+
+
+def data_shape(data: Data, batch_size: int) -> DataShape:
+    """The shape of `data` for batches of `batch_size`."""
+    return DataShape(data.in_channels, data.num_classes, data.input_size, steps_per_epoch(data, batch_size))
+
+
 def train_batches(data: Data, epoch: int, batch_size: int, seed: int, use_augment: bool,
                   start: int = 0, device: torch.device | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """The epoch's shuffled, augmented, normalised training batches from batch `start` on (a resumed run skips those it

@@ -25,6 +25,7 @@ import zmq
 
 from pipeline.checkpoint import Checkpoint
 from pipeline.config import Config
+from pipeline.data import DataShape
 from pipeline.lifeline import forkserver, process_alive
 from workers.coordinator import Coordinator
 from workers.ipc_check import cuda_ipc_error
@@ -108,7 +109,7 @@ def _stop(processes: list[mp.Process]) -> None:
             p.join()
 
 
-def run_spawned(cfg: Config, stages: int, steps_per_epoch: int, resume: Checkpoint | None = None) -> dict[str, Any]:
+def run_spawned(cfg: Config, stages: int, shape: DataShape, resume: Checkpoint | None = None) -> dict[str, Any]:
     """Spawn K local stage processes linked by ipc:// sockets, coordinate them, and stop all on any failure."""
     remove_stale_ipc_dirs(Path(tempfile.gettempdir()))
     tmp = tempfile.mkdtemp(prefix=IPC_PREFIX)
@@ -118,7 +119,7 @@ def run_spawned(cfg: Config, stages: int, steps_per_epoch: int, resume: Checkpoi
     coordinator: Coordinator | None = None
     try:  # from here on every exit path, an error before training included, removes tmp and closes the sockets
         start_step = resume.step if resume is not None else 0
-        coordinator = Coordinator(cfg, stages, steps_per_epoch, ctx, f"ipc://{tmp}/report", start_step)
+        coordinator = Coordinator(cfg, stages, shape.steps_per_epoch, ctx, f"ipc://{tmp}/report", start_step)
         devices = spawned_devices(cfg, stages)
         threads = stage_threads(cfg, stages)
         link = [f"ipc://{tmp}/link{k}" for k in range(stages)]  # link[k]: input of stage k
@@ -130,7 +131,7 @@ def run_spawned(cfg: Config, stages: int, steps_per_epoch: int, resume: Checkpoi
                    for k in range(stages - 1)] + [False]
         specs = [
             StageSpec(k, stages, cfg.to_dict(), link[k] if k else None, link[k + 1] if k + 1 < stages else None,
-                      coordinator.endpoint, devices[k], threads, use_ipc[k], _resume_path(resume), start_step,
+                      coordinator.endpoint, devices[k], threads, shape, use_ipc[k], _resume_path(resume), start_step,
                       launcher_pid=os.getpid())
             for k in range(stages)
         ]
@@ -181,7 +182,7 @@ def _resume_path(resume: Checkpoint | None) -> str | None:
     return str(resume.path) if resume is not None else None
 
 
-def run_torchrun(cfg: Config, stages: int, steps_per_epoch: int, resume: Checkpoint | None = None) -> dict[str, Any] | None:
+def run_torchrun(cfg: Config, stages: int, shape: DataShape, resume: Checkpoint | None = None) -> dict[str, Any] | None:
     """This torchrun process's stage; rank 0 also coordinates and returns the result (others return None)."""
     import torch.distributed as dist
 
@@ -205,10 +206,10 @@ def run_torchrun(cfg: Config, stages: int, steps_per_epoch: int, resume: Checkpo
     coordinator = None
     start_step = resume.step if resume is not None else 0
     if rank == 0:
-        coordinator = Coordinator(cfg, stages, steps_per_epoch, ctx, f"tcp://{host}:*", start_step, keys)
+        coordinator = Coordinator(cfg, stages, shape.steps_per_epoch, ctx, f"tcp://{host}:*", start_step, keys)
         store.set("sgr/report", coordinator.endpoint)
     spec = StageSpec(rank, stages, cfg.to_dict(), f"tcp://{host}:*" if rank else None, None, None, device,
-                     stage_threads(cfg, stages, local_world), resume=_resume_path(resume), start_step=start_step,
+                     stage_threads(cfg, stages, local_world), shape, resume=_resume_path(resume), start_step=start_step,
                      keys=keys)
     worker = StageWorker(spec, ctx)
     if worker.in_endpoint is not None:

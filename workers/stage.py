@@ -23,7 +23,7 @@ import zmq
 
 from pipeline.checkpoint import check_finite, checkpoint_dir, fingerprint, load_stage_state, save_atomic, stage_state
 from pipeline.config import Config, from_dict
-from pipeline.data import (eval_batches, load_config_data, probe_batch, steps_per_epoch, to_device,
+from pipeline.data import (DataShape, eval_batches, load_config_data, probe_batch, to_device,
                            train_batches)
 from pipeline.lifeline import exit_with
 from pipeline.metrics import ModuleMeter, topk_correct, train_records
@@ -47,6 +47,7 @@ class StageSpec:
     report_endpoint: str | None  # where the coordinator collects records (filled by `connect` if None)
     device: str
     threads: int
+    shape: DataShape  # the data's sizes: later stages do not load the data
     cuda_ipc: bool = False  # send to the next stage by CUDA IPC handle
     resume: str | None = None  # checkpoint folder to continue from
     start_step: int = 0  # the training step that checkpoint holds
@@ -112,17 +113,18 @@ class StageWorker:
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
         torch.set_num_threads(spec.threads)
-        self.data = load_config_data(self.cfg)
-        local = build_local_modules(self.cfg, self.data.in_channels, self.data.num_classes, self.data.input_size)
+        self.data = load_config_data(self.cfg) if self.rank == 0 else None  # stage 1 alone draws batches
+        shape = spec.shape
+        local = build_local_modules(self.cfg, shape.in_channels, shape.num_classes, shape.input_size)
         if len(local) != spec.stages:
             raise ValueError(f"the config's split gives {len(local)} modules but the pipeline has {spec.stages} stages")
         self.local = local[self.rank]
         self.local.module.to(self.device)
         self.local.head.to(self.device)
-        self.steps_per_epoch = steps_per_epoch(self.data, self.cfg.batch_size)
+        self.steps_per_epoch = shape.steps_per_epoch
         self.total_steps = self.steps_per_epoch * self.cfg.epochs
-        self.fingerprint = fingerprint(self.cfg, split_cuts(self.cfg, self.data.in_channels, self.data.num_classes,
-                                                            self.data.input_size))
+        self.fingerprint = fingerprint(self.cfg, split_cuts(self.cfg, shape.in_channels, shape.num_classes,
+                                                            shape.input_size))
         self.real_step: StageStep = build_stage_steps(self.cfg, local, self.steps_per_epoch)[self.rank]
         self.probe = InputDriftProbe()
         if spec.resume is not None:

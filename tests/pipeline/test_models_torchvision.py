@@ -8,7 +8,7 @@ import torch
 from torchvision import models as tvm
 
 from pipeline.config import Config, ConfigError, load_yaml, validate
-from pipeline.data import load_data, steps_per_epoch, synthetic_data, train_batches
+from pipeline.data import data_shape, load_data, synthetic_data, train_batches
 from pipeline.metrics import read_jsonl
 from pipeline.models import build_network
 from pipeline.plan import resolve_auto_split, step_memory
@@ -100,7 +100,7 @@ def test_one_pipeline_run_with_bf16_and_channels_last(tmp_path):
                  lam=1e4, amp="bf16", channels_last=True, epochs=1, batch_size=4, lr=0.01, threads=1,
                  eval_batch_size=64, probe_size=8, progress=False, out=str(tmp_path / "run"))
     data = load_data(cfg.dataset, image_size=cfg.image_size, train_subset=cfg.train_subset)
-    result = run_spawned(cfg, cfg.stages, steps_per_epoch(data, cfg.batch_size))
+    result = run_spawned(cfg, cfg.stages, data_shape(data, cfg.batch_size))
     train = [r for r in read_jsonl(tmp_path / "run" / "metrics.jsonl") if r["event"] == "train"]
     assert {r["module"] for r in train} == {1, 2}
     assert all(math.isfinite(r["loss"]) for r in train)

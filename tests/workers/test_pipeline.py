@@ -15,7 +15,7 @@ import torch
 
 from pipeline.checkpoint import complete_checkpoints
 from pipeline.config import Config
-from pipeline.data import load_config_data, steps_per_epoch
+from pipeline.data import data_shape, load_config_data
 from pipeline.metrics import read_jsonl
 from pipeline.trainer import SequentialTrainer
 from tests.pipeline.test_data import write_image_folder
@@ -58,7 +58,7 @@ def assert_bit_identical(trainer: SequentialTrainer, states: list[dict]) -> None
 
 def run_pipeline(cfg: Config) -> dict:
     data = load_config_data(cfg)
-    return run_spawned(cfg, cfg.stages, steps_per_epoch(data, cfg.batch_size))
+    return run_spawned(cfg, cfg.stages, data_shape(data, cfg.batch_size))
 
 
 @pytest.mark.parametrize("stages,method", [(2, "sgr"), (3, "sgr"), (2, "layerwise"), (3, "layerwise"), (3, "reforward")])
@@ -122,7 +122,7 @@ def test_resume_is_bit_identical_to_an_uninterrupted_run(tmp_path):
     shutil.rmtree(interrupted / "checkpoints" / "step00000012")
     resume = complete_checkpoints(interrupted)[-1]
     assert resume.step == 6
-    run_spawned(dataclasses.replace(cfg, out=str(interrupted)), 3, 6, resume)
+    run_spawned(dataclasses.replace(cfg, out=str(interrupted)), 3, data_shape(load_config_data(cfg), 32), resume)
     resumed = pipeline_states(interrupted, 3)
     for a, b in zip(full, resumed):
         for part in ("module", "head"):
@@ -155,7 +155,7 @@ def test_a_stage_error_stops_the_run_and_names_the_stage(tmp_path, monkeypatch):
     (tmp_path / "tmp").mkdir()
     start = time.time()
     with pytest.raises(StageFailed, match="stage [12] exited with code 1 after step 0: ValueError: the config's split gives 3"):
-        run_spawned(cfg, 2, 6)  # the launcher thinks 2 stages, the config's split gives 3
+        run_spawned(cfg, 2, data_shape(load_config_data(cfg), 32))  # the launcher thinks 2 stages, the config's split gives 3
     assert time.time() - start < 60
     assert not list((tmp_path / "tmp").glob("sgr-*"))  # ipc sockets removed
 

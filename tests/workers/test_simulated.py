@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from pipeline.config import Config, ConfigError, validate
-from pipeline.data import load_data, steps_per_epoch
+from pipeline.data import data_shape, load_data
 from pipeline.stages import build_local_modules, build_stage_steps
 from workers.launcher import run_spawned
 from workers.simulated import SimulatedStep
@@ -50,7 +50,7 @@ def test_a_simulated_pipeline_runs_and_takes_at_least_its_sleeps(tmp_path):
                  train_subset=480, eval_batch_size=400, progress=False,
                  simulate_step_ms=50.0, out=str(tmp_path / "run"))
     data = load_data(cfg.dataset, train_subset=cfg.train_subset)
-    result = run_spawned(cfg, cfg.stages, steps_per_epoch(data, cfg.batch_size))
+    result = run_spawned(cfg, cfg.stages, data_shape(data, cfg.batch_size))
     assert result["seconds"] >= 5 * 0.05
     assert len(result["busy_fraction"]) == 2
     assert result["peak_memory_kind"] == "cpu_max_rss" and all(b > 50 * 2**20 for b in result["peak_memory_bytes"])
