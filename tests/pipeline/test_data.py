@@ -125,6 +125,18 @@ def test_image_folder_is_listed_not_decoded(tmp_path):
     assert load_data("imagefolder", str(tmp_path), image_size=16, train_subset=2).train_files == data.train_files[:2]
 
 
+def test_the_digits_read_directly_are_scikit_learns():
+    from sklearn.datasets import load_digits
+
+    digits, data = load_digits(), load_data("digits")
+    images = torch.cat([data.train_x, data.test_x])[:, 0]
+    labels = torch.cat([data.train_y, data.test_y])
+    order = torch.randperm(len(digits.target), generator=torch.Generator().manual_seed(0))
+    order = torch.cat([order[359:], order[:359]])  # train, then test
+    assert torch.equal(images, torch.from_numpy(np.clip(digits.images * 16, 0, 255).astype(np.uint8))[order])
+    assert torch.equal(labels, torch.from_numpy(digits.target).long()[order])
+
+
 def test_digits_and_synthetic():
     digits = load_data("digits", train_subset=100)
     assert digits.train_x.shape == (100, 1, 8, 8) and len(digits.test_y) == 359
