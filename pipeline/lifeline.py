@@ -17,11 +17,13 @@ import threading
 import time
 
 POLL_S = 1.0  # where pidfd_open is missing (not Linux >= 5.3): how often to look
-PRELOAD = ["workers.stage"]  # torch, the models, the data code: all that a stage or a loader process runs
+# all that a stage or a loader process imports: the project's code with torch, and what torch and torchvision
+# import on first use (torch._dynamo, 2-3 s, on building an optimizer; torchvision for its models and transforms)
+PRELOAD = ["workers.stage", "torch._dynamo", "torchvision.transforms.v2.functional"]
 
 
 def forkserver() -> mp.context.ForkServerContext:
-    """The start method of stages and loader processes: forks of a server that imported PRELOAD.
+    """The start method of stages and loader processes: forks of a server that imported PRELOAD once.
 
     The server is single-threaded and never touches CUDA, so its forks may. They see the environment
     the server started with (the first use in this process). Its forks share it, a stage's loaders too.
