@@ -289,7 +289,7 @@ def test_a_frozen_stage_is_named_within_thirty_seconds_with_the_defaults(tmp_pat
 def test_a_paused_launcher_does_not_declare_a_healthy_stage_hung(tmp_path):
     proc, stages = start_long_run(tmp_path, "--set", "heartbeat_timeout=3")
     os.kill(proc.pid, signal.SIGSTOP)  # the launcher, not a stage: its own pause must not count
-    time.sleep(10)
+    time.sleep(6)  # twice heartbeat_timeout: every stage looks silent when the launcher resumes
     os.kill(proc.pid, signal.SIGCONT)
     time.sleep(4)  # more than heartbeat_timeout after it resumes
     assert proc.poll() is None, proc.communicate()
