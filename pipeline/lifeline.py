@@ -20,28 +20,41 @@ POLL_S = 1.0  # where pidfd_open is missing (not Linux >= 5.3): how often to loo
 # all that a stage or a loader process imports: the project's code with torch, and what torch and torchvision
 # import on first use (torch._dynamo, 2-3 s, on building an optimizer; torchvision for its models and transforms)
 PRELOAD = ["workers.stage", "torch._dynamo", "torchvision.transforms.v2.functional"]
+_started_by: int | None = None  # the process that started a server with its own sys.path (a fork inherits this)
 
 
 def forkserver() -> mp.context.ForkServerContext:
     """The start method of stages and loader processes: forks of a server that imported PRELOAD once.
 
-    The server is single-threaded and never touches CUDA, so its forks may. They see the environment
-    the server started with (the first use in this process). Its forks share it, a stage's loaders too.
+    The server runs no Python thread and never touches CUDA, so its forks may. One server per process
+    that uses it: the launcher's for its stages, stage 1's own for its loaders. Forks inherit the
+    environment the server started with (stages then apply the launcher's current one: StageSpec).
     """
+    global _started_by
     context = mp.get_context("forkserver")
     context.set_forkserver_preload(PRELOAD)  # read when the server starts
-    # Python 3.11's server imports PRELOAD before it takes this process's sys.path (3.12 takes it first):
-    # started with sys.path as its PYTHONPATH, it imports the code this process runs, not an installed copy.
-    saved = os.environ.get("PYTHONPATH")
-    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
-    try:
-        multiprocessing.forkserver.ensure_running()  # no-op once running
-    finally:
-        if saved is None:
-            del os.environ["PYTHONPATH"]
-        else:
-            os.environ["PYTHONPATH"] = saved
+    if _started_by != os.getpid():
+        # Python 3.11's server imports PRELOAD before it takes this process's sys.path (3.12 takes it first):
+        # started with sys.path as its PYTHONPATH, it imports the code this process runs, not an installed copy.
+        # Done once, before this process's own threads could read the environment while it changes.
+        saved = os.environ.get("PYTHONPATH")
+        os.environ["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
+        try:
+            multiprocessing.forkserver.ensure_running()
+        finally:
+            if saved is None:
+                del os.environ["PYTHONPATH"]
+            else:
+                os.environ["PYTHONPATH"] = saved
+        _started_by = os.getpid()
     return context
+
+
+def adopt_environment(environment: dict[str, str]) -> None:
+    """Make this process's environment exactly `environment`: a fork of the server starts with the
+    server's, which may be older than its launcher's (CUDA_VISIBLE_DEVICES changed since, say)."""
+    os.environ.clear()
+    os.environ.update(environment)
 
 
 def exit_with(pid: int, _worker_id: int | None = None) -> None:

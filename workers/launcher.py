@@ -123,7 +123,7 @@ def run_spawned(cfg: Config, stages: int, shape: DataShape, resume: Checkpoint |
         devices = spawned_devices(cfg, stages)
         threads = stage_threads(cfg, stages)
         link = [f"ipc://{tmp}/link{k}" for k in range(stages)]  # link[k]: input of stage k
-        # Spawned stages inherit this process's CUDA_VISIBLE_DEVICES: a GPU's index names the same GPU in each of them.
+        # Stages take this process's environment (StageSpec.environment): a GPU's index names the same GPU in each.
         seen = [f"cuda:{i}" for i in range(visible_gpus(cfg))]
         checked: dict[tuple[str, str], bool] = {}
         use_ipc = [checked_ipc(use_cuda_ipc(cfg.transport, devices[k] if devices[k] in seen else None, seen),
@@ -132,7 +132,7 @@ def run_spawned(cfg: Config, stages: int, shape: DataShape, resume: Checkpoint |
         specs = [
             StageSpec(k, stages, cfg.to_dict(), link[k] if k else None, link[k + 1] if k + 1 < stages else None,
                       coordinator.endpoint, devices[k], threads, shape, use_ipc[k], _resume_path(resume), start_step,
-                      launcher_pid=os.getpid())
+                      launcher_pid=os.getpid(), environment=dict(os.environ))
             for k in range(stages)
         ]
         processes = [forkserver().Process(target=stage_main, args=(spec,), name=f"stage{spec.rank + 1}") for spec in specs]

@@ -23,9 +23,9 @@ import zmq
 
 from pipeline.checkpoint import check_finite, checkpoint_dir, fingerprint, load_stage_state, save_atomic, stage_state
 from pipeline.config import Config, from_dict
-from pipeline.data import (DataShape, eval_batches, load_config_data, probe_batch, to_device,
+from pipeline.data import (DataShape, data_shape, eval_batches, load_config_data, probe_batch, to_device,
                            train_batches)
-from pipeline.lifeline import exit_with
+from pipeline.lifeline import adopt_environment, exit_with
 from pipeline.metrics import ModuleMeter, topk_correct, train_records
 from pipeline.probe import InputDriftProbe
 from pipeline.stages import build_local_modules, build_stage_steps, configure_torch, is_due, split_cuts
@@ -53,6 +53,7 @@ class StageSpec:
     start_step: int = 0  # the training step that checkpoint holds
     keys: RunKeys | None = None  # tcp links: the run's CURVE keys (workers/security.py)
     launcher_pid: int | None = None  # the process that started this one: the stage ends when it does
+    environment: dict[str, str] | None = None  # the launcher's, when it started the run (the forkserver's is older)
 
 
 class Reporter:
@@ -115,6 +116,9 @@ class StageWorker:
         torch.set_num_threads(spec.threads)
         self.data = load_config_data(self.cfg) if self.rank == 0 else None  # stage 1 alone draws batches
         shape = spec.shape
+        if self.data is not None and data_shape(self.data, self.cfg.batch_size) != shape:
+            raise ValueError(f"the data changed since the launcher read it: {data_shape(self.data, self.cfg.batch_size)}"
+                             f" here, {shape} there; start the run again")
         local = build_local_modules(self.cfg, shape.in_channels, shape.num_classes, shape.input_size)
         if len(local) != spec.stages:
             raise ValueError(f"the config's split gives {len(local)} modules but the pipeline has {spec.stages} stages")
@@ -281,6 +285,8 @@ class StageWorker:
 
 def stage_main(spec: StageSpec) -> None:
     """Entry point of a stage process: run the worker; report any error to the coordinator, then re-raise."""
+    if spec.environment is not None:  # before any CUDA call: CUDA_VISIBLE_DEVICES as the launcher sees it now
+        adopt_environment(spec.environment)
     if spec.launcher_pid is not None:
         exit_with(spec.launcher_pid)  # a launcher killed with SIGKILL cannot stop its stages itself
     ctx = zmq.Context()

@@ -1,11 +1,12 @@
 """exit_with: a process forked from a forkserver ends when the process it serves ends, SIGKILL included."""
+import os
 import shutil
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-from pipeline.lifeline import exit_with, forkserver, process_alive
+from pipeline.lifeline import adopt_environment, exit_with, forkserver, process_alive
 
 ROOT = Path(__file__).parents[2]
 
@@ -58,3 +59,20 @@ def test_the_forkserver_imports_the_code_of_this_process_not_an_installed_copy(t
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.strip() == str(tmp_path / "workers" / "stage.py")
+
+
+def _report_mark(queue, environment) -> None:
+    if environment is not None:
+        adopt_environment(environment)
+    queue.put(os.environ.get("SGR_TEST_MARK"))
+
+
+def test_a_fork_sees_the_servers_old_environment_until_it_adopts_the_current_one(monkeypatch):
+    context = forkserver()  # running from here on (in a test session, often since an earlier test)
+    monkeypatch.setenv("SGR_TEST_MARK", "set after the server started")
+    queue = context.Queue()
+    for environment in (None, dict(os.environ)):
+        child = context.Process(target=_report_mark, args=(queue, environment))
+        child.start()
+        child.join(timeout=60)
+    assert [queue.get(timeout=10), queue.get(timeout=10)] == [None, "set after the server started"]
