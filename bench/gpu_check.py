@@ -28,6 +28,7 @@ import zmq
 
 from bench.common import markdown_table
 from pipeline.checkpoint import complete_checkpoints, complete_checkpoints_quiet, read_stage_file
+from workers.placement import LinkKind
 from workers.transport import Receiver, Sender
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -64,10 +65,10 @@ def checksum(t: torch.Tensor) -> str:
     return hashlib.sha1(data + f"{t.dtype}{tuple(t.shape)}".encode()).hexdigest()
 
 
-def _stress_producer(endpoint: str, device: str, ipc: bool) -> None:
+def _stress_producer(endpoint: str, device: str, kind: LinkKind) -> None:
     """Send STRESS_MESSAGES messages; on a GPU, delay the kernels that write each one (the consumer must wait)."""
     ctx = zmq.Context()
-    sender = Sender(ctx, endpoint, depth=2, timeout_s=60, cuda_ipc=ipc)
+    sender = Sender(ctx, endpoint, kind, depth=2, timeout_s=60)
     for i in range(STRESS_MESSAGES):
         if device.startswith("cuda"):
             torch.cuda._sleep(2_000_000)  # ~1 ms of GPU time queued before the values are written
@@ -78,11 +79,11 @@ def _stress_producer(endpoint: str, device: str, ipc: bool) -> None:
     ctx.destroy(linger=1000)
 
 
-def _stress_middle(in_endpoint: str, out_endpoint: str, device: str, ipc: bool) -> None:
+def _stress_middle(in_endpoint: str, out_endpoint: str, device: str, kind: LinkKind) -> None:
     """Forward every message: the received tensors as they are (they cannot be re-shared) and copies of its own."""
     ctx = zmq.Context()
     receiver = Receiver(ctx, in_endpoint, timeout_s=60, device=torch.device(device))
-    sender = Sender(ctx, out_endpoint, depth=2, timeout_s=60, cuda_ipc=ipc)
+    sender = Sender(ctx, out_endpoint, kind, depth=2, timeout_s=60)
     for _ in range(STRESS_MESSAGES):
         message = receiver.recv()
         tensors = dict(message.tensors)
@@ -97,14 +98,14 @@ def _stress_middle(in_endpoint: str, out_endpoint: str, device: str, ipc: bool) 
 
 def check_transport(device: str) -> str:
     """Three processes, producer -> middle -> consumer, checksums compared at the consumer."""
-    ipc = device.startswith("cuda")
+    kind = LinkKind.CUDA_IPC if device.startswith("cuda") else LinkKind.SHARED_MEMORY
     tmp = tempfile.mkdtemp(prefix="sgr-gpucheck-")
     links = [f"ipc://{tmp}/a", f"ipc://{tmp}/b"]
     ctx = zmq.Context()
     receiver = Receiver(ctx, links[1], timeout_s=120, device=torch.device(device))
     spawn = mp.get_context("spawn")
-    processes = [spawn.Process(target=_stress_middle, args=(links[0], links[1], device, ipc)),
-                 spawn.Process(target=_stress_producer, args=(links[0], device, ipc))]
+    processes = [spawn.Process(target=_stress_middle, args=(links[0], links[1], device, kind)),
+                 spawn.Process(target=_stress_producer, args=(links[0], device, kind))]
     for p in processes:
         p.start()
     try:
@@ -127,7 +128,7 @@ def check_transport(device: str) -> str:
     bad = [p.exitcode for p in processes if p.exitcode != 0]
     if bad:
         raise CheckFailed(f"a transport process exited with {bad}")
-    return f"{STRESS_MESSAGES} messages x 10 tensors intact ({'CUDA IPC' if ipc else 'zmq frames'})"
+    return f"{STRESS_MESSAGES} messages x 10 tensors intact ({kind.value})"
 
 
 # --- runs of launch.py ----------------------------------------------------------------------------------------

@@ -11,7 +11,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import msgpack
 import yaml
 import zmq
 from tqdm import tqdm
@@ -19,7 +18,8 @@ from tqdm import tqdm
 from pipeline.checkpoint import checkpoint_dir, prune, write_manifest
 from pipeline.config import Config
 from pipeline.metrics import JsonlLog, eval_record, format_eval, truncate_after
-from workers.security import RunKeys, secure
+from workers.security import RunKeys
+from workers.transport import Collector
 
 
 class StageFailed(RuntimeError):
@@ -35,11 +35,8 @@ class Coordinator:
     def __init__(self, cfg: Config, stages: int, steps_per_epoch: int, ctx: zmq.Context, endpoint: str,
                  start_step: int = 0, keys: RunKeys | None = None) -> None:
         self.cfg, self.stages = cfg, stages
-        self.socket = ctx.socket(zmq.PULL)
-        self.socket.setsockopt(zmq.LINGER, 0)
-        secure(self.socket, keys, server=True)
-        self.socket.bind(endpoint)
-        self.endpoint = self.socket.getsockopt_string(zmq.LAST_ENDPOINT)
+        self.records = Collector(ctx, endpoint, keys)
+        self.endpoint = self.records.endpoint
         self.run_dir = Path(cfg.out)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         (self.run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
@@ -64,9 +61,9 @@ class Coordinator:
     def poll(self, timeout_ms: int) -> None:
         """Handle every record that arrives within `timeout_ms`."""
         self._tick()
-        while self.socket.poll(timeout_ms, zmq.POLLIN):
+        while self.records.wait(timeout_ms):
             self._tick(timeout_ms / 1000)  # a pause inside the wait shows here, before what queued up during it
-            self.handle(msgpack.unpackb(self.socket.recv(), raw=False))
+            self.handle(self.records.recv())
             timeout_ms = 0
         self._tick(timeout_ms / 1000)
 
@@ -157,11 +154,12 @@ class Coordinator:
         busy = [self.done[k]["busy"] / max(1e-9, self.done[k]["busy"] + self.done[k]["idle"]) for k in sorted(self.done)]
         result = {**self.result, "seconds": round(seconds, 1), "busy_fraction": [round(b, 3) for b in busy],
                   "peak_memory_bytes": [self.done[k]["peak_memory"] for k in sorted(self.done)],
-                  "peak_memory_kind": "cuda_max_allocated" if self.cfg.device.startswith("cuda") else "cpu_max_rss"}
+                  "peak_memory_kind": "cuda_max_allocated" if self.cfg.device.startswith("cuda") else "cpu_max_rss",
+                  "links": [self.done[k]["link"] for k in sorted(self.done)][:-1]}  # stage k -> k+1: zmq, shm, cuda_ipc
         (self.run_dir / "summary.json").write_text(json.dumps(result, indent=1))
         return {**result, "timeline": self.timeline}
 
     def close(self) -> None:
         self.bar.close()
         self.log.close()
-        self.socket.close()
+        self.records.close()

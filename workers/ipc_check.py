@@ -16,7 +16,7 @@ import msgpack
 import torch
 import zmq
 
-from workers.transport import decode, encode
+from workers.transport import CudaIpcPayload, decode, encode
 
 CHECK_TIMEOUT_S = 60.0
 _N = 1 << 16  # elements of the test tensor
@@ -31,7 +31,7 @@ def _producer(endpoint: str, device: str) -> None:
         socket.connect(endpoint)
         try:
             t = torch.arange(_N, dtype=torch.float32, device=device)
-            frames = encode({}, {"x": t}, cuda_ipc=True)
+            frames = encode({}, {"x": t}, CudaIpcPayload())
         except Exception as err:  # no GPU, or no handle to be had: the consumer passes this on
             frames = [msgpack.packb({"error": f"{type(err).__name__}: {err}".splitlines()[0]})]
         socket.send_multipart(frames)

@@ -29,9 +29,10 @@ from pipeline.data import DataShape
 from pipeline.lifeline import forkserver, process_alive
 from workers.coordinator import Coordinator
 from workers.ipc_check import cuda_ipc_error
-from workers.placement import stage_device, use_cuda_ipc
+from workers.placement import LinkEnd, LinkKind, host_id, link_kind, stage_device
 from workers.security import STORE_KEY as SECURITY_STORE_KEY, RunKeys, new_run_keys, start_authenticator
 from workers.stage import StageSpec, StageWorker, stage_main
+from workers.transport import remove_segments
 
 STOP_GRACE_S = 3.0
 IPC_PREFIX = "sgr-"  # the launcher's folder of ipc sockets under the temp dir
@@ -52,17 +53,18 @@ def spawned_devices(cfg: Config, stages: int) -> list[str]:
     return [stage_device(cfg.device, cfg.gpus, k, visible) for k in range(stages)]
 
 
-def checked_ipc(use: bool, producer: str, consumer: str, checked: dict[tuple[str, str], bool]) -> bool:
-    """`use`, unless the start-up check finds CUDA IPC broken between the two devices (then zmq, with a warning)."""
-    if not use:
-        return False
+def checked_link(kind: LinkKind, producer: str, consumer: str, checked: dict[tuple[str, str], bool]) -> LinkKind:
+    """`kind`, unless it is CUDA IPC and the start-up check finds it broken between the two devices (then
+    shared memory, with a warning: both ends are on this host)."""
+    if kind is not LinkKind.CUDA_IPC:
+        return kind
     if (producer, consumer) not in checked:
         error = cuda_ipc_error(producer, consumer)
         if error is not None:
             print(f"warning: CUDA IPC from {producer} to {consumer} does not work here ({error}); "
-                  "those stages pass tensors through host memory (zmq) instead", file=sys.stderr, flush=True)
+                  "those stages pass tensors through host shared memory instead", file=sys.stderr, flush=True)
         checked[(producer, consumer)] = error is None
-    return checked[(producer, consumer)]
+    return kind if checked[(producer, consumer)] else LinkKind.SHARED_MEMORY
 
 
 def stage_threads(cfg: Config, stages: int, local_stages: int | None = None) -> int:
@@ -112,6 +114,7 @@ def _stop(processes: list[mp.Process]) -> None:
 def run_spawned(cfg: Config, stages: int, shape: DataShape, resume: Checkpoint | None = None) -> dict[str, Any]:
     """Spawn K local stage processes linked by ipc:// sockets, coordinate them, and stop all on any failure."""
     remove_stale_ipc_dirs(Path(tempfile.gettempdir()))
+    remove_segments()  # shared memory of stages killed before their first credit, in a run nobody cleaned up
     tmp = tempfile.mkdtemp(prefix=IPC_PREFIX)
     (Path(tmp) / LAUNCHER_PID).write_text(str(os.getpid()))
     ctx = zmq.Context()
@@ -124,14 +127,14 @@ def run_spawned(cfg: Config, stages: int, shape: DataShape, resume: Checkpoint |
         threads = stage_threads(cfg, stages)
         link = [f"ipc://{tmp}/link{k}" for k in range(stages)]  # link[k]: input of stage k
         # Stages take this process's environment (StageSpec.environment): a GPU's index names the same GPU in each.
-        seen = [f"cuda:{i}" for i in range(visible_gpus(cfg))]
+        seen = tuple(f"cuda:{i}" for i in range(visible_gpus(cfg)))
+        ends = [LinkEnd(host_id(), device if device in seen else None, seen) for device in devices]
         checked: dict[tuple[str, str], bool] = {}
-        use_ipc = [checked_ipc(use_cuda_ipc(cfg.transport, devices[k] if devices[k] in seen else None, seen),
-                               devices[k], devices[k + 1], checked)
-                   for k in range(stages - 1)] + [False]
+        out_links = [checked_link(link_kind(cfg.transport, ends[k], ends[k + 1]), devices[k], devices[k + 1], checked)
+                     for k in range(stages - 1)] + [LinkKind.ZMQ]
         specs = [
             StageSpec(k, stages, cfg.to_dict(), link[k] if k else None, link[k + 1] if k + 1 < stages else None,
-                      coordinator.endpoint, devices[k], threads, shape, use_ipc[k], _resume_path(resume), start_step,
+                      coordinator.endpoint, devices[k], threads, shape, out_links[k], _resume_path(resume), start_step,
                       launcher_pid=os.getpid(), environment=dict(os.environ))
             for k in range(stages)
         ]
@@ -154,6 +157,7 @@ def run_spawned(cfg: Config, stages: int, shape: DataShape, resume: Checkpoint |
         return coordinator.finish(time.time() - start)
     finally:
         _stop(processes)
+        remove_segments()  # a stage killed with SIGKILL cannot unlink its own
         if coordinator is not None:
             coordinator.close()
         ctx.destroy(linger=0)  # closes whatever is still open: cleanup after Ctrl-C or a failure cannot block
@@ -187,6 +191,7 @@ def run_torchrun(cfg: Config, stages: int, shape: DataShape, resume: Checkpoint 
     import torch.distributed as dist
 
     dist.init_process_group("gloo")
+    remove_segments()  # shared memory left by the stages of a run killed before their first credit
     store = dist.distributed_c10d._get_default_store()
     rank, world = dist.get_rank(), dist.get_world_size()
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -213,15 +218,18 @@ def run_torchrun(cfg: Config, stages: int, shape: DataShape, resume: Checkpoint 
                      keys=keys)
     worker = StageWorker(spec, ctx)
     if worker.in_endpoint is not None:
-        store.set(f"sgr/in/{rank}", json.dumps({"endpoint": worker.in_endpoint, "gpu": own_uuid, "visible": uuids}))
-    out_endpoint, cuda_ipc = None, False
+        store.set(f"sgr/in/{rank}", json.dumps({"endpoint": worker.in_endpoint, "host": host_id(), "gpu": own_uuid,
+                                                "visible": uuids}))
+    out_endpoint, out_link = None, LinkKind.ZMQ
     if rank + 1 < stages:
         consumer = json.loads(store.get(f"sgr/in/{rank + 1}").decode())
         out_endpoint = consumer["endpoint"]
+        kind = link_kind(cfg.transport, LinkEnd(host_id(), own_uuid, tuple(uuids)),
+                         LinkEnd(consumer["host"], consumer["gpu"], tuple(consumer["visible"])))
         # the check's consumer process runs here: on the next stage's GPU if this rank sees it, else on our own
         check_on = f"cuda:{uuids.index(consumer['gpu'])}" if consumer["gpu"] in uuids else device
-        cuda_ipc = checked_ipc(use_cuda_ipc(cfg.transport, own_uuid, consumer["visible"]), device, check_on, {})
-    worker.connect(out_endpoint, store.get("sgr/report").decode(), cuda_ipc)
+        out_link = checked_link(kind, device, check_on, {})
+    worker.connect(out_endpoint, store.get("sgr/report").decode(), out_link)
     watcher = None
     if coordinator is not None:
         watcher = threading.Thread(target=_coordinate, args=(coordinator, cfg.heartbeat_timeout), daemon=True)

@@ -6,6 +6,10 @@ placement, CUDA IPC and dtypes is a plain function of its arguments.
 """
 from __future__ import annotations
 
+import socket
+from dataclasses import dataclass
+from enum import Enum
+from pathlib import Path
 from typing import Sequence
 
 from pipeline.config import ConfigError
@@ -42,14 +46,45 @@ def stage_device(device: str, gpus: Sequence[int], stage: int, visible: int, loc
     return f"cuda:{slot % visible}"
 
 
-def use_cuda_ipc(transport: str, producer_gpu: str | None, consumer_gpus: Sequence[str]) -> bool:
-    """Whether a link may pass CUDA IPC handles: only when the consumer can open the producer's GPU.
+class LinkKind(str, Enum):
+    """How a link's tensors travel; the header always goes through the link's zmq socket."""
 
-    producer_gpu: the UUID of the producer's GPU (None on the CPU); consumer_gpus: the UUIDs of
-    every GPU the consumer's process sees (empty on another host, or without CUDA). Host names
-    are not enough: under torchrun each rank may see only its own GPU.
+    ZMQ = "zmq"  # raw zmq frames: any two processes, on any hosts
+    SHARED_MEMORY = "shm"  # written into the producer's shared-memory slots: two processes on one host
+    CUDA_IPC = "cuda_ipc"  # a device-memory handle: the consumer opens the producer's GPU memory
+
+
+@dataclass(frozen=True)
+class LinkEnd:
+    """Where one end of a link lives: its host, its GPU (UUID; None on the CPU) and the GPUs its process sees."""
+
+    host: str
+    gpu: str | None = None
+    visible: tuple[str, ...] = ()
+
+
+def link_kind(transport: str, producer: LinkEnd, consumer: LinkEnd) -> LinkKind:
+    """The kind of the link from `producer` to `consumer`: the one decision about transports.
+
+    On one host, CUDA IPC when the consumer's process sees the producer's GPU, else shared
+    memory (a GPU producer stages through pinned host memory first); across hosts, zmq frames;
+    `transport: zmq` forces zmq frames. GPUs are named by UUID: under torchrun each rank may see
+    only its own GPU, so host names alone cannot tell whether a handle can be opened.
     """
-    return transport == "auto" and producer_gpu is not None and producer_gpu in consumer_gpus
+    if transport == "zmq" or producer.host != consumer.host:
+        return LinkKind.ZMQ
+    if producer.gpu is not None and producer.gpu in consumer.visible:
+        return LinkKind.CUDA_IPC
+    return LinkKind.SHARED_MEMORY
+
+
+def host_id() -> str:
+    """This machine's identity for `LinkEnd.host`: its host name and boot id (two hosts may share a name)."""
+    try:
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        boot = ""
+    return f"{socket.gethostname()}/{boot}"
 
 
 def travels_by_ipc(name: str, is_cuda: bool, numel: int, link_ipc: bool) -> bool:

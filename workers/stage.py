@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import os
 import resource
+import signal
 import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import msgpack
 import torch
 import zmq
 
@@ -31,8 +31,9 @@ from pipeline.probe import InputDriftProbe
 from pipeline.stages import build_local_modules, build_stage_steps, configure_torch, is_due, split_cuts
 from pipeline.step import StageStep
 from workers.simulated import SimulatedStep
-from workers.security import RunKeys, secure
-from workers.transport import LINGER_MS, Message, Receiver, Sender
+from workers.placement import LinkKind
+from workers.security import RunKeys
+from workers.transport import LINGER_MS, Message, Receiver, Reporter, Sender, remove_segments
 
 
 @dataclass
@@ -48,29 +49,12 @@ class StageSpec:
     device: str
     threads: int
     shape: DataShape  # the data's sizes: later stages do not load the data
-    cuda_ipc: bool = False  # send to the next stage by CUDA IPC handle
+    out_link: LinkKind = LinkKind.ZMQ  # how tensors travel to the next stage (placement.link_kind)
     resume: str | None = None  # checkpoint folder to continue from
     start_step: int = 0  # the training step that checkpoint holds
     keys: RunKeys | None = None  # tcp links: the run's CURVE keys (workers/security.py)
     launcher_pid: int | None = None  # the process that started this one: the stage ends when it does
     environment: dict[str, str] | None = None  # the launcher's, when it started the run (the forkserver's is older)
-
-
-class Reporter:
-    """Pushes msgpack records from a stage to the coordinator."""
-
-    def __init__(self, ctx: zmq.Context, endpoint: str, rank: int, keys: RunKeys | None = None) -> None:
-        self.socket = ctx.socket(zmq.PUSH)
-        self.socket.setsockopt(zmq.LINGER, LINGER_MS)
-        secure(self.socket, keys, server=False)
-        self.socket.connect(endpoint)
-        self.rank = rank
-
-    def send(self, record: dict[str, Any]) -> None:
-        self.socket.send(msgpack.packb({"stage": self.rank, **record}, use_bin_type=True))
-
-    def close(self) -> None:
-        self.socket.close()
 
 
 class Heartbeat(threading.Thread):
@@ -152,10 +136,10 @@ class StageWorker:
         """The bound input address (with the real port when bound to tcp port '*')."""
         return None if self.receiver is None else self.receiver.endpoint
 
-    def connect(self, out_endpoint: str | None, report_endpoint: str, cuda_ipc: bool = False) -> None:
+    def connect(self, out_endpoint: str | None, report_endpoint: str, out_link: LinkKind = LinkKind.ZMQ) -> None:
         """Connect to the next stage's input link and to the coordinator."""
         if out_endpoint is not None:
-            self.sender = Sender(self.ctx, out_endpoint, self.cfg.depth, self.cfg.peer_timeout, cuda_ipc,
+            self.sender = Sender(self.ctx, out_endpoint, out_link, self.cfg.depth, self.cfg.peer_timeout,
                                  peer=f"stage {self.rank + 2}", keys=self.spec.keys)
         self.reporter = Reporter(self.ctx, report_endpoint, self.rank, self.spec.keys)
         self.heartbeat = Heartbeat(self.ctx, report_endpoint, self.rank, self.spec.keys)
@@ -171,7 +155,8 @@ class StageWorker:
             self._relay()
         if self.sender is not None:
             self.sender.drain()
-        self.reporter.send({"kind": "done", "busy": self.busy, "idle": self.idle, "peak_memory": self.peak_memory()})
+        self.reporter.send({"kind": "done", "busy": self.busy, "idle": self.idle, "peak_memory": self.peak_memory(),
+                            "link": self.sender.kind.value if self.sender is not None else None})
 
     def peak_memory(self) -> int:
         """This stage's peak memory in bytes: allocated on its GPU, or the process's resident set on the CPU."""
@@ -269,10 +254,12 @@ class StageWorker:
         self._send(header, {})
 
     def _send(self, header: dict[str, Any], tensors: dict[str, torch.Tensor | None]) -> None:
+        """Pass a message on; evaluation and probe batches use the link's evaluation window, so they never
+        hold back the training batch that follows them (no evaluation bubble at the default depth)."""
         if self.sender is None:
             return
         start = time.perf_counter()
-        self.sender.send(header, tensors)
+        self.sender.send(header, tensors, training=header["kind"] == "train")
         self.idle += time.perf_counter() - start
 
     def close(self) -> None:
@@ -283,8 +270,16 @@ class StageWorker:
                 part.close()
 
 
+def _end_on_sigterm(signum: int, _frame: Any) -> None:
+    """SIGTERM (the launcher stopping the run, or `exit_with`): unlink this process's shared memory, then die of it."""
+    remove_segments(os.getpid())
+    signal.signal(signum, signal.SIG_DFL)
+    os.kill(os.getpid(), signum)
+
+
 def stage_main(spec: StageSpec) -> None:
     """Entry point of a stage process: run the worker; report any error to the coordinator, then re-raise."""
+    signal.signal(signal.SIGTERM, _end_on_sigterm)
     if spec.environment is not None:  # before any CUDA call: CUDA_VISIBLE_DEVICES as the launcher sees it now
         adopt_environment(spec.environment)
     if spec.launcher_pid is not None:
@@ -293,7 +288,7 @@ def stage_main(spec: StageSpec) -> None:
     worker = None
     try:
         worker = StageWorker(spec, ctx)
-        worker.connect(spec.out_endpoint, spec.report_endpoint, spec.cuda_ipc)
+        worker.connect(spec.out_endpoint, spec.report_endpoint, spec.out_link)
         worker.run()
     except KeyboardInterrupt:
         pass

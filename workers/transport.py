@@ -1,29 +1,42 @@
-"""How tensors move between stage processes; a stage only ever calls `send`, `recv` and `done`.
+"""How bytes move between processes: links between stages, and the records channel to the coordinator.
 
-A link joins one producer to one consumer over a zmq PAIR socket (`ipc://` on one host,
-`tcp://` across hosts). A message is a msgpack header followed by one raw frame per CPU
-tensor (sent without copies, received straight into tensors), or, with CUDA IPC, only a
-device-memory handle in the header (for a stage's own outputs only: `placement.travels_by_ipc`).
-Nothing is ever pickled.
+A link joins one producer to one consumer. Its header (msgpack) always goes through a zmq PAIR
+socket (`ipc://` on one host, `tcp://` across hosts); its tensors travel as the link's kind
+says (`placement.link_kind` decides, once, in the launcher):
+- `zmq`: one raw frame per tensor, sent without copies, received straight into tensors;
+- `shm`: written into shared-memory slots the producer owns; the header names slot and offset,
+  and the consumer's tensors are views of the slot (no copy on receipt);
+- `cuda_ipc`: a device-memory handle in the header, for a stage's own GPU outputs only
+  (`placement.travels_by_ipc`); the rest as frames.
+Nothing is ever pickled. Adding a kind is one Payload class and one line in PAYLOADS.
 
-Flow control is by credit: the producer may have at most `depth` messages that the consumer
-has not yet declared `done`; that bound is the only buffering between two stages, and it
-also keeps CUDA IPC tensors alive until the consumer has finished with them.
+Flow control is by credit: the producer may have at most `depth` unfinished training messages
+(sent, not yet declared `done` by the consumer) and, in a window of their own, at most `depth`
+unfinished evaluation messages; messages without tensors (markers) take no credit. A credit
+coming back is what lets the producer free or reuse a message's memory (a CUDA IPC tensor, a
+shared-memory slot), so a consumer must not touch a message's tensors after `done`.
 """
 from __future__ import annotations
 
+import mmap
+import os
 from collections import OrderedDict
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import msgpack
 import torch
 import zmq
 
-from workers.placement import HOST_TENSORS, travels_by_ipc
+from pipeline.lifeline import process_alive
+from workers.placement import HOST_TENSORS, LinkKind, travels_by_ipc
 from workers.security import RunKeys, secure
 
 LINGER_MS = 1000
+SHM_DIR = Path("/dev/shm")
+SEGMENT_PREFIX = "sgr-shm-"  # sgr-shm-{owner pid}-{n}: a sweep can tell whose segment it is
+ALIGN = 64  # bytes: every tensor in a slot starts on a cache line
 
 
 class PeerLost(RuntimeError):
@@ -43,6 +56,10 @@ def _dtype(name: str) -> torch.dtype:
     if not isinstance(dtype, torch.dtype):
         raise ValueError(f"unknown dtype {name!r} in a message header")
     return dtype
+
+
+def _entry(name: str, t: torch.Tensor) -> dict[str, Any]:
+    return {"name": name, "dtype": str(t.dtype).removeprefix("torch."), "shape": list(t.shape)}
 
 
 def _tensor_bytes(t: torch.Tensor) -> memoryview:
@@ -79,36 +96,195 @@ def _open_cuda(meta: dict[str, Any]) -> torch.Tensor:
     return t.set_(storage, meta["offset"], meta["shape"], meta["stride"])
 
 
-def encode(header: dict[str, Any], tensors: dict[str, torch.Tensor | None], cuda_ipc: bool = False) -> list[Any]:
-    """Frames of one message: the msgpack header, then a raw frame per tensor not sent by IPC handle."""
-    meta, frames = [], []
-    for name, t in tensors.items():
-        if t is None:
+# --- payloads: how one kind of link carries a message's tensors ------------------------------
+
+
+class FramePayload:
+    """zmq: every tensor as a raw frame (GPU tensors staged through pinned host memory)."""
+
+    def pack(self, seq: int, tensors: dict[str, torch.Tensor]) -> tuple[list[dict[str, Any]], list[Any]]:
+        """The header entries and frames of message `seq`."""
+        return [_entry(name, t) for name, t in tensors.items()], [_tensor_bytes(_to_host(t)) for t in tensors.values()]
+
+    def release(self, seq: int) -> None:
+        """Message `seq`'s credit came back: the consumer is done with its tensors."""
+
+    def close(self) -> None:
+        """The link is closing: free whatever the payload holds."""
+
+
+class CudaIpcPayload(FramePayload):
+    """CUDA IPC: the stage's own GPU outputs go as handles and stay alive until their credit returns."""
+
+    def __init__(self) -> None:
+        self.alive: dict[int, list[torch.Tensor]] = {}
+
+    def pack(self, seq: int, tensors: dict[str, torch.Tensor]) -> tuple[list[dict[str, Any]], list[Any]]:
+        meta, frames = [], []
+        for name, t in tensors.items():
+            entry = _entry(name, t)
+            handle = _share_cuda(t) if travels_by_ipc(name, t.is_cuda, t.numel(), True) else None
+            if handle is not None:
+                entry.update(ipc=handle, offset=t.storage_offset(), stride=list(t.stride()))
+            else:
+                frames.append(_tensor_bytes(_to_host(t)))
+            meta.append(entry)
+        self.alive[seq] = list(tensors.values())
+        return meta, frames
+
+    def release(self, seq: int) -> None:
+        self.alive.pop(seq, None)
+
+    def close(self) -> None:
+        self.alive.clear()
+
+
+class Segment:
+    """A shared-memory file under /dev/shm, mapped; its creator unlinks the name once the consumer has mapped it."""
+
+    def __init__(self, name: str, size: int = 0, create: bool = False) -> None:
+        self.name, self.path = name, SHM_DIR / name
+        fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_RDWR if create else os.O_RDWR, 0o600)
+        try:
+            if create:
+                os.ftruncate(fd, size)
+            self.size = os.fstat(fd).st_size
+            # MAP_POPULATE: the pages are faulted in now, not during the first copy into or out of them
+            self.map = mmap.mmap(fd, self.size, flags=mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0))
+        finally:
+            os.close(fd)
+
+    def view(self, offset: int, nbytes: int) -> torch.Tensor:
+        """Bytes [offset, offset + nbytes) of the segment as a uint8 tensor (no copy)."""
+        return torch.frombuffer(self.map, dtype=torch.uint8, count=nbytes, offset=offset)
+
+    def unlink(self) -> None:
+        self.path.unlink(missing_ok=True)
+
+
+class SharedMemoryPayload:
+    """Shared memory: tensors are copied into a slot this process owns; only the slot's name and offsets travel.
+
+    A slot is a segment sized on first use and replaced by a bigger one when a message does not
+    fit; it is reused only after its message's credit came back. The credit also says the consumer
+    has mapped the segment, so its name is unlinked then: the memory lives while either end maps
+    it and nothing stays in /dev/shm, whichever process dies later.
+    """
+
+    def __init__(self) -> None:
+        self.slots: list[Segment] = []
+        self.free: list[int] = []
+        self.busy: dict[int, int] = {}  # seq -> slot
+        self.made = 0
+
+    def pack(self, seq: int, tensors: dict[str, torch.Tensor]) -> tuple[list[dict[str, Any]], list[Any]]:
+        meta, offsets, end = [], [], 0
+        for name, t in tensors.items():
+            offsets.append(end)
+            end += -(-t.numel() * t.element_size() // ALIGN) * ALIGN
+        slot = self._slot(end)
+        segment = self.slots[slot]
+        for (name, t), offset in zip(tensors.items(), offsets):
+            if t.numel():
+                segment.view(offset, t.numel() * t.element_size()).view(t.dtype).view(t.shape).copy_(t.detach())
+            meta.append({**_entry(name, t), "shm": segment.name, "slot": slot, "offset": offset})
+        self.busy[seq] = slot
+        return meta, []
+
+    def _slot(self, nbytes: int) -> int:
+        """A free slot of at least `nbytes`: the smallest that fits, else the largest one grown, else a new one."""
+        fitting = [s for s in self.free if self.slots[s].size >= nbytes]
+        if fitting:
+            slot = min(fitting, key=lambda s: self.slots[s].size)
+            self.free.remove(slot)
+            return slot
+        segment = Segment(f"{SEGMENT_PREFIX}{os.getpid()}-{self.made}", max(nbytes, ALIGN), create=True)
+        self.made += 1
+        if self.free:  # grow: the old segment's name is gone already, its memory goes with the last map
+            slot = max(self.free, key=lambda s: self.slots[s].size)
+            self.free.remove(slot)
+            self.slots[slot] = segment
+            return slot
+        self.slots.append(segment)
+        return len(self.slots) - 1
+
+    def release(self, seq: int) -> None:
+        slot = self.busy.pop(seq, None)
+        if slot is not None:
+            self.slots[slot].unlink()  # the consumer has mapped it
+            self.free.append(slot)
+
+    def close(self) -> None:
+        for segment in self.slots:
+            segment.unlink()
+        self.slots.clear()
+
+
+PAYLOADS = {LinkKind.ZMQ: FramePayload, LinkKind.SHARED_MEMORY: SharedMemoryPayload, LinkKind.CUDA_IPC: CudaIpcPayload}
+
+
+def remove_segments(owner: int | None = None) -> list[str]:
+    """Unlink the shared-memory segments of process `owner`, or (None) of every process that has ended.
+
+    Normally no name outlives the first credit of its slot; this sweeps up after a process killed
+    between creating a slot and its first credit (the launcher runs it when its stages have ended).
+    """
+    removed = []
+    for path in SHM_DIR.glob(f"{SEGMENT_PREFIX}*"):
+        try:
+            pid = int(path.name.removeprefix(SEGMENT_PREFIX).split("-")[0])
+        except ValueError:
             continue
-        entry: dict[str, Any] = {"name": name, "dtype": str(t.dtype).removeprefix("torch."), "shape": list(t.shape)}
-        handle = _share_cuda(t) if travels_by_ipc(name, t.is_cuda, t.numel(), cuda_ipc) else None
-        if handle is not None:
-            entry.update(ipc=handle, offset=t.storage_offset(), stride=list(t.stride()))
-        else:
-            frames.append(_tensor_bytes(_to_host(t)))
-        meta.append(entry)
+        if pid == owner or (owner is None and not process_alive(pid)):
+            path.unlink(missing_ok=True)
+            removed.append(path.name)
+    return removed
+
+
+class SegmentMaps:
+    """The consumer's maps of its producer's slots, opened on first sight and replaced when a slot grows."""
+
+    def __init__(self) -> None:
+        self.by_slot: dict[int, Segment] = {}
+
+    def get(self, slot: int, name: str) -> Segment:
+        segment = self.by_slot.get(slot)
+        if segment is None or segment.name != name:
+            segment = self.by_slot[slot] = Segment(name)  # the old map goes when its last tensor does
+        return segment
+
+
+def encode(header: dict[str, Any], tensors: dict[str, torch.Tensor | None],
+           payload: FramePayload | SharedMemoryPayload | None = None) -> list[Any]:
+    """Frames of one message: the msgpack header, then whatever frames the payload (default: zmq frames) adds."""
+    tensors = {name: t for name, t in tensors.items() if t is not None}
+    meta, frames = (payload or FramePayload()).pack(header.get("seq", 0), tensors)
     return [msgpack.packb({**header, "tensors": meta}, use_bin_type=True), *frames]
 
 
-def decode(frames: list[Any], device: torch.device | None = None) -> Message:
-    """A Message from received frames; raw frames become tensors without a copy, IPC handles are opened.
+def decode(frames: list[Any], device: torch.device | None = None, maps: SegmentMaps | None = None) -> Message:
+    """A Message from received frames; frames and slots become tensors without a copy, IPC handles are opened.
 
     Tensors are placed on `device`, except the labels (HOST_TENSORS): they stay on the host, where
-    the stage forwards them from, and the stage moves them to its device itself.
+    the stage forwards them from, and the stage moves them to its device itself. Labels read from
+    a slot are copied out of it, since a forwarded tensor must outlive this message's credit.
     """
     header = msgpack.unpackb(frames[0].bytes if hasattr(frames[0], "bytes") else frames[0], raw=False)
     meta = header.pop("tensors", [])
     raw = iter(frames[1:])
+    maps = maps or SegmentMaps()
     tensors = {}
     for entry in meta:
-        dtype, shape = _dtype(entry["dtype"]), entry["shape"]
+        dtype, shape, name = _dtype(entry["dtype"]), entry["shape"], entry["name"]
+        nbytes = torch.Size(shape).numel() * torch.empty(0, dtype=dtype).element_size()
         if "ipc" in entry:
             t = _open_cuda(entry)
+        elif "shm" in entry:
+            if nbytes == 0:
+                t = torch.empty(shape, dtype=dtype)
+            else:
+                t = maps.get(entry["slot"], entry["shm"]).view(entry["offset"], nbytes).view(dtype).reshape(shape)
+                t = t.clone() if name in HOST_TENSORS else t
         else:
             frame = next(raw)
             buffer = frame.buffer if hasattr(frame, "buffer") else memoryview(frame)
@@ -116,9 +292,9 @@ def decode(frames: list[Any], device: torch.device | None = None) -> Message:
                 t = torch.empty(shape, dtype=dtype)
             else:
                 t = torch.frombuffer(buffer, dtype=torch.uint8).view(dtype).reshape(shape)
-        if device is not None and t.device != device and entry["name"] not in HOST_TENSORS:
+        if device is not None and t.device != device and name not in HOST_TENSORS:
             t = t.to(device, non_blocking=False)
-        tensors[entry["name"]] = t
+        tensors[name] = t
     return Message(header, tensors)
 
 
@@ -128,26 +304,29 @@ def _wait_readable(socket: zmq.Socket, timeout_ms: int) -> bool:
 
 
 class Sender:
-    """The producing end of a link: connects, sends, and waits for credit when `depth` messages are unfinished."""
+    """The producing end of a link: connects, sends, and waits for credit when a window is full."""
 
-    def __init__(self, ctx: zmq.Context, endpoint: str, depth: int = 2, timeout_s: float = 120.0,
-                 cuda_ipc: bool = False, peer: str = "the next stage", keys: RunKeys | None = None) -> None:
+    def __init__(self, ctx: zmq.Context, endpoint: str, kind: LinkKind = LinkKind.ZMQ, depth: int = 2,
+                 timeout_s: float = 120.0, peer: str = "the next stage", keys: RunKeys | None = None) -> None:
         self.socket = ctx.socket(zmq.PAIR)
         self.socket.setsockopt(zmq.LINGER, LINGER_MS)
         secure(self.socket, keys, server=False)
         self.socket.connect(endpoint)
-        self.depth, self.timeout_ms, self.cuda_ipc, self.peer = depth, int(timeout_s * 1000), cuda_ipc, peer
+        self.kind, self.payload = kind, PAYLOADS[kind]()
+        self.depth, self.timeout_ms, self.peer = depth, int(timeout_s * 1000), peer
         self.seq = 0
-        self.in_flight: OrderedDict[int, list[torch.Tensor]] = OrderedDict()  # seq -> tensors kept alive
+        self.in_flight: OrderedDict[int, bool | None] = OrderedDict()  # seq -> training window? (None: a marker)
 
-    def send(self, header: dict[str, Any], tensors: dict[str, torch.Tensor | None] | None = None) -> None:
-        """Send one message, first waiting until fewer than `depth` are unfinished at the consumer."""
-        while len(self.in_flight) >= self.depth:
+    def send(self, header: dict[str, Any], tensors: dict[str, torch.Tensor | None] | None = None,
+             training: bool = True) -> None:
+        """Send one message; with tensors, first wait until its window (training or evaluation) has room."""
+        tensors = {name: t for name, t in (tensors or {}).items() if t is not None}
+        window = training if tensors else None
+        while window is not None and sum(w is window for w in self.in_flight.values()) >= self.depth:
             self._wait_credit()
-        tensors = tensors or {}
-        frames = encode({**header, "seq": self.seq}, tensors, self.cuda_ipc)
+        frames = encode({**header, "seq": self.seq}, tensors, self.payload)
         self.socket.send_multipart(frames, copy=False)
-        self.in_flight[self.seq] = [t for t in tensors.values() if t is not None] if self.cuda_ipc else []
+        self.in_flight[self.seq] = window
         self.seq += 1
 
     def _wait_credit(self) -> None:
@@ -155,6 +334,7 @@ class Sender:
             raise PeerLost(f"{self.peer} acknowledged nothing for {self.timeout_ms / 1000:.0f} s; it is dead or hung")
         done = msgpack.unpackb(self.socket.recv(), raw=False)["done"]
         self.in_flight.pop(done, None)
+        self.payload.release(done)
 
     def drain(self) -> None:
         """Wait until the consumer has finished every message sent."""
@@ -163,6 +343,7 @@ class Sender:
 
     def close(self) -> None:
         self.socket.close()
+        self.payload.close()
 
 
 class Receiver:
@@ -177,19 +358,62 @@ class Receiver:
         self.socket.bind(endpoint)
         self.endpoint = self.socket.getsockopt_string(zmq.LAST_ENDPOINT)
         self.timeout_ms, self.device, self.peer = int(timeout_s * 1000), device, peer
+        self.maps = SegmentMaps()
 
     def recv(self) -> Message:
         """The next message, or PeerLost if none arrives within the timeout."""
         if not _wait_readable(self.socket, self.timeout_ms):
             raise PeerLost(f"{self.peer} sent nothing for {self.timeout_ms / 1000:.0f} s; it is dead or hung")
-        return decode(self.socket.recv_multipart(copy=False), self.device)
+        return decode(self.socket.recv_multipart(copy=False), self.device, self.maps)
 
     def done(self, message: Message) -> None:
-        """Tell the producer this message is finished with (its tensors may be freed): one credit back."""
+        """Tell the producer this message is finished with (its tensors may be freed or overwritten): one credit back."""
         if self.device is not None and self.device.type == "cuda":
             torch.cuda.current_stream(self.device).synchronize()
         message.tensors.clear()
         self.socket.send(msgpack.packb({"done": message.header["seq"]}))
+
+    def close(self) -> None:
+        self.socket.close()
+        self.maps.by_slot.clear()
+
+
+# --- records: stages -> coordinator ---------------------------------------------------------
+
+
+class Reporter:
+    """Pushes msgpack records from a stage to the coordinator."""
+
+    def __init__(self, ctx: zmq.Context, endpoint: str, rank: int, keys: RunKeys | None = None) -> None:
+        self.socket = ctx.socket(zmq.PUSH)
+        self.socket.setsockopt(zmq.LINGER, LINGER_MS)
+        secure(self.socket, keys, server=False)
+        self.socket.connect(endpoint)
+        self.rank = rank
+
+    def send(self, record: dict[str, Any]) -> None:
+        self.socket.send(msgpack.packb({"stage": self.rank, **record}, use_bin_type=True))
+
+    def close(self) -> None:
+        self.socket.close()
+
+
+class Collector:
+    """The coordinator's end of the records channel: binds, and receives every stage's records."""
+
+    def __init__(self, ctx: zmq.Context, endpoint: str, keys: RunKeys | None = None) -> None:
+        self.socket = ctx.socket(zmq.PULL)
+        self.socket.setsockopt(zmq.LINGER, 0)
+        secure(self.socket, keys, server=True)
+        self.socket.bind(endpoint)
+        self.endpoint = self.socket.getsockopt_string(zmq.LAST_ENDPOINT)
+
+    def wait(self, timeout_ms: int) -> bool:
+        """Whether a record arrives within `timeout_ms`."""
+        return _wait_readable(self.socket, timeout_ms)
+
+    def recv(self) -> dict[str, Any]:
+        return msgpack.unpackb(self.socket.recv(), raw=False)
 
     def close(self) -> None:
         self.socket.close()

@@ -17,7 +17,8 @@ from pipeline.config import Config
 from pipeline.data import eval_batches, load_data, train_batches
 from pipeline.stages import build_local_modules, build_stage_steps
 from workers.ipc_check import cuda_ipc_error
-from workers.transport import Receiver, Sender, encode
+from workers.placement import LinkKind
+from workers.transport import CudaIpcPayload, Receiver, Sender, encode
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 CUDA = torch.device("cuda:0")
@@ -33,7 +34,7 @@ def test_transport_stress_between_three_processes_by_cuda_ipc():
 
 def test_labels_and_empty_tensors_travel_as_frames_even_on_an_ipc_link():
     frames = encode({}, {"x": torch.ones(4, device=CUDA), "y": torch.arange(4, device=CUDA),
-                         "empty": torch.empty(0, device=CUDA)}, cuda_ipc=True)
+                         "empty": torch.empty(0, device=CUDA)}, CudaIpcPayload())
     meta = {m["name"]: m for m in msgpack.unpackb(frames[0], raw=False)["tensors"]}
     assert "ipc" in meta["x"] and "ipc" not in meta["y"] and "ipc" not in meta["empty"]
     assert len(frames) == 3  # the header, then frames for y and the empty tensor
@@ -42,7 +43,7 @@ def test_labels_and_empty_tensors_travel_as_frames_even_on_an_ipc_link():
 def _forwarder(in_endpoint: str, out_endpoint: str) -> None:
     ctx = zmq.Context()
     receiver = Receiver(ctx, in_endpoint, timeout_s=60, device=CUDA)
-    sender = Sender(ctx, out_endpoint, depth=1, timeout_s=60, cuda_ipc=True)
+    sender = Sender(ctx, out_endpoint, LinkKind.CUDA_IPC, depth=1, timeout_s=60)
     message = receiver.recv()
     sender.send({}, {"x": message.tensors["x"]})  # received by IPC: cannot be re-shared, must go as a frame
     sender.drain()
@@ -53,7 +54,7 @@ def _forwarder(in_endpoint: str, out_endpoint: str) -> None:
 def test_a_tensor_received_by_ipc_is_forwarded_without_the_reshare_crash(tmp_path):
     ctx = zmq.Context()
     last = Receiver(ctx, f"ipc://{tmp_path}/b", timeout_s=60, device=CUDA)
-    first = Sender(ctx, f"ipc://{tmp_path}/a", depth=1, timeout_s=60, cuda_ipc=True)
+    first = Sender(ctx, f"ipc://{tmp_path}/a", LinkKind.CUDA_IPC, depth=1, timeout_s=60)
     middle = mp.get_context("spawn").Process(target=_forwarder, args=(f"ipc://{tmp_path}/a", f"ipc://{tmp_path}/b"))
     middle.start()
     x = torch.randn(64, 64, device=CUDA)

@@ -7,28 +7,28 @@ from pipeline.config import Config
 from workers.coordinator import PAUSE_S, Coordinator
 
 
-class LateSocket:
-    """A socket whose wait returns PAUSE_S + 0.5 s late and empty, as when the launcher was stopped inside it
+class LateCollector:
+    """A records channel whose wait returns PAUSE_S + 0.5 s late and empty, as when the launcher was stopped inside it
     and the records that queued up meanwhile have not reached the socket yet."""
 
-    def poll(self, timeout_ms: int, _flags: int) -> int:
+    def wait(self, timeout_ms: int) -> bool:
         time.sleep(timeout_ms / 1000 + PAUSE_S + 0.5)
-        return 0
+        return False
 
 
 def test_a_pause_of_the_launcher_inside_its_wait_does_not_make_a_stage_hung(tmp_path):
     ctx = zmq.Context()
     coordinator = Coordinator(Config(out=str(tmp_path / "run"), progress=False), 2, 10, ctx, "inproc://report")
-    socket = coordinator.socket
+    records = coordinator.records
     try:
         coordinator.handle({"stage": 0, "kind": "beat"})
-        coordinator.socket = LateSocket()
+        coordinator.records = LateCollector()
         coordinator.poll(100)
         assert coordinator.silent_stage(0.5) is None  # silent for 2.6 s, but we were the ones stopped
         time.sleep(1.0)  # shorter than PAUSE_S by a margin a loaded machine's late wake-up cannot use up
         assert coordinator.silent_stage(0.5) == 0  # silent for 1 s after the pause: hung
     finally:
-        coordinator.socket = socket
+        coordinator.records = records
         coordinator.close()
         ctx.destroy(linger=0)
 

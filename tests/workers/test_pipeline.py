@@ -1,6 +1,7 @@
 """The asynchronous K-process pipeline against the sequential reference, to the bit, and its lifecycle."""
 import dataclasses
 import glob
+import json
 import os
 import shutil
 import signal
@@ -21,6 +22,7 @@ from pipeline.trainer import SequentialTrainer
 from tests.pipeline.test_data import write_image_folder
 from workers.coordinator import StageFailed
 from workers.launcher import remove_stale_ipc_dirs, run_spawned
+from workers.transport import SEGMENT_PREFIX, SHM_DIR
 
 ROOT = Path(__file__).parents[2]
 
@@ -61,10 +63,12 @@ def run_pipeline(cfg: Config) -> dict:
     return run_spawned(cfg, cfg.stages, data_shape(data, cfg.batch_size))
 
 
+@pytest.mark.parametrize("transport", ["auto", "zmq"])  # CPU stages on one host: shared memory; zmq over ipc://
 @pytest.mark.parametrize("stages,method", [(2, "sgr"), (3, "sgr"), (2, "layerwise"), (3, "layerwise"), (3, "reforward")])
-def test_pipeline_equals_the_sequential_reference_to_the_bit(tmp_path, stages, method):
-    cfg = small_config(tmp_path, stages=stages, method=method)
+def test_pipeline_equals_the_sequential_reference_to_the_bit(tmp_path, stages, method, transport):
+    cfg = small_config(tmp_path, stages=stages, method=method, transport=transport)
     result = run_pipeline(cfg)
+    assert result["links"] == [{"auto": "shm", "zmq": "zmq"}[transport]] * (stages - 1)
     trainer, expected = reference(cfg, tmp_path)
     assert_bit_identical(trainer, pipeline_states(Path(cfg.out), stages))
     # evaluation flowed through the pipeline behind training batch t: same accuracies and ΔL_k per head
@@ -195,7 +199,19 @@ def start_long_run(tmp_path: Path, *extra: str) -> tuple[subprocess.Popen, list[
             break
         assert proc.poll() is None, proc.communicate()
         time.sleep(0.2)
-    return proc, stage_pids(proc.pid)
+    stages = stage_pids(proc.pid)
+    assert all(maps_shared_memory(pid) for pid in stages)  # CPU stages on one host: shared-memory links
+    return proc, stages
+
+
+def maps_shared_memory(pid: int) -> bool:
+    """Whether process `pid` maps a link's shared-memory slot (a producer maps its own, a consumer its producer's)."""
+    return f"/dev/shm/{SEGMENT_PREFIX}" in Path(f"/proc/{pid}/maps").read_text()
+
+
+def segments_left(pids: list[int]) -> list[str]:
+    """Shared-memory segments of these processes still named in /dev/shm."""
+    return [p.name for pid in pids for p in SHM_DIR.glob(f"{SEGMENT_PREFIX}{pid}-*")]
 
 
 def forkserver_of(launcher: int) -> int:
@@ -223,7 +239,7 @@ def test_a_killed_stage_stops_the_whole_run_within_ten_seconds_and_the_run_resum
     assert "error: stage 2 was killed by signal 9 after step" in err
     assert f"resume with --resume {tmp_path / 'long'}" in err
     time.sleep(0.5)
-    assert not any(alive(pid) for pid in stages)
+    assert not any(alive(pid) for pid in stages) and not segments_left(stages)
     kept = complete_checkpoints(tmp_path / "long")[-1]
     resumed = subprocess.run([sys.executable, "launch.py", "--resume", str(tmp_path / "long"), "--epochs", "1"],
                              cwd=ROOT, capture_output=True, text=True, timeout=120)
@@ -238,7 +254,7 @@ def test_a_hung_stage_is_detected_by_its_missing_heartbeat(tmp_path):
     assert proc.returncode == 1
     assert "error: stage 2 sent no heartbeat for 3 s (hung) after step" in err
     time.sleep(0.5)
-    assert not any(alive(pid) for pid in stages)
+    assert not any(alive(pid) for pid in stages) and not segments_left(stages)
 
 
 def test_ctrl_c_stops_every_process(tmp_path):
@@ -248,18 +264,21 @@ def test_ctrl_c_stops_every_process(tmp_path):
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130 and "interrupted: all stages stopped" in err
     time.sleep(0.5)
-    assert not any(alive(pid) for pid in processes)
+    assert not any(alive(pid) for pid in processes) and not segments_left(stages)
 
 
-def test_torchrun_one_process_per_stage_equals_the_reference(tmp_path):
+@pytest.mark.parametrize("transport", ["auto", "zmq"])  # one host: shared memory; zmq over tcp://
+def test_torchrun_one_process_per_stage_equals_the_reference(tmp_path, transport):
     out = tmp_path / "torchrun"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "launch.py",
            "--stages", "2", "--dataset", "digits", "--epochs", "1", "--batch-size", "32", "--threads", "1", "--lam", "50",
-           "--no-progress", "--out", str(out), "--set", "train_subset=128", "--set", "lr=0.05"]
+           "--no-progress", "--out", str(out), "--set", "train_subset=128", "--set", "lr=0.05",
+           "--set", f"transport={transport}"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "final test accuracy (last head)" in proc.stdout
+    assert json.loads((out / "summary.json").read_text())["links"] == [{"auto": "shm", "zmq": "zmq"}[transport]]
     cfg = small_config(tmp_path, stages=2, epochs=1, train_subset=128, batch_size=32, lam=50.0, lr=0.05,
                        eval_batch_size=1000, log_every=20)
     trainer, expected = reference(cfg, tmp_path)
@@ -318,7 +337,7 @@ def test_sigterm_stops_every_process_exits_143_and_leaves_no_ipc_folder(tmp_path
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 143 and "terminated: all stages stopped" in err
     time.sleep(0.5)
-    assert not any(alive(pid) for pid in processes) and not launcher_ipc_dirs(proc.pid)
+    assert not any(alive(pid) for pid in processes) and not launcher_ipc_dirs(proc.pid) and not segments_left(stages)
 
 
 def test_the_ipc_folder_of_a_launcher_killed_with_sigkill_is_removed_by_the_next_run(tmp_path):
@@ -331,5 +350,6 @@ def test_the_ipc_folder_of_a_launcher_killed_with_sigkill_is_removed_by_the_next
     while any(alive(pid) for pid in processes) and time.time() < deadline:
         time.sleep(0.1)
     assert not any(alive(pid) for pid in processes) and all(d.is_dir() for d in left) and left
+    assert not segments_left(stages)  # each stage unlinked its own on the SIGTERM its lifeline sent it
     assert remove_stale_ipc_dirs(Path(tempfile.gettempdir())) == left  # what the next launcher does first
     assert not any(d.exists() for d in left)

@@ -1,7 +1,7 @@
 import pytest
 
 from pipeline.config import ConfigError
-from workers.placement import stage_device, travels_by_ipc, use_cuda_ipc
+from workers.placement import LinkEnd, LinkKind, link_kind, stage_device, travels_by_ipc
 
 # (device, gpus, visible GPUs, local rank or None when one launcher spawns every stage) -> device of stages 0, 1, 2
 PLACEMENT = [
@@ -39,15 +39,22 @@ def test_placement_that_cannot_run_is_one_line(device, gpus, visible, local_rank
     assert "\n" not in str(err.value)
 
 
-@pytest.mark.parametrize("transport, producer, consumer_sees, expected", [
-    ("auto", "GPU-a", ["GPU-a", "GPU-b"], True),  # same host, the consumer can open the producer's GPU
-    ("auto", "GPU-a", ["GPU-b"], False),  # each rank sees only its own GPU: no handle can be opened
-    ("auto", "GPU-a", [], False),  # another host, or a CPU consumer
-    ("auto", None, ["GPU-a"], False),  # a CPU producer has nothing to share
-    ("zmq", "GPU-a", ["GPU-a"], False),  # zmq forced
+HOST, OTHER = "node-a/boot-1", "node-b/boot-2"
+
+
+@pytest.mark.parametrize("transport, producer, consumer, expected", [
+    ("auto", LinkEnd(HOST, "GPU-a"), LinkEnd(HOST, "GPU-b", ("GPU-a", "GPU-b")), LinkKind.CUDA_IPC),  # it sees our GPU
+    ("auto", LinkEnd(HOST, "GPU-a"), LinkEnd(HOST, "GPU-b", ("GPU-b",)), LinkKind.SHARED_MEMORY),  # only its own GPU
+    ("auto", LinkEnd(HOST, "GPU-a", ("GPU-a",)), LinkEnd(HOST), LinkKind.SHARED_MEMORY),  # a CPU consumer
+    ("auto", LinkEnd(HOST), LinkEnd(HOST), LinkKind.SHARED_MEMORY),  # CPU stages on one host
+    ("auto", LinkEnd(HOST), LinkEnd(HOST, "GPU-a", ("GPU-a",)), LinkKind.SHARED_MEMORY),  # a CPU producer shares no GPU
+    ("auto", LinkEnd(HOST, "GPU-a"), LinkEnd(OTHER, "GPU-a", ("GPU-a",)), LinkKind.ZMQ),  # another host: a UUID match
+    ("auto", LinkEnd(HOST), LinkEnd(OTHER), LinkKind.ZMQ),                                  # proves nothing there
+    ("zmq", LinkEnd(HOST, "GPU-a"), LinkEnd(HOST, "GPU-a", ("GPU-a",)), LinkKind.ZMQ),  # zmq forced
+    ("zmq", LinkEnd(HOST), LinkEnd(HOST), LinkKind.ZMQ),
 ])
-def test_cuda_ipc_only_when_the_consumer_sees_the_producers_gpu(transport, producer, consumer_sees, expected):
-    assert use_cuda_ipc(transport, producer, consumer_sees) is expected
+def test_the_link_kind_follows_where_the_two_ends_live(transport, producer, consumer, expected):
+    assert link_kind(transport, producer, consumer) is expected
 
 
 @pytest.mark.parametrize("name, is_cuda, numel, link_ipc, expected", [

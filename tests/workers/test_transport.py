@@ -1,23 +1,32 @@
-import time
+import os
 import threading
+import time
 
 import msgpack
 import pytest
 import torch
 import zmq
 
-from workers.transport import PeerLost, Receiver, Sender, decode, encode
+from workers.placement import LinkKind
+from workers.transport import (SEGMENT_PREFIX, SHM_DIR, PeerLost, Receiver, Sender, SharedMemoryPayload,
+                               decode, encode, remove_segments)
 
 
-@pytest.fixture
-def link(tmp_path):
+@pytest.fixture(params=[LinkKind.ZMQ, LinkKind.SHARED_MEMORY])
+def link(tmp_path, request):
     ctx = zmq.Context()
     receiver = Receiver(ctx, f"ipc://{tmp_path}/link", timeout_s=5)
-    sender = Sender(ctx, f"ipc://{tmp_path}/link", depth=2, timeout_s=5)
+    sender = Sender(ctx, f"ipc://{tmp_path}/link", request.param, depth=2, timeout_s=5)
     yield sender, receiver
     sender.close()
     receiver.close()
     ctx.term()
+    assert not own_segments()  # every exit path unlinks the slots
+
+
+def own_segments() -> list[str]:
+    """This process's shared-memory segments still named in /dev/shm."""
+    return sorted(p.name for p in SHM_DIR.glob(f"{SEGMENT_PREFIX}{os.getpid()}-*"))
 
 
 TENSORS = {
@@ -76,12 +85,12 @@ def test_none_tensors_are_skipped(link):
 
 def test_depth_bounds_unfinished_messages(link):
     sender, receiver = link
-    sender.send({"n": 0}, {})
-    sender.send({"n": 1}, {})
+    sender.send({"n": 0}, {"x": torch.zeros(3)})
+    sender.send({"n": 1}, {"x": torch.ones(3)})
     blocked = threading.Event()
 
     def third():
-        sender.send({"n": 2}, {})
+        sender.send({"n": 2}, {"x": torch.ones(3)})
         blocked.set()
 
     thread = threading.Thread(target=third)
@@ -103,9 +112,9 @@ def test_a_peer_that_disappears_is_detected(tmp_path):
         receiver.recv()
     assert time.time() - start < 3
     sender = Sender(ctx, f"ipc://{tmp_path}/gone", depth=1, timeout_s=0.5, peer="stage 3")
-    sender.send({"n": 0}, {})
+    sender.send({"n": 0}, {"x": torch.ones(1)})
     with pytest.raises(PeerLost, match="stage 3 acknowledged nothing"):
-        sender.send({"n": 1}, {})
+        sender.send({"n": 1}, {"x": torch.ones(1)})
     sender.close()
     receiver.close()
     ctx.term()
@@ -120,3 +129,85 @@ def test_tcp_transport(tmp_path):
     sender.close()
     receiver.close()
     ctx.term()
+
+
+def test_evaluation_messages_and_markers_do_not_take_the_training_windows_credit(link):
+    sender, receiver = link
+    for n in range(2):  # the training window (depth 2) is full
+        sender.send({"kind": "train", "n": n}, {"x": torch.full((4,), float(n))})
+    for n in range(2, 4):  # evaluation batches: a window of their own
+        sender.send({"kind": "eval", "n": n}, {"x": torch.full((4,), float(n))}, training=False)
+    sender.send({"kind": "checkpoint", "n": 4})  # a marker holds no memory: no credit at all
+    blocked = threading.Event()
+
+    def fifth():
+        sender.send({"kind": "train", "n": 5}, {"x": torch.full((4,), 5.0)})
+        blocked.set()
+
+    thread = threading.Thread(target=fifth)
+    thread.start()
+    time.sleep(0.3)
+    assert not blocked.is_set()  # the training window is still full
+    messages = []
+    for _ in range(6):
+        messages.append(receiver.recv())
+        assert torch.equal(messages[-1].tensors.get("x", torch.full((4,), 4.0)), torch.full((4,), float(len(messages) - 1)))
+        receiver.done(messages[-1])
+    thread.join(timeout=5)
+    assert [m.header["n"] for m in messages] == [0, 1, 2, 3, 4, 5]  # one FIFO whatever the window
+
+
+def test_a_shared_memory_slot_is_reused_only_after_its_credit_and_grows_when_needed(tmp_path):
+    ctx = zmq.Context()
+    receiver = Receiver(ctx, f"ipc://{tmp_path}/link", timeout_s=5)
+    sender = Sender(ctx, f"ipc://{tmp_path}/link", LinkKind.SHARED_MEMORY, depth=2, timeout_s=5)
+    try:
+        sender.send({"n": 0}, {"x": torch.zeros(1000)})
+        sender.send({"n": 1}, {"x": torch.ones(1000)})
+        first, second = receiver.recv(), receiver.recv()
+        assert len(own_segments()) == 2  # two slots in flight, named until the consumer's credit says it mapped them
+        x0 = first.tensors["x"]
+        receiver.done(first)
+        sender.send({"n": 2}, {"x": torch.full((1000,), 2.0)})  # waits for a credit: first's slot comes back
+        assert torch.equal(second.tensors["x"], torch.ones(1000))  # the unfinished message is untouched
+        assert torch.equal(x0, torch.full((1000,), 2.0))  # a received tensor is a view of the slot: no copy
+        receiver.done(second)
+        receiver.done(receiver.recv())
+        sender.send({"n": 3}, {"x": torch.arange(100_000.0)})  # bigger than any slot: one is replaced
+        big = receiver.recv()
+        assert torch.equal(big.tensors["x"], torch.arange(100_000.0))
+        receiver.done(big)
+        sender.drain()
+        assert not own_segments()  # every slot's consumer has mapped it: no name is left
+        assert len(sender.payload.slots) == 2 and max(s.size for s in sender.payload.slots) >= 400_000
+    finally:
+        sender.close()
+        receiver.close()
+        ctx.term()
+    assert not own_segments()
+
+
+def test_labels_are_copied_out_of_a_slot_so_a_stage_can_forward_them():
+    payload = SharedMemoryPayload()
+    try:
+        frames = encode({"seq": 0}, {"x": torch.ones(3), "y": torch.arange(3)}, payload)
+        assert len(frames) == 1  # only the header travels through the socket
+        message = decode(frames)
+        payload.slots[0].view(0, 12).fill_(0)  # the producer reuses the slot
+        assert torch.equal(message.tensors["x"], torch.zeros(3))  # a view of the slot
+        assert torch.equal(message.tensors["y"], torch.arange(3))  # a copy
+    finally:
+        payload.close()
+
+
+def test_segments_of_ended_processes_are_swept_and_live_ones_are_kept():
+    dead = SHM_DIR / f"{SEGMENT_PREFIX}999999999-0"  # above pid_max: no such process
+    live = SHM_DIR / f"{SEGMENT_PREFIX}{os.getpid()}-99"
+    dead.write_bytes(b"x")
+    live.write_bytes(b"x")
+    try:
+        assert dead.name in remove_segments() and live.exists() and not dead.exists()
+        assert remove_segments(os.getpid()) == [live.name] and not live.exists()
+    finally:
+        dead.unlink(missing_ok=True)
+        live.unlink(missing_ok=True)
