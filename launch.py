@@ -3,7 +3,8 @@
 Flags override the YAML; `--set key=value` overrides any config key; `--resume RUN_DIR`
 continues a run from its newest complete checkpoint. Every config, data, checkpoint or
 device problem ends the run before training with one line that says what to fix.
-`python launch.py plot|export|evaluate RUN_DIR` work on a finished or interrupted run;
+`python launch.py plot|export|evaluate RUN_DIR` work on a finished or interrupted run, `trace RUN_DIR`
+on a finished run with `trace: true`;
 `python launch.py plan [flags]` measures the config's model and prints the memory-balanced split.
 """
 from __future__ import annotations
@@ -17,7 +18,7 @@ import threading
 from pathlib import Path
 
 DEFAULT_CONFIG = Path(__file__).parent / "configs" / "default.yaml"
-TOOLS = ("plot", "export", "evaluate")  # `launch.py TOOL RUN_DIR`
+TOOLS = ("plot", "export", "evaluate", "trace")  # `launch.py TOOL RUN_DIR`
 
 # flag -> config key, for the flags that are plain overrides
 FLAG_KEYS = {
@@ -61,6 +62,7 @@ def parse_tool_args(argv: list[str]) -> argparse.Namespace:
     export.add_argument("run_dir")
     export.add_argument("--to", help="output file (default: RUN_DIR/model.pt)")
     sub.add_parser("evaluate", help="every head's test accuracy at the newest checkpoint").add_argument("run_dir")
+    sub.add_parser("trace", help="where each stage's time went, from RUN_DIR/trace.json (trace: true)").add_argument("run_dir")
     return p.parse_args(argv)
 
 
@@ -117,7 +119,7 @@ def find_resume(args: argparse.Namespace, cfg, data, steps_per_run: int):
 
 
 def run_tool(argv: list[str]) -> int:
-    """`launch.py plot|export|evaluate RUN_DIR`."""
+    """`launch.py plot|export|evaluate|trace RUN_DIR`."""
     args = parse_tool_args(argv)
     import warnings
 
@@ -135,6 +137,8 @@ def run_tool(argv: list[str]) -> int:
         for path in plot_run(run_dir):
             print(path)
         return 0
+    if args.tool == "trace":
+        return print_trace(run_dir)
     try:
         cfg = load_yaml(run_dir / "config.yaml")
         data = load_config_data(cfg)
@@ -167,6 +171,32 @@ def run_tool(argv: list[str]) -> int:
         return 2
     scores = evaluate(steps, data, cfg.eval_batch_size, torch.device("cpu"))
     print(format_eval(checkpoint.step, scores["test_acc"]))
+    return 0
+
+
+def print_trace(run_dir: Path) -> int:
+    """`launch.py trace RUN_DIR`: per stage, busy / waiting for input / waiting for credit / other, in % of wall time."""
+    import json
+
+    from workers.trace import summarize
+
+    path = run_dir / "trace.json"
+    try:
+        rows = summarize(json.loads(path.read_text()))
+    except FileNotFoundError:
+        print(f"error: {path} does not exist; run the pipeline with --set trace=true to record one", file=sys.stderr)
+        return 2
+    except (ValueError, KeyError, TypeError) as err:
+        print(f"error: {path} is not a trace this tool wrote ({type(err).__name__}: {err})", file=sys.stderr)
+        return 2
+    if not rows:
+        print(f"error: {path} holds no spans", file=sys.stderr)
+        return 2
+    print(f"{path}: {rows[0]['wall_s']:.2f} s traced; % of that wall time (open the file in https://ui.perfetto.dev)")
+    print("| stage | busy | of which training | waiting for input | waiting for credit | other |")
+    print("|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['stage']} | {r['busy']:.1f} | {r['train']:.1f} | {r['input']:.1f} | {r['credit']:.1f} | {r['other']:.1f} |")
     return 0
 
 

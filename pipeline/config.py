@@ -73,7 +73,8 @@ class Config:
     channels_last: bool = False  # conv nets: keep feature maps NHWC in memory (faster convolutions on GPUs)
     schedule: str = "pipeline"  # pipeline: one process per module; sequential: the single-process reference
     depth: int = 2  # pipeline: messages a stage may send ahead of the next stage's progress
-    transport: str = "auto"  # auto: CUDA IPC between GPU stages on one host, else zmq; zmq: always zmq frames
+    transport: str = "auto"  # auto: on one host CUDA IPC (where the GPU is visible) or shared memory, else zmq; zmq: always zmq
+    trace: bool = False  # pipeline: write RUN_DIR/trace.json, when each stage trained, waited, sent (launch.py trace RUN_DIR)
     gpus: list[int] = field(default_factory=list)  # pipeline on cuda: GPU of each stage (default: stage k on k mod #GPUs)
     peer_timeout: float = 120.0  # pipeline: seconds without a message from a neighbour before it counts as dead
     simulate_step_ms: float = 0.0  # pipeline benchmark: each stage sleeps this long instead of training (0: off)

@@ -18,7 +18,9 @@ from tqdm import tqdm
 from pipeline.checkpoint import checkpoint_dir, prune, write_manifest
 from pipeline.config import Config
 from pipeline.metrics import JsonlLog, eval_record, format_eval, truncate_after
+from workers.messages import Record
 from workers.security import RunKeys
+from workers.trace import write_trace
 from workers.transport import Collector
 
 
@@ -57,6 +59,9 @@ class Coordinator:
         self.evals: dict[int, dict[int, dict[str, Any]]] = {}  # step -> stage -> its head's evaluation
         self.result: dict[str, Any] = {}
         self.timeline: list[tuple[float, int, int, float, float]] = []  # train reports: (arrival, stage, step, busy s, idle s)
+        self.handlers = {Record.READY: self._on_ready, Record.TRAIN: self._on_train, Record.EVAL: self._on_eval,
+                         Record.SAVED: self._on_saved, Record.BEAT: self._on_beat, Record.DONE: self._on_done,
+                         Record.ERROR: self._on_error}
 
     def poll(self, timeout_ms: int) -> None:
         """Handle every record that arrives within `timeout_ms`."""
@@ -78,36 +83,47 @@ class Coordinator:
         return now
 
     def handle(self, msg: dict[str, Any]) -> None:
-        stage, kind = msg["stage"], msg["kind"]
-        self.last_seen[stage] = time.monotonic()
-        if kind == "ready" and stage == 0:
+        """One record from a stage: note that the stage is alive, then hand the record to its kind's handler."""
+        self.last_seen[msg["stage"]] = time.monotonic()
+        self.handlers[Record(msg["kind"])](msg["stage"], msg)
+
+    def _on_ready(self, stage: int, msg: dict[str, Any]) -> None:
+        if stage == 0:
             self.fingerprint = msg["fingerprint"]
-        elif kind == "train":
-            record = msg["record"]
-            self.timeline.append((time.perf_counter(), stage, record["step"], msg["busy"], msg["idle"]))
-            self.log.write(record)
-            self.last_step[stage] = record["step"]
-            busy = msg["busy"] / max(1e-9, msg["busy"] + msg["idle"])
-            self.latest[stage] = (f"S{stage + 1} {record['loss']:.3f}/{100 * record['acc']:.0f}% "
-                                  f"busy {100 * busy:.0f}% q{msg['queue']}")
-            if stage == self.stages - 1:
-                self.bar.update(record["step"] - self.bar.n)
-                self.bar.set_postfix_str(" | ".join(self.latest[k] for k in sorted(self.latest)), refresh=False)
-        elif kind == "eval":
-            step_evals = self.evals.setdefault(msg["step"], {})
-            step_evals[stage] = msg
-            if len(step_evals) == self.stages:
-                self._write_eval(msg["epoch"], msg["step"], [step_evals[k] for k in range(self.stages)])
-                del self.evals[msg["step"]]
-        elif kind == "saved":
-            savers = self.saved.setdefault(msg["step"], set())
-            savers.add(stage)
-            if len(savers) == self.stages:
-                self._seal_checkpoint(msg["epoch"], msg["step"])
-        elif kind == "done":
-            self.done[stage] = msg
-        elif kind == "error":
-            self.errors[stage] = msg["error"]
+
+    def _on_train(self, stage: int, msg: dict[str, Any]) -> None:
+        record = msg["record"]
+        self.timeline.append((time.perf_counter(), stage, record["step"], msg["busy"], msg["idle"]))
+        self.log.write(record)
+        self.last_step[stage] = record["step"]
+        busy = msg["busy"] / max(1e-9, msg["busy"] + msg["idle"])
+        self.latest[stage] = (f"S{stage + 1} {record['loss']:.3f}/{100 * record['acc']:.0f}% "
+                              f"busy {100 * busy:.0f}% q{msg['queue']}")
+        if stage == self.stages - 1:
+            self.bar.update(record["step"] - self.bar.n)
+            self.bar.set_postfix_str(" | ".join(self.latest[k] for k in sorted(self.latest)), refresh=False)
+
+    def _on_eval(self, stage: int, msg: dict[str, Any]) -> None:
+        step_evals = self.evals.setdefault(msg["step"], {})
+        step_evals[stage] = msg
+        if len(step_evals) == self.stages:
+            self._write_eval(msg["epoch"], msg["step"], [step_evals[k] for k in range(self.stages)])
+            del self.evals[msg["step"]]
+
+    def _on_saved(self, stage: int, msg: dict[str, Any]) -> None:
+        savers = self.saved.setdefault(msg["step"], set())
+        savers.add(stage)
+        if len(savers) == self.stages:
+            self._seal_checkpoint(msg["epoch"], msg["step"])
+
+    def _on_beat(self, stage: int, msg: dict[str, Any]) -> None:
+        """Nothing beyond `last_seen`, which every record updates."""
+
+    def _on_done(self, stage: int, msg: dict[str, Any]) -> None:
+        self.done[stage] = msg
+
+    def _on_error(self, stage: int, msg: dict[str, Any]) -> None:
+        self.errors[stage] = msg["error"]
 
     def _seal_checkpoint(self, epoch: int, step: int) -> None:
         """Every stage saved its part of step `step`'s checkpoint: write the manifest (last), prune old ones."""
@@ -157,6 +173,8 @@ class Coordinator:
                   "peak_memory_kind": "cuda_max_allocated" if self.cfg.device.startswith("cuda") else "cpu_max_rss",
                   "links": [self.done[k]["link"] for k in sorted(self.done)][:-1]}  # stage k -> k+1: zmq, shm, cuda_ipc
         (self.run_dir / "summary.json").write_text(json.dumps(result, indent=1))
+        if self.cfg.trace:
+            write_trace(self.run_dir / "trace.json", {k: self.done[k]["trace"] for k in sorted(self.done)})
         return {**result, "timeline": self.timeline}
 
     def close(self) -> None:

@@ -13,7 +13,6 @@ import os
 import resource
 import signal
 import threading
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,8 +30,10 @@ from pipeline.probe import InputDriftProbe
 from pipeline.stages import build_local_modules, build_stage_steps, configure_torch, is_due, split_cuts
 from pipeline.step import StageStep
 from workers.simulated import SimulatedStep
+from workers.messages import Kind, Record
 from workers.placement import LinkKind
 from workers.security import RunKeys
+from workers.trace import Tracer, now
 from workers.transport import LINGER_MS, Message, Receiver, Reporter, Sender, remove_segments
 
 
@@ -75,7 +76,7 @@ class Heartbeat(threading.Thread):
         reporter = Reporter(self.ctx, self.endpoint, self.rank, self.keys)  # zmq sockets belong to one thread each
         try:
             while not self.stopped.wait(self.PERIOD_S):
-                reporter.send({"kind": "beat"})
+                reporter.send({"kind": Record.BEAT})
         finally:
             reporter.close()
 
@@ -129,6 +130,7 @@ class StageWorker:
         self.reporter: Reporter | None = None
         self.meter = ModuleMeter(1, first_module=self.rank)
         self.busy = self.idle = 0.0
+        self.trace = Tracer(self.cfg.trace)
         self.eval_counts: list[torch.Tensor | int] = [0, 0, 0]  # correct top-1, top-5 (on the device), samples
 
     @property
@@ -147,7 +149,7 @@ class StageWorker:
     # --- the loop -----------------------------------------------------------------
 
     def run(self) -> None:
-        self.reporter.send({"kind": "ready", "pid": os.getpid(), "fingerprint": self.fingerprint})
+        self.reporter.send({"kind": Record.READY, "pid": os.getpid(), "fingerprint": self.fingerprint})
         self.heartbeat.start()
         if self.receiver is None:
             self._feed()
@@ -155,8 +157,9 @@ class StageWorker:
             self._relay()
         if self.sender is not None:
             self.sender.drain()
-        self.reporter.send({"kind": "done", "busy": self.busy, "idle": self.idle, "peak_memory": self.peak_memory(),
-                            "link": self.sender.kind.value if self.sender is not None else None})
+        self.reporter.send({"kind": Record.DONE, "busy": self.busy, "idle": self.idle, "peak_memory": self.peak_memory(),
+                            "link": self.sender.kind.value if self.sender is not None else None,
+                            "trace": self.trace.spans if self.trace.enabled else None})
 
     def peak_memory(self) -> int:
         """This stage's peak memory in bytes: allocated on its GPU, or the process's resident set on the CPU."""
@@ -175,82 +178,91 @@ class StageWorker:
             for i, (x, y) in enumerate(batches, start=skip):
                 step = epoch * self.steps_per_epoch + i + 1
                 header = {"epoch": epoch, "step": step}
-                self._train({"kind": "train", **header}, x, None, y)
+                self._train({"kind": Kind.TRAIN, **header}, {"x": x, "y": y})
                 if is_due(self.cfg.eval_every, step, self.steps_per_epoch, self.total_steps):
                     for ex, ey in eval_batches(self.data, self.cfg.eval_batch_size, self.device):
-                        self._eval({"kind": "eval", **header}, ex, ey)
-                    self._eval_end({"kind": "eval_end", **header}, *(probe if probe is not None else (None, None)))
+                        self._eval({"kind": Kind.EVAL, **header}, {"x": ex, "y": ey})
+                    self._eval_end({"kind": Kind.EVAL_END, **header}, {} if probe is None else dict(zip("xy", probe)))
                 if is_due(self.cfg.checkpoint_every, step, self.steps_per_epoch, self.total_steps):
-                    self._checkpoint({"kind": "checkpoint", **header})
-        self._send({"kind": "stop"}, {})
+                    self._checkpoint({"kind": Kind.CHECKPOINT, **header}, {})
+        self._stop({"kind": Kind.STOP}, {})
 
     def _relay(self) -> None:
         """Stages 2..K: handle messages in arrival order until `stop`."""
+        handlers = {Kind.TRAIN: self._train, Kind.EVAL: self._eval, Kind.EVAL_END: self._eval_end,
+                    Kind.CHECKPOINT: self._checkpoint, Kind.STOP: self._stop}
         while True:
-            start = time.perf_counter()
+            start = now()
             message: Message = self.receiver.recv()
-            self.idle += time.perf_counter() - start
-            header, tensors = message.header, message.tensors
-            kind = header["kind"]
-            if kind == "train":
-                self._train(header, tensors["x"], tensors.get("delta"), tensors["y"])
-            elif kind == "eval":
-                self._eval(header, tensors["x"], tensors["y"])
-            elif kind == "eval_end":
-                self._eval_end(header, tensors.get("x"), tensors.get("y"))
-            elif kind == "checkpoint":
-                self._checkpoint(header)
-            self.receiver.done(message)
-            if kind == "stop":
-                self._send(header, {})
+            end = now()
+            self.idle += end - start
+            self.trace.add("input", start, end, message.header.get("step"))
+            kind = Kind(message.header["kind"])
+            handlers[kind](message.header, message.tensors)
+            self.receiver.done(message)  # the message's tensors are the producer's again
+            if kind is Kind.STOP:
                 return
 
-    # --- message handlers -----------------------------------------------------------
+    # --- message handlers: (header, tensors by name), the same in stage 1 and in stages 2..K ----------
 
     # Labels `y` arrive and leave on the host (placement.HOST_TENSORS); each handler moves its own copy to the device.
 
-    def _train(self, header: dict[str, Any], x: torch.Tensor, delta: torch.Tensor | None, y: torch.Tensor) -> None:
-        start = time.perf_counter()
-        result = self.step.train_step(x, delta, to_device(y, self.device))
+    def _train(self, header: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
+        x, y = tensors["x"], tensors["y"]
+        start = now()
+        result = self.step.train_step(x, tensors.get("delta"), to_device(y, self.device))
         self.meter.update(0, result.stats)
-        self.busy += time.perf_counter() - start
-        self._send({"kind": "train", "epoch": header["epoch"], "step": header["step"]},
+        end = now()
+        self.busy += end - start
+        self.trace.add("train", start, end, header["step"])
+        self._send({"kind": Kind.TRAIN, "epoch": header["epoch"], "step": header["step"]},
                    {"x": result.out, "delta": result.delta, "y": y})
         if header["step"] % self.cfg.log_every == 0 or header["step"] % self.steps_per_epoch == 0:
             lr = self.step.optimizer.param_groups[0]["lr"]
             for record in train_records(self.meter, header["epoch"], header["step"], [lr]):
                 queue = len(self.sender.in_flight) if self.sender is not None else 0  # sent, not yet done downstream
-                self.reporter.send({"kind": "train", "record": record, "busy": self.busy, "idle": self.idle,
+                self.reporter.send({"kind": Record.TRAIN, "record": record, "busy": self.busy, "idle": self.idle,
                                     "queue": queue})
             self.meter.reset()
 
-    def _eval(self, header: dict[str, Any], x: torch.Tensor, y: torch.Tensor) -> None:
+    def _eval(self, header: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
+        x, y = tensors["x"], tensors["y"]
+        start = now()
         out, logits = self.step.eval_forward(x)
         correct1, correct5 = topk_correct(logits, to_device(y, self.device))
         self.eval_counts[0] += correct1
         self.eval_counts[1] += correct5
         self.eval_counts[2] += y.shape[0]
+        self.trace.add("eval", start, now(), header["step"])
         self._send(header, {"x": out, "y": y})
 
-    def _eval_end(self, header: dict[str, Any], probe_x: torch.Tensor | None, probe_y: torch.Tensor | None) -> None:
+    def _eval_end(self, header: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
         """Report this head's accuracy and ΔL_k (on the probe batch that rides on the marker), then pass it on."""
+        start = now()
         correct1, correct5, count = (int(c) for c in self.eval_counts)
-        delta_loss, tensors = None, {}
-        if probe_x is not None:
-            out, delta_loss = self.probe(self.real_step, probe_x, to_device(probe_y, self.device))
-            tensors = {"x": out, "y": probe_y}
-        self.reporter.send({"kind": "eval", "epoch": header["epoch"], "step": header["step"],
+        delta_loss, probe = None, {}
+        if "x" in tensors:
+            out, delta_loss = self.probe(self.real_step, tensors["x"], to_device(tensors["y"], self.device))
+            probe = {"x": out, "y": tensors["y"]}
+        self.trace.add("eval", start, now(), header["step"])
+        self.reporter.send({"kind": Record.EVAL, "epoch": header["epoch"], "step": header["step"],
                             "acc": correct1 / max(1, count), "top5": correct5 / max(1, count), "delta_loss": delta_loss})
         self.eval_counts = [0, 0, 0]
-        self._send(header, tensors)
+        self._send(header, probe)
 
-    def _checkpoint(self, header: dict[str, Any]) -> None:
+    def _checkpoint(self, header: dict[str, Any], _tensors: dict[str, torch.Tensor]) -> None:
         """Save this module's state after the training batch the marker follows, then pass the marker on."""
+        start = now()
         self.meter.check_finite()  # a NaN since the last log must not reach a sealed checkpoint
         check_finite(self.real_step, self.rank + 1)  # nor an inf in a weight or BatchNorm statistic
         path = checkpoint_dir(Path(self.cfg.out), header["step"]) / f"stage{self.rank + 1}.pt"
         save_atomic(stage_state(self.real_step, self.device, self.probe.previous_input), path)
-        self.reporter.send({"kind": "saved", "epoch": header["epoch"], "step": header["step"]})
+        self.trace.add("checkpoint", start, now(), header["step"])
+        self.reporter.send({"kind": Record.SAVED, "epoch": header["epoch"], "step": header["step"]})
+        self._send(header, {})
+
+    def _stop(self, header: dict[str, Any], _tensors: dict[str, torch.Tensor]) -> None:
+        """Training is over: pass `stop` on (the loop then drains the link and reports done)."""
         self._send(header, {})
 
     def _send(self, header: dict[str, Any], tensors: dict[str, torch.Tensor | None]) -> None:
@@ -258,9 +270,13 @@ class StageWorker:
         hold back the training batch that follows them (no evaluation bubble at the default depth)."""
         if self.sender is None:
             return
-        start = time.perf_counter()
-        self.sender.send(header, tensors, training=header["kind"] == "train")
-        self.idle += time.perf_counter() - start
+        start = now()
+        waited = self.sender.send(header, tensors, training=Kind(header["kind"]).training)
+        end = now()
+        self.idle += end - start
+        if waited:
+            self.trace.add("credit", start, start + waited, header.get("step"))
+        self.trace.add("send", start + waited, end, header.get("step"))
 
     def close(self) -> None:
         if self.heartbeat is not None:
@@ -294,10 +310,10 @@ def stage_main(spec: StageSpec) -> None:
         pass
     except BaseException as err:
         if worker is not None and worker.reporter is not None:
-            worker.reporter.send({"kind": "error", "error": f"{type(err).__name__}: {err}"})
+            worker.reporter.send({"kind": Record.ERROR, "error": f"{type(err).__name__}: {err}"})
         else:  # failed before connecting: a short-lived reporter, closed so that ctx.term() cannot block
             reporter = Reporter(ctx, spec.report_endpoint, spec.rank, spec.keys)
-            reporter.send({"kind": "error", "error": f"{type(err).__name__}: {err}"})
+            reporter.send({"kind": Record.ERROR, "error": f"{type(err).__name__}: {err}"})
             reporter.close()
         raise
     finally:

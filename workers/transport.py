@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import mmap
 import os
+import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -318,16 +319,21 @@ class Sender:
         self.in_flight: OrderedDict[int, bool | None] = OrderedDict()  # seq -> training window? (None: a marker)
 
     def send(self, header: dict[str, Any], tensors: dict[str, torch.Tensor | None] | None = None,
-             training: bool = True) -> None:
-        """Send one message; with tensors, first wait until its window (training or evaluation) has room."""
+             training: bool = True) -> float:
+        """Send one message; with tensors, first wait until its window (training or evaluation) has room.
+
+        Returns the seconds spent waiting for that room (for the stage's trace)."""
         tensors = {name: t for name, t in (tensors or {}).items() if t is not None}
         window = training if tensors else None
+        start, waited = time.perf_counter(), 0.0
         while window is not None and sum(w is window for w in self.in_flight.values()) >= self.depth:
             self._wait_credit()
+            waited = time.perf_counter() - start
         frames = encode({**header, "seq": self.seq}, tensors, self.payload)
         self.socket.send_multipart(frames, copy=False)
         self.in_flight[self.seq] = window
         self.seq += 1
+        return waited
 
     def _wait_credit(self) -> None:
         if not _wait_readable(self.socket, self.timeout_ms):

@@ -1,10 +1,12 @@
 """The coordinator's judgement of hung stages, without stage processes."""
 import time
 
+import pytest
 import zmq
 
 from pipeline.config import Config
 from workers.coordinator import PAUSE_S, Coordinator
+from workers.messages import Record
 
 
 class LateCollector:
@@ -40,6 +42,18 @@ def test_a_long_wait_that_was_asked_for_is_not_a_pause(tmp_path):
         coordinator.handle({"stage": 1, "kind": "beat"})
         coordinator.poll(int(1000 * (PAUSE_S + 0.5)))  # nothing arrives; the wait ran its full length
         assert coordinator.silent_stage(1.0) == 1
+    finally:
+        coordinator.close()
+        ctx.destroy(linger=0)
+
+
+def test_every_record_kind_has_a_handler_and_an_unknown_kind_is_an_error(tmp_path):
+    ctx = zmq.Context()
+    coordinator = Coordinator(Config(out=str(tmp_path / "run"), progress=False), 2, 10, ctx, "inproc://report")
+    try:
+        assert set(coordinator.handlers) == set(Record)
+        with pytest.raises(ValueError, match="'bogus' is not a valid Record"):
+            coordinator.handle({"stage": 0, "kind": "bogus"})
     finally:
         coordinator.close()
         ctx.destroy(linger=0)

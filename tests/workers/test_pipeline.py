@@ -214,6 +214,36 @@ def segments_left(pids: list[int]) -> list[str]:
     return [p.name for pid in pids for p in SHM_DIR.glob(f"{SEGMENT_PREFIX}{pid}-*")]
 
 
+def test_a_traced_run_writes_a_chrome_trace_that_agrees_with_the_summary(tmp_path):
+    cfg = small_config(tmp_path, epochs=1, trace=True)
+    result = run_pipeline(cfg)
+    trace = json.loads((Path(cfg.out) / "trace.json").read_text())
+    assert {e["args"]["name"] for e in trace["traceEvents"] if e["ph"] == "M"} == {"stage 1", "stage 2", "stage 3"}
+    spans = [e for e in trace["traceEvents"] if e["ph"] == "X"]
+    for stage in range(3):
+        mine = sorted((e for e in spans if e["tid"] == stage), key=lambda e: e["ts"])
+        names = {e["name"] for e in mine}
+        assert {"train", "eval", "checkpoint"} <= names
+        assert ("input" in names) == (stage > 0) and ("send" in names) == (stage < 2)  # the ends receive, send nothing
+        assert all(a["ts"] + a["dur"] <= b["ts"] for a, b in zip(mine, mine[1:]))  # one stage's spans never overlap
+        assert sum(e["name"] == "train" for e in mine) == 6  # 192 / 32 steps
+        train = sum(e["dur"] for e in mine if e["name"] == "train")
+        waits = sum(e["dur"] for e in mine if e["name"] in ("input", "credit", "send"))
+        assert train / (train + waits) == pytest.approx(result["busy_fraction"][stage], abs=0.05)
+    shown = subprocess.run([sys.executable, "launch.py", "trace", cfg.out], cwd=ROOT, capture_output=True, text=True,
+                           timeout=60)
+    assert shown.returncode == 0, shown.stderr
+    table = shown.stdout.strip().splitlines()
+    assert table[1] == "| stage | busy | of which training | waiting for input | waiting for credit | other |"
+    assert [row.split(" | ")[0] for row in table[3:]] == ["| 1", "| 2", "| 3"]
+    (Path(cfg.out) / "trace.json").unlink()
+    missing = subprocess.run([sys.executable, "launch.py", "trace", cfg.out], cwd=ROOT, capture_output=True, text=True,
+                             timeout=60)
+    assert missing.returncode == 2
+    assert missing.stderr == (f"error: {Path(cfg.out) / 'trace.json'} does not exist; run the pipeline with "
+                              "--set trace=true to record one\n")
+
+
 def forkserver_of(launcher: int) -> int:
     """The process the launcher's stages are forked from (pipeline.lifeline.forkserver)."""
     servers = [pid for pid in children_of(launcher) if "forkserver" in Path(f"/proc/{pid}/cmdline").read_text()]

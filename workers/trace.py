@@ -1,0 +1,73 @@
+"""A trace of the schedule (`trace: true`): when each stage trained, waited and sent, as one Chrome-trace file.
+
+Every stage records spans on the host's monotonic clock (comparable between processes on one
+host); they travel to the coordinator with the stage's `done` record, which writes
+RUN_DIR/trace.json (open it in https://ui.perfetto.dev or chrome://tracing: one row per stage).
+`launch.py trace RUN_DIR` prints where each stage's time went.
+"""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+SPANS = ("input", "train", "credit", "send", "eval", "checkpoint")  # waiting to receive, a training step,
+# waiting for the next stage's credit, sending, an evaluation batch or the probe, saving a checkpoint
+BUSY = ("train", "eval", "checkpoint")
+
+
+class Tracer:
+    """Collects one stage's spans as [name, start µs, duration µs, step]; does nothing when disabled."""
+
+    def __init__(self, enabled: bool) -> None:
+        self.enabled = enabled
+        self.spans: list[list[Any]] = []
+
+    def add(self, name: str, start_s: float, end_s: float, step: int | None = None) -> None:
+        """A span between two readings of time.perf_counter() (the system-wide monotonic clock on Linux)."""
+        if self.enabled:
+            start, end = round(start_s * 1e6), round(end_s * 1e6)  # rounded alike: spans that follow never overlap
+            self.spans.append([name, start, end - start, step])
+
+
+def now() -> float:
+    """The clock every span is read from."""
+    return time.perf_counter()
+
+
+def chrome_trace(spans_by_stage: dict[int, list[list[Any]]]) -> dict[str, Any]:
+    """The Chrome trace-event JSON of every stage's spans: complete events, one thread (row) per stage."""
+    events: list[dict[str, Any]] = []
+    for stage, spans in sorted(spans_by_stage.items()):
+        events.append({"name": "thread_name", "ph": "M", "pid": 0, "tid": stage, "args": {"name": f"stage {stage + 1}"}})
+        for name, start, duration, step in spans:
+            events.append({"name": name, "cat": name, "ph": "X", "pid": 0, "tid": stage, "ts": start, "dur": duration,
+                           "args": {} if step is None else {"step": step}})
+    return {"traceEvents": events, "displayTimeUnit": "ms"}
+
+
+def write_trace(path: Path, spans_by_stage: dict[int, list[list[Any]]]) -> None:
+    path.write_text(json.dumps(chrome_trace(spans_by_stage)))
+
+
+def summarize(trace: dict[str, Any]) -> list[dict[str, float]]:
+    """Per stage, % of the run's traced wall time (first span of any stage to last): busy (train, eval,
+    checkpoint), of which training; waiting for input; waiting for credit; other (sending, Python)."""
+    spans = [e for e in trace["traceEvents"] if e["ph"] == "X"]
+    if not spans:
+        return []
+    start = min(e["ts"] for e in spans)
+    wall = max(e["ts"] + e["dur"] for e in spans) - start
+    rows = []
+    for stage in sorted({e["tid"] for e in spans}):
+        total = {name: 0 for name in SPANS}
+        for e in spans:
+            if e["tid"] == stage:
+                total[e["name"]] += e["dur"]
+        busy = sum(total[name] for name in BUSY)
+        share = {name: 100 * t / wall for name, t in total.items()}
+        rows.append({"stage": stage + 1, "wall_s": wall / 1e6, "busy": 100 * busy / wall, "train": share["train"],
+                     "input": share["input"], "credit": share["credit"],
+                     "other": 100 - 100 * busy / wall - share["input"] - share["credit"]})
+    return rows
