@@ -144,7 +144,7 @@ class Segment:
     """A shared-memory file under /dev/shm, mapped; its creator unlinks the name once the consumer has mapped it."""
 
     def __init__(self, name: str, size: int = 0, create: bool = False) -> None:
-        self.name, self.path = name, SHM_DIR / name
+        self.name, self.path, self.linked = name, SHM_DIR / name, create
         fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_RDWR if create else os.O_RDWR, 0o600)
         try:
             if create:
@@ -155,12 +155,15 @@ class Segment:
         finally:
             os.close(fd)
 
-    def view(self, offset: int, nbytes: int) -> torch.Tensor:
-        """Bytes [offset, offset + nbytes) of the segment as a uint8 tensor (no copy)."""
-        return torch.frombuffer(self.map, dtype=torch.uint8, count=nbytes, offset=offset)
+    def tensor(self, offset: int, dtype: torch.dtype, shape: list[int] | torch.Size) -> torch.Tensor:
+        """A tensor over the segment's bytes from `offset` on (no copy)."""
+        return torch.frombuffer(self.map, dtype=dtype, count=torch.Size(shape).numel(), offset=offset).view(shape)
 
     def unlink(self) -> None:
-        self.path.unlink(missing_ok=True)
+        """Remove the segment's name (its memory stays while a process maps it); once is enough."""
+        if self.linked:
+            self.path.unlink(missing_ok=True)
+            self.linked = False
 
 
 class SharedMemoryPayload:
@@ -187,7 +190,7 @@ class SharedMemoryPayload:
         segment = self.slots[slot]
         for (name, t), offset in zip(tensors.items(), offsets):
             if t.numel():
-                segment.view(offset, t.numel() * t.element_size()).view(t.dtype).view(t.shape).copy_(t.detach())
+                segment.tensor(offset, t.dtype, t.shape).copy_(t.detach())
             meta.append({**_entry(name, t), "shm": segment.name, "slot": slot, "offset": offset})
         self.busy[seq] = slot
         return meta, []
@@ -277,14 +280,13 @@ def decode(frames: list[Any], device: torch.device | None = None, maps: SegmentM
     tensors = {}
     for entry in meta:
         dtype, shape, name = _dtype(entry["dtype"]), entry["shape"], entry["name"]
-        nbytes = torch.Size(shape).numel() * torch.empty(0, dtype=dtype).element_size()
         if "ipc" in entry:
             t = _open_cuda(entry)
         elif "shm" in entry:
-            if nbytes == 0:
+            if torch.Size(shape).numel() == 0:
                 t = torch.empty(shape, dtype=dtype)
             else:
-                t = maps.get(entry["slot"], entry["shm"]).view(entry["offset"], nbytes).view(dtype).reshape(shape)
+                t = maps.get(entry["slot"], entry["shm"]).tensor(entry["offset"], dtype, shape)
                 t = t.clone() if name in HOST_TENSORS else t
         else:
             frame = next(raw)

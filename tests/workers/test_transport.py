@@ -193,7 +193,7 @@ def test_labels_are_copied_out_of_a_slot_so_a_stage_can_forward_them():
         frames = encode({"seq": 0}, {"x": torch.ones(3), "y": torch.arange(3)}, payload)
         assert len(frames) == 1  # only the header travels through the socket
         message = decode(frames)
-        payload.slots[0].view(0, 12).fill_(0)  # the producer reuses the slot
+        payload.slots[0].tensor(0, torch.float32, [3]).fill_(0)  # the producer reuses the slot
         assert torch.equal(message.tensors["x"], torch.zeros(3))  # a view of the slot
         assert torch.equal(message.tensors["y"], torch.arange(3))  # a copy
     finally:
