@@ -5,7 +5,8 @@ continues a run from its newest complete checkpoint. Every config, data, checkpo
 device problem ends the run before training with one line that says what to fix.
 `python launch.py plot|export|evaluate RUN_DIR` work on a finished or interrupted run, `trace RUN_DIR`
 on a finished run with `trace: true`;
-`python launch.py plan [flags]` measures the config's model and prints the memory-balanced split.
+`python launch.py plan [flags]` measures the config's model and prints the memory-balanced split;
+`python launch.py models` lists the models by name.
 """
 from __future__ import annotations
 
@@ -174,6 +175,17 @@ def run_tool(argv: list[str]) -> int:
     return 0
 
 
+def print_models() -> int:
+    """`launch.py models`: every model name the config's `model` accepts."""
+    from pipeline.registry import REGISTRY, model_names
+
+    print("| model | what it is |")
+    print("|---|---|")
+    for name, entry in zip(model_names(), REGISTRY.values()):
+        print(f"| {name} | {entry.about} |")
+    return 0
+
+
 def print_trace(run_dir: Path) -> int:
     """`launch.py trace RUN_DIR`: per stage, busy / waiting for input / waiting for credit / other, in % of wall time."""
     import json
@@ -307,6 +319,8 @@ def main(argv: list[str] | None = None) -> int:
         return run_tool(argv)
     if argv and argv[0] == "plan":
         return run_plan(argv[1:])
+    if argv == ["models"]:
+        return print_models()
     args = parse_args(argv)
     with contextlib.ExitStack() as held:  # the run directory's lock, released however the run ends
         return run_job(args, held)

@@ -1,4 +1,4 @@
-"""Models built by name, each described as an ordered list of units a split can cut between.
+"""The CIFAR-style models (ResNet, PlainNet, VGG, MLP, plain conv), each an ordered list of units a split can cut between.
 
 A unit is the smallest piece a module can hold: the stem, one residual (or plain) block,
 or one VGG conv layer. `resolution` gives each unit's spatial-resolution stage, which the
@@ -6,9 +6,7 @@ named splits use.
 """
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 import torch.nn as nn
@@ -166,22 +164,3 @@ def plainconv(depth: int, in_channels: int, num_classes: int, input_size: int, w
             resolution.append(stage)
             c_in = c_out
     return Network(f"plainconv{depth}", units, resolution, PoolLinear(c_in, num_classes))
-
-
-MODELS: dict[str, Callable[..., Network]] = {
-    "resnet": cifar_resnet, "plainnet": plainnet, "vgg": vgg, "mlp": mlp, "plainconv": plainconv,
-}
-
-
-def build_network(name: str, in_channels: int, num_classes: int, input_size: int, **kwargs) -> Network:
-    """Build a model by name: a family and a depth, e.g. 'resnet32', 'plainnet56', 'vgg17', or a torchvision model."""
-    match = re.fullmatch(r"([a-z]+)(\d+)", name)
-    if match is not None and match.group(1) in MODELS:
-        family, depth = match.group(1), int(match.group(2))
-        return MODELS[family](depth, in_channels=in_channels, num_classes=num_classes, input_size=input_size, **kwargs)
-    from pipeline.models_torchvision import TORCHVISION_MODELS  # here: it imports torchvision and this module
-
-    if name not in TORCHVISION_MODELS:
-        known = [f"{m}<depth>" for m in MODELS] + list(TORCHVISION_MODELS)
-        raise ValueError(f"unknown model {name!r}; use one of {', '.join(known)} (e.g. resnet32)")
-    return TORCHVISION_MODELS[name](in_channels=in_channels, num_classes=num_classes, input_size=input_size, **kwargs)

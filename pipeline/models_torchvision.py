@@ -11,21 +11,30 @@ compute exactly torchvision's forward. Units and their layout:
 """
 from __future__ import annotations
 
-from functools import partial
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn as nn
-from torchvision import models as tvm
 
 from pipeline.models import Network
+
+if TYPE_CHECKING:
+    from torchvision import models as tvm
+
+
+def _torchvision_models() -> Any:
+    """torchvision.models, imported when a model is first built from it: the import alone takes seconds, and
+    runs on the CIFAR-style models never need it."""
+    from torchvision import models
+
+    return models
 
 
 def tv_resnet(arch: str, in_channels: int, num_classes: int, input_size: int, **kwargs: Any) -> Network:
     """A torchvision ResNet ('resnet18', 'resnet50', 'resnet101'); kwargs go to torchvision (e.g. width_per_group)."""
     if in_channels != 3:
         raise ValueError(f"torchvision models take RGB images, got {in_channels} channel(s)")
-    net = getattr(tvm, arch)(weights=None, num_classes=num_classes, **kwargs)
+    net = getattr(_torchvision_models(), arch)(weights=None, num_classes=num_classes, **kwargs)
     units: list[nn.Module] = [nn.Sequential(net.conv1, net.bn1, net.relu, net.maxpool)]
     resolution = [0]
     for stage, layer in enumerate((net.layer1, net.layer2, net.layer3, net.layer4)):
@@ -76,7 +85,7 @@ def vit_s16(in_channels: int, num_classes: int, input_size: int, **kwargs: Any) 
         raise ValueError(f"image size {args['image_size']} must be divisible by the patch size {args['patch_size']}")
     if args["image_size"] != input_size:
         raise ValueError(f"model_args image_size {args['image_size']} differs from the data's image size {input_size}")
-    vit = tvm.VisionTransformer(num_classes=num_classes, **args)
+    vit = _torchvision_models().VisionTransformer(num_classes=num_classes, **args)
     units: list[nn.Module] = [ViTEmbedding(vit), *vit.encoder.layers]
     return Network("vit_s16", units, [0] * len(units), ViTClassifier(vit), layout="tokens")
 
@@ -85,7 +94,7 @@ def swin(arch: str, in_channels: int, num_classes: int, input_size: int, **kwarg
     """A torchvision Swin ('swin_t', 'swin_s'); kwargs go to torchvision (e.g. stochastic_depth_prob)."""
     if in_channels != 3:
         raise ValueError(f"torchvision models take RGB images, got {in_channels} channel(s)")
-    net = getattr(tvm, arch)(weights=None, num_classes=num_classes, **kwargs)
+    net = getattr(_torchvision_models(), arch)(weights=None, num_classes=num_classes, **kwargs)
     features = list(net.features)  # patch embedding, stage 1, merging, stage 2, merging, stage 3, merging, stage 4
     units: list[nn.Module] = [features[0]]
     resolution = [0]
@@ -97,13 +106,3 @@ def swin(arch: str, in_channels: int, num_classes: int, input_size: int, **kwarg
         resolution.extend([stage] * len(blocks))
     classifier = nn.Sequential(net.norm, net.permute, net.avgpool, net.flatten, net.head)
     return Network(arch, units, resolution, classifier, layout="nhwc")
-
-
-TORCHVISION_MODELS: dict[str, Callable[..., Network]] = {
-    "tv_resnet18": partial(tv_resnet, "resnet18"),
-    "tv_resnet50": partial(tv_resnet, "resnet50"),
-    "tv_resnet101": partial(tv_resnet, "resnet101"),
-    "vit_s16": vit_s16,
-    "swin_t": partial(swin, "swin_t"),
-    "swin_s": partial(swin, "swin_s"),
-}

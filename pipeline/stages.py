@@ -11,7 +11,8 @@ import torch.nn as nn
 from pipeline.config import Config, ConfigError
 from pipeline.bpfree import BPFREE_METHODS, NEEDS_OUTPUT_ERROR
 from pipeline.heads import build_head, feature_channels
-from pipeline.models import DenseLayer, Network, build_network
+from pipeline.models import DenseLayer, Network
+from pipeline.registry import build_network
 from pipeline.splits import SplitError, module_ranges, resolve_cuts
 from pipeline.step import SignalStep, StageStep
 

@@ -2,7 +2,8 @@ import pytest
 import torch
 import torch.nn as nn
 
-from pipeline.models import BasicBlock, build_network
+from pipeline.models import BasicBlock
+from pipeline.registry import build_network
 from pipeline.splits import module_ranges, resolve_cuts
 
 

@@ -10,7 +10,7 @@ from torchvision import models as tvm
 from pipeline.config import Config, ConfigError, load_yaml, validate
 from pipeline.data import data_shape, load_data, synthetic_data, train_batches
 from pipeline.metrics import read_jsonl
-from pipeline.models import build_network
+from pipeline.registry import build_network
 from pipeline.plan import resolve_auto_split, step_memory
 from pipeline.stages import build_local_modules, build_stage_steps
 from workers.launcher import run_spawned

@@ -1,6 +1,6 @@
 import pytest
 
-from pipeline.models import build_network
+from pipeline.registry import build_network
 from pipeline.splits import SplitError, module_ranges, resolve_cuts
 
 RESNET32 = build_network("resnet32", 3, 10, 32).resolution  # stem + 3 stages x 5 blocks = 16 units
