@@ -14,7 +14,7 @@ from pipeline.heads import build_head, feature_channels
 from pipeline.models import DenseLayer, Network
 from pipeline.registry import build_network
 from pipeline.splits import SplitError, module_ranges, resolve_cuts
-from pipeline.step import SignalStep, StageStep
+from pipeline.step import SignalStep, StageStep, delta_flow
 
 
 @dataclass
@@ -160,8 +160,8 @@ def build_stage_steps(cfg: Config, local: list[LocalModule], steps_per_epoch: in
 
 def build_stage_step(cfg: Config, lm: LocalModule, k: int, k_total: int, steps_per_epoch: int) -> StageStep:
     """The StageStep of module k (0-based) of k_total: its optimizer, schedule, λ and what it passes on."""
-    lam = method_lambda(cfg)
     track_sgr = cfg.track_sgr and cfg.method not in BPFREE_METHODS  # their layers pass no δ to compare with
+    flow = delta_flow(method_lambda(cfg), track_sgr, k, k_total)
     optimizer, scheduler = build_optimizer(cfg, lm, steps_per_epoch, cfg.epochs)
     if cfg.method in NEEDS_OUTPUT_ERROR or (cfg.method == "drtp" and k < k_total - 1):
         return SignalStep(lm.module, lm.head, optimizer, scheduler, method=cfg.method,
@@ -169,10 +169,10 @@ def build_stage_step(cfg: Config, lm: LocalModule, k: int, k_total: int, steps_p
                           is_first=k == 0, is_last=k == k_total - 1)
     return StageStep(
         lm.module, lm.head, optimizer, scheduler,
-        lam=lam if k > 0 else 0.0,
+        lam=flow.lam,
         is_first=k == 0,
         is_last=k == k_total - 1,
-        send_delta=k + 1 < k_total and (lam > 0 or track_sgr),  # the next module needs δ
+        send_delta=flow.sends_delta,
         reforward=cfg.method == "reforward",
         sgr_reduction=cfg.sgr_reduction,
         track_sgr=track_sgr,

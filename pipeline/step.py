@@ -19,6 +19,26 @@ from pipeline.bpfree import drtp_signal, fa_signal, output_error, random_feedbac
 from pipeline.sgr import sgr_term
 
 
+@dataclass(frozen=True)
+class DeltaFlow:
+    """What module k of K does with δ (the gradient of a module's loss w.r.t. its input)."""
+
+    lam: float  # the weight of its SGR term (0: no term)
+    needs_delta: bool  # it takes module k-1's δ with its input (for the SGR term, or to measure it)
+    sends_delta: bool  # it computes its own δ and passes it to module k+1
+
+
+def takes_delta(is_first: bool, lam: float, track_sgr: bool) -> bool:
+    """Whether a module takes the previous module's δ: not the first module, and only to use or measure SGR."""
+    return not is_first and (lam > 0 or track_sgr)
+
+
+def delta_flow(lam: float, track_sgr: bool, k: int, k_total: int) -> DeltaFlow:
+    """The one decision about δ for module k (0-based) of k_total, given the method's λ and `track_sgr`."""
+    return DeltaFlow(lam=0.0 if k == 0 else lam, needs_delta=takes_delta(k == 0, lam, track_sgr),
+                     sends_delta=k + 1 < k_total and takes_delta(False, lam, track_sgr))
+
+
 @dataclass
 class StepStats:
     """Statistics of one step, kept as 0-dim tensors so no device sync happens inside the step."""
@@ -88,7 +108,7 @@ class StageStep:
     @property
     def needs_delta(self) -> bool:
         """Whether this module must receive the previous module's δ with its input."""
-        return not self.is_first and (self.lam > 0 or self.track_sgr)
+        return takes_delta(self.is_first, self.lam, self.track_sgr)
 
     def train_step(self, x: torch.Tensor, delta_prev: torch.Tensor | None, y: torch.Tensor) -> StepOutput:
         """One update of this module on one batch (Algorithm 1, one k)."""

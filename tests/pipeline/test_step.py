@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 from pipeline.models import PoolLinear
 from pipeline.sgr import sgr_term
-from pipeline.step import StageStep
+from pipeline.step import StageStep, delta_flow
 
 
 def tiny_module(c_in: int = 2, c_out: int = 4) -> nn.Sequential:
@@ -193,3 +193,15 @@ def test_output_and_delta_are_passed_on_in_the_wire_dtype(batch, wire):
                     lam=1.0, is_first=False, is_last=True, send_delta=False, amp=True, wire_dtype=wire)
     stats = nxt.train_step(result.out, result.delta, y).stats
     assert torch.isfinite(stats.sgr) and stats.sgr.dtype == torch.float32
+
+
+@pytest.mark.parametrize("lam, track, expected", [
+    # per module k of 3: (λ, needs δ, sends δ)
+    (5.0, False, [(0.0, False, True), (5.0, True, True), (5.0, True, False)]),  # sgr
+    (0.0, False, [(0.0, False, False)] * 3),  # layerwise: no δ anywhere
+    (0.0, True, [(0.0, False, True), (0.0, True, True), (0.0, True, False)]),  # λ = 0, the term measured
+])
+def test_one_decision_says_each_modules_lambda_and_who_needs_and_sends_delta(lam, track, expected):
+    flows = [delta_flow(lam, track, k, 3) for k in range(3)]
+    assert [(f.lam, f.needs_delta, f.sends_delta) for f in flows] == expected
+    assert all(a.sends_delta == b.needs_delta for a, b in zip(flows, flows[1:]))  # what is sent is what is needed
