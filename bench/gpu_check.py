@@ -190,7 +190,7 @@ def check_pipeline_equals_sequential(device: str, tmp: Path) -> str:
 def check_transports_agree(device: str, tmp: Path) -> str:
     """`transport: auto` (CUDA IPC on one GPU: the pipeline run above) and `transport: zmq` give the same run."""
     if not device.startswith("cuda"):
-        return "GPU only: on the CPU both are zmq"
+        return "GPU only (on the CPU, tests/workers/test_pipeline.py runs shm and zmq against the reference)"
     launch(*run_args(device), "--out", str(tmp / "zmq"), "--set", "transport=zmq")
     diff = max_difference(final_states(tmp / "pipeline"), final_states(tmp / "zmq"))
     if diff != 0.0:  # deterministic kernels: how the bytes travel must not change a single bit
