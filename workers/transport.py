@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import mmap
 import os
+import shutil
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -140,6 +141,18 @@ class CudaIpcPayload(FramePayload):
         self.alive.clear()
 
 
+def _reserve(fd: int, path: Path, size: int) -> None:
+    """Give a new segment `size` bytes of real memory now: a full /dev/shm is an error here, not a SIGBUS later."""
+    try:
+        os.posix_fallocate(fd, 0, size)
+    except OSError as err:
+        path.unlink(missing_ok=True)
+        free = shutil.disk_usage(SHM_DIR).free
+        raise OSError(err.errno, f"shared memory is full: a {size / 2**20:.1f} MiB slot does not fit in {SHM_DIR} "
+                                 f"({free / 2**20:.1f} MiB free); give it more room (docker run --shm-size=...) or use "
+                                 "--set transport=zmq") from None
+
+
 class Segment:
     """A shared-memory file under /dev/shm, mapped; its creator unlinks the name once the consumer has mapped it."""
 
@@ -148,7 +161,7 @@ class Segment:
         fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_RDWR if create else os.O_RDWR, 0o600)
         try:
             if create:
-                os.ftruncate(fd, size)
+                _reserve(fd, self.path, size)
             self.size = os.fstat(fd).st_size
             # MAP_POPULATE: the pages are faulted in now, not during the first copy into or out of them
             self.map = mmap.mmap(fd, self.size, flags=mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0))

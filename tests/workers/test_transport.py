@@ -1,3 +1,4 @@
+import errno
 import os
 import threading
 import time
@@ -211,3 +212,15 @@ def test_segments_of_ended_processes_are_swept_and_live_ones_are_kept():
     finally:
         dead.unlink(missing_ok=True)
         live.unlink(missing_ok=True)
+
+
+def test_a_full_dev_shm_is_a_one_line_error_that_names_the_fix_and_leaves_no_file(monkeypatch):
+    def full(fd, offset, length):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "posix_fallocate", full)
+    payload = SharedMemoryPayload()
+    with pytest.raises(OSError, match=r"shared memory is full: a 3\.8 MiB slot does not fit in /dev/shm .* "
+                                      r"--shm-size=\.\.\.\) or use --set transport=zmq") as err:
+        payload.pack(0, {"x": torch.ones(1_000_000)})
+    assert "\n" not in str(err.value) and not own_segments()
