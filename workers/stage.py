@@ -27,7 +27,7 @@ from pipeline.data import (DataShape, data_shape, eval_batches, load_config_data
 from pipeline.lifeline import adopt_environment, exit_with
 from pipeline.metrics import ModuleMeter, topk_correct, train_records
 from pipeline.probe import InputDriftProbe
-from pipeline.stages import build_local_modules, build_stage_steps, configure_torch, is_due, split_cuts
+from pipeline.stages import build_local_modules, build_stage_step, configure_torch, is_due, split_cuts
 from pipeline.step import StageStep
 from workers.simulated import SimulatedStep
 from workers.messages import Kind, Record
@@ -114,7 +114,8 @@ class StageWorker:
         self.total_steps = self.steps_per_epoch * self.cfg.epochs
         self.fingerprint = fingerprint(self.cfg, split_cuts(self.cfg, shape.in_channels, shape.num_classes,
                                                             shape.input_size))
-        self.real_step: StageStep = build_stage_steps(self.cfg, local, self.steps_per_epoch)[self.rank]
+        # its own optimizer and schedule only; the other modules (built for their seeded weights) are dropped here
+        self.real_step: StageStep = build_stage_step(self.cfg, self.local, self.rank, spec.stages, self.steps_per_epoch)
         self.probe = InputDriftProbe()
         if spec.resume is not None:
             path = Path(spec.resume) / f"stage{self.rank + 1}.pt"
