@@ -14,13 +14,17 @@ from typing import Any
 
 import yaml
 
-METHODS = ("sgr", "layerwise", "bp", "reforward", "greedy", "fa", "dfa", "drtp")
+from pipeline.bpfree import BPFREE_METHODS
+from pipeline.sgr import REDUCTIONS
+
+METHODS = ("sgr", "layerwise", "bp", "reforward", "greedy", *BPFREE_METHODS)
 HEADS = ("conv_linear", "etf", "token_linear", "own")
 LR_SCHEDULES = ("cosine", "step", "constant")
 SCHEDULES = ("pipeline", "sequential")
 TRANSPORTS = ("auto", "zmq")
 OPTIMIZERS = ("sgd", "adamw")
 PRECISIONS = ("fp32", "bf16")
+CONFIG_REDUCTIONS = tuple(r for r in REDUCTIONS if r != "none")  # "none" (per-sample distances) is for analyses
 
 
 class ConfigError(ValueError):
@@ -179,7 +183,8 @@ def validate(cfg: Config) -> Config:
 
     need(cfg.method in METHODS, f"unknown method {cfg.method!r}; use one of {', '.join(METHODS)}")
     need(cfg.lam >= 0, f"lam must be >= 0, got {cfg.lam}")
-    need(cfg.sgr_reduction in ("mean", "sample"), f"sgr_reduction must be mean or sample, got {cfg.sgr_reduction!r}")
+    need(cfg.sgr_reduction in CONFIG_REDUCTIONS, f"sgr_reduction must be {' or '.join(CONFIG_REDUCTIONS)}, "
+                                                 f"got {cfg.sgr_reduction!r}")
     need(cfg.head in HEADS and cfg.head != "own", f"head must be conv_linear, etf or token_linear, got {cfg.head!r}")
     need(cfg.last_head in HEADS, f"last_head must be one of {', '.join(HEADS)}, got {cfg.last_head!r}")
     need(cfg.method not in ("fa", "dfa", "drtp") or (cfg.head, cfg.last_head) == ("etf", "etf"),
