@@ -18,6 +18,7 @@ shared-memory slot), so a consumer must not touch a message's tensors after `don
 """
 from __future__ import annotations
 
+import itertools
 import mmap
 import os
 import shutil
@@ -39,6 +40,7 @@ LINGER_MS = 1000
 SHM_DIR = Path("/dev/shm")
 SEGMENT_PREFIX = "sgr-shm-"  # sgr-shm-{owner pid}-{n}: a sweep can tell whose segment it is
 ALIGN = 64  # bytes: every tensor in a slot starts on a cache line
+_SEGMENT_NUMBERS = itertools.count()  # one sequence per process: names stay unique across its links
 
 
 class PeerLost(RuntimeError):
@@ -158,6 +160,8 @@ class Segment:
 
     def __init__(self, name: str, size: int = 0, create: bool = False) -> None:
         self.name, self.path, self.linked = name, SHM_DIR / name, create
+        if create:  # a name with this pid in it can only be left by a dead process that had the same pid
+            self.path.unlink(missing_ok=True)
         fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_RDWR if create else os.O_RDWR, 0o600)
         try:
             if create:
@@ -192,7 +196,6 @@ class SharedMemoryPayload:
         self.slots: list[Segment] = []
         self.free: list[int] = []
         self.busy: dict[int, int] = {}  # seq -> slot
-        self.made = 0
 
     def pack(self, seq: int, tensors: dict[str, torch.Tensor]) -> tuple[list[dict[str, Any]], list[Any]]:
         meta, offsets, end = [], [], 0
@@ -215,8 +218,7 @@ class SharedMemoryPayload:
             slot = min(fitting, key=lambda s: self.slots[s].size)
             self.free.remove(slot)
             return slot
-        segment = Segment(f"{SEGMENT_PREFIX}{os.getpid()}-{self.made}", max(nbytes, ALIGN), create=True)
-        self.made += 1
+        segment = Segment(f"{SEGMENT_PREFIX}{os.getpid()}-{next(_SEGMENT_NUMBERS)}", max(nbytes, ALIGN), create=True)
         if self.free:  # grow: the old segment's name is gone already, its memory goes with the last map
             slot = max(self.free, key=lambda s: self.slots[s].size)
             self.free.remove(slot)

@@ -224,3 +224,15 @@ def test_a_full_dev_shm_is_a_one_line_error_that_names_the_fix_and_leaves_no_fil
                                       r"--shm-size=\.\.\.\) or use --set transport=zmq") as err:
         payload.pack(0, {"x": torch.ones(1_000_000)})
     assert "\n" not in str(err.value) and not own_segments()
+
+
+def test_two_links_of_one_process_never_share_a_segment_name():
+    first, second = SharedMemoryPayload(), SharedMemoryPayload()
+    try:
+        a = decode(encode({"seq": 0}, {"x": torch.ones(4)}, first))
+        b = decode(encode({"seq": 0}, {"x": torch.zeros(4)}, second))
+        assert first.slots[0].name != second.slots[0].name
+        assert torch.equal(a.tensors["x"], torch.ones(4)) and torch.equal(b.tensors["x"], torch.zeros(4))
+    finally:
+        first.close()
+        second.close()
