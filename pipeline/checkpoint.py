@@ -95,16 +95,9 @@ def save_atomic(obj: Any, path: Path) -> None:
 
 
 def stage_state(step: StageStep, device: torch.device, probe_input: torch.Tensor | None = None) -> dict[str, Any]:
-    """Everything module k needs to continue exactly: weights, optimizer, schedule, RNG and its ΔL_k probe input."""
-    state = {
-        "probe_input": probe_input,
-        "module": step.module.state_dict(),
-        "head": step.head.state_dict(),
-        "optimizer": step.optimizer.state_dict(),
-        "scheduler": step.scheduler.state_dict() if step.scheduler is not None else None,
-        "rng_cpu": torch.get_rng_state(),
-        "rng_module": step.rng_state,  # the module's own stream (dropout, stochastic depth), None before its first step
-    }
+    """Everything module k needs to continue exactly: what the step stores of itself (`StageStep.state_dict`), the
+    process's random state and the module's ΔL_k probe input."""
+    state = {"probe_input": probe_input, **step.state_dict(), "rng_cpu": torch.get_rng_state()}
     if device.type == "cuda":
         state["rng_cuda"] = torch.cuda.get_rng_state(device)
     return state
@@ -140,13 +133,7 @@ def read_stage_file(path: Path) -> dict[str, Any]:
 def load_stage_state(step: StageStep, path: Path, device: torch.device) -> torch.Tensor | None:
     """Restore a stage file into a freshly built StageStep on `device`; returns the probe input (on `device`)."""
     state = read_stage_file(path)
-    step.module.load_state_dict(state["module"])
-    step.head.load_state_dict(state["head"])
-    step.optimizer.load_state_dict(state["optimizer"])
-    if step.scheduler is not None:
-        step.scheduler.load_state_dict(state["scheduler"])
-    module_rng = state.get("rng_module")
-    step.rng_state = None if module_rng is None else {name: t.cpu() for name, t in module_rng.items()}
+    step.load_state_dict(state)
     torch.set_rng_state(state["rng_cpu"])
     if "rng_cuda" in state and device.type == "cuda":
         torch.cuda.set_rng_state(state["rng_cuda"], device)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Any, Iterator
 
 import torch
 import torch.nn as nn
@@ -104,6 +104,26 @@ class StageStep:
         self.is_first, self.is_last = is_first, is_last
         self.send_delta, self.reforward = send_delta, reforward
         self.track_sgr = track_sgr and not is_first
+
+    def state_dict(self) -> dict[str, Any]:
+        """What a checkpoint stores of this module: weights, head, optimizer, schedule and its own random stream."""
+        return {
+            "module": self.module.state_dict(),
+            "head": self.head.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
+            "rng_module": self.rng_state,  # dropout, stochastic depth; None before the first step
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from `state` (as `state_dict` made it, loaded on the CPU): each part places itself."""
+        self.module.load_state_dict(state["module"])
+        self.head.load_state_dict(state["head"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.scheduler is not None:
+            self.scheduler.load_state_dict(state["scheduler"])
+        module_rng = state.get("rng_module")
+        self.rng_state = None if module_rng is None else {name: t.cpu() for name, t in module_rng.items()}
 
     @property
     def needs_delta(self) -> bool:

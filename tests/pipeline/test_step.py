@@ -205,3 +205,25 @@ def test_one_decision_says_each_modules_lambda_and_who_needs_and_sends_delta(lam
     flows = [delta_flow(lam, track, k, 3) for k in range(3)]
     assert [(f.lam, f.needs_delta, f.sends_delta) for f in flows] == expected
     assert all(a.sends_delta == b.needs_delta for a, b in zip(flows, flows[1:]))  # what is sent is what is needed
+
+
+def test_a_step_restored_from_its_state_dict_continues_exactly(batch):
+    x, y, delta_prev = batch
+    torch.manual_seed(3)
+    module, head = nn.Sequential(tiny_module(), nn.Dropout(0.3)), PoolLinear(4, 3)
+
+    def fresh():
+        m, h = copy.deepcopy(module), copy.deepcopy(head)
+        opt = torch.optim.SGD([*m.parameters(), *h.parameters()], lr=0.1, momentum=0.9)
+        sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+        return StageStep(m, h, opt, sched, lam=2.0, is_first=False, is_last=False, send_delta=True, rng_seed=9)
+
+    original = fresh()
+    original.train_step(x, delta_prev, y)
+    state = copy.deepcopy(original.state_dict())
+    restored = fresh()
+    restored.load_state_dict(state)
+    assert set(state) == {"module", "head", "optimizer", "scheduler", "rng_module"}
+    a, b = original.train_step(x, delta_prev, y), restored.train_step(x, delta_prev, y)
+    assert torch.equal(a.out, b.out) and torch.equal(a.delta, b.delta)  # same weights, momentum, lr and dropout draw
+    assert all(torch.equal(p, q) for p, q in zip(original.module.parameters(), restored.module.parameters()))
