@@ -116,13 +116,6 @@ def lr_factor(cfg: Config, step: int, total_steps: int, steps_per_epoch: int) ->
     return 1.0
 
 
-def is_due(every: int, step: int, steps_per_epoch: int, total_steps: int) -> bool:
-    """Whether an every-N-steps event (evaluation, checkpoint) happens after `step`; 0 means each epoch's end."""
-    if step == total_steps:
-        return True
-    return step % (every or steps_per_epoch) == 0
-
-
 def build_optimizer(cfg: Config, local: LocalModule, steps_per_epoch: int, epochs: int):
     """The config's optimizer (SGD with momentum, or AdamW) on a module and its head, and its per-step schedule."""
     params = [p for p in (*local.module.parameters(), *local.head.parameters()) if p.requires_grad]

@@ -21,7 +21,8 @@ from pipeline.config import Config
 from pipeline.data import Data, eval_batches, probe_batch, steps_per_epoch, to_device, train_batches
 from pipeline.metrics import JsonlLog, ModuleMeter, eval_record, format_eval, topk_correct, train_records, truncate_after
 from pipeline.probe import InputDriftProbe
-from pipeline.stages import build_local_modules, build_stage_steps, configure_torch, is_due, split_cuts
+from pipeline.schedule import run_epochs
+from pipeline.stages import build_local_modules, build_stage_steps, configure_torch, split_cuts
 from pipeline.step import SignalStep, StageStep, StepStats
 
 
@@ -88,7 +89,6 @@ class SequentialTrainer:
             lm.module.to(self.device)
             lm.head.to(self.device)
         self.steps_per_epoch = steps_per_epoch(data, cfg.batch_size)
-        self.total_steps = self.steps_per_epoch * cfg.epochs
         self.steps = build_stage_steps(cfg, self.local, self.steps_per_epoch)
         self.run_dir = Path(run_dir or cfg.out)
         self.fingerprint = fingerprint(cfg, split_cuts(cfg, data.in_channels, data.num_classes, data.input_size))
@@ -129,22 +129,20 @@ class SequentialTrainer:
     def _run_joint(self) -> dict[str, Any]:
         """All modules train on every batch (bp, layerwise, sgr, reforward); evaluations and checkpoints as due."""
         result: dict[str, Any] = {}
-        for epoch in range(self.start_step // self.steps_per_epoch, self.cfg.epochs):
+        train = feedback_batch if self.cfg.method in NEEDS_OUTPUT_ERROR else train_batch
+        for epoch, trained, steps in run_epochs(self.cfg, self.data, self.steps_per_epoch, self.start_step, self.device):
             meter = ModuleMeter(len(self.steps))
             bar = self._bar(epoch, f"epoch {epoch + 1}/{self.cfg.epochs}")
-            skip = max(0, self.start_step - epoch * self.steps_per_epoch)  # batches a resumed run trained on
-            bar.update(skip)
-            for i, (x, y) in enumerate(self._batches(epoch, skip), start=skip):
-                global_step = epoch * self.steps_per_epoch + i + 1
-                batch_stats = (feedback_batch if self.cfg.method in NEEDS_OUTPUT_ERROR else train_batch)(self.steps, x, y)
-                for k, stats in enumerate(batch_stats):
+            bar.update(trained)
+            for s in steps:
+                for k, stats in enumerate(train(self.steps, s.x, to_device(s.y, self.device))):
                     meter.update(k, stats)
-                self._after_step(meter, bar, epoch, global_step)
-                if is_due(self.cfg.eval_every, global_step, self.steps_per_epoch, self.total_steps):
-                    result = self._evaluate(epoch, global_step, len(self.steps))
-                if is_due(self.cfg.checkpoint_every, global_step, self.steps_per_epoch, self.total_steps):
+                self._after_step(meter, bar, epoch, s.step)
+                if s.evaluate:
+                    result = self._evaluate(epoch, s.step, len(self.steps))
+                if s.checkpoint:
                     meter.check_finite()  # a NaN since the last log must not reach a sealed checkpoint
-                    self._checkpoint(epoch, global_step, result)
+                    self._checkpoint(epoch, s.step, result)
             bar.close()
         return result
 

@@ -22,12 +22,12 @@ import zmq
 
 from pipeline.checkpoint import check_finite, checkpoint_dir, fingerprint, load_stage_state, save_atomic, stage_state
 from pipeline.config import Config, from_dict
-from pipeline.data import (DataShape, data_shape, eval_batches, load_config_data, probe_batch, to_device,
-                           train_batches)
+from pipeline.data import DataShape, data_shape, eval_batches, load_config_data, probe_batch, to_device
 from pipeline.lifeline import adopt_environment, exit_with
 from pipeline.metrics import ModuleMeter, topk_correct, train_records
 from pipeline.probe import InputDriftProbe
-from pipeline.stages import build_local_modules, build_stage_step, configure_torch, is_due, split_cuts
+from pipeline.schedule import run_epochs
+from pipeline.stages import build_local_modules, build_stage_step, configure_torch, split_cuts
 from pipeline.step import StageStep
 from workers.simulated import SimulatedStep
 from workers.messages import Kind, Record
@@ -111,7 +111,6 @@ class StageWorker:
         self.local.module.to(self.device)
         self.local.head.to(self.device)
         self.steps_per_epoch = shape.steps_per_epoch
-        self.total_steps = self.steps_per_epoch * self.cfg.epochs
         self.fingerprint = fingerprint(self.cfg, split_cuts(self.cfg, shape.in_channels, shape.num_classes,
                                                             shape.input_size))
         # its own optimizer and schedule only; the other modules (built for their seeded weights) are dropped here
@@ -170,21 +169,16 @@ class StageWorker:
 
     def _feed(self) -> None:
         """Stage 1: draw the batches, train, and send results on; evaluation and checkpoint markers when due."""
-        start = self.spec.start_step
         probe = probe_batch(self.data, self.cfg.probe_size, self.device) if self.probing else None
-        for epoch in range(start // self.steps_per_epoch, self.cfg.epochs):
-            skip = max(0, start - epoch * self.steps_per_epoch)  # batches a resumed run trained on
-            batches = train_batches(self.data, epoch, self.cfg.batch_size, self.cfg.seed, self.cfg.augment, skip,
-                                    self.device)  # uint8 to the device, normalised there
-            for i, (x, y) in enumerate(batches, start=skip):
-                step = epoch * self.steps_per_epoch + i + 1
-                header = {"epoch": epoch, "step": step}
-                self._train({"kind": Kind.TRAIN, **header}, {"x": x, "y": y})
-                if is_due(self.cfg.eval_every, step, self.steps_per_epoch, self.total_steps):
+        for _, _, steps in run_epochs(self.cfg, self.data, self.steps_per_epoch, self.spec.start_step, self.device):
+            for s in steps:  # images uint8 to the device, normalised there; labels on the host
+                header = {"epoch": s.epoch, "step": s.step}
+                self._train({"kind": Kind.TRAIN, **header}, {"x": s.x, "y": s.y})
+                if s.evaluate:
                     for ex, ey in eval_batches(self.data, self.cfg.eval_batch_size, self.device):
                         self._eval({"kind": Kind.EVAL, **header}, {"x": ex, "y": ey})
                     self._eval_end({"kind": Kind.EVAL_END, **header}, {} if probe is None else dict(zip("xy", probe)))
-                if is_due(self.cfg.checkpoint_every, step, self.steps_per_epoch, self.total_steps):
+                if s.checkpoint:
                     self._checkpoint({"kind": Kind.CHECKPOINT, **header}, {})
         self._stop({"kind": Kind.STOP}, {})
 

@@ -1,0 +1,52 @@
+"""The run's loop, in one place: which training batches come in which epoch, and what is due after each.
+
+The sequential trainer and the pipeline's first stage both walk this sequence, so they train on
+the same batches and evaluate and checkpoint after the same steps by construction; a resumed run
+starts at the first batch not yet trained.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterator
+
+import torch
+
+from pipeline.config import Config
+from pipeline.data import Data, train_batches
+
+
+@dataclass(frozen=True)
+class ScheduledStep:
+    """One training batch of the run and what follows it."""
+
+    epoch: int
+    step: int  # 1-based, counted over the whole run
+    x: torch.Tensor  # on the device, normalised
+    y: torch.Tensor  # labels, on the CPU
+    evaluate: bool  # an evaluation is due after this step
+    checkpoint: bool  # a checkpoint is due after this step
+
+
+def is_due(every: int, step: int, steps_per_epoch: int, total_steps: int) -> bool:
+    """Whether an every-N-steps event (evaluation, checkpoint) happens after `step`; 0 means each epoch's end."""
+    if step == total_steps:
+        return True
+    return step % (every or steps_per_epoch) == 0
+
+
+def run_epochs(cfg: Config, data: Data, steps_per_epoch: int, start_step: int = 0,
+               device: torch.device | None = None) -> Iterator[tuple[int, int, Iterator[ScheduledStep]]]:
+    """Per epoch from the one holding step `start_step` + 1: (epoch, batches of it already trained, its steps)."""
+    total = steps_per_epoch * cfg.epochs
+    for epoch in range(start_step // steps_per_epoch, cfg.epochs):
+        skip = max(0, start_step - epoch * steps_per_epoch)  # batches a resumed run trained on
+        yield epoch, skip, _steps(cfg, data, epoch, skip, steps_per_epoch, total, device)
+
+
+def _steps(cfg: Config, data: Data, epoch: int, skip: int, steps_per_epoch: int, total: int,
+           device: torch.device | None) -> Iterator[ScheduledStep]:
+    batches = train_batches(data, epoch, cfg.batch_size, cfg.seed, cfg.augment, skip, device)
+    for i, (x, y) in enumerate(batches, start=skip):
+        step = epoch * steps_per_epoch + i + 1
+        yield ScheduledStep(epoch, step, x, y, is_due(cfg.eval_every, step, steps_per_epoch, total),
+                            is_due(cfg.checkpoint_every, step, steps_per_epoch, total))
