@@ -1,6 +1,6 @@
-"""One run per run directory: an exclusive lock held for the life of a run.
+"""A run directory: its lock, and the one writer of what a run puts in it.
 
-Two launchers writing one directory would interleave metrics.jsonl and mix one run's config with
+One run per run directory: an exclusive lock held for the life of a run. Two launchers writing one directory would interleave metrics.jsonl and mix one run's config with
 the other's checkpoints; `--fresh` from a second launcher would delete a live run's records. The
 lock is an `flock` on RUN_DIR/.lock: the kernel drops it when the process exits, however it
 exits, so a killed run never leaves a stale lock behind.
@@ -8,11 +8,16 @@ exits, so a killed run never leaves a stale lock behind.
 from __future__ import annotations
 
 import fcntl
+import json
 import os
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
-from pipeline.checkpoint import CheckpointError
+import yaml
+
+from pipeline.checkpoint import CheckpointError, checkpoint_dir, prune, write_manifest
+from pipeline.config import Config
+from pipeline.metrics import JsonlLog, truncate_after
 
 LOCK_FILE = ".lock"
 
@@ -39,3 +44,30 @@ def lock_run_dir(run_dir: Path) -> IO[str]:
     handle.write(f"{os.getpid()}\n")
     handle.flush()
     return handle
+
+
+class RunWriter:
+    """What a run writes, for the sequential trainer and the pipeline's coordinator alike: config.yaml,
+    metrics.jsonl (cut back to the checkpoint a run resumes from), sealed checkpoints, summary.json."""
+
+    def __init__(self, cfg: Config, run_dir: Path, start_step: int = 0) -> None:
+        self.cfg, self.run_dir = cfg, Path(run_dir)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        (self.run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        truncate_after(self.run_dir / "metrics.jsonl", start_step)  # records a dead run wrote after its checkpoint
+        self.log = JsonlLog(self.run_dir / "metrics.jsonl", cfg.tensorboard)
+
+    def record(self, record: dict[str, Any]) -> None:
+        """One line of metrics.jsonl (and its TensorBoard scalars)."""
+        self.log.write(record)
+
+    def seal(self, step: int, epoch: int, fingerprint: dict[str, Any], stages: int, test_acc: float | None) -> None:
+        """Every stage file of step `step` is on disk: write its manifest (which makes it a checkpoint), prune old ones."""
+        write_manifest(checkpoint_dir(self.run_dir, step), step, epoch, fingerprint, stages, test_acc)
+        prune(self.run_dir, self.cfg.keep_checkpoints)
+
+    def summary(self, result: dict[str, Any]) -> None:
+        (self.run_dir / "summary.json").write_text(json.dumps(result, indent=1))
+
+    def close(self) -> None:
+        self.log.close()

@@ -5,22 +5,21 @@ bit: for every batch t, module 1 steps, then module 2 on module 1's pre-update o
 """
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 from tqdm import tqdm
 
 from pipeline.bpfree import NEEDS_OUTPUT_ERROR, dfa_signal
 from pipeline.checkpoint import (Checkpoint, CheckpointError, check_finite, checkpoint_dir, fingerprint, load_stage_state,
-                                 prune, save_atomic, stage_state, write_manifest)
+                                 save_atomic, stage_state)
 from pipeline.config import Config
 from pipeline.data import Data, eval_batches, probe_batch, steps_per_epoch, to_device, train_batches
-from pipeline.metrics import JsonlLog, ModuleMeter, eval_record, format_eval, topk_correct, train_records, truncate_after
+from pipeline.metrics import ModuleMeter, eval_record, format_eval, topk_correct, train_records
 from pipeline.probe import InputDriftProbe
+from pipeline.rundir import RunWriter
 from pipeline.schedule import run_epochs
 from pipeline.stages import build_local_modules, build_stage_steps, configure_torch, split_cuts
 from pipeline.step import SignalStep, StageStep, StepStats
@@ -101,14 +100,11 @@ class SequentialTrainer:
             for k, (step, probe) in enumerate(zip(self.steps, self.probes)):
                 probe.previous_input = load_stage_state(step, resume.stage_file(k), self.device)
             self.start_step = resume.step
-        self.log: JsonlLog | None = None
+        self.writer: RunWriter | None = None
 
     def run(self) -> dict[str, Any]:
         """Train for the configured epochs (greedy: module after module) and return the final evaluation."""
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        (self.run_dir / "config.yaml").write_text(yaml.safe_dump(self.cfg.to_dict(), sort_keys=False))
-        truncate_after(self.run_dir / "metrics.jsonl", self.start_step)
-        self.log = JsonlLog(self.run_dir / "metrics.jsonl", self.cfg.tensorboard)
+        self.writer = RunWriter(self.cfg, self.run_dir, self.start_step)
         start = time.time()
         try:
             if self.cfg.method == "greedy":
@@ -116,9 +112,9 @@ class SequentialTrainer:
             else:
                 result = self._run_joint()
         finally:
-            self.log.close()
+            self.writer.close()
         result["seconds"] = round(time.time() - start, 1)
-        (self.run_dir / "summary.json").write_text(json.dumps(result, indent=1))
+        self.writer.summary(result)
         return result
 
     def _batches(self, epoch: int, start: int = 0):
@@ -172,7 +168,7 @@ class SequentialTrainer:
             bar.set_postfix_str(meter.summary(), refresh=False)
             lrs = [s.optimizer.param_groups[0]["lr"] for s in self.steps]
             for record in train_records(meter, epoch, global_step, lrs):
-                self.log.write(record)
+                self.writer.record(record)
             meter.reset()
 
     def _evaluate(self, epoch: int, global_step: int, n_heads: int) -> dict[str, Any]:
@@ -183,7 +179,7 @@ class SequentialTrainer:
             x, y = self.probe[0], to_device(self.probe[1], self.device)
             for k, (step, probe) in enumerate(zip(self.steps, self.probes)):
                 x, delta_loss[k] = probe(step, x, y)
-        self.log.write(eval_record(epoch, global_step, scores["test_acc"], scores["test_top5"], delta_loss))
+        self.writer.record(eval_record(epoch, global_step, scores["test_acc"], scores["test_top5"], delta_loss))
         print(format_eval(global_step, scores["test_acc"]), flush=True)
         return {"final_test_acc": scores["test_acc"][-1], **scores, "step": global_step}
 
@@ -195,5 +191,4 @@ class SequentialTrainer:
         for k, (step, probe) in enumerate(zip(self.steps, self.probes)):
             save_atomic(stage_state(step, self.device, probe.previous_input), path / f"stage{k + 1}.pt")
         test_acc = result["final_test_acc"] if result.get("step") == global_step else None
-        write_manifest(path, global_step, epoch, self.fingerprint, len(self.steps), test_acc)
-        prune(self.run_dir, self.cfg.keep_checkpoints)
+        self.writer.seal(global_step, epoch, self.fingerprint, len(self.steps), test_acc)

@@ -6,18 +6,16 @@ assembles each epoch's evaluation from all heads, and shows one progress bar.
 """
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 from typing import Any
 
-import yaml
 import zmq
 from tqdm import tqdm
 
-from pipeline.checkpoint import checkpoint_dir, prune, write_manifest
 from pipeline.config import Config
-from pipeline.metrics import JsonlLog, eval_record, format_eval, truncate_after
+from pipeline.metrics import eval_record, format_eval
+from pipeline.rundir import RunWriter
 from workers.messages import Record
 from workers.security import RunKeys
 from workers.trace import write_trace
@@ -40,10 +38,7 @@ class Coordinator:
         self.records = Collector(ctx, endpoint, keys)
         self.endpoint = self.records.endpoint
         self.run_dir = Path(cfg.out)
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        (self.run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-        truncate_after(self.run_dir / "metrics.jsonl", start_step)  # records a dead run wrote after its checkpoint
-        self.log = JsonlLog(self.run_dir / "metrics.jsonl", self.cfg.tensorboard)
+        self.writer = RunWriter(cfg, self.run_dir, start_step)
         # counted in steps, shown in images: the rate reads as the pipeline's throughput in img/s
         self.bar = tqdm(total=steps_per_epoch * cfg.epochs, initial=start_step, desc=f"pipeline K={stages}",
                         unit="img", unit_scale=cfg.batch_size, disable=not cfg.progress, dynamic_ncols=True)
@@ -94,7 +89,7 @@ class Coordinator:
     def _on_train(self, stage: int, msg: dict[str, Any]) -> None:
         record = msg["record"]
         self.timeline.append((time.perf_counter(), stage, record["step"], msg["busy"], msg["idle"]))
-        self.log.write(record)
+        self.writer.record(record)
         self.last_step[stage] = record["step"]
         busy = msg["busy"] / max(1e-9, msg["busy"] + msg["idle"])
         self.latest[stage] = (f"S{stage + 1} {record['loss']:.3f}/{100 * record['acc']:.0f}% "
@@ -128,8 +123,7 @@ class Coordinator:
     def _seal_checkpoint(self, epoch: int, step: int) -> None:
         """Every stage saved its part of step `step`'s checkpoint: write the manifest (last), prune old ones."""
         test_acc = self.result["final_test_acc"] if self.result.get("step") == step else None
-        write_manifest(checkpoint_dir(self.run_dir, step), step, epoch, self.fingerprint, self.stages, test_acc)
-        prune(self.run_dir, self.cfg.keep_checkpoints)
+        self.writer.seal(step, epoch, self.fingerprint, self.stages, test_acc)
         self.last_checkpoint = step
         del self.saved[step]
 
@@ -146,7 +140,7 @@ class Coordinator:
 
     def _write_eval(self, epoch: int, step: int, per_stage: list[dict[str, Any]]) -> None:
         acc, top5 = [m["acc"] for m in per_stage], [m["top5"] for m in per_stage]
-        self.log.write(eval_record(epoch, step, acc, top5, [m["delta_loss"] for m in per_stage]))
+        self.writer.record(eval_record(epoch, step, acc, top5, [m["delta_loss"] for m in per_stage]))
         self.bar.write(format_eval(step, acc))
         self.result = {"final_test_acc": acc[-1], "test_acc": acc, "test_top5": top5, "step": step}
 
@@ -172,12 +166,12 @@ class Coordinator:
                   "peak_memory_bytes": [self.done[k]["peak_memory"] for k in sorted(self.done)],
                   "peak_memory_kind": "cuda_max_allocated" if self.cfg.device.startswith("cuda") else "cpu_max_rss",
                   "links": [self.done[k]["link"] for k in sorted(self.done)][:-1]}  # stage k -> k+1: zmq, shm, cuda_ipc
-        (self.run_dir / "summary.json").write_text(json.dumps(result, indent=1))
+        self.writer.summary(result)
         if self.cfg.trace:
             write_trace(self.run_dir / "trace.json", {k: self.done[k]["trace"] for k in sorted(self.done)})
         return {**result, "timeline": self.timeline}
 
     def close(self) -> None:
         self.bar.close()
-        self.log.close()
+        self.writer.close()
         self.records.close()
