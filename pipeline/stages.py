@@ -1,6 +1,7 @@
 """From a config to K (module, head) pairs and their StageSteps: the model as local modules."""
 from __future__ import annotations
 
+import itertools
 import math
 import os
 from dataclasses import dataclass
@@ -47,6 +48,11 @@ def split_cuts(cfg: Config, in_channels: int, num_classes: int, input_size: int)
     """The unit indices where the config's modules start (without touching the global RNG)."""
     with torch.random.fork_rng(devices=[]):
         return module_cuts(cfg, build_net(cfg, in_channels, num_classes, input_size))
+
+
+def cuts_of(local: list[LocalModule]) -> list[int]:
+    """The cut points a list of modules was made with: where each module after the first starts."""
+    return list(itertools.accumulate(len(lm.module) for lm in local[:-1]))
 
 
 def unit_outputs(net: Network, in_channels: int, input_size: int) -> list[torch.Tensor]:

@@ -21,7 +21,7 @@ from pipeline.metrics import ModuleMeter, eval_record, format_eval, topk_correct
 from pipeline.probe import InputDriftProbe
 from pipeline.rundir import RunWriter
 from pipeline.schedule import run_epochs
-from pipeline.stages import build_local_modules, build_stage_steps, configure_torch, split_cuts
+from pipeline.stages import build_local_modules, build_stage_steps, configure_torch, cuts_of
 from pipeline.step import SignalStep, StageStep, StepStats
 
 
@@ -90,7 +90,7 @@ class SequentialTrainer:
         self.steps_per_epoch = steps_per_epoch(data, cfg.batch_size)
         self.steps = build_stage_steps(cfg, self.local, self.steps_per_epoch)
         self.run_dir = Path(run_dir or cfg.out)
-        self.fingerprint = fingerprint(cfg, split_cuts(cfg, data.in_channels, data.num_classes, data.input_size))
+        self.fingerprint = fingerprint(cfg, cuts_of(self.local))
         self.probes = [InputDriftProbe() for _ in self.steps]
         self.probe = probe_batch(data, cfg.probe_size, self.device) if cfg.probe_size else None
         self.start_step = 0

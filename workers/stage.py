@@ -27,7 +27,7 @@ from pipeline.lifeline import adopt_environment, exit_with
 from pipeline.metrics import ModuleMeter, topk_correct, train_records
 from pipeline.probe import InputDriftProbe
 from pipeline.schedule import run_epochs
-from pipeline.stages import build_local_modules, build_stage_step, configure_torch, split_cuts
+from pipeline.stages import build_local_modules, build_stage_step, configure_torch, cuts_of
 from pipeline.step import StageStep
 from workers.simulated import SimulatedStep
 from workers.messages import Kind, Record
@@ -111,8 +111,7 @@ class StageWorker:
         self.local.module.to(self.device)
         self.local.head.to(self.device)
         self.steps_per_epoch = shape.steps_per_epoch
-        self.fingerprint = fingerprint(self.cfg, split_cuts(self.cfg, shape.in_channels, shape.num_classes,
-                                                            shape.input_size))
+        self.fingerprint = fingerprint(self.cfg, cuts_of(local))
         # its own optimizer and schedule only; the other modules (built for their seeded weights) are dropped here
         self.real_step: StageStep = build_stage_step(self.cfg, self.local, self.rank, spec.stages, self.steps_per_epoch)
         self.probe = InputDriftProbe()
