@@ -4,8 +4,9 @@ A sender process pushes tensors through workers.transport's Sender to a Receiver
 the credit flow control the pipeline uses (depth 2 for bandwidth; depth 1 for the latency of
 a tiny message, so each message waits for its credit: one full round trip). Links: zmq frames
 over ipc:// and tcp://, shared memory (the header over ipc://), and CUDA IPC, measured only
-when CUDA is available. A plain memory copy (torch copy_) of the same size is the yardstick. The per-message latency is compared with the shortest ResNet-32 stage step at
-batch 128 (K = 3, SGR), measured here in one process with the same thread count.
+when CUDA is available. A plain memory copy (torch copy_) of the same size is the yardstick.
+The per-message latency is compared with the shortest ResNet-32 stage step at batch 128
+(K = 3, SGR), measured here in one process with the same thread count.
 """
 from __future__ import annotations
 
