@@ -1,4 +1,4 @@
-"""The CIFAR-style models (ResNet, PlainNet, VGG, MLP, plain conv), each an ordered list of units a split can cut between.
+"""The CIFAR-style models (ResNet, PlainNet, VGG, MLP, plain conv), each a list of units a split cuts between.
 
 A unit is the smallest piece a module can hold: the stem, one residual (or plain) block,
 or one VGG conv layer. `resolution` gives each unit's spatial-resolution stage, which the

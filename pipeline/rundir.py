@@ -1,9 +1,10 @@
 """A run directory: its lock, and the one writer of what a run puts in it.
 
-One run per run directory: an exclusive lock held for the life of a run. Two launchers writing one directory would interleave metrics.jsonl and mix one run's config with
-the other's checkpoints; `--fresh` from a second launcher would delete a live run's records. The
-lock is an `flock` on RUN_DIR/.lock: the kernel drops it when the process exits, however it
-exits, so a killed run never leaves a stale lock behind.
+One run per run directory: an exclusive lock held for the life of a run. Two launchers writing
+one directory would interleave metrics.jsonl and mix one run's config with the other's
+checkpoints; `--fresh` from a second launcher would delete a live run's records. The lock is an
+`flock` on RUN_DIR/.lock: the kernel drops it when the process exits, however it exits, so a
+killed run never leaves a stale lock behind.
 """
 from __future__ import annotations
 

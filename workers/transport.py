@@ -242,6 +242,11 @@ class SharedMemoryPayload:
 PAYLOADS = {LinkKind.ZMQ: FramePayload, LinkKind.SHARED_MEMORY: SharedMemoryPayload, LinkKind.CUDA_IPC: CudaIpcPayload}
 
 
+def named_segments(owner: int) -> list[str]:
+    """The names process `owner`'s shared-memory segments still have in /dev/shm."""
+    return sorted(path.name for path in SHM_DIR.glob(f"{SEGMENT_PREFIX}{owner}-*"))
+
+
 def remove_segments(owner: int | None = None) -> list[str]:
     """Unlink the shared-memory segments of process `owner`, or (None) of every process that has ended.
 

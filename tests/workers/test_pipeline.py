@@ -22,7 +22,7 @@ from pipeline.trainer import SequentialTrainer
 from tests.pipeline.test_data import write_image_folder
 from workers.coordinator import StageFailed
 from workers.launcher import remove_stale_ipc_dirs, run_spawned
-from workers.transport import SEGMENT_PREFIX, SHM_DIR
+from workers.transport import SEGMENT_PREFIX, named_segments
 
 ROOT = Path(__file__).parents[2]
 
@@ -211,7 +211,7 @@ def maps_shared_memory(pid: int) -> bool:
 
 def segments_left(pids: list[int]) -> list[str]:
     """Shared-memory segments of these processes still named in /dev/shm."""
-    return [p.name for pid in pids for p in SHM_DIR.glob(f"{SEGMENT_PREFIX}{pid}-*")]
+    return [name for pid in pids for name in named_segments(pid)]
 
 
 def test_a_traced_run_writes_a_chrome_trace_that_agrees_with_the_summary(tmp_path):

@@ -6,7 +6,7 @@ import signal
 import torch
 
 from workers.stage import _end_on_sigterm
-from workers.transport import SEGMENT_PREFIX, SHM_DIR, SharedMemoryPayload
+from workers.transport import SharedMemoryPayload, named_segments
 
 
 def _hold_a_slot_until_terminated(ready) -> None:
@@ -24,11 +24,11 @@ def test_sigterm_unlinks_the_stages_shared_memory_and_still_ends_the_process_by_
     child.start()
     try:
         assert ready.wait(60)
-        assert list(SHM_DIR.glob(f"{SEGMENT_PREFIX}{child.pid}-*"))
+        assert named_segments(child.pid)
         os.kill(child.pid, signal.SIGTERM)
         child.join(10)
         assert child.exitcode == -signal.SIGTERM  # the launcher still reads "killed by signal 15"
-        assert not list(SHM_DIR.glob(f"{SEGMENT_PREFIX}{child.pid}-*"))
+        assert not named_segments(child.pid)
     finally:
         if child.is_alive():
             child.kill()

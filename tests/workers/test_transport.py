@@ -10,7 +10,7 @@ import zmq
 
 from workers.placement import LinkKind
 from workers.transport import (SEGMENT_PREFIX, SHM_DIR, PeerLost, Receiver, Sender, SharedMemoryPayload,
-                               decode, encode, remove_segments)
+                               decode, encode, named_segments, remove_segments)
 
 
 @pytest.fixture(params=[LinkKind.ZMQ, LinkKind.SHARED_MEMORY])
@@ -27,7 +27,7 @@ def link(tmp_path, request):
 
 def own_segments() -> list[str]:
     """This process's shared-memory segments still named in /dev/shm."""
-    return sorted(p.name for p in SHM_DIR.glob(f"{SEGMENT_PREFIX}{os.getpid()}-*"))
+    return named_segments(os.getpid())
 
 
 TENSORS = {
