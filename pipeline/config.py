@@ -79,9 +79,12 @@ class Config:
     depth: int = 2  # pipeline: messages a stage may send ahead of the next stage's progress
     transport: str = "auto"  # auto: on one host CUDA IPC (where the GPU is visible) or shared memory, else zmq; zmq: always zmq
     trace: bool = False  # pipeline: write RUN_DIR/trace.json, when each stage trained, waited, sent (launch.py trace RUN_DIR)
-    gpus: list[int] = field(default_factory=list)  # pipeline on cuda: GPU of each stage (default: stage k on k mod #GPUs)
+    gpus: list[int] = field(default_factory=list)  # pipeline on cuda: GPU of each process (default: process i on i mod #GPUs)
+    replicas: int | list[int] = 1  # pipeline: processes per stage (one count, or one per stage), each on a shard of every batch
+    sync_bn: bool = True  # replicas: BatchNorm statistics over the stage's whole batch (false: per shard, as plain DDP)
+    checksum_every: int = 100  # replicas: steps between comparing the replicas' weights (0: never)
     peer_timeout: float = 120.0  # pipeline: seconds without a message from a neighbour before it counts as dead
-    simulate_step_ms: float = 0.0  # pipeline benchmark: each stage sleeps this long instead of training (0: off)
+    simulate_step_ms: float | list[float] = 0.0  # pipeline benchmark: each stage sleeps this long (or a list: per stage) instead of training (0: off)
     heartbeat_timeout: float = 20.0  # pipeline: seconds without a heartbeat (sent once a second by a thread) before a stage counts as hung
     out: str = "runs/default"
     log_every: int = 20  # steps between JSONL training records
@@ -99,6 +102,22 @@ class Config:
 FIELDS = {f.name: f for f in dataclasses.fields(Config)}
 
 
+UNIONS = {"replicas": (int, list), "simulate_step_ms": (float, int, list)}  # keys that take one value or one per stage
+
+
+def per_stage(value: int | float | list, stages: int, key: str) -> list:
+    """A key given as one value for every stage, or as a list of one per stage: the list of K values."""
+    values = list(value) if isinstance(value, list) else [value] * stages
+    if len(values) != stages:
+        raise ConfigError(f"{key} lists {len(values)} values but the split has {stages} stages; give one per stage")
+    return values
+
+
+def _values(value: Any) -> list:
+    """A one-or-per-stage key's values as a list."""
+    return value if isinstance(value, list) else [value]
+
+
 def _coerce(name: str, value: Any) -> Any:
     """Check a value's type against the field's: no null where a value is needed, no bool for a number, finite
     floats (ints allowed), ints in int lists; one line naming the key otherwise."""
@@ -108,6 +127,13 @@ def _coerce(name: str, value: Any) -> Any:
             return value
         raise ConfigError(f"config key '{name}' needs a value, got null (leave the key out for its default {default!r})")
     if default is None:
+        return value
+    if name in UNIONS:
+        items = _values(value)
+        element = UNIONS[name][:-1]  # int, or float (ints allowed)
+        if isinstance(value, bool) or not items or not all(isinstance(v, element) and not isinstance(v, bool) for v in items):
+            raise ConfigError(f"config key '{name}' must be {KIND_NAMES[element[0]]} or a list of them (one per stage), "
+                              f"got {value!r}")
         return value
     kind = KIND_NAMES.get(type(default), type(default).__name__)
     if isinstance(default, bool):
@@ -217,7 +243,9 @@ def validate(cfg: Config) -> Config:
     need(min(cfg.eval_every, cfg.checkpoint_every, cfg.probe_size) >= 0,
          "eval_every, checkpoint_every and probe_size must be >= 0 (0: every epoch / off)")
     need(cfg.keep_checkpoints >= 1, f"keep_checkpoints must be >= 1, got {cfg.keep_checkpoints}")
-    need(cfg.simulate_step_ms >= 0, f"simulate_step_ms must be >= 0, got {cfg.simulate_step_ms}")
+    need(min(_values(cfg.simulate_step_ms)) >= 0, f"simulate_step_ms must be >= 0, got {cfg.simulate_step_ms}")
+    need(min(_values(cfg.replicas)) >= 1, f"replicas must be >= 1 (per stage), got {cfg.replicas}")
+    need(cfg.checksum_every >= 0, f"checksum_every must be >= 0 (0: never), got {cfg.checksum_every}")
     need(re.fullmatch(r"cpu|cuda(:\d+)?", cfg.device) is not None, f"device must be cpu, cuda or cuda:N, got {cfg.device!r}")
     need(cfg.threads >= 0 and cfg.log_every >= 1, "threads must be >= 0 and log_every >= 1")
     if cfg.device.startswith("cuda"):

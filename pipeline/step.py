@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 import torch.nn as nn
@@ -70,6 +70,9 @@ class StageStep:
     With `rng_seed`, dropout and stochastic depth draw from the module's own random stream, so a
     module gets the same draws whether it trains alone in a stage process or beside the others in
     one process (None: the global stream).
+    A replica of a stage trains on one shard of each batch and averages its gradients with the
+    other replicas' through `average_gradients` (given by the replica group, workers/replicas.py),
+    between the backward and the optimizer step.
     """
 
     def __init__(
@@ -104,6 +107,7 @@ class StageStep:
         self.is_first, self.is_last = is_first, is_last
         self.send_delta, self.reforward = send_delta, reforward
         self.track_sgr = track_sgr and not is_first
+        self.average_gradients: Callable[[list[nn.Parameter]], None] | None = None  # replicas: set by the stage
 
     def state_dict(self) -> dict[str, Any]:
         """What a checkpoint stores of this module: weights, head, optimizer, schedule and its own random stream."""
@@ -124,6 +128,22 @@ class StageStep:
             self.scheduler.load_state_dict(state["scheduler"])
         module_rng = state.get("rng_module")
         self.rng_state = None if module_rng is None else {name: t.cpu() for name, t in module_rng.items()}
+
+    def parameters(self) -> list[nn.Parameter]:
+        """The parameters this step trains: the module's and its head's."""
+        return [p for group in self.optimizer.param_groups for p in group["params"]]
+
+    def apply_gradients(self) -> None:
+        """The optimizer and schedule step, after averaging the gradients over the stage's replicas (if any).
+
+        Each replica's loss is the mean over its equal shard, so the replicas' average gradient is the
+        whole batch's. δ needs no such scaling: the SGR term normalises each sample's δ.
+        """
+        if self.average_gradients is not None:
+            self.average_gradients(self.parameters())
+        self.optimizer.step()
+        if self.scheduler is not None:
+            self.scheduler.step()
 
     @property
     def needs_delta(self) -> bool:
@@ -184,9 +204,7 @@ class StageStep:
             delta_out = delta_out.detach().to(self.wire_dtype)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        self.optimizer.step()
-        if self.scheduler is not None:
-            self.scheduler.step()
+        self.apply_gradients()
         passed_on = None
         if not self.is_last:
             if self.reforward:
@@ -297,9 +315,7 @@ class SignalStep(StageStep):
             loss_cls = F.cross_entropy(logits, y)
         self.optimizer.zero_grad(set_to_none=True)
         out.backward(signal.to(out.dtype))
-        self.optimizer.step()
-        if self.scheduler is not None:
-            self.scheduler.step()
+        self.apply_gradients()
         stats = StepStats(loss=loss_cls, sgr=torch.zeros((), device=out.device),
                           correct=(logits.argmax(dim=1) == y).sum(), count=y.shape[0])
         return StepOutput(out=None if self.is_last else out.detach().to(self.wire_dtype), delta=None, stats=stats)

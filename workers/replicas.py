@@ -1,0 +1,170 @@
+"""The replicas of one stage: one torch.distributed process group that keeps them one model.
+
+Every replica trains the same module on its own shard of each batch (workers/routes.py). After
+each local backward (SGR's double backward included) the group averages the gradients, so every
+replica takes the same optimizer step and holds the same weights; BatchNorm statistics are either
+shared over the whole stage batch (`sync_bn: true`, `SyncBatchNorm`) or kept per shard with
+replica 0's running statistics broadcast after each step (`false`, what DDP does). Every
+`checksum_every` steps the replicas compare a digest of their weights.
+
+Not DistributedDataParallel: its hooks assume one backward per forward, and an SGR step takes
+two gradients before its backward (δ of its own loss, and δ's own gradient through the SGR term).
+Averaging the finished gradients after the step's backward, in buckets, is correct for every method.
+"""
+from __future__ import annotations
+
+import hashlib
+from datetime import timedelta
+from typing import Iterable, Sequence
+
+import torch
+import torch.distributed as dist
+import torch.distributed.nn.functional as dist_fn
+import torch.nn as nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+BUCKET_BYTES = 32 * 2**20  # gradients are averaged in flat buckets of at most this size (one collective each)
+
+
+class ReplicasDiverged(RuntimeError):
+    """The replicas of a stage no longer hold the same weights."""
+
+
+def group_backend(devices: Sequence[str]) -> str:
+    """The collective backend of a replica group: NCCL between distinct GPUs, gloo on the CPU or where
+    two replicas share a GPU (NCCL refuses two ranks of one communicator on one device)."""
+    on_gpus = all(d.startswith("cuda") for d in devices)
+    return "nccl" if on_gpus and len(set(devices)) == len(devices) else "gloo"
+
+
+def buckets(tensors: Iterable[torch.Tensor], limit: int = BUCKET_BYTES) -> list[list[torch.Tensor]]:
+    """Consecutive tensors of one dtype and device grouped into buckets of at most `limit` bytes (a bigger
+    tensor is a bucket of its own)."""
+    out: list[list[torch.Tensor]] = []
+    size = 0
+    for t in tensors:
+        nbytes = t.numel() * t.element_size()
+        last = out[-1] if out else None
+        if last is None or last[0].dtype != t.dtype or last[0].device != t.device or size + nbytes > limit:
+            out.append([t])
+            size = nbytes
+        else:
+            last.append(t)
+            size += nbytes
+    return out
+
+
+def digest(tensors: Iterable[torch.Tensor]) -> int:
+    """A 63-bit digest of the tensors' exact bytes (names aside): equal weights give equal digests."""
+    h = hashlib.blake2b(digest_size=8)
+    for t in tensors:
+        h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return int.from_bytes(h.digest(), "little") >> 1
+
+
+class ReplicaGroup:
+    """This process's view of its stage's replicas: `size` processes, this one `rank` among them."""
+
+    def __init__(self, group: dist.ProcessGroup | None, size: int, rank: int, device: torch.device) -> None:
+        self.group, self.size, self.rank, self.device = group, size, rank, device
+
+    def average_gradients(self, params: list[nn.Parameter]) -> None:
+        """Replace every gradient by its mean over the replicas (all-reduce of flat buckets)."""
+        grads = [p.grad for p in params if p.grad is not None]  # the same parameters have one on every replica
+        for bucket in buckets(grads):
+            flat = torch.cat([g.reshape(-1) for g in bucket])
+            dist.all_reduce(flat, group=self.group)
+            flat.div_(self.size)
+            offset = 0
+            for g in bucket:
+                g.copy_(flat[offset:offset + g.numel()].view_as(g))
+                offset += g.numel()
+
+    def all_sum(self, values: list[float | int | torch.Tensor]) -> list[float]:
+        """The sums over the replicas of a few numbers (in float64, on this device)."""
+        flat = torch.stack([torch.as_tensor(v, dtype=torch.float64, device=self.device) for v in values])
+        dist.all_reduce(flat, group=self.group)
+        return flat.tolist()
+
+    def broadcast_buffers(self, modules: Iterable[nn.Module]) -> None:
+        """Copy replica 0's buffers (BatchNorm's running statistics) to every replica, as DDP does."""
+        for module in modules:
+            for buffer in module.buffers():
+                dist.broadcast(buffer, src=self._global(0), group=self.group)
+
+    def check_same(self, modules: Iterable[nn.Module], what: str, step: int) -> None:
+        """Stop the run, naming `what` and the step, if any replica's weights and buffers differ from replica 0's."""
+        state = [t for module in modules for t in module.state_dict().values()]
+        mine = torch.tensor([digest(state)], dtype=torch.int64, device=self.device)
+        every = [torch.zeros_like(mine) for _ in range(self.size)]
+        dist.all_gather(every, mine, group=self.group)
+        differ = [r + 1 for r, d in enumerate(every) if not torch.equal(d, every[0])]
+        if differ:
+            raise ReplicasDiverged(f"{what}: replica(s) {differ} hold other weights than replica 1 after step {step} "
+                                   "(a fault in a collective or a non-deterministic kernel); resume from the last checkpoint")
+
+    def _global(self, rank: int) -> int:
+        """The rank in the default group of this group's `rank` (the two differ under torchrun)."""
+        return rank if self.group is None else dist.get_global_rank(self.group, rank)
+
+
+def join_group(store_path: str, rank: int, size: int, backend: str, timeout_s: float,
+               device: torch.device) -> ReplicaGroup:
+    """Join the replica group of a spawned run: every replica of the stage names the same file store."""
+    store = dist.FileStore(store_path, size)
+    dist.init_process_group(backend, store=store, rank=rank, world_size=size, timeout=timedelta(seconds=timeout_s),
+                            device_id=device if backend == "nccl" else None)
+    return ReplicaGroup(None, size, rank, device)
+
+
+class SyncBatchNorm(_BatchNorm):
+    """BatchNorm whose training statistics cover the stage's whole batch, summed over its replicas.
+
+    Written with differentiable all-reduces (torch.distributed.nn), so it has a double backward:
+    torch.nn.SyncBatchNorm's fused backward has none, and SGR differentiates δ, which passes
+    through every BatchNorm of the module. Evaluation uses the running statistics, as BatchNorm does.
+    """
+
+    def __init__(self, bn: _BatchNorm, group: dist.ProcessGroup | None) -> None:
+        super().__init__(bn.num_features, bn.eps, bn.momentum, bn.affine, bn.track_running_stats)
+        self.group = group
+        # the same parameter and buffer objects: the optimizer built on `bn` trains these; the state_dict keys stay
+        self.weight, self.bias = bn.weight, bn.bias
+        self.running_mean, self.running_var, self.num_batches_tracked = bn.running_mean, bn.running_var, bn.num_batches_tracked
+
+    def _check_input_dim(self, x: torch.Tensor) -> None:
+        if x.dim() < 2:
+            raise ValueError(f"expected an input of at least 2 dimensions, got {x.dim()}")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training:
+            return super().forward(x)
+        dims = [0, *range(2, x.dim())]
+        shape = [1, -1] + [1] * (x.dim() - 2)
+        xf = x.float()
+        count = torch.tensor([xf.numel() // xf.shape[1]], dtype=xf.dtype, device=x.device)
+        sums = dist_fn.all_reduce(torch.cat([xf.sum(dims), count]), group=self.group)
+        n = sums[-1].detach()
+        mean = sums[:-1] / n
+        centred = xf - mean.view(shape)
+        var = dist_fn.all_reduce(centred.square().sum(dims), group=self.group) / n
+        out = centred * torch.rsqrt(var + self.eps).view(shape)
+        if self.affine:
+            out = out * self.weight.view(shape) + self.bias.view(shape)
+        if self.track_running_stats:
+            with torch.no_grad():
+                self.num_batches_tracked.add_(1)
+                factor = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
+                self.running_mean.lerp_(mean.detach(), factor)
+                self.running_var.lerp_(var.detach() * n / (n - 1), factor)
+        return out.to(x.dtype)
+
+
+def convert_sync_bn(module: nn.Module, group: dist.ProcessGroup | None) -> nn.Module:
+    """`module` with every BatchNorm replaced by a SyncBatchNorm over `group` (same parameters and buffers)."""
+    if isinstance(module, _BatchNorm) and not isinstance(module, SyncBatchNorm):
+        return SyncBatchNorm(module, group)
+    for name, child in module.named_children():
+        setattr(module, name, convert_sync_bn(child, group))
+    return module
+
