@@ -46,6 +46,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--lr", type=float)
     p.add_argument("--schedule", help="pipeline (default: one process per module) | sequential (single-process reference)")
     p.add_argument("--threads", type=int, help="torch threads (0: PyTorch's default)")
+    p.add_argument("--replicas", metavar="N|[N1,N2,...]",
+                   help="pipeline: processes per stage, each on a shard of every batch (one count, or one per stage)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override any config key, e.g. --set split=[6,11] --set sgr_reduction=sample")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (logs still go to the run directory)")
@@ -73,6 +75,8 @@ def build_config(args: argparse.Namespace):
 
     overrides = dict(parse_override(o) for o in args.overrides)
     overrides.update({key: getattr(args, flag) for flag, key in FLAG_KEYS.items() if getattr(args, flag) is not None})
+    if args.replicas is not None:  # a count or a YAML list, as --set replicas=... reads it
+        overrides["replicas"] = parse_override(f"replicas={args.replicas}")[1]
     if args.no_progress:
         overrides["progress"] = False
     cfg = validate(from_dict(overrides, base=load_yaml(args.config or DEFAULT_CONFIG), source="command line"))
@@ -279,18 +283,28 @@ def rank_device(cfg, rank: int) -> str:
 def check_topology(cfg, stages: int, world_size: int) -> None:
     """Refuse pipeline set-ups that cannot run, before any process starts."""
     from pipeline.config import ConfigError
+    from workers.routes import check_batch, replica_counts
 
     if cfg.schedule == "pipeline" and cfg.method == "greedy":
         raise ConfigError("method greedy trains modules one after another; run it with --schedule sequential")
     if cfg.schedule == "pipeline" and cfg.method in ("fa", "dfa"):
         raise ConfigError(f"method {cfg.method} updates every layer from the output error of the same batch, "
                           "which a pipeline stage does not have yet; run it with --schedule sequential")
-    if world_size > 1 and world_size != stages:
+    counts = replica_counts(cfg.replicas, stages)
+    processes = sum(counts)
+    if cfg.schedule != "pipeline" and processes > stages:
+        raise ConfigError("replicas are processes of the pipeline; --schedule sequential trains in one process: "
+                          "drop --replicas or use --schedule pipeline")
+    if cfg.schedule == "pipeline":
+        check_batch(cfg.batch_size, counts)
+    if world_size > 1 and world_size != processes:
+        layout = f"{stages} stages" if processes == stages else f"{stages} stages with replicas {counts} ({processes} processes)"
         raise ConfigError(
-            f"torchrun started {world_size} processes but the split has {stages} stages; use --nproc-per-node "
-            f"{stages} (one process per stage) or 1 (the launcher spawns the stages)")
-    if cfg.schedule == "pipeline" and cfg.device.startswith("cuda") and cfg.gpus and len(cfg.gpus) != stages:
-        raise ConfigError(f"gpus lists {len(cfg.gpus)} devices but the split has {stages} stages; give one GPU per stage")
+            f"torchrun started {world_size} processes but the run has {layout}; use --nproc-per-node "
+            f"{processes} (one process per stage replica) or 1 (the launcher spawns them)")
+    if cfg.schedule == "pipeline" and cfg.device.startswith("cuda") and cfg.gpus and len(cfg.gpus) != processes:
+        raise ConfigError(f"gpus lists {len(cfg.gpus)} devices but the run has {processes} stage processes; "
+                          "give one GPU per process (stage by stage, replicas in order)")
     if world_size > 1 and cfg.schedule != "pipeline":
         raise ConfigError("--schedule sequential runs in one process; start it with python, not torchrun")
     if cfg.schedule == "pipeline" and cfg.device.startswith("cuda"):  # every stage's GPU exists (one-line error if not)
@@ -299,7 +313,7 @@ def check_topology(cfg, stages: int, world_size: int) -> None:
         else:
             from workers.launcher import spawned_devices
 
-            spawned_devices(cfg, stages)
+            spawned_devices(cfg, processes)
 
 
 class Terminated(KeyboardInterrupt):

@@ -2,7 +2,9 @@
 
 Stages push msgpack records (train statistics, per-head evaluation counts, ready/done/error);
 the coordinator writes them to metrics.jsonl in the same format as the sequential trainer,
-assembles each epoch's evaluation from all heads, and shows one progress bar.
+assembles each epoch's evaluation from all heads, and shows one progress bar. With replicas,
+replica 0 of a stage reports for the stage; every process sends ready, heartbeats, done or its
+error, and is told apart by its index among the run's processes (`worker`, routes.workers order).
 """
 from __future__ import annotations
 
@@ -17,13 +19,14 @@ from pipeline.config import Config
 from pipeline.metrics import eval_record, format_eval
 from pipeline.rundir import RunWriter
 from workers.messages import Record
+from workers.routes import workers
 from workers.security import RunKeys
 from workers.trace import write_trace
 from workers.transport import Collector
 
 
 class StageFailed(RuntimeError):
-    """A stage process died or reported an error; the message names the stage."""
+    """A stage process died or reported an error; the message names the stage (and the replica)."""
 
 
 PAUSE_S = 2.0  # a launcher loop that looks at the clock every 0.1 s and saw a gap this long was itself paused
@@ -33,8 +36,10 @@ class Coordinator:
     """Owns the run directory and the live view of a K-stage pipeline."""
 
     def __init__(self, cfg: Config, stages: int, steps_per_epoch: int, ctx: zmq.Context, endpoint: str,
-                 start_step: int = 0, keys: RunKeys | None = None) -> None:
+                 start_step: int = 0, keys: RunKeys | None = None, counts: list[int] | None = None) -> None:
         self.cfg, self.stages = cfg, stages
+        self.counts = counts or [1] * stages  # replicas per stage
+        self.workers = workers(self.counts)  # every process; records name theirs by index (`worker`)
         self.records = Collector(ctx, endpoint, keys)
         self.endpoint = self.records.endpoint
         self.run_dir = Path(cfg.out)
@@ -42,10 +47,10 @@ class Coordinator:
         # counted in steps, shown in images: the rate reads as the pipeline's throughput in img/s
         self.bar = tqdm(total=steps_per_epoch * cfg.epochs, initial=start_step, desc=f"pipeline K={stages}",
                         unit="img", unit_scale=cfg.batch_size, disable=not cfg.progress, dynamic_ncols=True)
-        self.done: dict[int, dict[str, Any]] = {}
-        self.errors: dict[int, str] = {}
+        self.done: dict[int, dict[str, Any]] = {}  # worker -> its `done` record
+        self.errors: dict[int, str] = {}  # worker -> its error
         self.last_step = [start_step] * stages
-        self.last_seen: dict[int, float] = {}  # stage -> when it last sent anything (from its `ready` on)
+        self.last_seen: dict[int, float] = {}  # worker -> when it last sent anything (from its `ready` on)
         self.last_tick = self.paused_until = time.monotonic()
         self.fingerprint: dict[str, Any] = {}
         self.saved: dict[int, set[int]] = {}  # step -> stages that saved their part of its checkpoint
@@ -78,8 +83,8 @@ class Coordinator:
         return now
 
     def handle(self, msg: dict[str, Any]) -> None:
-        """One record from a stage: note that the stage is alive, then hand the record to its kind's handler."""
-        self.last_seen[msg["stage"]] = time.monotonic()
+        """One record from a process: note that it is alive, then hand the record to its kind's handler."""
+        self.last_seen[msg.get("worker", msg["stage"])] = time.monotonic()
         self.handlers[Record(msg["kind"])](msg["stage"], msg)
 
     def _on_ready(self, stage: int, msg: dict[str, Any]) -> None:
@@ -115,10 +120,10 @@ class Coordinator:
         """Nothing beyond `last_seen`, which every record updates."""
 
     def _on_done(self, stage: int, msg: dict[str, Any]) -> None:
-        self.done[stage] = msg
+        self.done[msg.get("worker", stage)] = msg
 
     def _on_error(self, stage: int, msg: dict[str, Any]) -> None:
-        self.errors[stage] = msg["error"]
+        self.errors[msg.get("worker", stage)] = msg["error"]
 
     def _seal_checkpoint(self, epoch: int, step: int) -> None:
         """Every stage saved its part of step `step`'s checkpoint: write the manifest (last), prune old ones."""
@@ -128,7 +133,8 @@ class Coordinator:
         del self.saved[step]
 
     def silent_stage(self, timeout_s: float) -> int | None:
-        """A started stage that has sent nothing, not even a heartbeat, for `timeout_s` seconds (hung), if any.
+        """A started process (worker index) that has sent nothing, not even a heartbeat, for `timeout_s` seconds
+        (hung), if any.
 
         Start-up (loading data, building the model) is not judged: a stage that dies there is seen
         by its exit, and one that stalls there leaves its neighbours without messages (peer_timeout).
@@ -146,29 +152,36 @@ class Coordinator:
 
     @property
     def finished(self) -> bool:
-        return len(self.done) == self.stages
+        return len(self.done) == len(self.workers)
 
-    def failure(self, stage: int, how: str) -> StageFailed:
-        """The error for a dead stage: which stage, how it ended, at which step, its own error, and how to resume."""
-        error = self.errors.get(stage)
+    def failure(self, worker: int, how: str) -> StageFailed:
+        """The error for a dead process: which stage (and replica), how it ended, at which step, its own error, and
+        how to resume."""
+        stage = self.workers[worker].stage
+        error = self.errors.get(worker)
         detail = f": {error}" if error else ""
         if self.last_checkpoint is not None:
             resume = f"; checkpoint of step {self.last_checkpoint} kept: resume with --resume {self.run_dir}"
         else:
             resume = "; no checkpoint yet"
-        return StageFailed(f"stage {stage + 1} {how} after step {self.last_step[stage]}{detail}{resume}")
+        return StageFailed(f"{self.workers[worker].name(self.counts)} {how} after step {self.last_step[stage]}"
+                           f"{detail}{resume}")
 
     def finish(self, seconds: float) -> dict[str, Any]:
-        """Close the live view and write summary.json; the returned summary also holds the `timeline` of train reports."""
+        """Close the live view and write summary.json; the returned summary also holds the `timeline` of train reports.
+
+        Per stage: busy fraction (mean over its replicas), peak memory (the largest replica's), and the kind of
+        its replica 0's first link on (zmq, shm, cuda_ipc)."""
         self.bar.close()
-        busy = [self.done[k]["busy"] / max(1e-9, self.done[k]["busy"] + self.done[k]["idle"]) for k in sorted(self.done)]
+        done = [[self.done[w] for w, worker in enumerate(self.workers) if worker.stage == k] for k in range(self.stages)]
+        busy = [sum(d["busy"] / max(1e-9, d["busy"] + d["idle"]) for d in ds) / len(ds) for ds in done]
         result = {**self.result, "seconds": round(seconds, 1), "busy_fraction": [round(b, 3) for b in busy],
-                  "peak_memory_bytes": [self.done[k]["peak_memory"] for k in sorted(self.done)],
+                  "peak_memory_bytes": [max(d["peak_memory"] for d in ds) for ds in done],
                   "peak_memory_kind": "cuda_max_allocated" if self.cfg.device.startswith("cuda") else "cpu_max_rss",
-                  "links": [self.done[k]["link"] for k in sorted(self.done)][:-1]}  # stage k -> k+1: zmq, shm, cuda_ipc
+                  "links": [ds[0]["link"] for ds in done][:-1], "replicas": self.counts}
         self.writer.summary(result)
-        if self.cfg.trace:
-            write_trace(self.run_dir / "trace.json", {k: self.done[k]["trace"] for k in sorted(self.done)})
+        if self.cfg.trace:  # one row per stage: replica 0's spans
+            write_trace(self.run_dir / "trace.json", {k: ds[0]["trace"] for k, ds in enumerate(done)})
         return {**result, "timeline": self.timeline}
 
     def close(self) -> None:

@@ -1,7 +1,8 @@
 """Starting and supervising the stage processes: one code path for `python launch.py` and torchrun.
 
-- One launcher process (plain python, or torchrun with one process per node): it spawns the K
-  stage processes itself, runs the coordinator, and stops every stage as soon as one dies.
+- One launcher process (plain python, or torchrun with one process per node): it spawns the
+  stage processes itself (K, or one per replica with `replicas`), runs the coordinator, and stops
+  every stage as soon as one dies.
 - torchrun with K processes: each process is one stage (rank = stage, LOCAL_RANK picks the
   GPU); endpoints are exchanged through torch.distributed's store, so the same command works
   across nodes; rank 0 also runs the coordinator.
@@ -17,6 +18,7 @@ import sys
 import tempfile
 import threading
 import time
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +32,8 @@ from pipeline.lifeline import forkserver, process_alive
 from workers.coordinator import Coordinator
 from workers.ipc_check import cuda_ipc_error
 from workers.placement import LinkEnd, LinkKind, host_id, link_kind, stage_device
+from workers.replicas import ReplicaGroup, group_backend
+from workers.routes import check_batch, receivers_of, replica_counts, senders_of, workers
 from workers.security import STORE_KEY as SECURITY_STORE_KEY, RunKeys, new_run_keys, start_authenticator
 from workers.stage import StageSpec, StageWorker, stage_main
 from workers.transport import remove_segments
@@ -47,10 +51,11 @@ def visible_gpus(cfg: Config) -> int:
     return torch.cuda.device_count() if cfg.device.startswith("cuda") else 0
 
 
-def spawned_devices(cfg: Config, stages: int) -> list[str]:
-    """Each stage's device when one launcher spawns them all (they see this process's GPUs)."""
+def spawned_devices(cfg: Config, processes: int) -> list[str]:
+    """Each process's device when one launcher spawns them all (they see this process's GPUs), in routes.workers
+    order: process i on GPU i mod #GPUs, or on `gpus[i]`."""
     visible = visible_gpus(cfg)
-    return [stage_device(cfg.device, cfg.gpus, k, visible) for k in range(stages)]
+    return [stage_device(cfg.device, cfg.gpus, i, visible) for i in range(processes)]
 
 
 def checked_link(kind: LinkKind, producer: str, consumer: str, checked: dict[tuple[str, str], bool]) -> LinkKind:
@@ -67,11 +72,11 @@ def checked_link(kind: LinkKind, producer: str, consumer: str, checked: dict[tup
     return kind if checked[(producer, consumer)] else LinkKind.SHARED_MEMORY
 
 
-def stage_threads(cfg: Config, stages: int, local_stages: int | None = None) -> int:
-    """Torch threads per stage: the config's, or the host's cores shared among the stages on it."""
+def stage_threads(cfg: Config, processes: int, local_processes: int | None = None) -> int:
+    """Torch threads per stage process: the config's, or the host's cores shared among the processes on it."""
     if cfg.threads:
         return cfg.threads
-    return max(1, (os.cpu_count() or 1) // (local_stages or stages))
+    return max(1, (os.cpu_count() or 1) // (local_processes or processes))
 
 
 def _describe_exit(code: int) -> str:
@@ -112,7 +117,8 @@ def _stop(processes: list[mp.Process]) -> None:
 
 
 def run_spawned(cfg: Config, stages: int, shape: DataShape, resume: Checkpoint | None = None) -> dict[str, Any]:
-    """Spawn K local stage processes linked by ipc:// sockets, coordinate them, and stop all on any failure."""
+    """Spawn the stage processes (one per replica of each of the K stages) linked by ipc:// sockets, coordinate
+    them, and stop all on any failure."""
     remove_stale_ipc_dirs(Path(tempfile.gettempdir()))
     remove_segments()  # shared memory of stages killed before their first credit, in a run nobody cleaned up
     tmp = tempfile.mkdtemp(prefix=IPC_PREFIX)
@@ -122,23 +128,39 @@ def run_spawned(cfg: Config, stages: int, shape: DataShape, resume: Checkpoint |
     coordinator: Coordinator | None = None
     try:  # from here on every exit path, an error before training included, removes tmp and closes the sockets
         start_step = resume.step if resume is not None else 0
-        coordinator = Coordinator(cfg, stages, shape.steps_per_epoch, ctx, f"ipc://{tmp}/report", start_step)
-        devices = spawned_devices(cfg, stages)
-        threads = stage_threads(cfg, stages)
-        link = [f"ipc://{tmp}/link{k}" for k in range(stages)]  # link[k]: input of stage k
+        counts = replica_counts(cfg.replicas, stages)
+        check_batch(cfg.batch_size, counts)
+        everyone = workers(counts)
+        index = {(w.stage, w.replica): i for i, w in enumerate(everyone)}
+        coordinator = Coordinator(cfg, stages, shape.steps_per_epoch, ctx, f"ipc://{tmp}/report", start_step,
+                                  counts=counts)
+        devices = spawned_devices(cfg, len(everyone))
+        threads = stage_threads(cfg, len(everyone))
+
+        def link(k: int, receiver: int, sender: int) -> str:  # the input of replica `receiver` of stage k from `sender`
+            return f"ipc://{tmp}/link{k}.{receiver}.{sender}"
+
         # Stages take this process's environment (StageSpec.environment): a GPU's index names the same GPU in each.
         seen = tuple(f"cuda:{i}" for i in range(visible_gpus(cfg)))
         ends = [LinkEnd(host_id(), device if device in seen else None, seen) for device in devices]
         checked: dict[tuple[str, str], bool] = {}
-        out_links = [checked_link(link_kind(cfg.transport, ends[k], ends[k + 1]), devices[k], devices[k + 1], checked)
-                     for k in range(stages - 1)] + [LinkKind.ZMQ]
-        specs = [
-            StageSpec(k, stages, cfg.to_dict(), link[k] if k else None, link[k + 1] if k + 1 < stages else None,
-                      coordinator.endpoint, devices[k], threads, shape, out_links[k], _resume_path(resume), start_step,
-                      launcher_pid=os.getpid(), environment=dict(os.environ))
-            for k in range(stages)
-        ]
-        processes = [forkserver().Process(target=stage_main, args=(spec,), name=f"stage{spec.rank + 1}") for spec in specs]
+
+        def out_link(i: int, j: int) -> LinkKind:  # the kind of the link from process i to process j
+            return checked_link(link_kind(cfg.transport, ends[i], ends[j]), devices[i], devices[j], checked)
+
+        specs = []
+        for i, w in enumerate(everyone):
+            k, r = w.stage, w.replica
+            sources = senders_of(r, counts[k], counts[k - 1]) if k else []
+            targets = receivers_of(r, counts[k], counts[k + 1]) if k + 1 < stages else []
+            specs.append(StageSpec(
+                k, stages, cfg.to_dict(), [link(k, r, s) for s in sources], [link(k + 1, t, r) for t in targets],
+                coordinator.endpoint, devices[i], threads, shape, [out_link(i, index[k + 1, t]) for t in targets],
+                _resume_path(resume), start_step, launcher_pid=os.getpid(), environment=dict(os.environ),
+                replica=r, counts=counts, group_devices=[devices[index[k, q]] for q in range(counts[k])],
+                group_store=f"{tmp}/group{k}" if counts[k] > 1 else None))
+        processes = [forkserver().Process(target=stage_main, args=(spec,), name=spec.name.replace(" ", ""))
+                     for spec in specs]
         start = time.time()
         for p in processes:
             p.start()
@@ -187,13 +209,19 @@ def _resume_path(resume: Checkpoint | None) -> str | None:
 
 
 def run_torchrun(cfg: Config, stages: int, shape: DataShape, resume: Checkpoint | None = None) -> dict[str, Any] | None:
-    """This torchrun process's stage; rank 0 also coordinates and returns the result (others return None)."""
+    """This torchrun process's stage (or replica of one); rank 0 also coordinates and returns the result (others
+    return None). Ranks map to (stage, replica) in routes.workers order, stage by stage: torchrun numbers the ranks
+    of a node consecutively, so a stage's replicas share a node (and its fast links) where the counts allow."""
     import torch.distributed as dist
 
-    dist.init_process_group("gloo")
+    dist.init_process_group("gloo", timeout=timedelta(seconds=cfg.peer_timeout))
     remove_segments()  # shared memory left by the stages of a run killed before their first credit
     store = dist.distributed_c10d._get_default_store()
     rank, world = dist.get_rank(), dist.get_world_size()
+    counts = replica_counts(cfg.replicas, stages)
+    everyone = workers(counts)
+    me = everyone[rank]  # launch.check_topology refused a world that is not sum(counts)
+    k, r = me.stage, me.replica
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", str(world)))
     single_node = local_world == world
@@ -206,30 +234,33 @@ def run_torchrun(cfg: Config, stages: int, shape: DataShape, resume: Checkpoint 
     if rank == 0:  # the run's CURVE keys: only processes that got them from the store can join a tcp link
         store.set(SECURITY_STORE_KEY, new_run_keys().encode())
     keys = RunKeys.decode(store.get(SECURITY_STORE_KEY))
+    group = _replica_group(store, counts, rank, own_uuid, torch.device(device), cfg.peer_timeout)
     ctx = zmq.Context()
     authenticator = start_authenticator(ctx, keys)
     coordinator = None
     start_step = resume.step if resume is not None else 0
     if rank == 0:
-        coordinator = Coordinator(cfg, stages, shape.steps_per_epoch, ctx, f"tcp://{host}:*", start_step, keys)
+        coordinator = Coordinator(cfg, stages, shape.steps_per_epoch, ctx, f"tcp://{host}:*", start_step, keys, counts)
         store.set("sgr/report", coordinator.endpoint)
-    spec = StageSpec(rank, stages, cfg.to_dict(), f"tcp://{host}:*" if rank else None, None, None, device,
-                     stage_threads(cfg, stages, local_world), shape, resume=_resume_path(resume), start_step=start_step,
-                     keys=keys)
-    worker = StageWorker(spec, ctx)
-    if worker.in_endpoint is not None:
-        store.set(f"sgr/in/{rank}", json.dumps({"endpoint": worker.in_endpoint, "host": host_id(), "gpu": own_uuid,
-                                                "visible": uuids}))
-    out_endpoint, out_link = None, LinkKind.ZMQ
-    if rank + 1 < stages:
-        consumer = json.loads(store.get(f"sgr/in/{rank + 1}").decode())
-        out_endpoint = consumer["endpoint"]
+    sources = senders_of(r, counts[k], counts[k - 1]) if k else []
+    targets = receivers_of(r, counts[k], counts[k + 1]) if k + 1 < stages else []
+    spec = StageSpec(k, stages, cfg.to_dict(), [f"tcp://{host}:*"] * len(sources), [], None, device,
+                     stage_threads(cfg, world, local_world), shape, resume=_resume_path(resume), start_step=start_step,
+                     keys=keys, replica=r, counts=counts)
+    worker = StageWorker(spec, ctx, group)
+    for source, endpoint in zip(sources, worker.in_endpoints):
+        store.set(f"sgr/in/{k}/{r}/{source}", json.dumps({"endpoint": endpoint, "host": host_id(), "gpu": own_uuid,
+                                                           "visible": uuids}))
+    out_endpoints, out_links = [], []
+    for target in targets:
+        consumer = json.loads(store.get(f"sgr/in/{k + 1}/{target}/{r}").decode())
+        out_endpoints.append(consumer["endpoint"])
         kind = link_kind(cfg.transport, LinkEnd(host_id(), own_uuid, tuple(uuids)),
                          LinkEnd(consumer["host"], consumer["gpu"], tuple(consumer["visible"])))
         # the check's consumer process runs here: on the next stage's GPU if this rank sees it, else on our own
         check_on = f"cuda:{uuids.index(consumer['gpu'])}" if consumer["gpu"] in uuids else device
-        out_link = checked_link(kind, device, check_on, {})
-    worker.connect(out_endpoint, store.get("sgr/report").decode(), out_link)
+        out_links.append(checked_link(kind, device, check_on, {}))
+    worker.connect(out_endpoints, store.get("sgr/report").decode(), out_links)
     watcher = None
     if coordinator is not None:
         watcher = threading.Thread(target=_coordinate, args=(coordinator, cfg.heartbeat_timeout), daemon=True)
@@ -249,6 +280,26 @@ def run_torchrun(cfg: Config, stages: int, shape: DataShape, resume: Checkpoint 
             authenticator.stop()
         ctx.term()
         dist.destroy_process_group()
+
+
+def _replica_group(store: Any, counts: list[int], rank: int, own_uuid: str | None, device: torch.device,
+                   timeout_s: float) -> ReplicaGroup | None:
+    """Under torchrun: every stage's replica group (each rank takes part in making every group, in stage order, as
+    torch.distributed requires), and this rank's own, if its stage has several replicas."""
+    import torch.distributed as dist
+
+    store.set(f"sgr/gpu/{rank}", own_uuid or "")
+    everyone = workers(counts)
+    mine = None
+    for k, count in enumerate(counts):
+        ranks = [i for i, w in enumerate(everyone) if w.stage == k]
+        if count == 1:
+            continue
+        gpus = [store.get(f"sgr/gpu/{i}").decode() or None for i in ranks]
+        made = dist.new_group(ranks, timeout=timedelta(seconds=timeout_s), backend=group_backend(gpus))
+        if rank in ranks:
+            mine = ReplicaGroup(made, count, ranks.index(rank), device)
+    return mine
 
 
 def _coordinate(coordinator: Coordinator, heartbeat_timeout: float) -> None:

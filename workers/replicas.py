@@ -19,7 +19,7 @@ from typing import Iterable, Sequence
 
 import torch
 import torch.distributed as dist
-import torch.distributed.nn.functional as dist_fn
+import torch.distributed._functional_collectives as funcol
 import torch.nn as nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
@@ -30,11 +30,11 @@ class ReplicasDiverged(RuntimeError):
     """The replicas of a stage no longer hold the same weights."""
 
 
-def group_backend(devices: Sequence[str]) -> str:
-    """The collective backend of a replica group: NCCL between distinct GPUs, gloo on the CPU or where
-    two replicas share a GPU (NCCL refuses two ranks of one communicator on one device)."""
-    on_gpus = all(d.startswith("cuda") for d in devices)
-    return "nccl" if on_gpus and len(set(devices)) == len(devices) else "gloo"
+def group_backend(gpus: Sequence[str | None]) -> str:
+    """The collective backend of a replica group, from each replica's GPU (its name or UUID; None on the CPU):
+    NCCL between distinct GPUs, gloo on the CPU or where two replicas share a GPU (NCCL refuses two ranks
+    of one communicator on one device)."""
+    return "nccl" if None not in gpus and len(set(gpus)) == len(gpus) else "gloo"
 
 
 def buckets(tensors: Iterable[torch.Tensor], limit: int = BUCKET_BYTES) -> list[list[torch.Tensor]]:
@@ -143,11 +143,11 @@ class SyncBatchNorm(_BatchNorm):
         shape = [1, -1] + [1] * (x.dim() - 2)
         xf = x.float()
         count = torch.tensor([xf.numel() // xf.shape[1]], dtype=xf.dtype, device=x.device)
-        sums = dist_fn.all_reduce(torch.cat([xf.sum(dims), count]), group=self.group)
+        sums = _all_sum(torch.cat([xf.sum(dims), count]), self.group)
         n = sums[-1].detach()
         mean = sums[:-1] / n
         centred = xf - mean.view(shape)
-        var = dist_fn.all_reduce(centred.square().sum(dims), group=self.group) / n
+        var = _all_sum(centred.square().sum(dims), self.group) / n
         out = centred * torch.rsqrt(var + self.eps).view(shape)
         if self.affine:
             out = out * self.weight.view(shape) + self.bias.view(shape)
@@ -158,6 +158,11 @@ class SyncBatchNorm(_BatchNorm):
                 self.running_mean.lerp_(mean.detach(), factor)
                 self.running_var.lerp_(var.detach() * n / (n - 1), factor)
         return out.to(x.dtype)
+
+
+def _all_sum(t: torch.Tensor, group: dist.ProcessGroup | None) -> torch.Tensor:
+    """The sum of `t` over the group's processes, differentiable (its backward is again an all-reduce)."""
+    return funcol.wait_tensor(funcol.all_reduce(t, "sum", group or dist.group.WORLD))
 
 
 def convert_sync_bn(module: nn.Module, group: dist.ProcessGroup | None) -> nn.Module:

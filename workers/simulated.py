@@ -26,6 +26,12 @@ class SimulatedStep:
     def train_step(self, x: torch.Tensor, delta_prev: torch.Tensor | None, y: torch.Tensor) -> StepOutput:
         """Sleep for the simulated compute, then hand x on (with a zero δ where the next stage needs one)."""
         time.sleep(self.seconds)
+        if self.step.average_gradients is not None:  # replicas: the collective a real step ends with, on zero gradients
+            params = self.step.parameters()
+            for param in params:
+                if param.grad is None:
+                    param.grad = torch.zeros_like(param)
+            self.step.average_gradients(params)
         last = self.step.is_last
         delta = torch.zeros_like(x) if self.step.send_delta and not last else None
         zero = torch.zeros(())

@@ -6,6 +6,12 @@ on the `eval_end` marker) or a `checkpoint` marker behind batch t. Each link is 
 stage handles messages in arrival order, so every stage evaluates or saves with exactly the
 weights it has after batch t, stage k trains on batch t while stage k-1 trains on batch t+1,
 and the numbers equal the sequential reference's.
+
+A stage may run as several replicas (`replicas`), each on an equal shard of every batch
+(workers/routes.py): a replica receives its rows from the replicas of the previous stage that
+hold them (one message from each, merged in row order) and sends each replica of the next stage
+the rows it needs. The replicas of a stage average their gradients and sum their metrics through
+their process group (workers/replicas.py); replica 0 reports, evaluates the ΔL_k probe and saves.
 """
 from __future__ import annotations
 
@@ -13,15 +19,16 @@ import os
 import resource
 import signal
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 import zmq
 
 from pipeline.checkpoint import check_finite, checkpoint_dir, fingerprint, load_stage_state, save_atomic, stage_state
-from pipeline.config import Config, from_dict
+from pipeline.config import Config, from_dict, per_stage
 from pipeline.data import DataShape, data_shape, eval_batches, load_config_data, probe_batch, to_device
 from pipeline.lifeline import adopt_environment, exit_with
 from pipeline.metrics import ModuleMeter, topk_correct, train_records
@@ -32,6 +39,8 @@ from pipeline.step import StageStep
 from workers.simulated import SimulatedStep
 from workers.messages import Kind, Record
 from workers.placement import LinkKind
+from workers.replicas import ReplicaGroup, convert_sync_bn, group_backend, join_group
+from workers.routes import Worker, receivers_of, rows_to, senders_of, shard
 from workers.security import RunKeys
 from workers.trace import Tracer, now
 from workers.transport import LINGER_MS, Message, Receiver, Reporter, Sender, remove_segments
@@ -44,18 +53,36 @@ class StageSpec:
     rank: int  # 0-based stage index
     stages: int
     config: dict[str, Any]
-    in_endpoint: str | None  # where this stage binds its input link (None for stage 1); tcp port may be '*'
-    out_endpoint: str | None  # the next stage's input link (None for the last stage; filled by `connect`)
+    in_endpoints: list[str]  # where this process binds one input link per sender (routes.senders_of; none for stage 1); tcp port may be '*'
+    out_endpoints: list[str]  # the input links of the next stage's replicas it sends to (routes.receivers_of; filled by `connect`)
     report_endpoint: str | None  # where the coordinator collects records (filled by `connect` if None)
     device: str
     threads: int
     shape: DataShape  # the data's sizes: later stages do not load the data
-    out_link: LinkKind = LinkKind.ZMQ  # how tensors travel to the next stage (placement.link_kind)
+    out_links: list[LinkKind] = field(default_factory=list)  # how tensors travel on each out link (placement.link_kind)
     resume: str | None = None  # checkpoint folder to continue from
     start_step: int = 0  # the training step that checkpoint holds
     keys: RunKeys | None = None  # tcp links: the run's CURVE keys (workers/security.py)
     launcher_pid: int | None = None  # the process that started this one: the stage ends when it does
     environment: dict[str, str] | None = None  # the launcher's, when it started the run (the forkserver's is older)
+    replica: int = 0  # which replica of its stage this process is
+    counts: list[int] | None = None  # replicas of every stage (None: one each)
+    group_devices: list[str] | None = None  # the devices of this stage's replicas (they pick the collective backend)
+    group_store: str | None = None  # spawned runs: the file where this stage's replicas meet (None under torchrun)
+
+    @property
+    def replicas(self) -> list[int]:
+        """How many replicas each stage has."""
+        return self.counts or [1] * self.stages
+
+    @property
+    def worker(self) -> int:
+        """This process's index among all of the run's (routes.workers order): how the coordinator tells them apart."""
+        return sum(self.replicas[:self.rank]) + self.replica
+
+    @property
+    def name(self) -> str:
+        return Worker(self.rank, self.replica).name(self.replicas)
 
 
 class Heartbeat(threading.Thread):
@@ -67,13 +94,13 @@ class Heartbeat(threading.Thread):
 
     PERIOD_S = 1.0
 
-    def __init__(self, ctx: zmq.Context, endpoint: str, rank: int, keys: RunKeys | None = None) -> None:
+    def __init__(self, ctx: zmq.Context, endpoint: str, rank: int, keys: RunKeys | None = None, worker: int | None = None) -> None:
         super().__init__(name=f"heartbeat{rank + 1}", daemon=True)
-        self.ctx, self.endpoint, self.rank, self.keys = ctx, endpoint, rank, keys
+        self.ctx, self.endpoint, self.rank, self.keys, self.worker = ctx, endpoint, rank, keys, worker
         self.stopped = threading.Event()
 
     def run(self) -> None:
-        reporter = Reporter(self.ctx, self.endpoint, self.rank, self.keys)  # zmq sockets belong to one thread each
+        reporter = Reporter(self.ctx, self.endpoint, self.rank, self.keys, self.worker)  # zmq sockets belong to one thread each
         try:
             while not self.stopped.wait(self.PERIOD_S):
                 reporter.send({"kind": Record.BEAT})
@@ -89,11 +116,14 @@ class Heartbeat(threading.Thread):
 class StageWorker:
     """One module's training loop inside its own process."""
 
-    def __init__(self, spec: StageSpec, ctx: zmq.Context) -> None:
-        """Build this stage's module and bind its input link; `connect` then joins the next stage."""
+    def __init__(self, spec: StageSpec, ctx: zmq.Context, group: ReplicaGroup | None = None) -> None:
+        """Build this stage's module, meet its replicas (`group` under torchrun) and bind its input links;
+        `connect` then joins the next stage."""
         self.spec, self.ctx = spec, ctx
         self.cfg: Config = from_dict(spec.config)
         self.rank, self.last = spec.rank, spec.rank == spec.stages - 1
+        self.counts, self.replica = spec.replicas, spec.replica
+        self.lead = spec.replica == 0  # replica 0 reports, probes ΔL_k and saves the stage's checkpoint
         self.device = torch.device(spec.device)
         configure_torch(self.cfg)  # before the first CUDA call: deterministic kernels need the cuBLAS workspace set
         if self.device.type == "cuda":
@@ -118,46 +148,77 @@ class StageWorker:
         if spec.resume is not None:
             path = Path(spec.resume) / f"stage{self.rank + 1}.pt"
             self.probe.previous_input = load_stage_state(self.real_step, path, self.device)
+        self.group = self._join_replicas(group)
+        simulate_ms = per_stage(self.cfg.simulate_step_ms, spec.stages, "simulate_step_ms")[self.rank]
         self.step: StageStep | SimulatedStep = self.real_step
-        if self.cfg.simulate_step_ms > 0:  # bench/schedule_overhead.py: sleep instead of compute
-            self.step = SimulatedStep(self.real_step, self.cfg.simulate_step_ms)
-        self.probing = self.cfg.probe_size > 0 and self.cfg.simulate_step_ms == 0
-        self.receiver = None if spec.in_endpoint is None else Receiver(
-            ctx, spec.in_endpoint, self.cfg.peer_timeout, self.device, peer=f"stage {self.rank}", keys=spec.keys)
+        if simulate_ms > 0:  # bench/schedule_overhead.py, bench/replicas.py: sleep instead of compute
+            self.step = SimulatedStep(self.real_step, simulate_ms / self.counts[self.rank])
+        self.probing = self.cfg.probe_size > 0 and simulate_ms == 0 and self.lead
+        # one input link per replica of the previous stage that holds some of this replica's rows, in row order
+        self.sources = [] if self.rank == 0 else senders_of(self.replica, self.counts[self.rank], self.counts[self.rank - 1])
+        if len(spec.in_endpoints) != len(self.sources):
+            raise ValueError(f"{spec.name} receives from {len(self.sources)} replicas but was given "
+                             f"{len(spec.in_endpoints)} input links")
+        self.receivers = [Receiver(ctx, endpoint, self.cfg.peer_timeout, self.device, keys=spec.keys,
+                                   peer=Worker(self.rank - 1, source).name(self.counts))
+                          for endpoint, source in zip(spec.in_endpoints, self.sources)]
+        self.targets = [] if self.last else receivers_of(self.replica, self.counts[self.rank], self.counts[self.rank + 1])
         self.heartbeat: Heartbeat | None = None
-        self.sender: Sender | None = None
+        self.senders: list[Sender] = []
         self.reporter: Reporter | None = None
         self.meter = ModuleMeter(1, first_module=self.rank)
         self.busy = self.idle = 0.0
         self.trace = Tracer(self.cfg.trace)
         self.eval_counts: list[torch.Tensor | int] = [0, 0, 0]  # correct top-1, top-5 (on the device), samples
 
-    @property
-    def in_endpoint(self) -> str | None:
-        """The bound input address (with the real port when bound to tcp port '*')."""
-        return None if self.receiver is None else self.receiver.endpoint
+    def _join_replicas(self, group: ReplicaGroup | None) -> ReplicaGroup | None:
+        """Meet this stage's other replicas (given `group` under torchrun, a file store when spawned) and make the
+        step average its gradients with theirs; BatchNorm shares statistics over the stage batch with `sync_bn`."""
+        spec = self.spec
+        self.own_group = group is None and self.counts[self.rank] > 1  # spawned: this process made it, and ends it
+        if self.own_group:
+            devices = spec.group_devices or [spec.device] * self.counts[self.rank]
+            backend = group_backend([d if d.startswith("cuda") else None for d in devices])
+            group = join_group(spec.group_store, self.replica, self.counts[self.rank], backend, self.cfg.peer_timeout,
+                               self.device)
+        if group is None:
+            return None
+        self.real_step.average_gradients = group.average_gradients
+        if self.cfg.sync_bn:
+            convert_sync_bn(self.local.module, group.group)
+            convert_sync_bn(self.local.head, group.group)
+        return group
 
-    def connect(self, out_endpoint: str | None, report_endpoint: str, out_link: LinkKind = LinkKind.ZMQ) -> None:
-        """Connect to the next stage's input link and to the coordinator."""
-        if out_endpoint is not None:
-            self.sender = Sender(self.ctx, out_endpoint, out_link, self.cfg.depth, self.cfg.peer_timeout,
-                                 peer=f"stage {self.rank + 2}", keys=self.spec.keys)
-        self.reporter = Reporter(self.ctx, report_endpoint, self.rank, self.spec.keys)
-        self.heartbeat = Heartbeat(self.ctx, report_endpoint, self.rank, self.spec.keys)
+    @property
+    def in_endpoints(self) -> list[str]:
+        """The bound input addresses (with the real port when bound to tcp port '*')."""
+        return [receiver.endpoint for receiver in self.receivers]
+
+    def connect(self, out_endpoints: list[str], report_endpoint: str, out_links: list[LinkKind] | None = None) -> None:
+        """Connect to the input links of the next stage's replicas this one sends to, and to the coordinator."""
+        if len(out_endpoints) != len(self.targets):
+            raise ValueError(f"{self.spec.name} sends to {len(self.targets)} replicas but was given "
+                             f"{len(out_endpoints)} output links")
+        out_links = out_links or [LinkKind.ZMQ] * len(out_endpoints)
+        self.senders = [Sender(self.ctx, endpoint, kind, self.cfg.depth, self.cfg.peer_timeout,
+                               peer=Worker(self.rank + 1, target).name(self.counts), keys=self.spec.keys)
+                        for endpoint, kind, target in zip(out_endpoints, out_links, self.targets)]
+        self.reporter = Reporter(self.ctx, report_endpoint, self.rank, self.spec.keys, self.spec.worker)
+        self.heartbeat = Heartbeat(self.ctx, report_endpoint, self.rank, self.spec.keys, self.spec.worker)
 
     # --- the loop -----------------------------------------------------------------
 
     def run(self) -> None:
         self.reporter.send({"kind": Record.READY, "pid": os.getpid(), "fingerprint": self.fingerprint})
         self.heartbeat.start()
-        if self.receiver is None:
+        if self.rank == 0:
             self._feed()
         else:
             self._relay()
-        if self.sender is not None:
-            self.sender.drain()
+        for sender in self.senders:
+            sender.drain()
         self.reporter.send({"kind": Record.DONE, "busy": self.busy, "idle": self.idle, "peak_memory": self.peak_memory(),
-                            "link": self.sender.kind.value if self.sender is not None else None,
+                            "link": self.senders[0].kind.value if self.senders else None,
                             "trace": self.trace.spans if self.trace.enabled else None})
 
     def peak_memory(self) -> int:
@@ -172,28 +233,35 @@ class StageWorker:
         for _, _, steps in run_epochs(self.cfg, self.data, self.steps_per_epoch, self.spec.start_step, self.device):
             for s in steps:  # images uint8 to the device, normalised there; labels on the host
                 header = {"epoch": s.epoch, "step": s.step}
-                self._train({"kind": Kind.TRAIN, **header}, {"x": s.x, "y": s.y})
+                self._train({"kind": Kind.TRAIN, "rows": len(s.y), **header}, self._own_rows(s.x, s.y))
                 if s.evaluate:
                     for ex, ey in eval_batches(self.data, self.cfg.eval_batch_size, self.device):
-                        self._eval({"kind": Kind.EVAL, **header}, {"x": ex, "y": ey})
+                        self._eval({"kind": Kind.EVAL, "rows": len(ey), **header}, self._own_rows(ex, ey))
                     self._eval_end({"kind": Kind.EVAL_END, **header}, {} if probe is None else dict(zip("xy", probe)))
                 if s.checkpoint:
                     self._checkpoint({"kind": Kind.CHECKPOINT, **header}, {})
         self._stop({"kind": Kind.STOP}, {})
 
+    def _own_rows(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Stage 1: this replica's shard of a batch every replica of stage 1 draws alike."""
+        start, end = shard(len(y), self.counts[0], self.replica)
+        return {"x": x[start:end], "y": y[start:end]} if self.counts[0] > 1 else {"x": x, "y": y}
+
     def _relay(self) -> None:
-        """Stages 2..K: handle messages in arrival order until `stop`."""
+        """Stages 2..K: handle messages in arrival order until `stop` (one from each sender, merged in row order)."""
         handlers = {Kind.TRAIN: self._train, Kind.EVAL: self._eval, Kind.EVAL_END: self._eval_end,
                     Kind.CHECKPOINT: self._checkpoint, Kind.STOP: self._stop}
         while True:
             start = now()
-            message: Message = self.receiver.recv()
+            messages: list[Message] = [receiver.recv() for receiver in self.receivers]
             end = now()
             self.idle += end - start
-            self.trace.add("input", start, end, message.header.get("step"))
-            kind = Kind(message.header["kind"])
-            handlers[kind](message.header, message.tensors)
-            self.receiver.done(message)  # the message's tensors are the producer's again
+            header, tensors = merge(messages)
+            self.trace.add("input", start, end, header.get("step"))
+            kind = Kind(header["kind"])
+            handlers[kind](header, tensors)
+            for receiver, message in zip(self.receivers, messages):
+                receiver.done(message)  # the message's tensors are the producer's again
             if kind is Kind.STOP:
                 return
 
@@ -209,15 +277,34 @@ class StageWorker:
         end = now()
         self.busy += end - start
         self.trace.add("train", start, end, header["step"])
-        self._send({"kind": Kind.TRAIN, "epoch": header["epoch"], "step": header["step"]},
+        self._send({"kind": Kind.TRAIN, "epoch": header["epoch"], "step": header["step"], "rows": header["rows"]},
                    {"x": result.out, "delta": result.delta, "y": y})
+        if self.group is not None:
+            self._keep_replicas_equal(header["step"])
         if header["step"] % self.cfg.log_every == 0 or header["step"] % self.steps_per_epoch == 0:
+            if self.group is not None:
+                self._sum_meter()
             lr = self.step.optimizer.param_groups[0]["lr"]
-            for record in train_records(self.meter, header["epoch"], header["step"], [lr]):
-                queue = len(self.sender.in_flight) if self.sender is not None else 0  # sent, not yet done downstream
+            for record in train_records(self.meter, header["epoch"], header["step"], [lr]) if self.lead else ():
+                queue = sum(len(sender.in_flight) for sender in self.senders)  # sent, not yet done downstream
                 self.reporter.send({"kind": Record.TRAIN, "record": record, "busy": self.busy, "idle": self.idle,
                                     "queue": queue})
             self.meter.reset()
+
+    def _keep_replicas_equal(self, step: int) -> None:
+        """After a step: per-shard BatchNorm takes replica 0's running statistics (as DDP does), and every
+        `checksum_every` steps the replicas compare their weights."""
+        modules = [self.local.module, self.local.head]
+        if not self.cfg.sync_bn:
+            self.group.broadcast_buffers(modules)
+        if self.cfg.checksum_every and step % self.cfg.checksum_every == 0:
+            self.group.check_same(modules, f"stage {self.rank + 1}", step)
+
+    def _sum_meter(self) -> None:
+        """The replicas' meters summed, so replica 0 reports the stage's loss and accuracy on whole batches."""
+        m, n = self.meter, self.counts[self.rank]
+        loss, sgr, correct, count = self.group.all_sum([m.loss[0], m.sgr[0], m.correct[0], m.count[0]])
+        m.loss[0], m.sgr[0], m.correct[0], m.count[0] = loss / n, sgr / n, int(correct), int(count)
 
     def _eval(self, header: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
         x, y = tensors["x"], tensors["y"]
@@ -233,14 +320,17 @@ class StageWorker:
     def _eval_end(self, header: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
         """Report this head's accuracy and ΔL_k (on the probe batch that rides on the marker), then pass it on."""
         start = now()
-        correct1, correct5, count = (int(c) for c in self.eval_counts)
+        counts = self.group.all_sum(self.eval_counts) if self.group is not None else self.eval_counts
+        correct1, correct5, count = (int(c) for c in counts)
         delta_loss, probe = None, {}
-        if "x" in tensors:
+        if "x" in tensors:  # the probe batch follows the replicas 0 (routes: their shards always overlap)
             out, delta_loss = self.probe(self.real_step, tensors["x"], to_device(tensors["y"], self.device))
             probe = {"x": out, "y": tensors["y"]}
         self.trace.add("eval", start, now(), header["step"])
-        self.reporter.send({"kind": Record.EVAL, "epoch": header["epoch"], "step": header["step"],
-                            "acc": correct1 / max(1, count), "top5": correct5 / max(1, count), "delta_loss": delta_loss})
+        if self.lead:
+            self.reporter.send({"kind": Record.EVAL, "epoch": header["epoch"], "step": header["step"],
+                                "acc": correct1 / max(1, count), "top5": correct5 / max(1, count),
+                                "delta_loss": delta_loss})
         self.eval_counts = [0, 0, 0]
         self._send(header, probe)
 
@@ -249,10 +339,11 @@ class StageWorker:
         start = now()
         self.meter.check_finite()  # a NaN since the last log must not reach a sealed checkpoint
         check_finite(self.real_step, self.rank + 1)  # nor an inf in a weight or BatchNorm statistic
-        path = checkpoint_dir(Path(self.cfg.out), header["step"]) / f"stage{self.rank + 1}.pt"
-        save_atomic(stage_state(self.real_step, self.device, self.probe.previous_input), path)
+        if self.lead:  # every replica holds the same weights
+            path = checkpoint_dir(Path(self.cfg.out), header["step"]) / f"stage{self.rank + 1}.pt"
+            save_atomic(stage_state(self.real_step, self.device, self.probe.previous_input), path)
+            self.reporter.send({"kind": Record.SAVED, "epoch": header["epoch"], "step": header["step"]})
         self.trace.add("checkpoint", start, now(), header["step"])
-        self.reporter.send({"kind": Record.SAVED, "epoch": header["epoch"], "step": header["step"]})
         self._send(header, {})
 
     def _stop(self, header: dict[str, Any], _tensors: dict[str, torch.Tensor]) -> None:
@@ -260,24 +351,56 @@ class StageWorker:
         self._send(header, {})
 
     def _send(self, header: dict[str, Any], tensors: dict[str, torch.Tensor | None]) -> None:
-        """Pass a message on; evaluation and probe batches use the link's evaluation window, so they never
-        hold back the training batch that follows them (no evaluation bubble at the default depth)."""
-        if self.sender is None:
-            return
-        start = now()
-        waited = self.sender.send(header, tensors, training=Kind(header["kind"]).training)
+        """Pass a message on to every replica of the next stage this one feeds, each with its rows; evaluation and
+        probe batches use the links' evaluation windows, so they never hold back the training batch that follows
+        them (no evaluation bubble at the default depth)."""
+        start, waited = now(), 0.0
+        kind = Kind(header["kind"])
+        for sender, target in zip(self.senders, self.targets):
+            waited += sender.send(header, self._rows_for(target, header, tensors), training=kind.training)
         end = now()
         self.idle += end - start
         if waited:
             self.trace.add("credit", start, start + waited, header.get("step"))
         self.trace.add("send", start + waited, end, header.get("step"))
 
+    def _rows_for(self, target: int, header: dict[str, Any],
+                  tensors: dict[str, torch.Tensor | None]) -> dict[str, torch.Tensor | None]:
+        """What replica `target` of the next stage gets: its rows of a batch, the probe batch (replicas 0 only),
+        the marker alone otherwise."""
+        if not tensors or (len(self.senders) == 1 and self.counts[self.rank + 1] == 1):
+            return tensors  # one receiver of whole batches: no slicing at all (the pipeline without replicas)
+        if "rows" not in header:  # the probe batch on `eval_end`
+            return tensors if (self.replica, target) == (0, 0) else {}
+        start, end = rows_to(header["rows"], self.replica, self.counts[self.rank], target, self.counts[self.rank + 1])
+        return {name: None if t is None else t[start:end] for name, t in tensors.items()}
+
     def close(self) -> None:
         if self.heartbeat is not None:
             self.heartbeat.stop()
-        for part in (self.receiver, self.sender, self.reporter):
+        for part in (*self.receivers, *self.senders, self.reporter):
             if part is not None:
                 part.close()
+        if self.group is not None and self.own_group and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def merge(messages: list[Message]) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """One message from the messages of every sender (the same kind and step from each): their tensors' rows
+    concatenated in sender order. A tensor only one sender sent (the probe batch) passes as it is."""
+    header = messages[0].header
+    for message in messages[1:]:
+        if (message.header["kind"], message.header.get("step")) != (header["kind"], header.get("step")):
+            raise RuntimeError(f"replicas out of step: {header['kind']} of step {header.get('step')} from one sender, "
+                               f"{message.header['kind']} of step {message.header.get('step')} from another")
+    if len(messages) == 1:
+        return header, messages[0].tensors
+    names = dict.fromkeys(name for message in messages for name in message.tensors)
+    tensors = {}
+    for name in names:
+        parts = [message.tensors[name] for message in messages if name in message.tensors]
+        tensors[name] = parts[0] if len(parts) == 1 else torch.cat(parts)
+    return header, tensors
 
 
 def _end_on_sigterm(signum: int, _frame: Any) -> None:
@@ -298,7 +421,7 @@ def stage_main(spec: StageSpec) -> None:
     worker = None
     try:
         worker = StageWorker(spec, ctx)
-        worker.connect(spec.out_endpoint, spec.report_endpoint, spec.out_link)
+        worker.connect(spec.out_endpoints, spec.report_endpoint, spec.out_links)
         worker.run()
     except KeyboardInterrupt:
         pass
@@ -306,7 +429,7 @@ def stage_main(spec: StageSpec) -> None:
         if worker is not None and worker.reporter is not None:
             worker.reporter.send({"kind": Record.ERROR, "error": f"{type(err).__name__}: {err}"})
         else:  # failed before connecting: a short-lived reporter, closed so that ctx.term() cannot block
-            reporter = Reporter(ctx, spec.report_endpoint, spec.rank, spec.keys)
+            reporter = Reporter(ctx, spec.report_endpoint, spec.rank, spec.keys, spec.worker)
             reporter.send({"kind": Record.ERROR, "error": f"{type(err).__name__}: {err}"})
             reporter.close()
         raise

@@ -412,15 +412,17 @@ class Receiver:
 class Reporter:
     """Pushes msgpack records from a stage to the coordinator."""
 
-    def __init__(self, ctx: zmq.Context, endpoint: str, rank: int, keys: RunKeys | None = None) -> None:
+    def __init__(self, ctx: zmq.Context, endpoint: str, rank: int, keys: RunKeys | None = None,
+                 worker: int | None = None) -> None:
         self.socket = ctx.socket(zmq.PUSH)
         self.socket.setsockopt(zmq.LINGER, LINGER_MS)
         secure(self.socket, keys, server=False)
         self.socket.connect(endpoint)
-        self.rank = rank
+        self.rank = rank  # the stage
+        self.worker = rank if worker is None else worker  # the process among all of the run's (replicas apart)
 
     def send(self, record: dict[str, Any]) -> None:
-        self.socket.send(msgpack.packb({"stage": self.rank, **record}, use_bin_type=True))
+        self.socket.send(msgpack.packb({"stage": self.rank, "worker": self.worker, **record}, use_bin_type=True))
 
     def close(self) -> None:
         self.socket.close()

@@ -18,7 +18,8 @@ TOLERANCE = dict(rtol=1e-4, atol=1e-6)  # float32 sums in another order; measure
 def test_group_backend_is_nccl_only_between_distinct_gpus():
     assert group_backend(["cuda:0", "cuda:1"]) == "nccl"
     assert group_backend(["cuda:0", "cuda:0"]) == "gloo"  # NCCL refuses two ranks on one GPU
-    assert group_backend(["cpu", "cpu"]) == "gloo"
+    assert group_backend([None, None]) == "gloo"
+    assert group_backend(["GPU-1a", None]) == "gloo"
 
 
 def test_buckets_keep_dtype_and_size():
