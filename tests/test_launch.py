@@ -51,6 +51,10 @@ def test_bad_input_is_one_line_before_training(tmp_path, capsys, argv, message):
     [
         (["--device", "cuda"], "error: device cuda asked for but no CUDA GPU is visible; use --device cpu"),
         (["--method", "greedy"], "error: method greedy trains modules one after another; run it with --schedule sequential"),
+        (["--replicas", "[1,2]"], "error: replicas lists 2 values but the split has 3 stages; give one per stage"),
+        (["--replicas", "3"], "error: batch_size 32 does not split evenly over 3 replicas"),
+        (["--replicas", "2", "--schedule", "sequential"], "error: replicas are processes of the pipeline"),
+        (["--replicas", "two"], "error: config key 'replicas' must be an integer or a list of them"),
     ],
 )
 def test_topology_errors_come_before_any_process_starts(tmp_path, capsys, monkeypatch, argv, message):
@@ -65,7 +69,8 @@ def test_one_gpu_per_stage_is_checked_against_the_split(tmp_path, capsys, monkey
     monkeypatch.setattr("torch.cuda.device_count", lambda: 4)
     argv = [*DIGITS, "--out", str(tmp_path / "run"), "--stages", "3", "--device", "cuda", "--set", "gpus=[0,1]"]
     assert launch.main(argv) == 2
-    assert capsys.readouterr().err == "error: gpus lists 2 devices but the split has 3 stages; give one GPU per stage\n"
+    assert capsys.readouterr().err == ("error: gpus lists 2 devices but the run has 3 stage processes; give one GPU per "
+                                       "process (stage by stage, replicas in order)\n")
 
 
 def test_cli_as_a_program(tmp_path):

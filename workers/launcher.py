@@ -44,6 +44,7 @@ LAUNCHER_PID = "launcher.pid"  # in that folder: who made it, so a later launche
 # A failing stage sends its error record, then exits: about a second apart when idle, several seconds on a
 # loaded host. The launcher waits up to this long for whichever of the two comes second (a guard, not a pause).
 END_WAIT_S = 30.0
+CAUSE_WAIT_S = 1.0  # after a first failure, how long the launcher lets the others' exits settle before naming one
 
 
 def visible_gpus(cfg: Config) -> int:
@@ -100,6 +101,26 @@ def _await_end(coordinator: Coordinator, k: int, p: mp.Process) -> None:
     while (p.exitcode is not None and p.exitcode >= 0 and k not in coordinator.done and k not in coordinator.errors
            and time.monotonic() < deadline):
         coordinator.poll(100)
+
+
+def _failed(coordinator: Coordinator, processes: list[mp.Process]) -> int | None:
+    """The process to blame, if any failed: one killed by a signal before one that reported an error.
+
+    A replica killed in the middle of a collective makes the collective fail in its stage's other
+    replicas within moments: those report errors, but the cause is the killed one. So once anything
+    failed, the launcher looks again after CAUSE_WAIT_S before it names a process.
+    """
+    def failed() -> list[int]:
+        return [k for k, p in enumerate(processes)
+                if k in coordinator.errors or (p.exitcode is not None and k not in coordinator.done)]
+
+    if not failed():
+        return None
+    deadline = time.monotonic() + CAUSE_WAIT_S
+    while time.monotonic() < deadline:
+        coordinator.poll(100)
+    blamed = failed()  # a process that had finished may have had its `done` on the way: not failed after all
+    return min(blamed, key=lambda k: (not (processes[k].exitcode or 0) < 0, k)) if blamed else None
 
 
 def _stop(processes: list[mp.Process]) -> None:
@@ -169,11 +190,12 @@ def run_spawned(cfg: Config, stages: int, shape: DataShape, resume: Checkpoint |
             silent = coordinator.silent_stage(cfg.heartbeat_timeout)
             if silent is not None:
                 raise coordinator.failure(silent, f"sent no heartbeat for {cfg.heartbeat_timeout:.0f} s (hung)")
-            for k, p in enumerate(processes):
-                if k in coordinator.errors or (p.exitcode is not None and k not in coordinator.done):
-                    _await_end(coordinator, k, p)
-                    if k not in coordinator.done:  # else it had finished and its `done` was still on the way
-                        raise coordinator.failure(k, _describe_end(p.exitcode, k in coordinator.errors))
+            k = _failed(coordinator, processes)
+            if k is not None:
+                p = processes[k]
+                _await_end(coordinator, k, p)
+                if k not in coordinator.done:  # else it had finished and its `done` was still on the way
+                    raise coordinator.failure(k, _describe_end(p.exitcode, k in coordinator.errors))
         for p in processes:
             p.join(timeout=60)
         return coordinator.finish(time.time() - start)

@@ -320,7 +320,7 @@ def test_torchrun_with_the_wrong_number_of_processes_is_refused(tmp_path):
            "--stages", "3", "--dataset", "digits", "--no-progress", "--out", str(tmp_path / "x")]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode != 0
-    assert "torchrun started 2 processes but the split has 3 stages; use --nproc-per-node 3" in proc.stderr
+    assert "torchrun started 2 processes but the run has 3 stages; use --nproc-per-node 3" in proc.stderr
 
 
 def test_a_frozen_stage_is_named_within_thirty_seconds_with_the_defaults(tmp_path):

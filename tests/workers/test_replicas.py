@@ -110,28 +110,40 @@ def test_replicas_with_sync_bn_equal_one_process_on_the_whole_batch(tmp_path, si
         assert all(torch.equal(replicas[r]["state"][n], replicas[0]["state"][n]) for n in expected)
 
 
-class GhostBatchNorm(nn.BatchNorm2d):
-    """The reference of `sync_bn: false` with 2 replicas: each half of the batch normalised by its own statistics;
-    the running statistics follow the first half only (replica 0's, which every replica then takes)."""
+class GhostBatchNorm(nn.modules.batchnorm._BatchNorm):
+    """The reference of `sync_bn: false`: each of `shards` equal parts of the batch normalised by its own statistics;
+    the running statistics follow the first part (replica 0's, which the replicas take after each step)."""
+
+    def __init__(self, bn: nn.modules.batchnorm._BatchNorm, shards: int) -> None:
+        super().__init__(bn.num_features, bn.eps, bn.momentum, bn.affine, bn.track_running_stats)
+        self.weight, self.bias, self.shards = bn.weight, bn.bias, shards
+        self.running_mean, self.running_var, self.num_batches_tracked = bn.running_mean, bn.running_var, bn.num_batches_tracked
+
+    def _check_input_dim(self, x: torch.Tensor) -> None:
+        """Any BatchNorm's input (1d, 2d)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training:
             return super().forward(x)
-        first, second = x.chunk(2)
-        out_second = F.batch_norm(second, None, None, self.weight, self.bias, training=True, eps=self.eps)
-        return torch.cat([super().forward(first), out_second])  # the first half updates the running statistics
+        first, *rest = x.chunk(self.shards)
+        return torch.cat([super().forward(first), *(F.batch_norm(part, None, None, self.weight, self.bias, training=True,
+                                                                 eps=self.eps) for part in rest)])
+
+
+def ghost(module: nn.Module, shards: int) -> None:
+    """Replace every BatchNorm in `module` by a GhostBatchNorm over `shards` parts (same parameters and buffers)."""
+    for name, child in module.named_children():
+        if isinstance(child, nn.modules.batchnorm._BatchNorm):
+            setattr(module, name, GhostBatchNorm(child, shards))
+        else:
+            ghost(child, shards)
 
 
 def test_replicas_with_per_shard_batch_norm_equal_a_reference_that_normalises_per_shard(tmp_path):
     replicas = run_replicas(tmp_path, 2, sync_bn=False)
     step, x, delta, y = tiny_step()
-    for parent in (step.module, step.head):
-        for name, child in parent.named_children():
-            if isinstance(child, nn.BatchNorm2d):
-                ghost = GhostBatchNorm(child.num_features)
-                ghost.load_state_dict(child.state_dict())
-                ghost.weight, ghost.bias = child.weight, child.bias  # the optimizer's parameters
-                setattr(parent, name, ghost)
+    ghost(step.module, 2)
+    ghost(step.head, 2)
     for _ in range(3):
         step.train_step(x, delta, y)
     for got in replicas:
