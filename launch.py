@@ -217,18 +217,26 @@ def print_trace(run_dir: Path) -> int:
 
 
 def run_plan(argv: list[str]) -> int:
-    """`launch.py plan [training flags]`: measure every candidate module, print the least-memory split for K."""
+    """`launch.py plan [--gpus G [--memory-cap GiB]] [training flags]`: measure every candidate module, print the
+    least-memory split for K; with --gpus, also the fastest cuts and replica counts on G devices."""
     from pipeline.config import ConfigError
     from pipeline.data import DataError, load_config_data
     from pipeline.plan import plan_split
 
-    args = parse_args(argv)
+    extra = argparse.ArgumentParser(add_help=False)
+    extra.add_argument("--gpus", type=int, help="plan cuts and replica counts for this many devices")
+    extra.add_argument("--memory-cap", dest="memory_cap", type=float,
+                       help="GiB per device (default: the GPU's memory; on the CPU, global BP's footprint)")
+    layout_args, rest = extra.parse_known_args(argv)
+    args = parse_args(rest)
     try:
         cfg = build_config(args)
         if cfg.method == "bp":
             raise ConfigError("method bp trains the whole network as one module: there is no split to plan")
         if cfg.stages is None:
             raise ConfigError("plan needs the number of modules: give --stages K")
+        if layout_args.gpus is not None and layout_args.gpus < cfg.stages:
+            raise ConfigError(f"--gpus {layout_args.gpus} is fewer than the {cfg.stages} stages; give at least {cfg.stages}")
         data = load_config_data(cfg)
         plan = plan_split(cfg, data.in_channels, data.num_classes, data.input_size)
     except (ConfigError, DataError, ValueError) as err:
@@ -246,6 +254,57 @@ def run_plan(argv: list[str]) -> int:
     print(f"global BP {bp / mb:.1f} MB; largest stage {plan.largest / mb:.1f} MB: saving {1 - plan.largest / bp:.1%}")
     cuts = ",".join(map(str, plan.cuts))
     print(f"cuts [{cuts}]: train with split: auto, or with these cuts: --set split=[{cuts}]")
+    if layout_args.gpus is not None:
+        return print_layout(cfg, plan, layout_args.gpus, layout_args.memory_cap)
+    return 0
+
+
+def print_layout(cfg, plan, gpus: int, memory_cap_gib: float | None) -> int:
+    """The planner's cuts and replica counts on `gpus` devices, against one device per stage and plain data parallelism."""
+    import torch
+
+    from pipeline.splits import module_ranges
+
+    mib = 1 << 20
+    if memory_cap_gib is not None:
+        cap, where = memory_cap_gib * 1024 * mib, "given"
+    elif cfg.device.startswith("cuda"):
+        cap, where = torch.cuda.get_device_properties(torch.device(cfg.device)).total_memory, "the GPU's memory"
+    else:
+        cap, where = plan.global_bp.total, "global BP's footprint, as on the CPU there is no device memory"
+    layout = plan.layout(cfg.stages, gpus, cap)
+    single = plan.layout(cfg.stages, cfg.stages, cap)
+    if layout is None or single is None:
+        print(f"error: no layout of {cfg.stages} stages fits {cap / mib:.0f} MiB per device on {gpus} devices; "
+              "raise --memory-cap or lower the batch", file=sys.stderr)
+        return 2
+    batch, n = plan.batch_size, plan.n_units
+    ranges = module_ranges(layout.cuts, n)
+    memory = [plan.memory_at(r.start, r.stop, batch / c).total for r, c in zip(ranges, layout.counts)]
+    print(f"\nlayout on {gpus} devices, at most {cap / mib:.0f} MiB each ({where}); step times from the profiling "
+          f"pass, scaled to batch {batch}; a replica takes 1/count of its stage's step (the all-reduce is left out)")
+    print("| stage | units | replicas | memory per device MiB | ms per batch per replica | predicted busy |")
+    print("|---|---|---|---|---|---|")
+    for k, (units, count, seconds, busy) in enumerate(zip(ranges, layout.counts, layout.seconds, layout.busy)):
+        print(f"| {k + 1} | {units.start}-{units.stop - 1} | {count} | {memory[k] / mib:.1f} | "
+              f"{1000 * seconds / count:.1f} | {busy:.2f} |")
+    local = [plan.memory_at(r.start, r.stop, batch / gpus) for r in ranges]
+    local_memory = sum(m.params + m.grads + m.optimizer for m in local) + max(m.saved for m in local)
+    local_rate = gpus / sum(layout.seconds)  # each device trains every module on batch / G rows, one after another
+    bp_rate = gpus / plan.step_seconds[(0, n)]
+    rows = [("this layout", sum(layout.counts), layout.rate, max(memory)),
+            (f"one device per stage, cuts {single.cuts}", cfg.stages, single.rate,
+             max(plan.memory_at(r.start, r.stop, batch).total for r in module_ranges(single.cuts, n))),
+            ("local learning, plain data parallel (sequential trainer)", gpus, local_rate, local_memory),
+            ("global BP, plain data parallel", gpus, bp_rate, plan.memory_at(0, n, batch / gpus).total)]
+    print("\n| on these devices | devices | predicted samples/s | this layout's speed-up over it | memory per device MiB |")
+    print("|---|---|---|---|---|")
+    for name, devices, rate, per_device in rows:
+        print(f"| {name} | {devices} | {rate * batch:.0f} | {layout.rate / rate:.2f} | {per_device / mib:.1f} |")
+    replicas = ",".join(map(str, layout.counts))
+    cuts = ",".join(map(str, layout.cuts))
+    print(f"\ntrain it: --set split=[{cuts}] --replicas [{replicas}] "
+          f"(torchrun: --nproc-per-node {sum(layout.counts)})")
     return 0
 
 

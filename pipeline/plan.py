@@ -50,7 +50,8 @@ class ModuleMemory:
 
 @dataclass
 class Plan:
-    """A split chosen by measurement: cut points, every candidate module's memory, and each chosen module's step time."""
+    """A split chosen by measurement: cut points, every candidate module's memory and step time, and each chosen
+    module's step time measured again."""
 
     cuts: list[int]
     seconds: list[float]  # median train_step seconds of each chosen module at the profiling batch
@@ -58,6 +59,8 @@ class Plan:
     profile_batch: int
     measured: dict[tuple[int, int], ModuleMemory]  # every candidate module (units a..b-1) at the profiling batch b
     table: dict[tuple[int, int], ModuleMemory]  # the same at the training batch: what the cuts were chosen on
+    measured_next: dict[tuple[int, int], ModuleMemory]  # the same at batch b + 1 (with `measured`: any batch)
+    step_seconds: dict[tuple[int, int], float]  # every candidate's step time, at batch b + 1 scaled to the training batch
 
     @property
     def n_units(self) -> int:
@@ -82,6 +85,16 @@ class Plan:
     def largest(self) -> int:
         """The largest chosen module's bytes at the training batch: what the cuts minimise."""
         return max(m.total for m in self.memory)
+
+    def memory_at(self, a: int, b: int, batch: float) -> ModuleMemory:
+        """Units a..b-1's memory as a module training on `batch` rows (a replica's shard, say)."""
+        first, second = self.measured[(a, b)], self.measured_next[(a, b)]
+        return first.at_batch(round(batch), self.profile_batch, second, self.profile_batch + 1)
+
+    def layout(self, stages: int, gpus: int, cap: float, cuts: list[int] | None = None) -> Layout | None:
+        """The fastest cuts (or these `cuts`) and replica counts on `gpus` devices of `cap` bytes each."""
+        return best_layout(self.step_seconds, lambda a, b, c: self.memory_at(a, b, self.batch_size / c).total <= cap,
+                           self.n_units, stages, gpus, self.batch_size, cuts)
 
 
 def saved_bytes(fn: Callable[[], object], exclude: set[int]) -> int:
@@ -150,6 +163,61 @@ def balanced_cuts(costs: dict[tuple[int, int], int], n: int, k: int) -> tuple[li
     return cuts, largest
 
 
+@dataclass(frozen=True)
+class Layout:
+    """Cuts and replica counts, with the predicted throughput: the slowest stage's count / step seconds."""
+
+    cuts: list[int]
+    counts: list[int]
+    seconds: list[float]  # each stage's step seconds for a whole batch on one device
+    rate: float  # predicted batches per second: min over stages of count / seconds
+
+    @property
+    def busy(self) -> list[float]:
+        """Each stage's predicted busy fraction: the pipeline's rate over the stage's own."""
+        return [self.rate * t / c for c, t in zip(self.counts, self.seconds)]
+
+
+def best_layout(seconds: dict[tuple[int, int], float], fits: Callable[[int, int, int], bool], n: int, k: int,
+                gpus: int, batch: int, cuts: list[int] | None = None) -> Layout | None:
+    """The cuts into k modules and replica counts (summing to at most `gpus`) that maximise predicted throughput.
+
+    seconds[(a, b)]: units a..b-1's step time as one module on one device for a whole batch; c replicas take
+    seconds / c each (ideal data parallelism: the all-reduce is left out). fits(a, b, c): whether a replica of
+    that module with c replicas fits the memory cap. Counts divide `batch` (equal shards). With `cuts`, only the
+    counts are chosen. Ties go to more GPUs (less memory each). Dynamic programming over (modules, units covered,
+    GPUs used); None if nothing fits.
+    """
+    counts_ok = [c for c in range(1, gpus + 1) if batch % c == 0]
+
+    def ends(m: int) -> list[int]:  # where module m (1-based) may end
+        return list(range(m, n + 1)) if cuts is None else [(list(cuts) + [n])[m - 1]]
+
+    best: dict[tuple[int, int, int], tuple[float, list[int], list[int]]] = {}  # (m, b, g) -> (rate, cuts, counts)
+    for b in ends(1):
+        for c in counts_ok:
+            if fits(0, b, c):
+                best[(1, b, c)] = (c / seconds[(0, b)], [], [c])
+    for m in range(2, k + 1):
+        for b in ends(m):
+            for (m0, a, g), (rate, cut, counts) in list(best.items()):
+                if m0 != m - 1 or a >= b:
+                    continue
+                for c in counts_ok:
+                    if g + c > gpus or not fits(a, b, c):
+                        continue
+                    candidate = (min(rate, c / seconds[(a, b)]), cut + [a], counts + [c])
+                    key = (m, b, g + c)
+                    if key not in best or candidate[0] > best[key][0]:
+                        best[key] = candidate
+    finals = [(rate, g, cut, counts) for (m, b, g), (rate, cut, counts) in best.items() if m == k and b == n]
+    if not finals:
+        return None
+    rate, _, cut, counts = max(finals, key=lambda f: (f[0], f[1]))
+    ranges = module_ranges(cut, n)
+    return Layout(cut, counts, [seconds[(r.start, r.stop)] for r in ranges], rate)
+
+
 class Profiler:
     """Builds and measures any range of a network's units as the module it would be in a split.
 
@@ -188,11 +256,15 @@ class Profiler:
         x = self.inputs[a][:batch].clone()
         return (x if a == 0 else x.to(wire_dtype(self.cfg))), self.y[:batch].clone()  # later modules get the wire dtype
 
-    def memory(self, a: int, b: int, batch: int) -> ModuleMemory:
-        """Measured memory of units a..b-1 as a module, at `batch`."""
+    def profile(self, a: int, b: int, batch: int) -> tuple[ModuleMemory, float]:
+        """Measured memory of units a..b-1 as a module, at `batch`, and the seconds that step took."""
         step, needs_delta = self.step(a, b)
         x, y = self.batch(a, batch)
-        return step_memory(step, x, torch.zeros_like(x) if needs_delta else None, y)[0]
+        start = time.perf_counter()
+        memory = step_memory(step, x, torch.zeros_like(x) if needs_delta else None, y)[0]
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return memory, time.perf_counter() - start
 
     def seconds(self, a: int, b: int, batch: int, reps: int = 3) -> float:
         """Median train_step seconds of units a..b-1 as a module, at `batch`."""
@@ -223,14 +295,17 @@ def plan_network(cfg: Config, net: Network, in_channels: int, num_classes: int, 
         raise ConfigError(f"stages={cfg.stages} is out of range: model {cfg.model} has {n} units, so use 1..{n}")
     batch = min(cfg.profile_batch, cfg.batch_size)
     exact = batch == cfg.batch_size  # measured at the training batch: nothing to extrapolate
-    profiler = Profiler(cfg, net, in_channels, num_classes, input_size, batch if exact else batch + 1)
+    profiler = Profiler(cfg, net, in_channels, num_classes, input_size, batch + 1)
     ranges_all = [(a, b) for a in range(n) for b in range(a + 1, n + 1)]
-    measured = {r: profiler.memory(*r, batch) for r in ranges_all}
+    measured = {r: profiler.profile(*r, batch)[0] for r in ranges_all}
+    second = {r: profiler.profile(*r, batch + 1) for r in ranges_all}  # the second step of its units: warmer to time
+    measured_next = {r: memory for r, (memory, _) in second.items()}
+    step_seconds = {r: seconds * cfg.batch_size / (batch + 1) for r, (_, seconds) in second.items()}
     table = measured if exact else {
-        r: measured[r].at_batch(cfg.batch_size, batch, profiler.memory(*r, batch + 1), batch + 1) for r in ranges_all}
+        r: measured[r].at_batch(cfg.batch_size, batch, measured_next[r], batch + 1) for r in ranges_all}
     cuts, _ = balanced_cuts({r: m.total for r, m in table.items()}, n, cfg.stages)
     seconds = [profiler.seconds(r.start, r.stop, batch) for r in module_ranges(cuts, n)]
-    return Plan(cuts, seconds, cfg.batch_size, batch, measured, table)
+    return Plan(cuts, seconds, cfg.batch_size, batch, measured, table, measured_next, step_seconds)
 
 
 def resolve_auto_split(cfg: Config, in_channels: int, num_classes: int, input_size: int) -> tuple[Config, Plan | None]:

@@ -131,9 +131,23 @@ def test_plan_prints_the_split_that_split_auto_then_trains_with(tmp_path, capsys
     assert launch.main([*argv, "--resume", str(out), "--epochs", "2"]) == 0  # the pipeline resumes with the planned cuts
 
 
+def test_plan_with_gpus_prints_the_layout_the_planner_predicts_fastest(capsys):
+    assert launch.main(["plan", *DIGITS, "--stages", "3", "--gpus", "5"]) == 0
+    printed = capsys.readouterr().out
+    layout = printed.split("| stage | units | replicas |")[1].split("\n\n")[0].splitlines()[2:]
+    counts = [int(row.split(" | ")[2]) for row in layout]
+    busy = [float(row.split(" | ")[5].rstrip(" |")) for row in layout]
+    assert len(counts) == 3 and sum(counts) <= 5 and all(32 % c == 0 for c in counts)
+    assert max(busy) == 1.0  # the slowest stage sets the pace
+    assert "| one device per stage, cuts [" in printed and "| global BP, plain data parallel | 5 |" in printed
+    assert f"--replicas [{','.join(map(str, counts))}] (torchrun: --nproc-per-node {sum(counts)})" in printed
+
+
 @pytest.mark.parametrize("argv,message", [
     (["--method", "bp"], "error: method bp trains the whole network as one module: there is no split to plan"),
     (["--stages", "9"], "error: stages=9 is out of range: model resnet8 has 4 units, so use 1..4"),
+    (["--stages", "3", "--gpus", "2"], "error: --gpus 2 is fewer than the 3 stages; give at least 3"),
+    (["--stages", "3", "--gpus", "4", "--memory-cap", "0.0001"], "error: no layout of 3 stages fits 0 MiB per device"),
 ])
 def test_plan_refuses_what_it_cannot_plan_in_one_line(capsys, argv, message):
     assert launch.main(["plan", *DIGITS, *argv]) == 2

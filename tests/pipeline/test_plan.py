@@ -9,8 +9,8 @@ import torch.nn as nn
 
 from pipeline.config import Config, ConfigError, validate
 from pipeline.models import Network, PoolLinear
-from pipeline.plan import (ModuleMemory, balanced_cuts, plan_network, plan_split, resolve_auto_split, saved_bytes,
-                           step_memory)
+from pipeline.plan import (ModuleMemory, balanced_cuts, best_layout, plan_network, plan_split, resolve_auto_split,
+                           saved_bytes, step_memory)
 from pipeline.splits import SplitError, module_ranges, resolve_cuts
 from pipeline.stages import build_local_modules, build_stage_steps
 
@@ -40,6 +40,48 @@ def test_balanced_cuts_split_additive_costs_evenly():
     assert balanced_cuts(costs, 6, 3) == ([1, 5], 5)
     with pytest.raises(ValueError, match="cannot cut 6 units into 7 modules"):
         balanced_cuts(costs, 6, 7)
+
+
+def layout_brute_force(seconds, fits, n, k, gpus, batch):
+    """The best predicted rate over every cut and every assignment of counts that divide the batch."""
+    best = 0.0
+    counts_ok = [c for c in range(1, gpus + 1) if batch % c == 0]
+    for cuts in itertools.combinations(range(1, n), k - 1):
+        ranges = module_ranges(list(cuts), n)
+        for counts in itertools.product(counts_ok, repeat=k):
+            if sum(counts) <= gpus and all(fits(r.start, r.stop, c) for r, c in zip(ranges, counts)):
+                best = max(best, min(c / seconds[(r.start, r.stop)] for r, c in zip(ranges, counts)))
+    return best
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_best_layout_finds_the_fastest_cuts_and_counts_that_fit(seed):
+    rng = random.Random(seed)
+    n, gpus, batch = rng.randint(2, 6), rng.randint(2, 8), rng.choice([8, 12, 30])
+    unit = [rng.uniform(1, 10) for _ in range(n)]
+    seconds = {(a, b): sum(unit[a:b]) for a in range(n) for b in range(a + 1, n + 1)}
+    cap = rng.uniform(5, 30)
+    fits = lambda a, b, c: sum(unit[a:b]) / c <= cap  # noqa: E731 - memory shrinks with the shard
+    for k in range(1, min(n, gpus) + 1):
+        layout = best_layout(seconds, fits, n, k, gpus, batch)
+        expected = layout_brute_force(seconds, fits, n, k, gpus, batch)
+        if expected == 0.0:
+            assert layout is None
+            continue
+        assert layout.rate == pytest.approx(expected)
+        assert sum(layout.counts) <= gpus and all(batch % c == 0 for c in layout.counts)
+        assert len(layout.cuts) == k - 1 and max(layout.busy) == pytest.approx(1.0)
+
+
+def test_best_layout_replicates_the_slow_stages():
+    seconds = {(0, 1): 0.010, (1, 2): 0.030, (2, 3): 0.030}  # bench/replicas.py's sleeping stages
+    fits = lambda a, b, c: True  # noqa: E731
+    assert best_layout(seconds, fits, 3, 3, 7, 128, cuts=[1, 2]).counts == [1, 2, 4]  # 3 does not divide 128
+    seven = best_layout(seconds, fits, 3, 3, 7, 126, cuts=[1, 2])  # 126 = 2 * 3^2 * 7: 3 divides it
+    assert seven.counts == [1, 3, 3] and seven.rate == pytest.approx(100.0)
+    five = best_layout(seconds, fits, 3, 3, 5, 128, cuts=[1, 2])
+    assert five.counts == [1, 2, 2] and five.busy == pytest.approx([2 / 3, 1.0, 1.0])
+    assert best_layout(seconds, lambda a, b, c: c > 1, 3, 3, 5, 128, cuts=[1, 2]) is None  # 6 GPUs needed
 
 
 def test_saved_bytes_counts_each_storage_once_and_leaves_out_excluded_ones():
