@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import os
 import signal
 import sys
@@ -315,7 +316,6 @@ def plan_auto_split(cfg, data, world_size: int):
     the launcher; under torchrun each rank plans on its own GPU (the plan counts bytes, so every
     rank gets the same cuts).
     """
-    import dataclasses
     import multiprocessing as mp
 
     from pipeline.plan import resolve_auto_split
@@ -349,6 +349,11 @@ def check_topology(cfg, stages: int, world_size: int) -> None:
     if cfg.schedule == "pipeline" and cfg.method in ("fa", "dfa"):
         raise ConfigError(f"method {cfg.method} updates every layer from the output error of the same batch, "
                           "which a pipeline stage does not have yet; run it with --schedule sequential")
+    if cfg.replicas == "auto":  # planned under torchrun by rank 0, for the processes torchrun started
+        if cfg.schedule != "pipeline" or world_size < stages:
+            raise ConfigError(f"replicas auto plans the pipeline's processes: it needs --schedule pipeline and, under "
+                              f"torchrun, at least one process per stage ({stages})")
+        return
     counts = replica_counts(cfg.replicas, stages)
     processes = sum(counts)
     if cfg.schedule != "pipeline" and processes > stages:
@@ -409,7 +414,7 @@ def run_job(args: argparse.Namespace, held: contextlib.ExitStack) -> int:
     from pipeline.stages import build_local_modules
     from pipeline.trainer import SequentialTrainer
     from workers.coordinator import StageFailed
-    from workers.launcher import run_spawned, run_torchrun
+    from workers.launcher import auto_replicas, run_spawned, run_torchrun, visible_gpus
 
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     try:
@@ -425,6 +430,13 @@ def run_job(args: argparse.Namespace, held: contextlib.ExitStack) -> int:
             print(f"split auto: cuts {plan.cuts}, largest stage {plan.largest / 2**20:.1f} MB of global BP's "
                   f"{plan.global_bp.total / 2**20:.1f} MB (see `launch.py plan`)", flush=True)
         stages = len(build_local_modules(cfg, data.in_channels, data.num_classes, data.input_size))
+        if cfg.replicas == "auto" and cfg.schedule == "pipeline" and world_size == 1:
+            gpus = visible_gpus(cfg) if cfg.device == "cuda" else 0  # cuda:N puts every process on one GPU
+            cfg = dataclasses.replace(cfg, replicas=auto_replicas(cfg, data_shape(data, cfg.batch_size), stages, gpus,
+                                                                  "cuda:0" if gpus else cfg.device))
+            print(f"replicas auto: {cfg.replicas} " + (f"(planned for {gpus} GPUs)" if gpus > stages else
+                                                       "(one per stage: no more GPUs than stages to spread over)"),
+                  flush=True)
         check_topology(cfg, stages, world_size)
         if int(os.environ.get("RANK", "0")) == 0:  # a second launcher on this directory is refused while we run
             held.enter_context(lock_run_dir(Path(cfg.out)))
@@ -446,7 +458,7 @@ def run_job(args: argparse.Namespace, held: contextlib.ExitStack) -> int:
             shape = data_shape(data, cfg.batch_size)
             del data  # stage 1 loads its own copy; the other stages need only its shape
             result = run_spawned(cfg, stages, shape, resume)
-    except CheckpointError as err:
+    except (CheckpointError, ConfigError) as err:  # a torchrun layout planned by rank 0 may not fit the world
         print(f"error: {err}", file=sys.stderr, flush=True)
         return 2
     except (StageFailed, FloatingPointError, DiskFull) as err:

@@ -80,7 +80,7 @@ class Config:
     transport: str = "auto"  # auto: on one host CUDA IPC (where the GPU is visible) or shared memory, else zmq; zmq: always zmq
     trace: bool = False  # pipeline: write RUN_DIR/trace.json, when each stage trained, waited, sent (launch.py trace RUN_DIR)
     gpus: list[int] = field(default_factory=list)  # pipeline on cuda: GPU of each process (default: process i on i mod #GPUs)
-    replicas: int | list[int] = 1  # pipeline: processes per stage (one count, or one per stage), each on a shard of every batch
+    replicas: int | list[int] | str = 1  # pipeline: processes per stage (one count, one per stage, or auto: planned), each on a shard of every batch
     sync_bn: bool = True  # replicas: BatchNorm statistics over the stage's whole batch (false: per shard, as plain DDP)
     checksum_every: int = 100  # replicas: steps between comparing the replicas' weights (0: never)
     peer_timeout: float = 120.0  # pipeline: seconds without a message from a neighbour before it counts as dead
@@ -128,12 +128,15 @@ def _coerce(name: str, value: Any) -> Any:
         raise ConfigError(f"config key '{name}' needs a value, got null (leave the key out for its default {default!r})")
     if default is None:
         return value
+    if name == "replicas" and value == "auto":
+        return value
     if name in UNIONS:
         items = _values(value)
         element = UNIONS[name][:-1]  # int, or float (ints allowed)
         if isinstance(value, bool) or not items or not all(isinstance(v, element) and not isinstance(v, bool) for v in items):
-            raise ConfigError(f"config key '{name}' must be {KIND_NAMES[element[0]]} or a list of them (one per stage), "
-                              f"got {value!r}")
+            also = " or auto" if name == "replicas" else ""
+            raise ConfigError(f"config key '{name}' must be {KIND_NAMES[element[0]]} or a list of them (one per stage)"
+                              f"{also}, got {value!r}")
         return value
     kind = KIND_NAMES.get(type(default), type(default).__name__)
     if isinstance(default, bool):
@@ -244,7 +247,7 @@ def validate(cfg: Config) -> Config:
          "eval_every, checkpoint_every and probe_size must be >= 0 (0: every epoch / off)")
     need(cfg.keep_checkpoints >= 1, f"keep_checkpoints must be >= 1, got {cfg.keep_checkpoints}")
     need(min(_values(cfg.simulate_step_ms)) >= 0, f"simulate_step_ms must be >= 0, got {cfg.simulate_step_ms}")
-    need(min(_values(cfg.replicas)) >= 1, f"replicas must be >= 1 (per stage), got {cfg.replicas}")
+    need(cfg.replicas == "auto" or min(_values(cfg.replicas)) >= 1, f"replicas must be >= 1 (per stage), got {cfg.replicas}")
     need(cfg.checksum_every >= 0, f"checksum_every must be >= 0 (0: never), got {cfg.checksum_every}")
     need(re.fullmatch(r"cpu|cuda(:\d+)?", cfg.device) is not None, f"device must be cpu, cuda or cuda:N, got {cfg.device!r}")
     need(cfg.threads >= 0 and cfg.log_every >= 1, "threads must be >= 0 and log_every >= 1")

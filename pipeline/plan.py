@@ -14,6 +14,7 @@ cuts that minimise the largest module then come from a dynamic programme over th
 from __future__ import annotations
 
 import dataclasses
+import math
 import statistics
 import time
 from dataclasses import dataclass
@@ -24,7 +25,8 @@ import torch
 from pipeline.config import Config, ConfigError
 from pipeline.models import Network
 from pipeline.splits import module_ranges
-from pipeline.stages import build_net, build_stage_step, check_layout, local_module, unit_outputs, wire_dtype
+from pipeline.stages import (build_net, build_stage_step, check_layout, local_module, module_cuts, unit_outputs,
+                             wire_dtype)
 from pipeline.step import StageStep, StepOutput
 
 
@@ -306,6 +308,32 @@ def plan_network(cfg: Config, net: Network, in_channels: int, num_classes: int, 
     cuts, _ = balanced_cuts({r: m.total for r, m in table.items()}, n, cfg.stages)
     seconds = [profiler.seconds(r.start, r.stop, batch) for r in module_ranges(cuts, n)]
     return Plan(cuts, seconds, cfg.batch_size, batch, measured, table, measured_next, step_seconds)
+
+
+def plan_replicas(cfg: Config, in_channels: int, num_classes: int, input_size: int, gpus: int,
+                  cap: float | None = None) -> Layout | None:
+    """`replicas: auto`: counts for the config's modules (its split as it is) on `gpus` devices of `cap` bytes
+    (default: the device's memory, none on the CPU). Each module's step time and memory are measured at the
+    profiling batch and the next, as `split: auto` measures them, and extrapolated to the batch."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed)
+        net = build_net(cfg, in_channels, num_classes, input_size)
+        check_layout(cfg, net)
+        cuts, n = module_cuts(cfg, net), len(net.units)
+        batch = min(cfg.profile_batch, cfg.batch_size)
+        profiler = Profiler(cfg, net, in_channels, num_classes, input_size, batch + 1)
+        ranges = [(r.start, r.stop) for r in module_ranges(cuts, n)]
+        first = {r: profiler.profile(*r, batch)[0] for r in ranges}
+        second = {r: profiler.profile(*r, batch + 1) for r in ranges}
+    if cap is None:
+        cap = torch.cuda.get_device_properties(profiler.device).total_memory if profiler.device.type == "cuda" else math.inf
+
+    def fits(a: int, b: int, c: int) -> bool:
+        shard = first[(a, b)].at_batch(cfg.batch_size // c, batch, second[(a, b)][0], batch + 1)
+        return shard.total <= cap
+
+    seconds = {r: t * cfg.batch_size / (batch + 1) for r, (_, t) in second.items()}
+    return best_layout(seconds, fits, n, len(ranges), gpus, cfg.batch_size, cuts)
 
 
 def resolve_auto_split(cfg: Config, in_channels: int, num_classes: int, input_size: int) -> tuple[Config, Plan | None]:

@@ -54,7 +54,7 @@ def test_bad_input_is_one_line_before_training(tmp_path, capsys, argv, message):
         (["--replicas", "[1,2]"], "error: replicas lists 2 values but the split has 3 stages; give one per stage"),
         (["--replicas", "3"], "error: batch_size 32 does not split evenly over 3 replicas"),
         (["--replicas", "2", "--schedule", "sequential"], "error: replicas are processes of the pipeline"),
-        (["--replicas", "two"], "error: config key 'replicas' must be an integer or a list of them"),
+        (["--replicas", "two"], "error: config key 'replicas' must be an integer or a list of them (one per stage) or auto"),
     ],
 )
 def test_topology_errors_come_before_any_process_starts(tmp_path, capsys, monkeypatch, argv, message):
@@ -71,6 +71,13 @@ def test_one_gpu_per_stage_is_checked_against_the_split(tmp_path, capsys, monkey
     assert launch.main(argv) == 2
     assert capsys.readouterr().err == ("error: gpus lists 2 devices but the run has 3 stage processes; give one GPU per "
                                        "process (stage by stage, replicas in order)\n")
+
+
+def test_replicas_auto_on_the_cpu_runs_one_process_per_stage(tmp_path, capsys):
+    assert launch.main([*DIGITS, "--out", str(tmp_path / "run"), "--stages", "2", "--replicas", "auto",
+                        "--set", "train_subset=64"]) == 0
+    assert "replicas auto: [1, 1] (one per stage: no more GPUs than stages to spread over)" in capsys.readouterr().out
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["replicas"] == [1, 1]
 
 
 def test_cli_as_a_program(tmp_path):

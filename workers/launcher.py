@@ -9,6 +9,7 @@
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import multiprocessing as mp
 import os
@@ -26,9 +27,10 @@ import torch
 import zmq
 
 from pipeline.checkpoint import Checkpoint
-from pipeline.config import Config
+from pipeline.config import Config, ConfigError
 from pipeline.data import DataShape
 from pipeline.lifeline import forkserver, process_alive
+from pipeline.plan import plan_replicas
 from workers.coordinator import Coordinator
 from workers.ipc_check import cuda_ipc_error
 from workers.placement import LinkEnd, LinkKind, host_id, link_kind, stage_device
@@ -57,6 +59,21 @@ def spawned_devices(cfg: Config, processes: int) -> list[str]:
     order: process i on GPU i mod #GPUs, or on `gpus[i]`."""
     visible = visible_gpus(cfg)
     return [stage_device(cfg.device, cfg.gpus, i, visible) for i in range(processes)]
+
+
+def auto_replicas(cfg: Config, shape: DataShape, stages: int, gpus: int, device: str) -> list[int]:
+    """`replicas: auto`: the planner's counts for the run's modules on `gpus` devices (pipeline/plan.plan_replicas),
+    measured in a child process so that no CUDA memory stays with this one. One per stage on no more devices than
+    stages (a spawned CPU run passes 0: its stages share the cores, replicas would only divide them further)."""
+    if gpus <= stages:
+        return [1] * stages
+    with mp.get_context("spawn").Pool(1) as pool:
+        layout = pool.apply(plan_replicas, (dataclasses.replace(cfg, device=device, replicas=1), shape.in_channels,
+                                            shape.num_classes, shape.input_size, gpus))
+    if layout is None:
+        raise ConfigError(f"replicas auto: no replica of some module fits one device's memory at batch {cfg.batch_size}"
+                          " (see launch.py plan --gpus); lower the batch or change the split")
+    return layout.counts
 
 
 def checked_link(kind: LinkKind, producer: str, consumer: str, checked: dict[tuple[str, str], bool]) -> LinkKind:
@@ -240,10 +257,6 @@ def run_torchrun(cfg: Config, stages: int, shape: DataShape, resume: Checkpoint 
     remove_segments()  # shared memory left by the stages of a run killed before their first credit
     store = dist.distributed_c10d._get_default_store()
     rank, world = dist.get_rank(), dist.get_world_size()
-    counts = replica_counts(cfg.replicas, stages)
-    everyone = workers(counts)
-    me = everyone[rank]  # launch.check_topology refused a world that is not sum(counts)
-    k, r = me.stage, me.replica
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", str(world)))
     single_node = local_world == world
@@ -256,6 +269,19 @@ def run_torchrun(cfg: Config, stages: int, shape: DataShape, resume: Checkpoint 
     if rank == 0:  # the run's CURVE keys: only processes that got them from the store can join a tcp link
         store.set(SECURITY_STORE_KEY, new_run_keys().encode())
     keys = RunKeys.decode(store.get(SECURITY_STORE_KEY))
+    if cfg.replicas == "auto":  # rank 0 plans (on its GPU), every rank takes its counts: timings differ by rank
+        if rank == 0:
+            store.set("sgr/replicas", json.dumps(auto_replicas(cfg, shape, stages, world, device)))
+        store.wait(["sgr/replicas"], timedelta(hours=2))  # a big model's profiling pass takes minutes
+        cfg = dataclasses.replace(cfg, replicas=json.loads(store.get("sgr/replicas")))
+        if sum(cfg.replicas) != world:
+            raise ConfigError(f"replicas auto: the planner's layout {cfg.replicas} uses {sum(cfg.replicas)} of the {world}"
+                              f" processes torchrun started (every count divides batch_size {cfg.batch_size}); use "
+                              f"--nproc-per-node {sum(cfg.replicas)} or give --replicas")
+    counts = replica_counts(cfg.replicas, stages)
+    everyone = workers(counts)
+    me = everyone[rank]  # launch.check_topology refused a world that is not sum(counts)
+    k, r = me.stage, me.replica
     group = _replica_group(store, counts, rank, own_uuid, torch.device(device), cfg.peer_timeout)
     ctx = zmq.Context()
     authenticator = start_authenticator(ctx, keys)

@@ -28,7 +28,10 @@ class Worker:
 
 
 def replica_counts(replicas: int | list[int], stages: int) -> list[int]:
-    """The config's `replicas` (one count for every stage, or one per stage) as a list of K counts."""
+    """The config's `replicas` (one count for every stage, or one per stage) as a list of K counts; `auto` must have
+    been planned into counts before (launch.py, or run_torchrun)."""
+    if replicas == "auto":
+        raise ConfigError("replicas: auto has not been planned into counts yet (launch.py plans it before the run)")
     counts = per_stage(replicas, stages, "replicas")
     if any(c < 1 for c in counts):
         raise ConfigError(f"replicas must be >= 1 per stage, got {counts}")

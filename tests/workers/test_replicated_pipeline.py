@@ -1,5 +1,6 @@
 """Replicated stages (pipeline × data parallel, gloo on the CPU) against the one-process sequential reference."""
 import dataclasses
+import json
 import os
 import shutil
 import signal
@@ -113,3 +114,16 @@ def test_torchrun_maps_ranks_to_replicas_and_equals_the_reference(tmp_path):
     assert wrong.returncode != 0
     assert ("torchrun started 2 processes but the run has 2 stages with replicas [1, 2] (3 processes); "
             "use --nproc-per-node 3") in wrong.stderr
+
+
+def test_torchrun_with_replicas_auto_runs_the_planned_layout(tmp_path):
+    out = tmp_path / "auto"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "3", "launch.py",
+           "--stages", "2", "--replicas", "auto", "--dataset", "digits", "--epochs", "1", "--batch-size", "32",
+           "--threads", "1", "--no-progress", "--out", str(out), "--set", "train_subset=128"]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    counts = json.loads((out / "summary.json").read_text())["replicas"]
+    assert sorted(counts) == [1, 2]  # rank 0 planned 3 processes (each its own device) for the 2 stages
+    assert f"replicas:\n- {counts[0]}\n- {counts[1]}\n" in (out / "config.yaml").read_text()  # a resume keeps them
