@@ -354,6 +354,8 @@ class StageWorker:
         """Pass a message on to every replica of the next stage this one feeds, each with its rows; evaluation and
         probe batches use the links' evaluation windows, so they never hold back the training batch that follows
         them (no evaluation bubble at the default depth)."""
+        if not self.senders:  # the last stage
+            return
         start, waited = now(), 0.0
         kind = Kind(header["kind"])
         for sender, target in zip(self.senders, self.targets):
