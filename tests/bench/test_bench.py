@@ -16,6 +16,7 @@ KEYS = {  # script -> keys results.json must hold, besides meta and rows
     "transport": {"latency_us", "targets"},
     "memory": {"global_bp", "stages", "module_bytes", "imagenet"},
     "sgr_overhead": {"reps"},
+    "replicas": {"stage_ms", "target"},
 }  # bench/imagenet_gpu.py --smoke runs in scripts/gpu_check.sh --dry-run (tests/bench/test_gpu_check.py)
 PLOTS = {"schedule_overhead": "schedule_overhead.png", "transport": "transport.png"}
 
