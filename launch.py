@@ -239,14 +239,17 @@ def run_plan(argv: list[str]) -> int:
         if layout_args.gpus is not None and layout_args.gpus < cfg.stages:
             raise ConfigError(f"--gpus {layout_args.gpus} is fewer than the {cfg.stages} stages; give at least {cfg.stages}")
         data = load_config_data(cfg)
-        plan = plan_split(cfg, data.in_channels, data.num_classes, data.input_size)
+        # for replicas: BatchNorm measured as SyncBatchNorm (it keeps more for backward), if the run will use it
+        sync_bn = layout_args.gpus is not None and cfg.sync_bn
+        plan = plan_split(cfg, data.in_channels, data.num_classes, data.input_size, sync_bn)
     except (ConfigError, DataError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     mb, bp = 1 << 20, plan.global_bp.total
     total_s = sum(plan.seconds)
     print(f"plan: {cfg.model}, {cfg.method} (λ={cfg.lam}), K={cfg.stages}, batch {plan.batch_size}, {cfg.device}; "
-          f"measured at batches {plan.profile_batch} and {plan.profile_batch + 1}, extrapolated; MB = 2^20 bytes")
+          f"measured at batches {plan.profile_batch} and {plan.profile_batch + 1}, extrapolated; MB = 2^20 bytes"
+          + ("; BatchNorm as SyncBatchNorm (sync_bn)" if sync_bn else ""))
     print(f"{'stage':>5} {'units':>8} {'saved MB':>10} {'weights MB':>11} {'total MB':>10} {'of BP':>7} {'compute':>8}")
     for k, (units, memory, seconds) in enumerate(zip(plan.units, plan.memory, plan.seconds)):
         weights = memory.params + memory.grads + memory.optimizer
@@ -275,7 +278,7 @@ def print_layout(cfg, plan, gpus: int, memory_cap_gib: float | None) -> int:
         cap, where = plan.global_bp.total, "global BP's footprint, as on the CPU there is no device memory"
     layout = plan.layout(cfg.stages, gpus, cap)
     single = plan.layout(cfg.stages, cfg.stages, cap)
-    if layout is None or single is None:
+    if layout is None:
         print(f"error: no layout of {cfg.stages} stages fits {cap / mib:.0f} MiB per device on {gpus} devices; "
               "raise --memory-cap or lower the batch", file=sys.stderr)
         return 2
@@ -294,14 +297,18 @@ def print_layout(cfg, plan, gpus: int, memory_cap_gib: float | None) -> int:
     local_rate = gpus / sum(layout.seconds)  # each device trains every module on batch / G rows, one after another
     bp_rate = gpus / plan.step_seconds[(0, n)]
     rows = [("this layout", sum(layout.counts), layout.rate, max(memory)),
-            (f"one device per stage, cuts {single.cuts}", cfg.stages, single.rate,
-             max(plan.memory_at(r.start, r.stop, batch).total for r in module_ranges(single.cuts, n))),
+            *([] if single is None else [(f"one device per stage, cuts {single.cuts}", cfg.stages, single.rate,
+                                          max(plan.memory_at(r.start, r.stop, batch).total
+                                              for r in module_ranges(single.cuts, n)))]),
             ("local learning, plain data parallel (sequential trainer)", gpus, local_rate, local_memory),
             ("global BP, plain data parallel", gpus, bp_rate, plan.memory_at(0, n, batch / gpus).total)]
     print("\n| on these devices | devices | predicted samples/s | this layout's speed-up over it | memory per device MiB |")
     print("|---|---|---|---|---|")
     for name, devices, rate, per_device in rows:
-        print(f"| {name} | {devices} | {rate * batch:.0f} | {layout.rate / rate:.2f} | {per_device / mib:.1f} |")
+        over = " (over the cap)" if per_device > cap else ""
+        print(f"| {name} | {devices} | {rate * batch:.3g} | {layout.rate / rate:.2f} | {per_device / mib:.1f}{over} |")
+    if single is None:
+        print(f"| one device per stage | {cfg.stages} | does not fit | | |")
     replicas = ",".join(map(str, layout.counts))
     cuts = ",".join(map(str, layout.cuts))
     print(f"\ntrain it: --set split=[{cuts}] --replicas [{replicas}] "

@@ -20,7 +20,7 @@ import pickle
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterator
+from typing import TYPE_CHECKING, Callable, Iterator, TypeVar
 
 import numpy as np
 import torch
@@ -32,6 +32,16 @@ if TYPE_CHECKING:
 
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
 DATASETS = ("fashion_mnist", "digits", "cifar10", "cifar100", "imagefolder", "synthetic")
+T = TypeVar("T")
+Part = Callable[[int], tuple[int, int]] | None  # a batch's size -> the rows [start, end) this process takes (None: all)
+
+
+def rows_of(batch: T, part: Part) -> T:
+    """The rows of a batch (a tensor or a list) that `part` takes."""
+    if part is None:
+        return batch
+    start, end = part(len(batch))
+    return batch[start:end]
 
 
 class DataError(RuntimeError):
@@ -59,20 +69,20 @@ class ImageData:
         self.std = torch.from_numpy(pixels.std(axis=1, ddof=1)).float().clamp_min(1e-3)
 
     def train_images(self, batches: list[torch.Tensor], generator: torch.Generator, use_augment: bool,
-                     start: int = 0) -> Iterator[torch.Tensor]:
-        """The uint8 training images of each index batch from batch `start` on, in order; augmented (pad 4, random
-        crop, flip) from `generator`, which the skipped batches draw from too."""
+                     start: int = 0, part: Part = None) -> Iterator[torch.Tensor]:
+        """The uint8 training images of each index batch from batch `start` on, in order (only `part`'s rows);
+        augmented (pad 4, random crop, flip) from `generator`, which the skipped batches and rows draw from too."""
         for i, idx in enumerate(batches):
             x = self.train_x[idx]
             if use_augment:
                 x = augment(x, generator)
             if i >= start:
-                yield x
+                yield rows_of(x, part)
 
-    def test_images(self, batch_size: int) -> Iterator[torch.Tensor]:
-        """The uint8 test images in order, batch by batch."""
+    def test_images(self, batch_size: int, part: Part = None) -> Iterator[torch.Tensor]:
+        """The uint8 test images in order, batch by batch (only `part`'s rows)."""
         for i in range(0, len(self.test_y), batch_size):
-            yield self.test_x[i : i + batch_size]
+            yield rows_of(self.test_x[i : i + batch_size], part)
 
     def probe_images(self, size: int) -> torch.Tensor:
         """The first `size` training images."""
@@ -274,19 +284,21 @@ class ImageFolderData:
         return normalize(x, *stats_on(self, x.device))
 
     def train_images(self, batches: list[torch.Tensor], generator: torch.Generator, use_augment: bool,
-                     start: int = 0) -> Iterator[torch.Tensor]:
+                     start: int = 0, part: Part = None) -> Iterator[torch.Tensor]:
         """The uint8 training images of each index batch from batch `start` on, in order; with augmentation, each from
-        a seed drawn from `generator` (the skipped batches draw theirs too, but are not decoded)."""
+        a seed drawn from `generator` (the skipped batches and the rows outside `part` draw theirs too, but are not
+        decoded)."""
         items = []
         for idx in batches:
             seeds = torch.randint(0, 2**62, (len(idx),), generator=generator).tolist() if use_augment else [-1] * len(idx)
-            items.append([(self.train_files[i], seed) for i, seed in zip(idx.tolist(), seeds)])
+            items.append(rows_of([(self.train_files[i], seed) for i, seed in zip(idx.tolist(), seeds)], part))
         return self._decode(items[start:])
 
-    def test_images(self, batch_size: int) -> Iterator[torch.Tensor]:
-        """The uint8 test images in order, batch by batch, resized and centre-cropped."""
+    def test_images(self, batch_size: int, part: Part = None) -> Iterator[torch.Tensor]:
+        """The uint8 test images in order, batch by batch (only `part`'s rows), resized and centre-cropped."""
         files = self.test_files
-        return self._decode([[(f, -1) for f in files[i : i + batch_size]] for i in range(0, len(files), batch_size)])
+        return self._decode([rows_of([(f, -1) for f in files[i : i + batch_size]], part)
+                             for i in range(0, len(files), batch_size)])
 
     def probe_images(self, size: int) -> torch.Tensor:
         """The first `size` training images, resized and centre-cropped."""
@@ -301,13 +313,19 @@ class ImageFolderData:
         # process can inherit a lock held by one of them (stage 1 hung in its first batch now and then).
         # Each loader ends with this process (exit_with), even when it is killed with SIGKILL.
         loader = torch.utils.data.DataLoader(FolderImages(self.image_size), batch_sampler=items,
-                                             num_workers=self.workers, collate_fn=torch.stack,
+                                             num_workers=self.workers,
+                                             collate_fn=functools.partial(stack_images, size=self.image_size),
                                              multiprocessing_context=forkserver() if self.workers else None,
                                              worker_init_fn=functools.partial(exit_with, os.getpid()))
         return iter(loader)
 
 
 Data = ImageData | ImageFolderData  # what batches are drawn from
+
+
+def stack_images(images: list[torch.Tensor], size: int) -> torch.Tensor:
+    """A batch of decoded 3×size×size images; an empty one where a replica's part of a small batch holds no rows."""
+    return torch.stack(images) if images else torch.empty(0, 3, size, size, dtype=torch.uint8)
 
 
 class FolderImages(torch.utils.data.Dataset):
@@ -443,18 +461,19 @@ def data_shape(data: Data, batch_size: int) -> DataShape:
     return DataShape(data.in_channels, data.num_classes, data.input_size, steps_per_epoch(data, batch_size))
 
 
-def train_batches(data: Data, epoch: int, batch_size: int, seed: int, use_augment: bool,
-                  start: int = 0, device: torch.device | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+def train_batches(data: Data, epoch: int, batch_size: int, seed: int, use_augment: bool, start: int = 0,
+                  device: torch.device | None = None, part: Part = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """The epoch's shuffled, augmented, normalised training batches from batch `start` on (a resumed run skips those it
     trained on); a function of (seed, epoch) only.
 
     Images travel to `device` as uint8 and are normalised there (a quarter of the fp32 bytes, no host-side float
-    pass); labels stay on the CPU.
+    pass); labels stay on the CPU. With `part` (a replica of stage 1), only those rows' images are decoded and
+    returned, while the labels come whole: the caller takes its rows of them, and learns the batch's size.
     """
     g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
     order = torch.randperm(len(data.train_y), generator=g)
     batches = [order[i * batch_size : (i + 1) * batch_size] for i in range(steps_per_epoch(data, batch_size))]
-    for idx, x in zip(batches[start:], data.train_images(batches, g, use_augment, start)):
+    for idx, x in zip(batches[start:], data.train_images(batches, g, use_augment, start, part)):
         yield data.normalize(to_device(x, device)), data.train_y[idx]
 
 
@@ -464,7 +483,9 @@ def probe_batch(data: Data, size: int, device: torch.device | None = None) -> tu
     return data.normalize(to_device(data.probe_images(size), device)), data.train_y[:size]
 
 
-def eval_batches(data: Data, batch_size: int, device: torch.device | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """The test set in order, normalised on `device`; labels on the CPU."""
-    for i, x in enumerate(data.test_images(batch_size)):
+def eval_batches(data: Data, batch_size: int, device: torch.device | None = None,
+                 part: Part = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """The test set in order, normalised on `device`; labels on the CPU (with `part`: that part's images, whole labels,
+    as train_batches)."""
+    for i, x in enumerate(data.test_images(batch_size, part)):
         yield data.normalize(to_device(x, device)), data.test_y[i * batch_size : (i + 1) * batch_size]

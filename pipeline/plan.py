@@ -13,6 +13,7 @@ cuts that minimise the largest module then come from a dynamic programme over th
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import statistics
@@ -28,6 +29,7 @@ from pipeline.splits import module_ranges
 from pipeline.stages import (build_net, build_stage_step, check_layout, local_module, module_cuts, unit_outputs,
                              wire_dtype)
 from pipeline.step import StageStep, StepOutput
+from pipeline.syncbn import convert_sync_bn, single_process_group
 
 
 @dataclass(frozen=True)
@@ -186,11 +188,12 @@ def best_layout(seconds: dict[tuple[int, int], float], fits: Callable[[int, int,
 
     seconds[(a, b)]: units a..b-1's step time as one module on one device for a whole batch; c replicas take
     seconds / c each (ideal data parallelism: the all-reduce is left out). fits(a, b, c): whether a replica of
-    that module with c replicas fits the memory cap. Counts divide `batch` (equal shards). With `cuts`, only the
+    that module with c replicas fits the memory cap. Counts divide `batch` (equal shards of at least 2 rows, for
+    BatchNorm). With `cuts`, only the
     counts are chosen. Ties go to more GPUs (less memory each). Dynamic programming over (modules, units covered,
     GPUs used); None if nothing fits.
     """
-    counts_ok = [c for c in range(1, gpus + 1) if batch % c == 0]
+    counts_ok = [c for c in range(1, gpus + 1) if batch % c == 0 and batch // c >= 2]
 
     def ends(m: int) -> list[int]:  # where module m (1-based) may end
         return list(range(m, n + 1)) if cuts is None else [(list(cuts) + [n])[m - 1]]
@@ -224,12 +227,18 @@ class Profiler:
     """Builds and measures any range of a network's units as the module it would be in a split.
 
     Every candidate shares the network's units; the optimizers run at learning rate 0 so the
-    weights stay as built (the bytes do not depend on them anyway).
+    weights stay as built (the bytes do not depend on them anyway). With `sync_bn`, every
+    BatchNorm runs as the SyncBatchNorm of a replicated stage (which keeps more for backward), in
+    the process group the caller holds (`syncbn.single_process_group`).
     """
 
-    def __init__(self, cfg: Config, net: Network, in_channels: int, num_classes: int, input_size: int, batch: int) -> None:
+    def __init__(self, cfg: Config, net: Network, in_channels: int, num_classes: int, input_size: int, batch: int,
+                 sync_bn: bool = False) -> None:
         """`batch`: the largest batch it will measure at (smaller ones take the first samples)."""
-        self.cfg = dataclasses.replace(cfg, lr=0.0)
+        self.cfg, self.sync_bn = dataclasses.replace(cfg, lr=0.0), sync_bn
+        if sync_bn:
+            for unit in net.units:
+                convert_sync_bn(unit, None)
         self.net, self.num_classes, self.n = net, num_classes, len(net.units)
         self.device = torch.device(cfg.device)
         self.outputs = unit_outputs(net, in_channels, input_size)
@@ -248,6 +257,8 @@ class Profiler:
         k = 0 if a == 0 else 1
         k_total = k + 1 + (b < self.n)
         lm = local_module(self.cfg, self.net, range(a, b), self.outputs[b - 1], self.num_classes, k, b == self.n)
+        if self.sync_bn:
+            convert_sync_bn(lm.head, None)
         lm.head.to(self.device)
         step = build_stage_step(self.cfg, lm, k, k_total, steps_per_epoch=1)
         return step, step.needs_delta
@@ -281,23 +292,25 @@ class Profiler:
         return median_seconds(one_step, reps)
 
 
-def plan_split(cfg: Config, in_channels: int, num_classes: int, input_size: int) -> Plan:
-    """The split of the config's network into cfg.stages modules whose largest needs the least memory at cfg.batch_size."""
-    with torch.random.fork_rng(devices=[]):
+def plan_split(cfg: Config, in_channels: int, num_classes: int, input_size: int, sync_bn: bool = False) -> Plan:
+    """The split of the config's network into cfg.stages modules whose largest needs the least memory at cfg.batch_size
+    (with `sync_bn`, BatchNorm measured as replicated stages run it: for planning replicas)."""
+    with torch.random.fork_rng(devices=[]), single_process_group() if sync_bn else contextlib.nullcontext():
         torch.manual_seed(cfg.seed)
         net = build_net(cfg, in_channels, num_classes, input_size)
         check_layout(cfg, net)
-        return plan_network(cfg, net, in_channels, num_classes, input_size)
+        return plan_network(cfg, net, in_channels, num_classes, input_size, sync_bn)
 
 
-def plan_network(cfg: Config, net: Network, in_channels: int, num_classes: int, input_size: int) -> Plan:
+def plan_network(cfg: Config, net: Network, in_channels: int, num_classes: int, input_size: int,
+                 sync_bn: bool = False) -> Plan:
     """Measure every candidate module of `net` at two small batches, then choose the least-memory cuts for cfg.stages."""
     n = len(net.units)
     if not 1 <= cfg.stages <= n:
         raise ConfigError(f"stages={cfg.stages} is out of range: model {cfg.model} has {n} units, so use 1..{n}")
     batch = min(cfg.profile_batch, cfg.batch_size)
     exact = batch == cfg.batch_size  # measured at the training batch: nothing to extrapolate
-    profiler = Profiler(cfg, net, in_channels, num_classes, input_size, batch + 1)
+    profiler = Profiler(cfg, net, in_channels, num_classes, input_size, batch + 1, sync_bn)
     ranges_all = [(a, b) for a in range(n) for b in range(a + 1, n + 1)]
     measured = {r: profiler.profile(*r, batch)[0] for r in ranges_all}
     second = {r: profiler.profile(*r, batch + 1) for r in ranges_all}  # the second step of its units: warmer to time
@@ -314,14 +327,16 @@ def plan_replicas(cfg: Config, in_channels: int, num_classes: int, input_size: i
                   cap: float | None = None) -> Layout | None:
     """`replicas: auto`: counts for the config's modules (its split as it is) on `gpus` devices of `cap` bytes
     (default: the device's memory, none on the CPU). Each module's step time and memory are measured at the
-    profiling batch and the next, as `split: auto` measures them, and extrapolated to the batch."""
-    with torch.random.fork_rng(devices=[]):
+    profiling batch and the next, as `split: auto` measures them (BatchNorm as the run will use it: SyncBatchNorm
+    with `sync_bn`, which keeps more for backward; so a stage left at one replica is overestimated), and
+    extrapolated to the batch."""
+    with torch.random.fork_rng(devices=[]), single_process_group() if cfg.sync_bn else contextlib.nullcontext():
         torch.manual_seed(cfg.seed)
         net = build_net(cfg, in_channels, num_classes, input_size)
         check_layout(cfg, net)
         cuts, n = module_cuts(cfg, net), len(net.units)
         batch = min(cfg.profile_batch, cfg.batch_size)
-        profiler = Profiler(cfg, net, in_channels, num_classes, input_size, batch + 1)
+        profiler = Profiler(cfg, net, in_channels, num_classes, input_size, batch + 1, cfg.sync_bn)
         ranges = [(r.start, r.stop) for r in module_ranges(cuts, n)]
         first = {r: profiler.profile(*r, batch)[0] for r in ranges}
         second = {r: profiler.profile(*r, batch + 1) for r in ranges}

@@ -12,7 +12,7 @@ from typing import Iterator
 import torch
 
 from pipeline.config import Config
-from pipeline.data import Data, train_batches
+from pipeline.data import Data, Part, train_batches
 
 
 @dataclass(frozen=True)
@@ -34,18 +34,19 @@ def is_due(every: int, step: int, steps_per_epoch: int, total_steps: int) -> boo
     return step % (every or steps_per_epoch) == 0
 
 
-def run_epochs(cfg: Config, data: Data, steps_per_epoch: int, start_step: int = 0,
-               device: torch.device | None = None) -> Iterator[tuple[int, int, Iterator[ScheduledStep]]]:
-    """Per epoch from the one holding step `start_step` + 1: (epoch, batches of it already trained, its steps)."""
+def run_epochs(cfg: Config, data: Data, steps_per_epoch: int, start_step: int = 0, device: torch.device | None = None,
+               part: Part = None) -> Iterator[tuple[int, int, Iterator[ScheduledStep]]]:
+    """Per epoch from the one holding step `start_step` + 1: (epoch, batches of it already trained, its steps); with
+    `part`, each step's images are only that part's rows (data.train_batches)."""
     total = steps_per_epoch * cfg.epochs
     for epoch in range(start_step // steps_per_epoch, cfg.epochs):
         skip = max(0, start_step - epoch * steps_per_epoch)  # batches a resumed run trained on
-        yield epoch, skip, _steps(cfg, data, epoch, skip, steps_per_epoch, total, device)
+        yield epoch, skip, _steps(cfg, data, epoch, skip, steps_per_epoch, total, device, part)
 
 
 def _steps(cfg: Config, data: Data, epoch: int, skip: int, steps_per_epoch: int, total: int,
-           device: torch.device | None) -> Iterator[ScheduledStep]:
-    batches = train_batches(data, epoch, cfg.batch_size, cfg.seed, cfg.augment, skip, device)
+           device: torch.device | None, part: Part) -> Iterator[ScheduledStep]:
+    batches = train_batches(data, epoch, cfg.batch_size, cfg.seed, cfg.augment, skip, device, part)
     for i, (x, y) in enumerate(batches, start=skip):
         step = epoch * steps_per_epoch + i + 1
         yield ScheduledStep(epoch, step, x, y, is_due(cfg.eval_every, step, steps_per_epoch, total),

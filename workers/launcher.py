@@ -253,7 +253,7 @@ def run_torchrun(cfg: Config, stages: int, shape: DataShape, resume: Checkpoint 
     of a node consecutively, so a stage's replicas share a node (and its fast links) where the counts allow."""
     import torch.distributed as dist
 
-    dist.init_process_group("gloo", timeout=timedelta(seconds=cfg.peer_timeout))
+    dist.init_process_group("gloo")  # the default timeout: ranks may arrive minutes apart (data, split: auto)
     remove_segments()  # shared memory left by the stages of a run killed before their first credit
     store = dist.distributed_c10d._get_default_store()
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -271,14 +271,22 @@ def run_torchrun(cfg: Config, stages: int, shape: DataShape, resume: Checkpoint 
     keys = RunKeys.decode(store.get(SECURITY_STORE_KEY))
     if cfg.replicas == "auto":  # rank 0 plans (on its GPU), every rank takes its counts: timings differ by rank
         if rank == 0:
-            store.set("sgr/replicas", json.dumps(auto_replicas(cfg, shape, stages, world, device)))
+            try:
+                store.set("sgr/replicas", json.dumps({"counts": auto_replicas(cfg, shape, stages, world, device)}))
+            except Exception as err:  # the other ranks wait for the counts: tell them why there are none
+                store.set("sgr/replicas", json.dumps({"error": f"replicas auto, planned on rank 0: {err}"}))
+                raise
         store.wait(["sgr/replicas"], timedelta(hours=2))  # a big model's profiling pass takes minutes
-        cfg = dataclasses.replace(cfg, replicas=json.loads(store.get("sgr/replicas")))
+        planned = json.loads(store.get("sgr/replicas"))
+        if "error" in planned:
+            raise ConfigError(planned["error"])
+        cfg = dataclasses.replace(cfg, replicas=planned["counts"])
         if sum(cfg.replicas) != world:
             raise ConfigError(f"replicas auto: the planner's layout {cfg.replicas} uses {sum(cfg.replicas)} of the {world}"
                               f" processes torchrun started (every count divides batch_size {cfg.batch_size}); use "
                               f"--nproc-per-node {sum(cfg.replicas)} or give --replicas")
     counts = replica_counts(cfg.replicas, stages)
+    check_batch(cfg.batch_size, counts)
     everyone = workers(counts)
     me = everyone[rank]  # launch.check_topology refused a world that is not sum(counts)
     k, r = me.stage, me.replica

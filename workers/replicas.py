@@ -3,7 +3,7 @@
 Every replica trains the same module on its own shard of each batch (workers/routes.py). After
 each local backward (SGR's double backward included) the group averages the gradients, so every
 replica takes the same optimizer step and holds the same weights; BatchNorm statistics are either
-shared over the whole stage batch (`sync_bn: true`, `SyncBatchNorm`) or kept per shard with
+shared over the whole stage batch (`sync_bn: true`, pipeline/syncbn.py) or kept per shard with
 replica 0's running statistics broadcast after each step (`false`, what DDP does). Every
 `checksum_every` steps the replicas compare a digest of their weights.
 
@@ -15,13 +15,11 @@ from __future__ import annotations
 
 import hashlib
 from datetime import timedelta
-from typing import Iterable, Sequence
+from typing import Callable, Iterable, Sequence
 
 import torch
 import torch.distributed as dist
-import torch.distributed._functional_collectives as funcol
 import torch.nn as nn
-from torch.nn.modules.batchnorm import _BatchNorm
 
 BUCKET_BYTES = 32 * 2**20  # gradients are averaged in flat buckets of at most this size (one collective each)
 
@@ -54,6 +52,17 @@ def buckets(tensors: Iterable[torch.Tensor], limit: int = BUCKET_BYTES) -> list[
     return out
 
 
+def in_buckets(tensors: list[torch.Tensor], collective: Callable[[torch.Tensor], object]) -> None:
+    """Run `collective` in place on each bucket of the tensors, flattened into one, and copy the result back."""
+    for bucket in buckets(tensors):
+        flat = torch.cat([t.reshape(-1) for t in bucket])
+        collective(flat)
+        offset = 0
+        for t in bucket:
+            t.copy_(flat[offset:offset + t.numel()].view_as(t))
+            offset += t.numel()
+
+
 def digest(tensors: Iterable[torch.Tensor]) -> int:
     """A 63-bit digest of the tensors' exact bytes (names aside): equal weights give equal digests."""
     h = hashlib.blake2b(digest_size=8)
@@ -70,15 +79,11 @@ class ReplicaGroup:
 
     def average_gradients(self, params: list[nn.Parameter]) -> None:
         """Replace every gradient by its mean over the replicas (all-reduce of flat buckets)."""
-        grads = [p.grad for p in params if p.grad is not None]  # the same parameters have one on every replica
-        for bucket in buckets(grads):
-            flat = torch.cat([g.reshape(-1) for g in bucket])
+        def mean(flat: torch.Tensor) -> None:
             dist.all_reduce(flat, group=self.group)
             flat.div_(self.size)
-            offset = 0
-            for g in bucket:
-                g.copy_(flat[offset:offset + g.numel()].view_as(g))
-                offset += g.numel()
+
+        in_buckets([p.grad for p in params if p.grad is not None], mean)  # the same parameters have one everywhere
 
     def all_sum(self, values: list[float | int | torch.Tensor]) -> list[float]:
         """The sums over the replicas of a few numbers (in float64, on this device)."""
@@ -87,10 +92,9 @@ class ReplicaGroup:
         return flat.tolist()
 
     def broadcast_buffers(self, modules: Iterable[nn.Module]) -> None:
-        """Copy replica 0's buffers (BatchNorm's running statistics) to every replica, as DDP does."""
-        for module in modules:
-            for buffer in module.buffers():
-                dist.broadcast(buffer, src=self._global(0), group=self.group)
+        """Copy replica 0's buffers (BatchNorm's running statistics) to every replica, as DDP does (in buckets)."""
+        in_buckets([b for module in modules for b in module.buffers()],
+                   lambda flat: dist.broadcast(flat, src=self._global(0), group=self.group))
 
     def check_same(self, modules: Iterable[nn.Module], what: str, step: int) -> None:
         """Stop the run, naming `what` and the step, if any replica's weights and buffers differ from replica 0's."""
@@ -115,61 +119,4 @@ def join_group(store_path: str, rank: int, size: int, backend: str, timeout_s: f
     dist.init_process_group(backend, store=store, rank=rank, world_size=size, timeout=timedelta(seconds=timeout_s),
                             device_id=device if backend == "nccl" else None)
     return ReplicaGroup(None, size, rank, device)
-
-
-class SyncBatchNorm(_BatchNorm):
-    """BatchNorm whose training statistics cover the stage's whole batch, summed over its replicas.
-
-    Written with differentiable all-reduces (torch.distributed.nn), so it has a double backward:
-    torch.nn.SyncBatchNorm's fused backward has none, and SGR differentiates δ, which passes
-    through every BatchNorm of the module. Evaluation uses the running statistics, as BatchNorm does.
-    """
-
-    def __init__(self, bn: _BatchNorm, group: dist.ProcessGroup | None) -> None:
-        super().__init__(bn.num_features, bn.eps, bn.momentum, bn.affine, bn.track_running_stats)
-        self.group = group
-        # the same parameter and buffer objects: the optimizer built on `bn` trains these; the state_dict keys stay
-        self.weight, self.bias = bn.weight, bn.bias
-        self.running_mean, self.running_var, self.num_batches_tracked = bn.running_mean, bn.running_var, bn.num_batches_tracked
-
-    def _check_input_dim(self, x: torch.Tensor) -> None:
-        if x.dim() < 2:
-            raise ValueError(f"expected an input of at least 2 dimensions, got {x.dim()}")
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.training:
-            return super().forward(x)
-        dims = [0, *range(2, x.dim())]
-        shape = [1, -1] + [1] * (x.dim() - 2)
-        xf = x.float()
-        count = torch.tensor([xf.numel() // xf.shape[1]], dtype=xf.dtype, device=x.device)
-        sums = _all_sum(torch.cat([xf.sum(dims), count]), self.group)
-        n = sums[-1].detach()
-        mean = sums[:-1] / n
-        centred = xf - mean.view(shape)
-        var = _all_sum(centred.square().sum(dims), self.group) / n
-        out = centred * torch.rsqrt(var + self.eps).view(shape)
-        if self.affine:
-            out = out * self.weight.view(shape) + self.bias.view(shape)
-        if self.track_running_stats:
-            with torch.no_grad():
-                self.num_batches_tracked.add_(1)
-                factor = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
-                self.running_mean.lerp_(mean.detach(), factor)
-                self.running_var.lerp_(var.detach() * n / (n - 1), factor)
-        return out.to(x.dtype)
-
-
-def _all_sum(t: torch.Tensor, group: dist.ProcessGroup | None) -> torch.Tensor:
-    """The sum of `t` over the group's processes, differentiable (its backward is again an all-reduce)."""
-    return funcol.wait_tensor(funcol.all_reduce(t, "sum", group or dist.group.WORLD))
-
-
-def convert_sync_bn(module: nn.Module, group: dist.ProcessGroup | None) -> nn.Module:
-    """`module` with every BatchNorm replaced by a SyncBatchNorm over `group` (same parameters and buffers)."""
-    if isinstance(module, _BatchNorm) and not isinstance(module, SyncBatchNorm):
-        return SyncBatchNorm(module, group)
-    for name, child in module.named_children():
-        setattr(module, name, convert_sync_bn(child, group))
-    return module
 

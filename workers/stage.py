@@ -15,6 +15,7 @@ their process group (workers/replicas.py); replica 0 reports, evaluates the ΔL_
 """
 from __future__ import annotations
 
+import functools
 import os
 import resource
 import signal
@@ -29,21 +30,25 @@ import zmq
 
 from pipeline.checkpoint import check_finite, checkpoint_dir, fingerprint, load_stage_state, save_atomic, stage_state
 from pipeline.config import Config, from_dict, per_stage
-from pipeline.data import DataShape, data_shape, eval_batches, load_config_data, probe_batch, to_device
+from pipeline.data import DataShape, data_shape, eval_batches, load_config_data, probe_batch, rows_of, to_device
 from pipeline.lifeline import adopt_environment, exit_with
 from pipeline.metrics import ModuleMeter, topk_correct, train_records
 from pipeline.probe import InputDriftProbe
 from pipeline.schedule import run_epochs
 from pipeline.stages import build_local_modules, build_stage_step, configure_torch, cuts_of
 from pipeline.step import StageStep
+from pipeline.syncbn import convert_sync_bn
 from workers.simulated import SimulatedStep
 from workers.messages import Kind, Record
 from workers.placement import LinkKind
-from workers.replicas import ReplicaGroup, convert_sync_bn, group_backend, join_group
+from workers.replicas import ReplicaGroup, group_backend, join_group
 from workers.routes import Worker, receivers_of, rows_to, senders_of, shard
 from workers.security import RunKeys
 from workers.trace import Tracer, now
 from workers.transport import LINGER_MS, Message, Receiver, Reporter, Sender, remove_segments
+
+
+REPLICA_STREAMS = 2**20  # replica r > 0 of a module draws dropout masks from the module's seed + r * this
 
 
 @dataclass
@@ -184,6 +189,11 @@ class StageWorker:
         if group is None:
             return None
         self.real_step.average_gradients = group.average_gradients
+        if self.replica > 0 and self.real_step.rng_seed is not None:
+            # dropout and stochastic depth: a shard's masks must not repeat replica 0's, so the others draw from
+            # streams of their own (replica 0 keeps the module's stream, which the checkpoint holds; a resume reseeds)
+            self.real_step.rng_seed += REPLICA_STREAMS * self.replica + self.spec.start_step
+            self.real_step.rng_state = None
         if self.cfg.sync_bn:
             convert_sync_bn(self.local.module, group.group)
             convert_sync_bn(self.local.head, group.group)
@@ -230,22 +240,20 @@ class StageWorker:
     def _feed(self) -> None:
         """Stage 1: draw the batches, train, and send results on; evaluation and checkpoint markers when due."""
         probe = probe_batch(self.data, self.cfg.probe_size, self.device) if self.probing else None
-        for _, _, steps in run_epochs(self.cfg, self.data, self.steps_per_epoch, self.spec.start_step, self.device):
+        # replicas of stage 1 draw the same batches and decode only their own rows' images; labels come whole
+        part = None if self.counts[0] == 1 else functools.partial(shard, count=self.counts[0], replica=self.replica)
+        for _, _, steps in run_epochs(self.cfg, self.data, self.steps_per_epoch, self.spec.start_step, self.device,
+                                      part):
             for s in steps:  # images uint8 to the device, normalised there; labels on the host
                 header = {"epoch": s.epoch, "step": s.step}
-                self._train({"kind": Kind.TRAIN, "rows": len(s.y), **header}, self._own_rows(s.x, s.y))
+                self._train({"kind": Kind.TRAIN, "rows": len(s.y), **header}, {"x": s.x, "y": rows_of(s.y, part)})
                 if s.evaluate:
-                    for ex, ey in eval_batches(self.data, self.cfg.eval_batch_size, self.device):
-                        self._eval({"kind": Kind.EVAL, "rows": len(ey), **header}, self._own_rows(ex, ey))
+                    for ex, ey in eval_batches(self.data, self.cfg.eval_batch_size, self.device, part):
+                        self._eval({"kind": Kind.EVAL, "rows": len(ey), **header}, {"x": ex, "y": rows_of(ey, part)})
                     self._eval_end({"kind": Kind.EVAL_END, **header}, {} if probe is None else dict(zip("xy", probe)))
                 if s.checkpoint:
                     self._checkpoint({"kind": Kind.CHECKPOINT, **header}, {})
         self._stop({"kind": Kind.STOP}, {})
-
-    def _own_rows(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Stage 1: this replica's shard of a batch every replica of stage 1 draws alike."""
-        start, end = shard(len(y), self.counts[0], self.replica)
-        return {"x": x[start:end], "y": y[start:end]} if self.counts[0] > 1 else {"x": x, "y": y}
 
     def _relay(self) -> None:
         """Stages 2..K: handle messages in arrival order until `stop` (one from each sender, merged in row order)."""

@@ -4,7 +4,9 @@ The decisions around them (placement, which tensors go by IPC, dtypes, where che
 are pure functions tested on the CPU in tests/workers and tests/pipeline; here the real CUDA
 calls run: IPC between processes, pinned copies, bf16 on the wire, a resume on the GPU.
 """
+import dataclasses
 import multiprocessing as mp
+from pathlib import Path
 
 import msgpack
 import pytest
@@ -107,3 +109,17 @@ def test_a_resume_on_the_gpu_keeps_adam_step_counters_on_the_cpu(tmp_path):
     load_stage_state(fresh, tmp_path / "stage1.pt", CUDA)
     for state in fresh.optimizer.state.values():
         assert state["step"].device.type == "cpu" and state["exp_avg"].is_cuda
+
+
+def test_replicated_stages_on_the_gpu_equal_the_reference(tmp_path):
+    """Replicas [1, 2] with every process on the GPUs this machine has (on one GPU the replicas share it: gloo with
+    CUDA tensors; on two, NCCL); SyncBatchNorm's all-reduces and the gradient buckets run on CUDA tensors."""
+    from tests.workers.test_pipeline import pipeline_states, reference, run_pipeline, small_config
+    from tests.workers.test_replicated_pipeline import assert_close_to
+
+    cfg = small_config(tmp_path, stages=2, replicas=[1, 2], epochs=1, eval_every=3, device="cuda",
+                       deterministic=True)
+    result = run_pipeline(cfg)
+    assert result["replicas"] == [1, 2]
+    trainer, _ = reference(dataclasses.replace(cfg, device="cuda:0"), tmp_path)
+    assert_close_to(trainer, pipeline_states(Path(cfg.out), 2))

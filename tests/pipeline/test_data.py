@@ -203,6 +203,21 @@ def test_image_folder_batches_do_not_depend_on_the_loader_processes(tmp_path):
     assert not torch.equal(a[0][0], next(train_batches(data, 2, 3, seed=7, use_augment=True))[0])  # a new epoch
 
 
+@pytest.mark.parametrize("source", ["digits", "imagefolder"])
+def test_a_part_of_each_batch_decodes_those_rows_only_and_keeps_the_labels_whole(tmp_path, source):
+    write_image_folder(tmp_path)
+    data = load_data(source, str(tmp_path), image_size=16)
+    last_of_two = lambda n: (n // 2, n)  # noqa: E731 - what workers.routes.shard(n, 2, 1) gives
+    for whole, half in ((list(train_batches(data, 1, 3, seed=7, use_augment=True)),
+                         list(train_batches(data, 1, 3, seed=7, use_augment=True, part=last_of_two))),
+                        (list(eval_batches(data, 5)), list(eval_batches(data, 5, part=last_of_two)))):
+        assert len(whole) == len(half)
+        for (x, y), (x_part, y_all) in zip(whole, half):  # the same augmentation draws: rows before ours drew theirs
+            assert torch.equal(x_part, x[len(y) // 2:]) and torch.equal(y_all, y)
+    nothing = list(eval_batches(data, 5, part=lambda n: (n, n)))  # a replica's part of a batch smaller than the count
+    assert nothing and all(x.shape[0] == 0 and x.dtype == torch.float32 for x, _ in nothing)
+
+
 def test_image_folder_augments_training_crops_and_centre_crops_the_rest(tmp_path):
     write_image_folder(tmp_path)
     data = load_data("imagefolder", str(tmp_path), image_size=16)

@@ -45,7 +45,7 @@ def test_balanced_cuts_split_additive_costs_evenly():
 def layout_brute_force(seconds, fits, n, k, gpus, batch):
     """The best predicted rate over every cut and every assignment of counts that divide the batch."""
     best = 0.0
-    counts_ok = [c for c in range(1, gpus + 1) if batch % c == 0]
+    counts_ok = [c for c in range(1, gpus + 1) if batch % c == 0 and batch // c >= 2]
     for cuts in itertools.combinations(range(1, n), k - 1):
         ranges = module_ranges(list(cuts), n)
         for counts in itertools.product(counts_ok, repeat=k):

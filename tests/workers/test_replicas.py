@@ -9,7 +9,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from pipeline.step import StageStep
-from workers.replicas import ReplicasDiverged, buckets, convert_sync_bn, digest, group_backend, join_group
+from pipeline.syncbn import convert_sync_bn
+from workers.replicas import ReplicasDiverged, buckets, digest, group_backend, join_group
 from workers.routes import shard
 
 TOLERANCE = dict(rtol=1e-4, atol=1e-6)  # float32 sums in another order; measured differences are ~1e-7

@@ -30,7 +30,7 @@ def assert_close_to(trainer, states) -> None:
             expected = module.state_dict()
             assert expected.keys() == state[part].keys()
             for name, value in expected.items():
-                torch.testing.assert_close(state[part][name], value, **TOLERANCE, msg=f"stage {k + 1} {part}.{name}")
+                torch.testing.assert_close(state[part][name], value.cpu(), **TOLERANCE, msg=f"stage {k + 1} {part}.{name}")
 
 
 def assert_same_evaluations(run_dir: Path, reference_dir: Path) -> None:
@@ -93,6 +93,16 @@ def test_a_killed_replica_stops_the_run_within_ten_seconds_and_is_named(tmp_path
     assert time.time() - killed_at < 10
     assert proc.returncode == 1
     assert "error: stage 2 replica 2 was killed by signal 9 after step" in err
+    time.sleep(0.5)
+    assert not any(alive(pid) for pid in pids) and not segments_left(pids)
+
+
+def test_a_frozen_replica_is_named_by_its_missing_heartbeat(tmp_path):
+    proc, pids = start_long_run(tmp_path, "--replicas", "[2,1,1]", "--set", "heartbeat_timeout=3")
+    os.kill(pids[1], signal.SIGSTOP)  # stage 1 replica 2; replica 1 waits in the all-reduce, its heartbeat goes on
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 1
+    assert "error: stage 1 replica 2 sent no heartbeat for 3 s (hung) after step" in err
     time.sleep(0.5)
     assert not any(alive(pid) for pid in pids) and not segments_left(pids)
 

@@ -1,0 +1,92 @@
+"""BatchNorm over a process group: training statistics summed over the replicas of a stage.
+
+A layer, so it lives with the models; the process group comes from workers/replicas.py, or from
+`single_process_group` when the planner measures what a replicated stage keeps for backward.
+"""
+from __future__ import annotations
+
+import contextlib
+import tempfile
+from datetime import timedelta
+from pathlib import Path
+from typing import Iterator
+
+import torch
+import torch.distributed as dist
+import torch.distributed._functional_collectives as funcol
+import torch.nn as nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+
+class SyncBatchNorm(_BatchNorm):
+    """BatchNorm whose training statistics cover the stage's whole batch, summed over its replicas.
+
+    Written with differentiable all-reduces (torch.distributed.nn), so it has a double backward:
+    torch.nn.SyncBatchNorm's fused backward has none, and SGR differentiates δ, which passes
+    through every BatchNorm of the module. Evaluation uses the running statistics, as BatchNorm does.
+    """
+
+    def __init__(self, bn: _BatchNorm, group: dist.ProcessGroup | None) -> None:
+        super().__init__(bn.num_features, bn.eps, bn.momentum, bn.affine, bn.track_running_stats)
+        self.group = group
+        # the same parameter and buffer objects: the optimizer built on `bn` trains these; the state_dict keys stay
+        self.weight, self.bias = bn.weight, bn.bias
+        self.running_mean, self.running_var, self.num_batches_tracked = bn.running_mean, bn.running_var, bn.num_batches_tracked
+
+    def _check_input_dim(self, x: torch.Tensor) -> None:
+        if x.dim() < 2:
+            raise ValueError(f"expected an input of at least 2 dimensions, got {x.dim()}")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training:
+            return super().forward(x)
+        dims = [0, *range(2, x.dim())]
+        shape = [1, -1] + [1] * (x.dim() - 2)
+        xf = x.float()
+        count = torch.tensor([xf.numel() // xf.shape[1]], dtype=xf.dtype, device=x.device)
+        sums = _all_sum(torch.cat([xf.sum(dims), count]), self.group)
+        n = sums[-1].detach()
+        mean = sums[:-1] / n
+        centred = xf - mean.view(shape)
+        var = _all_sum(centred.square().sum(dims), self.group) / n
+        out = centred * torch.rsqrt(var + self.eps).view(shape)
+        if self.affine:
+            out = out * self.weight.view(shape) + self.bias.view(shape)
+        if self.track_running_stats:
+            with torch.no_grad():
+                self.num_batches_tracked.add_(1)
+                factor = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
+                self.running_mean.lerp_(mean.detach(), factor)
+                self.running_var.lerp_(var.detach() * n / (n - 1), factor)
+        return out.to(x.dtype)
+
+
+def _all_sum(t: torch.Tensor, group: dist.ProcessGroup | None) -> torch.Tensor:
+    """The sum of `t` over the group's processes, differentiable (its backward is again an all-reduce)."""
+    return funcol.wait_tensor(funcol.all_reduce(t, "sum", group or dist.group.WORLD))
+
+
+def convert_sync_bn(module: nn.Module, group: dist.ProcessGroup | None) -> nn.Module:
+    """`module` with every BatchNorm replaced by a SyncBatchNorm over `group` (same parameters and buffers)."""
+    if isinstance(module, _BatchNorm) and not isinstance(module, SyncBatchNorm):
+        return SyncBatchNorm(module, group)
+    for name, child in module.named_children():
+        setattr(module, name, convert_sync_bn(child, group))
+    return module
+
+
+
+@contextlib.contextmanager
+def single_process_group() -> Iterator[None]:
+    """A gloo group of this process alone while the block runs (unless one exists): SyncBatchNorm then runs as it
+    does in a replicated stage, so the planner measures its bytes."""
+    if dist.is_initialized():
+        yield
+        return
+    with tempfile.TemporaryDirectory(prefix="sgr-plan-") as folder:
+        dist.init_process_group("gloo", store=dist.FileStore(str(Path(folder) / "store"), 1), rank=0, world_size=1,
+                                timeout=timedelta(seconds=60))
+        try:
+            yield
+        finally:
+            dist.destroy_process_group()
