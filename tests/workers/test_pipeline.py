@@ -256,20 +256,27 @@ def stage_pids(launcher: int) -> list[int]:
     return sorted(children_of(forkserver_of(launcher)))
 
 
+def assert_a_killed_process_is_named(proc: subprocess.Popen, pids: list[int], victim: int, name: str) -> str:
+    """SIGKILL process `victim` (in spawn order) of a long run: the launcher exits 1 within 10 s naming it, and no
+    process or shared-memory segment is left; returns what the launcher printed to stderr."""
+    killed_at = time.time()
+    os.kill(pids[victim], signal.SIGKILL)
+    _, err = proc.communicate(timeout=30)
+    assert time.time() - killed_at < 10
+    assert proc.returncode == 1
+    assert f"error: {name} was killed by signal 9 after step" in err
+    time.sleep(0.5)
+    assert not any(alive(pid) for pid in pids) and not segments_left(pids)
+    return err
+
+
 def test_a_killed_stage_stops_the_whole_run_within_ten_seconds_and_the_run_resumes(tmp_path):
     proc, stages = start_long_run(tmp_path, "--set", "checkpoint_every=5")
     assert len(stages) == 3
     while not complete_checkpoints(tmp_path / "long"):
         time.sleep(0.1)
-    killed_at = time.time()
-    os.kill(stages[1], signal.SIGKILL)
-    _, err = proc.communicate(timeout=30)
-    assert time.time() - killed_at < 10
-    assert proc.returncode == 1
-    assert "error: stage 2 was killed by signal 9 after step" in err
+    err = assert_a_killed_process_is_named(proc, stages, 1, "stage 2")
     assert f"resume with --resume {tmp_path / 'long'}" in err
-    time.sleep(0.5)
-    assert not any(alive(pid) for pid in stages) and not segments_left(stages)
     kept = complete_checkpoints(tmp_path / "long")[-1]
     resumed = subprocess.run([sys.executable, "launch.py", "--resume", str(tmp_path / "long"), "--epochs", "1"],
                              cwd=ROOT, capture_output=True, text=True, timeout=120)
@@ -277,14 +284,20 @@ def test_a_killed_stage_stops_the_whole_run_within_ten_seconds_and_the_run_resum
     assert f"resuming {tmp_path / 'long'} from step {kept.step}" in resumed.stdout
 
 
-def test_a_hung_stage_is_detected_by_its_missing_heartbeat(tmp_path):
-    proc, stages = start_long_run(tmp_path, "--set", "heartbeat_timeout=3")
-    os.kill(stages[1], signal.SIGSTOP)  # alive but silent
-    _, err = proc.communicate(timeout=30)
+def assert_a_frozen_process_is_named(tmp_path: Path, victim: int, name: str, *extra: str) -> None:
+    """SIGSTOP process `victim` (in spawn order) of a long run with heartbeat_timeout 3: the launcher exits 1 naming
+    it as hung, and no process or shared-memory segment is left."""
+    proc, pids = start_long_run(tmp_path, "--set", "heartbeat_timeout=3", *extra)
+    os.kill(pids[victim], signal.SIGSTOP)  # alive but silent
+    _, err = proc.communicate(timeout=60)
     assert proc.returncode == 1
-    assert "error: stage 2 sent no heartbeat for 3 s (hung) after step" in err
+    assert f"error: {name} sent no heartbeat for 3 s (hung) after step" in err
     time.sleep(0.5)
-    assert not any(alive(pid) for pid in stages) and not segments_left(stages)
+    assert not any(alive(pid) for pid in pids) and not segments_left(pids)
+
+
+def test_a_hung_stage_is_detected_by_its_missing_heartbeat(tmp_path):
+    assert_a_frozen_process_is_named(tmp_path, 1, "stage 2")
 
 
 def test_ctrl_c_stops_every_process(tmp_path):
