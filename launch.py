@@ -48,7 +48,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--schedule", help="pipeline (default: one process per module) | sequential (single-process reference)")
     p.add_argument("--threads", type=int, help="torch threads (0: PyTorch's default)")
     p.add_argument("--replicas", metavar="N|[N1,N2,...]",
-                   help="pipeline: processes per stage, each on a shard of every batch (one count, or one per stage)")
+                   help="pipeline: processes per stage, each on a shard of every batch (one count, one per stage, or auto)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override any config key, e.g. --set split=[6,11] --set sgr_reduction=sample")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (logs still go to the run directory)")
