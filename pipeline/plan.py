@@ -19,7 +19,7 @@ import math
 import statistics
 import time
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 
@@ -292,13 +292,32 @@ class Profiler:
         return median_seconds(one_step, reps)
 
 
-def plan_split(cfg: Config, in_channels: int, num_classes: int, input_size: int, sync_bn: bool = False) -> Plan:
-    """The split of the config's network into cfg.stages modules whose largest needs the least memory at cfg.batch_size
-    (with `sync_bn`, BatchNorm measured as replicated stages run it: for planning replicas)."""
+@contextlib.contextmanager
+def seeded_network(cfg: Config, in_channels: int, num_classes: int, input_size: int,
+                   sync_bn: bool) -> Iterator[Network]:
+    """The config's network built from its seed, without touching the global RNG; with `sync_bn`, inside a
+    one-process group so its BatchNorm can be measured as replicated stages run it."""
     with torch.random.fork_rng(devices=[]), single_process_group() if sync_bn else contextlib.nullcontext():
         torch.manual_seed(cfg.seed)
         net = build_net(cfg, in_channels, num_classes, input_size)
         check_layout(cfg, net)
+        yield net
+
+
+def measure(profiler: Profiler, ranges: list[tuple[int, int]], batch: int, batch_size: int
+            ) -> tuple[dict[tuple[int, int], ModuleMemory], dict[tuple[int, int], ModuleMemory], dict[tuple[int, int], float]]:
+    """Each range's memory at `batch` and at `batch + 1`, and its step time: the batch + 1 step (the second of its
+    units: warmer to time) scaled in proportion to `batch_size`."""
+    first = {r: profiler.profile(*r, batch)[0] for r in ranges}
+    second = {r: profiler.profile(*r, batch + 1) for r in ranges}
+    return (first, {r: memory for r, (memory, _) in second.items()},
+            {r: seconds * batch_size / (batch + 1) for r, (_, seconds) in second.items()})
+
+
+def plan_split(cfg: Config, in_channels: int, num_classes: int, input_size: int, sync_bn: bool = False) -> Plan:
+    """The split of the config's network into cfg.stages modules whose largest needs the least memory at cfg.batch_size
+    (with `sync_bn`, BatchNorm measured as replicated stages run it: for planning replicas)."""
+    with seeded_network(cfg, in_channels, num_classes, input_size, sync_bn) as net:
         return plan_network(cfg, net, in_channels, num_classes, input_size, sync_bn)
 
 
@@ -312,10 +331,7 @@ def plan_network(cfg: Config, net: Network, in_channels: int, num_classes: int, 
     exact = batch == cfg.batch_size  # measured at the training batch: nothing to extrapolate
     profiler = Profiler(cfg, net, in_channels, num_classes, input_size, batch + 1, sync_bn)
     ranges_all = [(a, b) for a in range(n) for b in range(a + 1, n + 1)]
-    measured = {r: profiler.profile(*r, batch)[0] for r in ranges_all}
-    second = {r: profiler.profile(*r, batch + 1) for r in ranges_all}  # the second step of its units: warmer to time
-    measured_next = {r: memory for r, (memory, _) in second.items()}
-    step_seconds = {r: seconds * cfg.batch_size / (batch + 1) for r, (_, seconds) in second.items()}
+    measured, measured_next, step_seconds = measure(profiler, ranges_all, batch, cfg.batch_size)
     table = measured if exact else {
         r: measured[r].at_batch(cfg.batch_size, batch, measured_next[r], batch + 1) for r in ranges_all}
     cuts, _ = balanced_cuts({r: m.total for r, m in table.items()}, n, cfg.stages)
@@ -326,29 +342,20 @@ def plan_network(cfg: Config, net: Network, in_channels: int, num_classes: int, 
 def plan_replicas(cfg: Config, in_channels: int, num_classes: int, input_size: int, gpus: int,
                   cap: float | None = None) -> Layout | None:
     """`replicas: auto`: counts for the config's modules (its split as it is) on `gpus` devices of `cap` bytes
-    (default: the device's memory, none on the CPU). Each module's step time and memory are measured at the
-    profiling batch and the next, as `split: auto` measures them (BatchNorm as the run will use it: SyncBatchNorm
-    with `sync_bn`, which keeps more for backward; so a stage left at one replica is overestimated), and
-    extrapolated to the batch."""
-    with torch.random.fork_rng(devices=[]), single_process_group() if cfg.sync_bn else contextlib.nullcontext():
-        torch.manual_seed(cfg.seed)
-        net = build_net(cfg, in_channels, num_classes, input_size)
-        check_layout(cfg, net)
+    (default: the device's memory, none on the CPU). Only those modules are measured, as `split: auto` measures
+    its candidates (BatchNorm as the run will use it: SyncBatchNorm with `sync_bn`, which keeps more for backward;
+    so a stage left at one replica is overestimated), and `Plan.layout` picks the counts."""
+    with seeded_network(cfg, in_channels, num_classes, input_size, cfg.sync_bn) as net:
         cuts, n = module_cuts(cfg, net), len(net.units)
         batch = min(cfg.profile_batch, cfg.batch_size)
         profiler = Profiler(cfg, net, in_channels, num_classes, input_size, batch + 1, cfg.sync_bn)
         ranges = [(r.start, r.stop) for r in module_ranges(cuts, n)]
-        first = {r: profiler.profile(*r, batch)[0] for r in ranges}
-        second = {r: profiler.profile(*r, batch + 1) for r in ranges}
+        measured, measured_next, step_seconds = measure(profiler, ranges, batch, cfg.batch_size)
     if cap is None:
         cap = torch.cuda.get_device_properties(profiler.device).total_memory if profiler.device.type == "cuda" else math.inf
-
-    def fits(a: int, b: int, c: int) -> bool:
-        shard = first[(a, b)].at_batch(cfg.batch_size // c, batch, second[(a, b)][0], batch + 1)
-        return shard.total <= cap
-
-    seconds = {r: t * cfg.batch_size / (batch + 1) for r, (_, t) in second.items()}
-    return best_layout(seconds, fits, n, len(ranges), gpus, cfg.batch_size, cuts)
+    table = {r: measured[r].at_batch(cfg.batch_size, batch, measured_next[r], batch + 1) for r in ranges}
+    plan = Plan(cuts, [], cfg.batch_size, batch, measured, table, measured_next, step_seconds)  # these modules only
+    return plan.layout(len(ranges), gpus, cap, cuts)
 
 
 def resolve_auto_split(cfg: Config, in_channels: int, num_classes: int, input_size: int) -> tuple[Config, Plan | None]:
