@@ -85,6 +85,10 @@ class ReplicaGroup:
 
         in_buckets([p.grad for p in params if p.grad is not None], mean)  # the same parameters have one everywhere
 
+    def finish(self) -> None:
+        """Wait until every replica is done: none tears the group down while a peer is still in a collective."""
+        dist.barrier(group=self.group)
+
     def all_sum(self, values: list[float | int | torch.Tensor]) -> list[float]:
         """The sums over the replicas of a few numbers (in float64, on this device)."""
         flat = torch.stack([torch.as_tensor(v, dtype=torch.float64, device=self.device) for v in values])

@@ -227,6 +227,8 @@ class StageWorker:
             self._relay()
         for sender in self.senders:
             sender.drain()
+        if self.group is not None:
+            self.group.finish()
         self.reporter.send({"kind": Record.DONE, "busy": self.busy, "idle": self.idle, "peak_memory": self.peak_memory(),
                             "link": self.senders[0].kind.value if self.senders else None,
                             "trace": self.trace.spans if self.trace.enabled else None})

@@ -77,6 +77,7 @@ def _replica(rank: int, size: int, store: str, out: str, sync_bn: bool, diverge:
     except ReplicasDiverged as err:
         verdict = str(err)
     torch.save({"state": state(step), "outputs": outputs, "verdict": verdict}, f"{out}/{rank}.pt")
+    group.finish()
     dist.destroy_process_group()
 
 
