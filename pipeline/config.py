@@ -17,7 +17,8 @@ import yaml
 from pipeline.bpfree import BPFREE_METHODS
 from pipeline.sgr import REDUCTIONS
 
-METHODS = ("sgr", "layerwise", "bp", "reforward", "greedy", *BPFREE_METHODS)
+METHODS = ("sgr", "layerwise", "bp", "reforward", "greedy", "infopro", *BPFREE_METHODS)
+LOCAL_LOSSES = ("cross_entropy", "infopro")
 HEADS = ("conv_linear", "etf", "token_linear", "own")
 LR_SCHEDULES = ("cosine", "step", "constant")
 SCHEDULES = ("pipeline", "sequential")
@@ -56,6 +57,9 @@ class Config:
     lam: float = 1.0  # λ of the SGR term (only method sgr uses it)
     sgr_reduction: str = "mean"  # mean (paper) | sample (independent of the feature size)
     track_sgr: bool = False  # with λ = 0, still measure the SGR term (one extra backward per module)
+    local_loss: str = "cross_entropy"  # each module's loss: cross_entropy | infopro (method infopro implies it)
+    infopro_lambdas: list[float] = field(default_factory=list)  # InfoPro's [λ1 first, λ2 first, λ1 last, λ2 last] ([]: published for K)
+    decoder_width: int = 12  # InfoPro: channels of the decoder's hidden conv
     # optimisation (each module has its own optimizer and schedule)
     optimizer: str = "sgd"  # sgd (momentum, nesterov) | adamw (betas 0.9/0.999; momentum and nesterov unused)
     epochs: int = 2
@@ -212,6 +216,13 @@ def validate(cfg: Config) -> Config:
 
     need(cfg.method in METHODS, f"unknown method {cfg.method!r}; use one of {', '.join(METHODS)}")
     need(cfg.lam >= 0, f"lam must be >= 0, got {cfg.lam}")
+    need(cfg.local_loss in LOCAL_LOSSES, f"local_loss must be one of {', '.join(LOCAL_LOSSES)}, got {cfg.local_loss!r}")
+    need(cfg.local_loss == "cross_entropy" or cfg.method in ("sgr", "layerwise", "infopro"),
+         f"local_loss {cfg.local_loss} is for methods sgr, layerwise and infopro, not {cfg.method}")
+    need(len(cfg.infopro_lambdas) in (0, 4) and all(isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0
+                                                     for v in cfg.infopro_lambdas),
+         f"infopro_lambdas must be [] or four weights >= 0 [λ1 first, λ2 first, λ1 last, λ2 last], got {cfg.infopro_lambdas}")
+    need(cfg.decoder_width >= 1, f"decoder_width must be >= 1, got {cfg.decoder_width}")
     need(cfg.sgr_reduction in CONFIG_REDUCTIONS, f"sgr_reduction must be {' or '.join(CONFIG_REDUCTIONS)}, "
                                                  f"got {cfg.sgr_reduction!r}")
     need(cfg.head in HEADS and cfg.head != "own", f"head must be conv_linear, etf or token_linear, got {cfg.head!r}")

@@ -111,6 +111,12 @@ def normalize(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.T
     return (x - mean[None, :, None, None]) / std[None, :, None, None]
 
 
+def pixels(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """normalize's inverse: the uint8 images a normalised batch was made from (InfoPro's decoders reconstruct them)."""
+    x = x * std[None, :, None, None] + mean[None, :, None, None]
+    return x.mul_(255).round_().clamp_(0, 255).to(torch.uint8)
+
+
 def stats_on(data: Data, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """The data's channel mean and std on `device`, copied there once (not once per batch)."""
     cache = data.__dict__.setdefault("_stats_on", {})
@@ -120,8 +126,9 @@ def stats_on(data: Data, device: torch.device) -> tuple[torch.Tensor, torch.Tens
 
 
 def to_device(t: torch.Tensor, device: torch.device | None) -> torch.Tensor:
-    """A CPU tensor on `device`; to a GPU through pinned memory with a non-blocking copy, so the host need not wait."""
-    if device is None or device.type == "cpu":
+    """A CPU tensor on `device`; to a GPU through pinned memory with a non-blocking copy, so the host need not wait
+    (a tensor already there passes as it is)."""
+    if device is None or device.type == "cpu" or t.device == device:
         return t
     return t.pin_memory().to(device, non_blocking=True)
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from pipeline.models import PoolLinear
 
@@ -61,6 +62,30 @@ class TokenLinearHead(nn.Module):
 
     def forward(self, x):
         return self.fc(self.norm(x).flatten(1, -2).mean(dim=1))
+
+
+class Decoder(nn.Module):
+    """InfoPro's CIFAR decoder: features upsampled (bilinear) to the image's size, conv 3x3 + BN + ReLU, conv 3x3 to
+    the image's channels; returns logits (the loss applies the sigmoid). Width 12 as in the authors' code."""
+
+    def __init__(self, channels: int, image_channels: int, width: int = 12) -> None:
+        super().__init__()
+        self.layers = nn.Sequential(nn.Conv2d(channels, width, 3, padding=1), nn.BatchNorm2d(width), nn.ReLU(),
+                                    nn.Conv2d(width, image_channels, 3, padding=1))
+
+    def forward(self, features: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+        return self.layers(F.interpolate(features, size=size, mode="bilinear", align_corners=True))
+
+
+class InfoProHead(nn.Module):
+    """A module's classifier head and its InfoPro decoder; calling it gives the classifier's logits (evaluation)."""
+
+    def __init__(self, classifier: nn.Module, decoder: Decoder) -> None:
+        super().__init__()
+        self.classifier, self.decoder = classifier, decoder
+
+    def forward(self, x):
+        return self.classifier(x)
 
 
 # The feature layouts (pipeline.models.Network.layout) each head reads.

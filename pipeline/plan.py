@@ -119,15 +119,18 @@ def saved_bytes(fn: Callable[[], object], exclude: set[int]) -> int:
     return sum(kept.values())
 
 
-def step_memory(step: StageStep, x: torch.Tensor, delta: torch.Tensor | None, y: torch.Tensor) -> tuple[ModuleMemory, StepOutput]:
-    """The memory of one real train_step of a module, and the step's output."""
+def step_memory(step: StageStep, x: torch.Tensor, delta: torch.Tensor | None, y: torch.Tensor,
+                image: torch.Tensor | None = None) -> tuple[ModuleMemory, StepOutput]:
+    """The memory of one real train_step of a module (InfoPro: with the input `image` it reconstructs, whose float
+    copy the loss saves), and the step's output."""
     params = [*step.module.parameters(), *step.head.parameters()]
     if x.is_cuda:
         torch.cuda.synchronize(x.device)
         torch.cuda.reset_peak_memory_stats(x.device)
         before = torch.cuda.memory_allocated(x.device)
     outputs = []
-    saved = saved_bytes(lambda: outputs.append(step.train_step(x, delta, y)), {p.untyped_storage().data_ptr() for p in params})
+    saved = saved_bytes(lambda: outputs.append(step.train_step(x, delta, y, image)),
+                        {p.untyped_storage().data_ptr() for p in params})
     memory = ModuleMemory(
         saved=saved,
         params=sum(p.numel() * p.element_size() for p in params),
@@ -248,6 +251,8 @@ class Profiler:
         g = torch.Generator().manual_seed(cfg.seed)
         self.y = torch.randint(0, num_classes, (batch,), generator=g).to(self.device)
         self.inputs = [torch.randn(batch, in_channels, input_size, input_size, generator=g).to(self.device)]
+        self.image = torch.randint(0, 256, (batch, in_channels, input_size, input_size), generator=g,
+                                   dtype=torch.uint8).to(self.device)  # what InfoPro's decoders reconstruct
         with torch.no_grad():  # each unit's input (eval mode: per sample), so a candidate starting at unit a gets a real one
             for unit in net.units[:-1]:
                 self.inputs.append(unit(self.inputs[-1]))
@@ -256,7 +261,8 @@ class Profiler:
         """The StageStep of units a..b-1 in their place, and whether it receives a δ (zeros are measured)."""
         k = 0 if a == 0 else 1
         k_total = k + 1 + (b < self.n)
-        lm = local_module(self.cfg, self.net, range(a, b), self.outputs[b - 1], self.num_classes, k, b == self.n)
+        lm = local_module(self.cfg, self.net, range(a, b), self.outputs[b - 1], self.num_classes, k, b == self.n,
+                          self.in_channels)
         if self.sync_bn:
             convert_sync_bn(lm.head, None)
         lm.head.to(self.device)
@@ -274,7 +280,8 @@ class Profiler:
         step, needs_delta = self.step(a, b)
         x, y = self.batch(a, batch)
         start = time.perf_counter()
-        memory = step_memory(step, x, torch.zeros_like(x) if needs_delta else None, y)[0]
+        image = self.image[:batch] if step.needs_image else None
+        memory = step_memory(step, x, torch.zeros_like(x) if needs_delta else None, y, image)[0]
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         return memory, time.perf_counter() - start
@@ -284,9 +291,10 @@ class Profiler:
         step, needs_delta = self.step(a, b)
         x, y = self.batch(a, batch)
         delta = torch.zeros_like(x) if needs_delta else None
+        image = self.image[:batch] if step.needs_image else None
 
         def one_step() -> None:
-            step.train_step(x, delta, y)
+            step.train_step(x, delta, y, image)
             if self.device.type == "cuda":
                 torch.cuda.synchronize(self.device)
         return median_seconds(one_step, reps)

@@ -12,7 +12,8 @@ from typing import Iterator
 import torch
 
 from pipeline.config import Config
-from pipeline.data import Data, Part, train_batches
+from pipeline.data import Data, Part, pixels, stats_on, train_batches
+from pipeline.stages import local_loss_of
 
 
 @dataclass(frozen=True)
@@ -25,6 +26,7 @@ class ScheduledStep:
     y: torch.Tensor  # labels, on the CPU
     evaluate: bool  # an evaluation is due after this step
     checkpoint: bool  # a checkpoint is due after this step
+    image: torch.Tensor | None = None  # InfoPro's losses: the uint8 images of x, on its device
 
 
 def is_due(every: int, step: int, steps_per_epoch: int, total_steps: int) -> bool:
@@ -47,7 +49,9 @@ def run_epochs(cfg: Config, data: Data, steps_per_epoch: int, start_step: int = 
 def _steps(cfg: Config, data: Data, epoch: int, skip: int, steps_per_epoch: int, total: int,
            device: torch.device | None, part: Part) -> Iterator[ScheduledStep]:
     batches = train_batches(data, epoch, cfg.batch_size, cfg.seed, cfg.augment, skip, device, part)
+    images = local_loss_of(cfg) == "infopro"
     for i, (x, y) in enumerate(batches, start=skip):
         step = epoch * steps_per_epoch + i + 1
         yield ScheduledStep(epoch, step, x, y, is_due(cfg.eval_every, step, steps_per_epoch, total),
-                            is_due(cfg.checkpoint_every, step, steps_per_epoch, total))
+                            is_due(cfg.checkpoint_every, step, steps_per_epoch, total),
+                            pixels(x, *stats_on(data, x.device)) if images else None)

@@ -11,11 +11,12 @@ import torch.nn as nn
 
 from pipeline.config import Config, ConfigError
 from pipeline.bpfree import BPFREE_METHODS, NEEDS_OUTPUT_ERROR
-from pipeline.heads import build_head, feature_channels
+from pipeline.heads import Decoder, InfoProHead, build_head, feature_channels
+from pipeline.losses import infopro_coefficients, infopro_weights
 from pipeline.models import DenseLayer, Network
 from pipeline.registry import build_network
 from pipeline.splits import SplitError, module_ranges, resolve_cuts
-from pipeline.step import SignalStep, StageStep, delta_flow
+from pipeline.step import DeltaFlow, InfoProStep, SignalStep, StageStep, delta_flow
 
 
 @dataclass
@@ -67,20 +68,31 @@ def unit_outputs(net: Network, in_channels: int, input_size: int) -> list[torch.
     return outputs
 
 
+def local_loss_of(cfg: Config) -> str:
+    """The local loss every module trains on: method infopro's, or the config's `local_loss`."""
+    return "infopro" if cfg.method == "infopro" else cfg.local_loss
+
+
 def local_module(cfg: Config, net: Network, units: range, example_out: torch.Tensor, num_classes: int,
-                 k: int, is_last: bool) -> LocalModule:
-    """Module k (0-based) made of the network's `units`, with the config's local head for its output."""
+                 k: int, is_last: bool, image_channels: int) -> LocalModule:
+    """Module k (0-based) made of the network's `units`, with the config's local head for its output (and, with
+    InfoPro's loss, a decoder of the `image_channels` input image beside the head, except in the last module)."""
     module = nn.Sequential(*(net.units[i] for i in units))
     kind = cfg.last_head if is_last else cfg.head
     if kind == "own":
         if not is_last:
             raise ConfigError("head 'own' (the network's classifier) is only for the last module")
         return LocalModule(module, net.classifier)
+    channels = feature_channels(example_out, net.layout)
     try:
-        head = build_head(kind, feature_channels(example_out, net.layout), num_classes, width=cfg.head_width,
-                          seed=cfg.seed + k, layout=net.layout)
+        head = build_head(kind, channels, num_classes, width=cfg.head_width, seed=cfg.seed + k, layout=net.layout)
     except ValueError as err:
         raise ConfigError(f"head of module {k + 1}: {err}") from None
+    if local_loss_of(cfg) == "infopro" and not is_last:
+        if net.layout != "nchw":
+            raise ConfigError(f"InfoPro's decoder reconstructs the image from conv feature maps; model {cfg.model}'s "
+                              f"features are {net.layout}: use a conv net (resnet, plainnet, vgg)")
+        head = InfoProHead(head, Decoder(channels, image_channels, cfg.decoder_width))
     return LocalModule(module, head)
 
 
@@ -95,7 +107,9 @@ def build_local_modules(cfg: Config, in_channels: int, num_classes: int, input_s
     check_layout(cfg, net)
     outputs = unit_outputs(net, in_channels, input_size)
     ranges = module_ranges(module_cuts(cfg, net), len(net.units))
-    local = [local_module(cfg, net, units, outputs[units[-1]], num_classes, k, k == len(ranges) - 1)
+    if local_loss_of(cfg) == "infopro":
+        infopro_schedule(cfg, len(ranges))  # unpublished K without infopro_lambdas: refused before anything trains
+    local = [local_module(cfg, net, units, outputs[units[-1]], num_classes, k, k == len(ranges) - 1, in_channels)
              for k, units in enumerate(ranges)]
     if cfg.method in BPFREE_METHODS:
         check_bpfree(cfg, local)
@@ -157,16 +171,37 @@ def build_stage_steps(cfg: Config, local: list[LocalModule], steps_per_epoch: in
     return [build_stage_step(cfg, lm, k, len(local), steps_per_epoch) for k, lm in enumerate(local)]
 
 
+def infopro_schedule(cfg: Config, k_total: int) -> tuple[float, ...]:
+    """InfoPro's (λ1 first, λ2 first, λ1 last, λ2 last) for K modules: the config's, else the published ones."""
+    try:
+        return infopro_coefficients(k_total, cfg.infopro_lambdas)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+
+
+def module_flow(cfg: Config, k: int, k_total: int) -> DeltaFlow:
+    """What module k (0-based) of k_total takes and passes on (δ, the input image) under the config's method."""
+    return delta_flow(method_lambda(cfg), tracks_sgr(cfg), k, k_total, images=local_loss_of(cfg) == "infopro")
+
+
+def tracks_sgr(cfg: Config) -> bool:
+    """Whether the modules measure the SGR term: `track_sgr`, except for the BP-free baselines' layers (they pass no
+    δ to compare with)."""
+    return cfg.track_sgr and cfg.method not in BPFREE_METHODS
+
+
 def build_stage_step(cfg: Config, lm: LocalModule, k: int, k_total: int, steps_per_epoch: int) -> StageStep:
     """The StageStep of module k (0-based) of k_total: its optimizer, schedule, λ and what it passes on."""
-    track_sgr = cfg.track_sgr and cfg.method not in BPFREE_METHODS  # their layers pass no δ to compare with
-    flow = delta_flow(method_lambda(cfg), track_sgr, k, k_total)
+    flow = module_flow(cfg, k, k_total)
     optimizer, scheduler = build_optimizer(cfg, lm, steps_per_epoch, cfg.epochs)
     if cfg.method in NEEDS_OUTPUT_ERROR or (cfg.method == "drtp" and k < k_total - 1):
         return SignalStep(lm.module, lm.head, optimizer, scheduler, method=cfg.method,
                           num_classes=lm.head.frame.shape[1], seed=1000 * cfg.seed + k,
                           is_first=k == 0, is_last=k == k_total - 1)
-    return StageStep(
+    kind, extra = StageStep, {}
+    if flow.needs_image:
+        kind, extra = InfoProStep, {"weights": infopro_weights(k, k_total, infopro_schedule(cfg, k_total))}
+    return kind(
         lm.module, lm.head, optimizer, scheduler,
         lam=flow.lam,
         is_first=k == 0,
@@ -174,11 +209,12 @@ def build_stage_step(cfg: Config, lm: LocalModule, k: int, k_total: int, steps_p
         send_delta=flow.sends_delta,
         reforward=cfg.method == "reforward",
         sgr_reduction=cfg.sgr_reduction,
-        track_sgr=track_sgr,
+        track_sgr=tracks_sgr(cfg),
         amp=cfg.amp == "bf16",
         channels_last=cfg.channels_last,
         rng_seed=2**40 + 1000 * cfg.seed + k,  # dropout / stochastic depth: module k's own stream
         wire_dtype=wire_dtype(cfg),
+        **extra,
     )
 
 

@@ -16,16 +16,19 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from pipeline.bpfree import drtp_signal, fa_signal, output_error, random_feedback
+from pipeline.losses import infopro_loss
 from pipeline.sgr import sgr_term
 
 
 @dataclass(frozen=True)
 class DeltaFlow:
-    """What module k of K does with δ (the gradient of a module's loss w.r.t. its input)."""
+    """What module k of K does with δ (the gradient of a module's loss w.r.t. its input) and with the input image."""
 
     lam: float  # the weight of its SGR term (0: no term)
     needs_delta: bool  # it takes module k-1's δ with its input (for the SGR term, or to measure it)
     sends_delta: bool  # it computes its own δ and passes it to module k+1
+    needs_image: bool = False  # InfoPro: its loss reconstructs the input image (every module but the last)
+    sends_image: bool = False  # InfoPro: it passes the image on, because module k+1 needs it
 
 
 def takes_delta(is_first: bool, lam: float, track_sgr: bool) -> bool:
@@ -33,17 +36,19 @@ def takes_delta(is_first: bool, lam: float, track_sgr: bool) -> bool:
     return not is_first and (lam > 0 or track_sgr)
 
 
-def delta_flow(lam: float, track_sgr: bool, k: int, k_total: int) -> DeltaFlow:
-    """The one decision about δ for module k (0-based) of k_total, given the method's λ and `track_sgr`."""
+def delta_flow(lam: float, track_sgr: bool, k: int, k_total: int, images: bool = False) -> DeltaFlow:
+    """The one decision about δ (and, for InfoPro's losses, `images`, about the input image) for module k (0-based)
+    of k_total, given the method's λ and `track_sgr`."""
     return DeltaFlow(lam=0.0 if k == 0 else lam, needs_delta=takes_delta(k == 0, lam, track_sgr),
-                     sends_delta=k + 1 < k_total and takes_delta(False, lam, track_sgr))
+                     sends_delta=k + 1 < k_total and takes_delta(False, lam, track_sgr),
+                     needs_image=images and k < k_total - 1, sends_image=images and k + 1 < k_total - 1)
 
 
 @dataclass
 class StepStats:
     """Statistics of one step, kept as 0-dim tensors so no device sync happens inside the step."""
 
-    loss: torch.Tensor  # classification loss of the local head
+    loss: torch.Tensor  # the module's local loss (cross entropy of its head, unless another local loss is used)
     sgr: torch.Tensor  # SGR term (0 where the module has none)
     correct: torch.Tensor  # number of samples the local head classified right
     count: int  # batch size
@@ -54,7 +59,7 @@ class StepOutput:
     """What a module hands to the next one: its detached output and δ, plus its statistics."""
 
     out: torch.Tensor | None  # detached output (None for the last module)
-    delta: torch.Tensor | None  # ∂L_cls/∂out, detached (None when the next module needs none)
+    delta: torch.Tensor | None  # ∂L_local/∂out, detached (None when the next module needs none)
     stats: StepStats
 
 
@@ -109,6 +114,8 @@ class StageStep:
         self.track_sgr = track_sgr and not is_first
         self.average_gradients: Callable[[list[nn.Parameter]], None] | None = None  # replicas: set by the stage
 
+    needs_image = False  # whether train_step needs the batch's input images (InfoPro's reconstruction)
+
     def state_dict(self) -> dict[str, Any]:
         """What a checkpoint stores of this module: weights, head, optimizer, schedule and its own random stream."""
         return {
@@ -150,10 +157,17 @@ class StageStep:
         """Whether this module must receive the previous module's δ with its input."""
         return takes_delta(self.is_first, self.lam, self.track_sgr)
 
-    def train_step(self, x: torch.Tensor, delta_prev: torch.Tensor | None, y: torch.Tensor) -> StepOutput:
-        """One update of this module on one batch (Algorithm 1, one k)."""
+    def train_step(self, x: torch.Tensor, delta_prev: torch.Tensor | None, y: torch.Tensor,
+                   image: torch.Tensor | None = None) -> StepOutput:
+        """One update of this module on one batch (Algorithm 1, one k); `image`: the batch's uint8 input images,
+        for local losses that reconstruct them (InfoPro)."""
         with self.own_rng(x.device):
-            return self._update(x, delta_prev, y)
+            return self._update(x, delta_prev, y, image)
+
+    def local_loss(self, out: torch.Tensor, y: torch.Tensor, image: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(the head's logits, the module's local loss): cross entropy of its head."""
+        logits = self.head(out)
+        return logits, F.cross_entropy(logits, y)
 
     @contextlib.contextmanager
     def own_rng(self, device: torch.device) -> Iterator[None]:
@@ -178,7 +192,8 @@ class StageStep:
             if cuda:
                 self.rng_state["cuda"] = torch.cuda.get_rng_state(device)
 
-    def _update(self, x: torch.Tensor, delta_prev: torch.Tensor | None, y: torch.Tensor) -> StepOutput:
+    def _update(self, x: torch.Tensor, delta_prev: torch.Tensor | None, y: torch.Tensor,
+                image: torch.Tensor | None) -> StepOutput:
         self.module.train()
         self.head.train()
         use_sgr = self.lam > 0 and not self.is_first
@@ -189,18 +204,17 @@ class StageStep:
         math_attention = sdpa_kernel(SDPBackend.MATH) if use_sgr else contextlib.nullcontext()
         with self.autocast(x), math_attention:
             out = self.module(x)
-            logits = self.head(out)
-            loss_cls = F.cross_entropy(logits, y)
-        loss = loss_cls
-        sgr = torch.zeros((), device=loss_cls.device)
+            logits, loss_local = self.local_loss(out, y, image)
+        loss = loss_local
+        sgr = torch.zeros((), device=loss_local.device)
         if self.needs_delta:
-            (delta_now,) = torch.autograd.grad(loss_cls, x, create_graph=use_sgr, retain_graph=True)
+            (delta_now,) = torch.autograd.grad(loss_local, x, create_graph=use_sgr, retain_graph=True)
             sgr = sgr_term(delta_now, delta_prev, self.reduction)
             if use_sgr:
-                loss = loss_cls + self.lam * sgr
+                loss = loss_local + self.lam * sgr
         delta_out = None
         if self.send_delta and not self.is_last:
-            (delta_out,) = torch.autograd.grad(loss_cls, out, retain_graph=True)
+            (delta_out,) = torch.autograd.grad(loss_local, out, retain_graph=True)
             delta_out = delta_out.detach().to(self.wire_dtype)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -214,7 +228,7 @@ class StageStep:
                 passed_on = out.detach()
             passed_on = passed_on.to(self.wire_dtype)
         stats = StepStats(
-            loss=loss_cls.detach(),
+            loss=loss_local.detach(),
             sgr=sgr.detach(),
             correct=(logits.detach().argmax(dim=1) == y).sum(),
             count=y.shape[0],
@@ -242,6 +256,24 @@ class StageStep:
     def autocast(self, x: torch.Tensor) -> torch.autocast:
         """bfloat16 autocast on x's device when amp is on; a no-op otherwise."""
         return torch.autocast(device_type=x.device.type, dtype=torch.bfloat16, enabled=self.amp)
+
+
+class InfoProStep(StageStep):
+    """A module of an InfoPro run (Wang et al. 2021): its local loss is λ1 · reconstruction of the input image by
+    the decoder of its head (heads.InfoProHead) + λ2 · the cross entropy of its classifier; `weights` = (λ1, λ2)."""
+
+    def __init__(self, *args: Any, weights: tuple[float, float], **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.weights = weights
+
+    needs_image = True
+
+    def local_loss(self, out: torch.Tensor, y: torch.Tensor, image: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        if image is None:
+            raise ValueError("an InfoPro module reconstructs its input image but received none")
+        logits = self.head(out)
+        decoded = self.head.decoder(out, image.shape[-2:]) if self.weights[0] else logits
+        return logits, infopro_loss(logits, y, decoded, image, self.weights)
 
 
 class SignalStep(StageStep):

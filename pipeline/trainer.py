@@ -25,12 +25,14 @@ from pipeline.stages import build_local_modules, build_stage_steps, configure_to
 from pipeline.step import SignalStep, StageStep, StepStats
 
 
-def train_batch(steps: list[StageStep], x: torch.Tensor, y: torch.Tensor) -> list[StepStats]:
-    """One batch through every module in order (Algorithm 1): each trains, then passes its output and δ on."""
+def train_batch(steps: list[StageStep], x: torch.Tensor, y: torch.Tensor,
+                image: torch.Tensor | None = None) -> list[StepStats]:
+    """One batch through every module in order (Algorithm 1): each trains, then passes its output and δ on (InfoPro's
+    modules also get the batch's `image`)."""
     delta = None
     stats = []
     for step in steps:
-        result = step.train_step(x, delta, y)
+        result = step.train_step(x, delta, y, image if step.needs_image else None)
         x, delta = result.out, result.delta
         stats.append(result.stats)
     return stats
@@ -125,13 +127,17 @@ class SequentialTrainer:
     def _run_joint(self) -> dict[str, Any]:
         """All modules train on every batch (bp, layerwise, sgr, reforward); evaluations and checkpoints as due."""
         result: dict[str, Any] = {}
-        train = feedback_batch if self.cfg.method in NEEDS_OUTPUT_ERROR else train_batch
         for epoch, trained, steps in run_epochs(self.cfg, self.data, self.steps_per_epoch, self.start_step, self.device):
             meter = ModuleMeter(len(self.steps))
             bar = self._bar(epoch, f"epoch {epoch + 1}/{self.cfg.epochs}")
             bar.update(trained)
             for s in steps:
-                for k, stats in enumerate(train(self.steps, s.x, to_device(s.y, self.device))):
+                y = to_device(s.y, self.device)
+                if self.cfg.method in NEEDS_OUTPUT_ERROR:
+                    batch_stats = feedback_batch(self.steps, s.x, y)
+                else:
+                    batch_stats = train_batch(self.steps, s.x, y, s.image)
+                for k, stats in enumerate(batch_stats):
                     meter.update(k, stats)
                 self._after_step(meter, bar, epoch, s.step)
                 if s.evaluate:

@@ -14,7 +14,9 @@ from typing import Sequence
 
 from pipeline.config import ConfigError
 
-HOST_TENSORS = frozenset({"y"})  # labels: small, travel as frames and stay on the host until a stage uses them
+# Tensors a stage forwards as it got them: labels, and InfoPro's uint8 input images. They travel as frames (a CUDA
+# tensor received by IPC cannot be shared again) and stay on the host until a stage uses them.
+HOST_TENSORS = frozenset({"y", "image"})
 
 
 def stage_device(device: str, gpus: Sequence[int], stage: int, visible: int, local_rank: int | None = None) -> str:

@@ -23,7 +23,8 @@ class SimulatedStep:
         self.step, self.seconds = step, ms / 1000
         self.optimizer = step.optimizer  # StageWorker reports its learning rate
 
-    def train_step(self, x: torch.Tensor, delta_prev: torch.Tensor | None, y: torch.Tensor) -> StepOutput:
+    def train_step(self, x: torch.Tensor, delta_prev: torch.Tensor | None, y: torch.Tensor,
+                   image: torch.Tensor | None = None) -> StepOutput:
         """Sleep for the simulated compute, then hand x on (with a zero δ where the next stage needs one)."""
         time.sleep(self.seconds)
         if self.step.average_gradients is not None:  # replicas: the collective a real step ends with, on zero gradients

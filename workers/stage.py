@@ -35,7 +35,7 @@ from pipeline.lifeline import adopt_environment, exit_with
 from pipeline.metrics import ModuleMeter, topk_correct, train_records
 from pipeline.probe import InputDriftProbe
 from pipeline.schedule import run_epochs
-from pipeline.stages import build_local_modules, build_stage_step, configure_torch, cuts_of
+from pipeline.stages import build_local_modules, build_stage_step, configure_torch, cuts_of, module_flow
 from pipeline.step import StageStep
 from pipeline.syncbn import convert_sync_bn
 from workers.simulated import SimulatedStep
@@ -149,6 +149,7 @@ class StageWorker:
         self.fingerprint = fingerprint(self.cfg, cuts_of(local))
         # its own optimizer and schedule only; the other modules (built for their seeded weights) are dropped here
         self.real_step: StageStep = build_stage_step(self.cfg, self.local, self.rank, spec.stages, self.steps_per_epoch)
+        self.flow = module_flow(self.cfg, self.rank, spec.stages)  # what it passes on besides its output
         self.probe = InputDriftProbe()
         if spec.resume is not None:
             path = Path(spec.resume) / f"stage{self.rank + 1}.pt"
@@ -248,7 +249,8 @@ class StageWorker:
                                       part):
             for s in steps:  # images uint8 to the device, normalised there; labels on the host
                 header = {"epoch": s.epoch, "step": s.step}
-                self._train({"kind": Kind.TRAIN, "rows": len(s.y), **header}, {"x": s.x, "y": rows_of(s.y, part)})
+                batch = {"x": s.x, "y": rows_of(s.y, part), "image": s.image}  # image: InfoPro's losses only
+                self._train({"kind": Kind.TRAIN, "rows": len(s.y), **header}, batch)
                 if s.evaluate:
                     for ex, ey in eval_batches(self.data, self.cfg.eval_batch_size, self.device, part):
                         self._eval({"kind": Kind.EVAL, "rows": len(ey), **header}, {"x": ex, "y": rows_of(ey, part)})
@@ -277,18 +279,20 @@ class StageWorker:
 
     # --- message handlers: (header, tensors by name), the same in stage 1 and in stages 2..K ----------
 
-    # Labels `y` arrive and leave on the host (placement.HOST_TENSORS); each handler moves its own copy to the device.
+    # Labels `y` and InfoPro's images arrive and leave on the host (placement.HOST_TENSORS); each handler moves its
+    # own copy to the device.
 
     def _train(self, header: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
-        x, y = tensors["x"], tensors["y"]
+        x, y, image = tensors["x"], tensors["y"], tensors.get("image")
         start = now()
-        result = self.step.train_step(x, tensors.get("delta"), to_device(y, self.device))
+        image_here = to_device(image, self.device) if self.real_step.needs_image else None
+        result = self.step.train_step(x, tensors.get("delta"), to_device(y, self.device), image_here)
         self.meter.update(0, result.stats)
         end = now()
         self.busy += end - start
         self.trace.add("train", start, end, header["step"])
         self._send({"kind": Kind.TRAIN, "epoch": header["epoch"], "step": header["step"], "rows": header["rows"]},
-                   {"x": result.out, "delta": result.delta, "y": y})
+                   {"x": result.out, "delta": result.delta, "y": y, "image": image if self.flow.sends_image else None})
         if self.group is not None:
             self._keep_replicas_equal(header["step"])
         if header["step"] % self.cfg.log_every == 0 or header["step"] % self.steps_per_epoch == 0:

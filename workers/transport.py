@@ -289,9 +289,9 @@ def encode(header: dict[str, Any], tensors: dict[str, torch.Tensor | None],
 def decode(frames: list[Any], device: torch.device | None = None, maps: SegmentMaps | None = None) -> Message:
     """A Message from received frames; frames and slots become tensors without a copy, IPC handles are opened.
 
-    Tensors are placed on `device`, except the labels (HOST_TENSORS): they stay on the host, where
-    the stage forwards them from, and the stage moves them to its device itself. Labels read from
-    a slot are copied out of it, since a forwarded tensor must outlive this message's credit.
+    Tensors are placed on `device`, except those a stage forwards (HOST_TENSORS: labels, InfoPro's images): they
+    stay on the host, where the stage forwards them from, and the stage moves them to its device itself. They are
+    copied out of a slot, since a forwarded tensor must outlive this message's credit.
     """
     header = msgpack.unpackb(frames[0].bytes if hasattr(frames[0], "bytes") else frames[0], raw=False)
     meta = header.pop("tensors", [])

@@ -43,6 +43,10 @@ def test_every_shipped_config_loads_validates_and_builds(path):
         ({"image_size": 0}, "image_size must be >= 8 pixels, got 0"),
         ({"model_args": {"width": 0}}, r"model_args \{'width': 0\}: sizes and counts must be >= 1"),
         ({"model_args": {"widths": [-4, 8]}}, "sizes and counts must be >= 1"),
+        ({"local_loss": "mse"}, "local_loss must be one of cross_entropy, infopro"),
+        ({"local_loss": "infopro", "method": "reforward"}, "local_loss infopro is for methods sgr, layerwise"),
+        ({"infopro_lambdas": [1, 2]}, "infopro_lambdas must be \\[\\] or four weights"),
+        ({"infopro_lambdas": [1, 2, -3, 4]}, "infopro_lambdas must be"),
     ],
 )
 def test_bad_values_fail_with_one_clear_line(values, message):
@@ -60,6 +64,8 @@ def test_bad_values_fail_with_one_clear_line(values, message):
         ({"model": "resnet8", "model_args": {"blocks": 3}}, "unexpected keyword argument 'blocks'"),
         ({"model": "resnet32", "stages": 2, "split": [4, 8]}, "gives 3 modules but stages=2"),
         ({"model": "resnet32", "stages": None, "split": [0, 8]}, "out of range"),
+        ({"model": "vit_s16", "head": "token_linear", "method": "infopro", "stages": 2}, "InfoPro's decoder reconstructs"),
+        ({"model": "resnet32", "method": "infopro", "stages": 5}, "give infopro_lambdas"),
     ],
 )
 def test_model_and_split_errors_are_config_errors(values, message):

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from pipeline.data import (
-    DataError, FolderImages, augment, eval_batches, load_data, probe_batch, random_resized_box, read_idx, steps_per_epoch,
-    train_batches,
+    DataError, FolderImages, augment, eval_batches, load_data, pixels, probe_batch, random_resized_box, read_idx,
+    steps_per_epoch, train_batches,
 )
 
 
@@ -164,6 +164,12 @@ def test_normalisation_standardises_the_train_set():
     data = load_data("digits")
     x = data.normalize(data.train_x)
     assert abs(x.mean().item()) < 1e-3 and abs(x.std().item() - 1) < 1e-2
+
+
+def test_pixels_gives_back_the_uint8_images_a_batch_was_normalised_from():
+    data = load_data("digits")
+    u = torch.randint(0, 256, (64, *data.train_x.shape[1:]), dtype=torch.uint8)
+    assert torch.equal(pixels(data.normalize(u), data.mean, data.std), u)
 
 
 def test_augment_is_a_crop_and_flip_of_the_original():

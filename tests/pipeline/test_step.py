@@ -207,6 +207,12 @@ def test_one_decision_says_each_modules_lambda_and_who_needs_and_sends_delta(lam
     assert all(a.sends_delta == b.needs_delta for a, b in zip(flows, flows[1:]))  # what is sent is what is needed
 
 
+def test_infopro_images_go_to_every_module_but_the_last_and_are_sent_only_to_one_that_needs_them():
+    flows = [delta_flow(0.0, False, k, 4, images=True) for k in range(4)]
+    assert [(f.needs_image, f.sends_image) for f in flows] == [(True, True), (True, True), (True, False), (False, False)]
+    assert not any(delta_flow(1.0, False, k, 4).needs_image for k in range(4))
+
+
 def test_a_step_restored_from_its_state_dict_continues_exactly(batch):
     x, y, delta_prev = batch
     torch.manual_seed(3)

@@ -8,7 +8,9 @@ from pipeline.checkpoint import complete_checkpoints
 from pipeline.config import Config
 from pipeline.data import load_data
 from pipeline.metrics import read_jsonl
-from pipeline.trainer import SequentialTrainer
+from pipeline.schedule import run_epochs
+from pipeline.trainer import SequentialTrainer, train_batch
+import pipeline.step
 
 
 @pytest.fixture(scope="module")
@@ -99,3 +101,18 @@ def test_sequential_resume_is_bit_identical(tmp_path, digits):
 def test_a_nan_loss_stops_the_sequential_trainer(tmp_path, digits):
     with pytest.raises(FloatingPointError, match="module 1's loss is (nan|inf)"):
         SequentialTrainer(digits_config(tmp_path, lr=1e12, method="layerwise"), digits).run()
+
+
+def test_infopro_decoders_reconstruct_the_batch_that_trains_them(tmp_path, digits, monkeypatch):
+    cfg = digits_config(tmp_path, method="infopro", train_subset=64)
+    trainer = SequentialTrainer(cfg, digits.subset(64), tmp_path / "run")
+    seen = []
+    loss = pipeline.step.infopro_loss
+    monkeypatch.setattr(pipeline.step, "infopro_loss", lambda *args: seen.append(args) or loss(*args))
+    _, _, steps = next(run_epochs(cfg, trainer.data, trainer.steps_per_epoch))
+    s = next(steps)
+    train_batch(trainer.steps, s.x, s.y, s.image)
+    assert len(seen) == 2  # modules 1 and 2 of 3; the last trains on cross entropy alone
+    for _, _, decoded, image, _ in seen:
+        assert image is s.image and torch.equal(trainer.data.normalize(image), s.x)  # the batch's own uint8 images
+        assert decoded.shape == s.x.shape  # features upsampled back to the image's size and channels

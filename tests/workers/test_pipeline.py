@@ -64,7 +64,8 @@ def run_pipeline(cfg: Config) -> dict:
 
 
 @pytest.mark.parametrize("transport", ["auto", "zmq"])  # CPU stages on one host: shared memory; zmq over ipc://
-@pytest.mark.parametrize("stages,method", [(2, "sgr"), (3, "sgr"), (2, "layerwise"), (3, "layerwise"), (3, "reforward")])
+@pytest.mark.parametrize("stages,method", [(2, "sgr"), (3, "sgr"), (2, "layerwise"), (3, "layerwise"), (3, "reforward"),
+                                           (3, "infopro")])  # infopro: uint8 images travel with the activations
 def test_pipeline_equals_the_sequential_reference_to_the_bit(tmp_path, stages, method, transport):
     cfg = small_config(tmp_path, stages=stages, method=method, transport=transport)
     result = run_pipeline(cfg)

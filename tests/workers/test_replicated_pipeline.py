@@ -50,6 +50,14 @@ def test_replicated_stages_with_sync_bn_equal_the_reference_at_the_same_global_b
     assert_same_evaluations(Path(cfg.out), tmp_path / "reference")
 
 
+def test_replicas_pass_each_other_their_rows_of_infopro_images_with_sgr_on_infopro_losses(tmp_path):
+    cfg = small_config(tmp_path, stages=3, replicas=[1, 2, 2], method="sgr", local_loss="infopro", epochs=1,
+                       eval_every=3)
+    run_pipeline(cfg)
+    trainer, _ = reference(cfg, tmp_path)
+    assert_close_to(trainer, pipeline_states(Path(cfg.out), 3))
+
+
 def test_equal_counts_without_sync_bn_equal_a_reference_that_normalises_per_shard(tmp_path):
     cfg = small_config(tmp_path, stages=2, replicas=2, sync_bn=False, epochs=1, eval_every=3)
     run_pipeline(cfg)
