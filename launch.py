@@ -348,12 +348,13 @@ def rank_device(cfg, rank: int) -> str:
 
 def check_topology(cfg, stages: int, world_size: int) -> None:
     """Refuse pipeline set-ups that cannot run, before any process starts."""
+    from pipeline.bpfree import NEEDS_OUTPUT_ERROR
     from pipeline.config import ConfigError
     from workers.routes import check_batch, replica_counts
 
     if cfg.schedule == "pipeline" and cfg.method == "greedy":
         raise ConfigError("method greedy trains modules one after another; run it with --schedule sequential")
-    if cfg.schedule == "pipeline" and cfg.method in ("fa", "dfa"):
+    if cfg.schedule == "pipeline" and cfg.method in NEEDS_OUTPUT_ERROR:
         raise ConfigError(f"method {cfg.method} updates every layer from the output error of the same batch, "
                           "which a pipeline stage does not have yet; run it with --schedule sequential")
     if cfg.replicas == "auto":  # planned under torchrun by rank 0, for the processes torchrun started

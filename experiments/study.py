@@ -147,7 +147,7 @@ def plot_study(study: dict[str, Any], out: Path) -> list[Path]:
         acc = [statistics.fmean(100 * e[i]["test_acc"][-1] for e in evals) for i in range(len(steps))]
         figures["accuracy"][1].plot(steps, acc, marker="o", label=arm)
         curves = [sgr_curve(rec) for rec in records]
-        if any(v > 0 for c in curves for v in c[1]):  # arms without a measured SGR term (fa, dfa, drtp) are left out
+        if any(v > 0 for c in curves for v in c[1]):  # arms without a measured SGR term (the BP-free baselines) are left out
             n = min(len(c[1]) for c in curves)
             figures["sgr"][1].plot(curves[0][0][:n], [statistics.fmean(c[1][i] for c in curves) for i in range(n)], label=arm)
         probed = [i for i, r in enumerate(evals[0]) if r.get("delta_loss") and r["delta_loss"][-1] is not None]

@@ -227,12 +227,12 @@ def validate(cfg: Config) -> Config:
                                                  f"got {cfg.sgr_reduction!r}")
     need(cfg.head in HEADS and cfg.head != "own", f"head must be conv_linear, etf or token_linear, got {cfg.head!r}")
     need(cfg.last_head in HEADS, f"last_head must be one of {', '.join(HEADS)}, got {cfg.last_head!r}")
-    need(cfg.method not in ("fa", "dfa", "drtp") or (cfg.head, cfg.last_head) == ("etf", "etf"),
+    need(cfg.method not in BPFREE_METHODS or (cfg.head, cfg.last_head) == ("etf", "etf"),
          f"method {cfg.method} is a BP-free baseline with fixed heads: set head: etf and last_head: etf")
     need(cfg.stages is None or cfg.stages >= 1, f"stages must be >= 1, got {cfg.stages}")
     need(cfg.stages is not None or cfg.split is not None, "give stages: K or a split")
     need(cfg.split != "auto" or cfg.stages is not None, "split: auto needs stages: K (the number of modules to plan)")
-    need(cfg.split != "auto" or cfg.method not in ("fa", "dfa", "drtp"),
+    need(cfg.split != "auto" or cfg.method not in BPFREE_METHODS,
          f"method {cfg.method} trains one layer per module: use split: per_block, not auto")
     need(cfg.profile_batch >= 2, f"profile_batch must be >= 2 (BatchNorm needs it), got {cfg.profile_batch}")
     need(cfg.epochs >= 1, f"epochs must be >= 1, got {cfg.epochs}")

@@ -45,9 +45,10 @@ def reconstruction_loss(decoded_logits: torch.Tensor, image: torch.Tensor) -> to
     return F.binary_cross_entropy_with_logits(decoded_logits.float(), image.float() / 255)
 
 
-def infopro_loss(logits: torch.Tensor, y: torch.Tensor, decoded_logits: torch.Tensor, image: torch.Tensor,
+def infopro_loss(logits: torch.Tensor, y: torch.Tensor, decoded_logits: torch.Tensor | None, image: torch.Tensor,
                  weights: tuple[float, float]) -> torch.Tensor:
-    """λ1 · reconstruction + λ2 · cross entropy (a zero weight drops its term: its head then gets no gradient)."""
+    """λ1 · reconstruction + λ2 · cross entropy (a zero weight drops its term, and its head gets no gradient; with
+    λ1 = 0 the decoder need not run: decoded_logits may be None)."""
     recon_weight, cls_weight = weights
     loss = torch.zeros((), device=logits.device)
     if recon_weight:

@@ -139,6 +139,18 @@ class DenseLayer(nn.Module):
         return self.activate(self.fc(x.flatten(1)))
 
 
+def ends_in_relu(unit: nn.Module) -> bool:
+    """Whether a unit is one layer whose last op is a ReLU: a DenseLayer, or a conv + BN + ReLU block."""
+    return isinstance(unit, DenseLayer) or (isinstance(unit, nn.Sequential) and isinstance(unit[-1], nn.ReLU))
+
+
+def before_relu(unit: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """A one-layer unit's (ends_in_relu) output before its final ReLU."""
+    if isinstance(unit, DenseLayer):
+        return unit.norm(unit.fc(x.flatten(1)))
+    return unit[:-1](x)
+
+
 def mlp(depth: int, in_channels: int, num_classes: int, input_size: int, width: int = 256, norm: bool = True) -> Network:
     """`depth` DenseLayers of `width` units (one unit per layer, so split per_block puts each layer in a module).
 

@@ -13,7 +13,7 @@ from pipeline.config import Config, ConfigError
 from pipeline.bpfree import BPFREE_METHODS, NEEDS_OUTPUT_ERROR
 from pipeline.heads import Decoder, InfoProHead, build_head, feature_channels
 from pipeline.losses import infopro_coefficients, infopro_weights
-from pipeline.models import DenseLayer, Network
+from pipeline.models import DenseLayer, Network, ends_in_relu
 from pipeline.registry import build_network
 from pipeline.splits import SplitError, module_ranges, resolve_cuts
 from pipeline.step import DeltaFlow, InfoProStep, SignalStep, StageStep, delta_flow
@@ -164,10 +164,13 @@ def check_bpfree(cfg: Config, local: list[LocalModule]) -> None:
         if cfg.method == "fa" and not isinstance(lm.module[0], DenseLayer):
             raise ConfigError("method fa feeds the error back through fixed matrices in place of linear weights: "
                               "use an mlp<depth> model")
+        if cfg.method == "pepita" and not ends_in_relu(lm.module[0]):
+            raise ConfigError(f"method pepita updates each layer at the input of its ReLU, but module {k + 1} is a "
+                              f"{type(lm.module[0]).__name__}: use an mlp<depth> or plainconv<depth> model")
 
 
 def build_stage_steps(cfg: Config, local: list[LocalModule], steps_per_epoch: int) -> list[StageStep]:
-    """A StageStep per module, each with its own optimizer and schedule (SignalSteps for fa, dfa, drtp layers)."""
+    """A StageStep per module, each with its own optimizer and schedule (SignalSteps for BP-free baselines' layers)."""
     return [build_stage_step(cfg, lm, k, len(local), steps_per_epoch) for k, lm in enumerate(local)]
 
 

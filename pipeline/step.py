@@ -15,8 +15,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from pipeline.bpfree import drtp_signal, fa_signal, output_error, random_feedback
+from pipeline.bpfree import drtp_signal, fa_signal, output_error, pepita_feedback, random_feedback
 from pipeline.losses import infopro_loss
+from pipeline.models import before_relu
 from pipeline.sgr import sgr_term
 
 
@@ -164,7 +165,8 @@ class StageStep:
         with self.own_rng(x.device):
             return self._update(x, delta_prev, y, image)
 
-    def local_loss(self, out: torch.Tensor, y: torch.Tensor, image: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    def local_loss(self, out: torch.Tensor, y: torch.Tensor,
+                   image: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         """(the head's logits, the module's local loss): cross entropy of its head."""
         logits = self.head(out)
         return logits, F.cross_entropy(logits, y)
@@ -268,20 +270,22 @@ class InfoProStep(StageStep):
 
     needs_image = True
 
-    def local_loss(self, out: torch.Tensor, y: torch.Tensor, image: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    def local_loss(self, out: torch.Tensor, y: torch.Tensor,
+                   image: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         if image is None:
             raise ValueError("an InfoPro module reconstructs its input image but received none")
         logits = self.head(out)
-        decoded = self.head.decoder(out, image.shape[-2:]) if self.weights[0] else logits
+        decoded = self.head.decoder(out, image.shape[-2:]) if self.weights[0] else None  # λ1 = 0: no decoder pass
         return logits, infopro_loss(logits, y, decoded, image, self.weights)
 
 
 class SignalStep(StageStep):
-    """One layer of a BP-free baseline (fa, dfa, drtp): it learns from a signal given at its output.
+    """One layer of a BP-free baseline (fa, dfa, drtp, pepita): it learns from a signal given at its output.
 
-    The layer's parameters get ∂<out, signal>/∂θ, its own backward only; its fixed ETF head
-    just reports its loss and accuracy. Its fixed random feedback matrices (pipeline/bpfree.py)
-    are drawn from `seed` when first needed, so every process that builds it gets the same.
+    The layer's parameters get ∂<out, signal>/∂θ, its own backward only (pepita: ∂<pre, signal>/∂θ at the
+    pre-activation, skipping the ReLU's derivative); its fixed ETF head just reports its loss and accuracy. Its fixed
+    random feedback matrices (pipeline/bpfree.py) are drawn from `seed` when first needed, so every process that builds
+    it gets the same.
     """
 
     def __init__(
@@ -300,7 +304,7 @@ class SignalStep(StageStep):
         super().__init__(module, head, optimizer, scheduler, is_first=is_first, is_last=is_last, send_delta=False)
         self.method, self.num_classes, self.seed = method, num_classes, seed
         self.feedback: torch.Tensor | None = None
-        self.pre: torch.Tensor | None = None  # FA: the pre-activation of the last forward
+        self.pre: torch.Tensor | None = None  # FA: fc's output of the last forward; PEPITA: the input to its ReLU
 
     def feedback_matrix(self, rows: int, cols: int, device: torch.device) -> torch.Tensor:
         """This layer's fixed random matrix (C×D for dfa/drtp, its weight's shape for fa), drawn once."""
@@ -313,6 +317,12 @@ class SignalStep(StageStep):
         weight = self.module[0].fc.weight
         return self.feedback_matrix(*weight.shape, weight.device)
 
+    def input_feedback(self, x: torch.Tensor) -> torch.Tensor:
+        """PEPITA (first layer): the fixed C×D_in matrix F that projects the output error onto the input."""
+        if self.feedback is None:
+            self.feedback = pepita_feedback(self.num_classes, x[0].numel(), self.seed).to(x.device)
+        return self.feedback
+
     def output_feedback(self, out: torch.Tensor) -> torch.Tensor:
         """DFA, DRTP: the fixed C×D matrix that projects an N×C error or target to this layer's output."""
         return self.feedback_matrix(self.num_classes, out[0].numel(), out.device)
@@ -323,11 +333,14 @@ class SignalStep(StageStep):
         self.head.train()
         x = self.prepare(x)
         with self.autocast(x):
-            if self.method != "fa":
-                return self.module(x)
             layer = self.module[0]
-            self.pre = layer.fc(x.flatten(1))
-            return layer.activate(self.pre)
+            if self.method == "fa":
+                self.pre = layer.fc(x.flatten(1))
+                return layer.activate(self.pre)
+            if self.method == "pepita":
+                self.pre = before_relu(layer, x)
+                return self.pre.relu()
+            return self.module(x)
 
     def fa_down(self, out: torch.Tensor, signal: torch.Tensor) -> torch.Tensor:
         """FA: the signal for the layer below, from this layer's signal (call before `apply` frees the graph)."""
@@ -340,19 +353,23 @@ class SignalStep(StageStep):
         (signal,) = torch.autograd.grad(F.cross_entropy(logits, y), out)
         return signal, output_error(logits.detach(), y)
 
-    def apply(self, out: torch.Tensor, signal: torch.Tensor, y: torch.Tensor) -> StepOutput:
-        """Update this layer's parameters by ∂<out, signal>/∂θ and report its head's loss on out."""
+    def apply(self, out: torch.Tensor, signal: torch.Tensor, y: torch.Tensor,
+              at: torch.Tensor | None = None) -> StepOutput:
+        """Update this layer's parameters by ∂<out, signal>/∂θ (or ∂<at, signal>/∂θ: PEPITA's pre-activation of its
+        modulated pass) and report its head's loss on out."""
         with torch.no_grad():
             logits = self.head(out).float()
             loss_cls = F.cross_entropy(logits, y)
         self.optimizer.zero_grad(set_to_none=True)
-        out.backward(signal.to(out.dtype))
+        target = out if at is None else at
+        target.backward(signal.to(target.dtype))
         self.apply_gradients()
         stats = StepStats(loss=loss_cls, sgr=torch.zeros((), device=out.device),
                           correct=(logits.argmax(dim=1) == y).sum(), count=y.shape[0])
         return StepOutput(out=None if self.is_last else out.detach().to(self.wire_dtype), delta=None, stats=stats)
 
-    def train_step(self, x: torch.Tensor, delta_prev: torch.Tensor | None, y: torch.Tensor) -> StepOutput:
+    def train_step(self, x: torch.Tensor, delta_prev: torch.Tensor | None, y: torch.Tensor,
+                   image: torch.Tensor | None = None) -> StepOutput:
         """DRTP: the update needs only this layer's input and the label, so it runs in a pipeline stage."""
         if self.method != "drtp":
             raise ValueError(f"method {self.method} needs the output error of the whole network: use trainer.feedback_batch")

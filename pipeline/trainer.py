@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from pipeline.bpfree import NEEDS_OUTPUT_ERROR, dfa_signal
+from pipeline.bpfree import NEEDS_OUTPUT_ERROR, dfa_signal, pepita_input, pepita_signal, prediction_error
 from pipeline.checkpoint import (Checkpoint, CheckpointError, check_finite, checkpoint_dir, fingerprint, load_stage_state,
                                  save_atomic, stage_state)
 from pipeline.config import Config
@@ -57,6 +57,28 @@ def feedback_batch(steps: list[SignalStep], x: torch.Tensor, y: torch.Tensor) ->
         down = step.fa_down(outs[k], signal) if step.method == "fa" and k > 0 else None
         stats.insert(0, step.apply(outs[k], signal, y).stats)
         signal = down
+    return stats
+
+
+def pepita_batch(steps: list[SignalStep], x: torch.Tensor, y: torch.Tensor) -> list[StepStats]:
+    """PEPITA: a clean forward and its output error, a forward of the input perturbed by the error through the fixed
+    F, then each hidden layer updated from its two activations' difference and the last from its loss gradient."""
+    clean = []
+    with torch.no_grad():
+        h = x
+        for step in steps:
+            h = step.forward(h)
+            clean.append(h)
+    last = clean[-1].requires_grad_()
+    signal, _ = steps[-1].output_signal(last, y)
+    error = prediction_error(steps[-1].head(last.detach()).float(), y)
+    h = pepita_input(x, error, steps[0].input_feedback(x))
+    stats = []
+    for k, step in enumerate(steps):
+        modulated = step.forward(h)  # keeps its pre-activation, where the signal enters
+        layer_signal = signal if k == len(steps) - 1 else pepita_signal(clean[k], modulated.detach())
+        stats.append(step.apply(clean[k].detach(), layer_signal, y, at=step.pre).stats)
+        h = modulated.detach()
     return stats
 
 
@@ -133,7 +155,9 @@ class SequentialTrainer:
             bar.update(trained)
             for s in steps:
                 y = to_device(s.y, self.device)
-                if self.cfg.method in NEEDS_OUTPUT_ERROR:
+                if self.cfg.method == "pepita":
+                    batch_stats = pepita_batch(self.steps, s.x, y)
+                elif self.cfg.method in NEEDS_OUTPUT_ERROR:
                     batch_stats = feedback_batch(self.steps, s.x, y)
                 else:
                     batch_stats = train_batch(self.steps, s.x, y, s.image)

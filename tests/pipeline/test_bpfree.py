@@ -5,12 +5,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pipeline.bpfree import dfa_signal, drtp_signal, fa_signal, output_error, random_feedback
+from pipeline.bpfree import (dfa_signal, drtp_signal, fa_signal, output_error, pepita_feedback, pepita_input,
+                             pepita_signal, random_feedback)
 from pipeline.config import Config, ConfigError, validate
 from pipeline.sgr import sgr_term
 from pipeline.stages import build_local_modules, build_stage_steps
 from pipeline.step import SignalStep
-from pipeline.trainer import feedback_batch, train_batch
+from pipeline.trainer import feedback_batch, pepita_batch, train_batch
 
 CLASSES, WIDTH = 4, 6
 
@@ -142,6 +143,38 @@ def test_bpfree_baselines_match_a_hand_computed_step(batch, method):
         dz2 = (-onehot / len(y) @ b2) * (zs[1] > 0)
         dz1 = (-onehot / len(y) @ b1) * (zs[0] > 0)
     assert_sgd_step(local, weights, hs, [dz1, dz2, dz3])
+
+
+def test_pepita_matches_a_hand_computed_step(batch):
+    """Clean pass, error e, modulated pass on x + e F; W_l -= lr (h_l − h_l^mod)ᵀ/N h_{l-1}^mod, the last layer by its
+    loss gradient at the modulated input; no ReLU derivative anywhere."""
+    x, y = batch
+    local, steps = build(bpfree_config("pepita"))
+    weights, _, hs = hand_forward(local, x)
+    frame = local[2].head.frame
+    error = F.softmax(hs[3] @ frame, dim=1) - F.one_hot(y, CLASSES)
+    pepita_batch(steps, x, y)
+    f = steps[0].feedback
+    assert torch.equal(f, pepita_feedback(CLASSES, 9, 1000 * 3 + 0)) and f.abs().max() <= 0.05 * (6 / 9) ** 0.5
+    h, modulated = x.flatten(1) + error @ f, []
+    for w, b in weights:
+        modulated.append(h)
+        h = (h @ w.T + b).clamp_min(0)
+    modulated.append(h)
+    n = len(y)
+    signals = [(hs[1] - modulated[1]) / n, (hs[2] - modulated[2]) / n, error / n @ frame.T]
+    assert_sgd_step(local, weights, modulated, signals)
+
+
+def test_pepita_pieces_and_its_layers():
+    x, error, f = torch.randn(2, 1, 2, 2), torch.randn(2, 3), torch.randn(3, 4)
+    assert torch.equal(pepita_input(x, error, f), x + (error @ f).reshape(2, 1, 2, 2))
+    assert torch.equal(pepita_signal(torch.ones(4, 2), torch.zeros(4, 2)), torch.full((4, 2), 0.25))
+    local, steps = build(bpfree_config("pepita", model="plainconv3", model_args={"width": 4}), in_channels=2, size=4)
+    stats = pepita_batch(steps, torch.randn(3, 2, 4, 4), torch.tensor([0, 1, 2]))  # conv layers: the same rule
+    assert len(stats) == 3 and all(torch.isfinite(s.loss) for s in stats)
+    with pytest.raises(ConfigError, match="method pepita updates each layer at the input of its ReLU"):
+        build(bpfree_config("pepita", model="resnet8", model_args={"width": 4}), in_channels=2, size=8)
 
 
 def test_signal_functions_shapes():

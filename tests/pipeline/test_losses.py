@@ -33,3 +33,4 @@ def test_infopro_loss_weighs_its_two_terms_and_drops_a_zero_one():
     ce, bce = F.cross_entropy(logits, y).item(), math.log(2.0)
     assert infopro_loss(logits, y, decoded, image, (2.0, 3.0)).item() == pytest.approx(2 * bce + 3 * ce)
     assert infopro_loss(logits, y, decoded, image, (2.0, 0.0)).item() == pytest.approx(2 * bce)
+    assert infopro_loss(logits, y, None, image, (0.0, 3.0)).item() == pytest.approx(3 * ce)

@@ -1,4 +1,5 @@
-"""BP-free runs through the multi-process pipeline: DRTP (and BP-free SGR) to the bit; FA and DFA refused in one line."""
+"""BP-free runs through the multi-process pipeline: DRTP (and BP-free SGR) to the bit; FA, DFA and PEPITA refused in one
+line."""
 from pathlib import Path
 
 import pytest
@@ -18,8 +19,8 @@ def test_bpfree_pipeline_equals_the_sequential_reference_to_the_bit(tmp_path, me
     assert result["test_acc"] == expected["test_acc"]
 
 
-@pytest.mark.parametrize("method", ["fa", "dfa"])
-def test_fa_and_dfa_refuse_the_pipeline_in_one_line(tmp_path, capsys, method):
+@pytest.mark.parametrize("method", ["fa", "dfa", "pepita"])
+def test_fa_dfa_and_pepita_refuse_the_pipeline_in_one_line(tmp_path, capsys, method):
     argv = ["--dataset", "digits", "--model", "mlp3", "--method", method, "--no-progress", "--out", str(tmp_path / "r"),
             "--set", "stages=null", "--set", "split=per_block", "--set", "head=etf", "--set", "last_head=etf"]
     assert launch.main(argv) == 2
