@@ -9,7 +9,9 @@ then measured for real at the full batch. The full size (no flag) adds the Image
 Table 5 at 224×224: planned from a profiling pass at batches 2 and 3 on the CPU (exact at batch
 2, extrapolated to the paper's 256) and set beside the paper's per-GPU memory.
 With CUDA, each stage's torch.cuda.max_memory_allocated during its step (above the memory
-allocated before it) is reported too.
+allocated before it) is reported too. InfoPro (its decoders beside the heads, the uint8 input image
+shipped to every stage but the last) is measured beside SGR on the paper's K = 2 and 3 splits, and
+planned beside SGR for ResNet-50 and -101 at 224 (Table 5's comparison).
 """
 from __future__ import annotations
 
@@ -22,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as `python b
 import torch
 
 from pipeline.config import Config
-from pipeline.data import train_batches
+from pipeline.data import pixels, train_batches
 from pipeline.plan import ModuleMemory, plan_split, step_memory
 from bench.common import (bench_config, bench_data, build_steps, markdown_table, meta, parse, parser, size_of,
                           unit_spans, write_results)
@@ -36,11 +38,15 @@ SIZES["full"] = SIZES["quick"]
 # The paper's Table 5 (GB per GPU at batch 256, 8 A100s): model -> (global BP, {K: SGR}).
 TABLE5 = {"tv_resnet50": (21.49, {2: 17.91, 3: 15.34}), "tv_resnet101": (31.70, {3: 18.18}),
           "vit_s16": (20.70, {3: 11.73}), "swin_t": (26.78, {3: 15.83}), "swin_s": (42.60, {3: 22.83})}
-IMAGENET = {  # size -> [(model, model_args, image size, K, batch)]; smoke: a tiny ViT, to run the code path
-    "smoke": [("vit_s16", {"patch_size": 8, "num_layers": 3, "hidden_dim": 32, "mlp_dim": 64, "num_heads": 2}, 32, 2, 8)],
+IMAGENET = {  # size -> [(model, model_args, image size, K, batch, method)]; smoke: tiny models, to run the code paths
+    "smoke": [("vit_s16", {"patch_size": 8, "num_layers": 3, "hidden_dim": 32, "mlp_dim": 64, "num_heads": 2}, 32, 2, 8,
+               "sgr"), ("resnet8", {"width": 8}, 32, 2, 8, "infopro")],
     "quick": [],
-    "full": [(model, {}, 224, k, 256) for model, (_, sgr) in TABLE5.items() for k in sorted(sgr)],
+    "full": [(model, {}, 224, k, 256, "sgr") for model, (_, sgr) in TABLE5.items() for k in sorted(sgr)]
+    + [("tv_resnet50", {}, 224, 2, 256, "infopro"), ("tv_resnet50", {}, 224, 3, 256, "infopro"),
+       ("tv_resnet101", {}, 224, 3, 256, "infopro")],
 }
+INFOPRO_K = (2, 3)  # the paper's splits InfoPro is measured on beside SGR
 HEADS = {"vit_s16": "token_linear", "swin_t": "token_linear", "swin_s": "token_linear"}
 
 
@@ -53,12 +59,14 @@ def as_row(memory: ModuleMemory) -> dict[str, int]:
     return row
 
 
-def measure_split(cfg: Config, x: torch.Tensor, y: torch.Tensor, device: str) -> list[dict]:
-    """Every stage's memory for one config (one stage for global BP), each on its real input of one batch."""
+def measure_split(cfg: Config, x: torch.Tensor, y: torch.Tensor, device: str,
+                  image: torch.Tensor | None = None) -> list[dict]:
+    """Every stage's memory for one config (one stage for global BP), each on its real input of one batch (InfoPro's
+    stages also on the batch's uint8 `image`)."""
     steps = build_steps(cfg, bench_data(cfg), device)
     rows, delta = [], None
     for k, (step, span) in enumerate(zip(steps, unit_spans(steps))):
-        memory, result = step_memory(step, x, delta, y)
+        memory, result = step_memory(step, x, delta, y, image if step.needs_image else None)
         rows.append({"stage": k + 1, "units": span, **as_row(memory)})
         x, delta = result.out, result.delta
     return rows
@@ -67,24 +75,24 @@ def measure_split(cfg: Config, x: torch.Tensor, y: torch.Tensor, device: str) ->
 def imagenet_rows(size: str, threads: int, models: list[str] | None = None) -> list[dict]:
     """The Table 5 models planned at 224×224 from a profiling pass at batches 2 and 3 (exact at 2, extrapolated to 256)."""
     rows = []
-    for model, model_args, image_size, k, batch in IMAGENET[size]:
+    for model, model_args, image_size, k, batch, method in IMAGENET[size]:
         if models and model not in models:
             continue
         profile = 2
         cfg = bench_config(dataset="synthetic", image_size=image_size, model=model, model_args=model_args, stages=k,
                            split="auto", batch_size=batch, profile_batch=profile, head=HEADS.get(model, "conv_linear"),
-                           lam=1e4, threads=threads)
+                           lam=1e4, threads=threads, method=method)
         plan = plan_split(cfg, 3, 1000, image_size)
         n = plan.n_units
         at_profile = [plan.measured[(r.start, r.stop)].total for r in plan.units]
         bp_gb, sgr = TABLE5.get(model, (None, {}))
-        rows.append({"model": model, "K": k, "cuts": plan.cuts, "image_size": image_size, "profile_batch": profile,
+        rows.append({"model": model, "method": method, "K": k, "cuts": plan.cuts, "image_size": image_size, "profile_batch": profile,
                      "batch_size": batch, "units": n,
                      "largest_over_bp_at_profile_batch": max(at_profile) / plan.measured[(0, n)].total,
                      "largest_over_bp": plan.largest / plan.global_bp.total,
                      "global_bp_bytes": plan.global_bp.total, "stage_bytes": [m.total for m in plan.memory],
                      "compute_share": [s / sum(plan.seconds) for s in plan.seconds],
-                     "paper_ratio": sgr[k] / bp_gb if k in sgr else None})
+                     "paper_ratio": sgr[k] / bp_gb if k in sgr and method == "sgr" else None})
     return rows
 
 
@@ -107,13 +115,17 @@ def main(argv: list[str] | None = None) -> dict:
         plan = plan_split(dataclasses.replace(cfg, stages=k, split="auto"), data.in_channels, data.num_classes,
                           data.input_size)
         splits.append((f"balanced {plan.cuts}", k, plan.cuts, plan.largest))
+    splits = [(name, k, split, predicted, "sgr") for name, k, split, predicted in splits]
+    splits += [(name, k, name, None, "infopro") for name, k in paper if k in INFOPRO_K]
+    image = pixels(x, data.mean.to(device), data.std.to(device))
     summary, stages = [], []
-    for name, k, split, predicted in splits:
-        measured = measure_split(dataclasses.replace(cfg, stages=k, split=split), x, y, device)
+    for name, k, split, predicted, method in splits:
+        measured = measure_split(dataclasses.replace(cfg, stages=k, split=split, method=method), x, y, device, image)
         largest = max(s["total"] for s in measured)
-        summary.append({"split": name, "K": k, "largest_stage_bytes": largest, "planned_largest_bytes": predicted,
-                        "global_bp_bytes": bp["total"], "saving": 1 - largest / bp["total"]})
-        stages += [{"split": name, "K": k, **s} for s in measured]
+        summary.append({"split": name, "method": method, "K": k, "largest_stage_bytes": largest,
+                        "planned_largest_bytes": predicted, "global_bp_bytes": bp["total"],
+                        "saving": 1 - largest / bp["total"]})
+        stages += [{"split": name, "method": method, "K": k, **s} for s in measured]
     imagenet = imagenet_rows(size, args.threads, args.models.split(",") if args.models else None)
     results = {"meta": meta(args), "model": model, "batch_size": batch, "device": device, "global_bp": bp,
                "module_bytes": {f"{a}-{b - 1}": m.total for (a, b), m in plan.table.items()},
@@ -121,26 +133,29 @@ def main(argv: list[str] | None = None) -> dict:
     write_results(args.out, results)
 
     cuda_col = ["CUDA step peak MB"] if device == "cuda" else []
-    print(f"{model}, batch {batch}, 3x32x32, SGR (λ = 1), SGD with momentum; MB = 2^20 bytes; device {device}")
-    print(markdown_table(["split", "K", "stage", "units", "saved for backward MB", "params MB", "grads MB",
+    print(f"{model}, batch {batch}, 3x32x32, SGR (λ = 1) or InfoPro, SGD with momentum; MB = 2^20 bytes; "
+          f"device {device}; InfoPro's saved bytes include the uint8 input image its stage receives")
+    print(markdown_table(["split", "method", "K", "stage", "units", "saved for backward MB", "params MB", "grads MB",
                           "optimizer MB", "total MB", *cuda_col],
-                         [[s["split"], s["K"], s["stage"], s["units"], s["saved"] / MB, s["params"] / MB,
+                         [[s["split"], s["method"], s["K"], s["stage"], s["units"], s["saved"] / MB, s["params"] / MB,
                            s["grads"] / MB, s["optimizer"] / MB, s["total"] / MB,
                            *([s["cuda_peak"] / MB] if device == "cuda" else [])]
-                          for s in [{"split": "global BP", "K": 1, **bp}, *stages]]))
+                          for s in [{"split": "global BP", "method": "bp", "K": 1, **bp}, *stages]]))
     if imagenet:
         print()
-        print("ImageNet models, split: auto (SGR, λ = 1e4, SGD, fp32), planned from a profiling pass at batches 2 and 3; "
-              "largest stage / global BP, against the paper's Table 5 (GB per GPU)")
-        print(markdown_table(["model", "K", "cuts", "image", "at batch 2", f"at batch {imagenet[0]['batch_size']}",
-                              "paper", "global BP MB", "compute share per stage"],
-                             [[r["model"], r["K"], r["cuts"], r["image_size"], r["largest_over_bp_at_profile_batch"],
+        print("ImageNet models, split: auto (SGR with λ = 1e4, or InfoPro; SGD, fp32), planned from a profiling pass at "
+              "batches 2 and 3; largest stage / global BP, against the paper's Table 5 (GB per GPU; SGR only)")
+        print(markdown_table(["model", "method", "K", "cuts", "image", "at batch 2",
+                              f"at batch {imagenet[0]['batch_size']}", "paper", "global BP MB", "compute share per stage"],
+                             [[r["model"], r["method"], r["K"], r["cuts"], r["image_size"],
+                               r["largest_over_bp_at_profile_batch"],
                                r["largest_over_bp"], "-" if r["paper_ratio"] is None else f"{r['paper_ratio']:.3f}",
                                r["global_bp_bytes"] / MB, " / ".join(f"{c:.2f}" for c in r["compute_share"])]
                               for r in imagenet]))
     print()
-    print(markdown_table(["split", "K", "largest stage MB", "planned MB", "global BP MB", "saving 1 − largest / BP"],
-                         [[r["split"], r["K"], r["largest_stage_bytes"] / MB,
+    print(markdown_table(["split", "method", "K", "largest stage MB", "planned MB", "global BP MB",
+                          "saving 1 − largest / BP"],
+                         [[r["split"], r["method"], r["K"], r["largest_stage_bytes"] / MB,
                            "-" if r["planned_largest_bytes"] is None else r["planned_largest_bytes"] / MB,
                            r["global_bp_bytes"] / MB, r["saving"]] for r in summary]))
     return results

@@ -121,8 +121,8 @@ def saved_bytes(fn: Callable[[], object], exclude: set[int]) -> int:
 
 def step_memory(step: StageStep, x: torch.Tensor, delta: torch.Tensor | None, y: torch.Tensor,
                 image: torch.Tensor | None = None) -> tuple[ModuleMemory, StepOutput]:
-    """The memory of one real train_step of a module (InfoPro: with the input `image` it reconstructs, whose float
-    copy the loss saves), and the step's output."""
+    """The memory of one real train_step of a module, and the step's output. InfoPro: with the uint8 input `image` it
+    reconstructs; its bytes, which the stage receives and holds beside its input, count as saved."""
     params = [*step.module.parameters(), *step.head.parameters()]
     if x.is_cuda:
         torch.cuda.synchronize(x.device)
@@ -132,7 +132,7 @@ def step_memory(step: StageStep, x: torch.Tensor, delta: torch.Tensor | None, y:
     saved = saved_bytes(lambda: outputs.append(step.train_step(x, delta, y, image)),
                         {p.untyped_storage().data_ptr() for p in params})
     memory = ModuleMemory(
-        saved=saved,
+        saved=saved + (0 if image is None else image.numel() * image.element_size()),
         params=sum(p.numel() * p.element_size() for p in params),
         grads=sum(p.grad.numel() * p.grad.element_size() for p in params if p.grad is not None),
         optimizer=sum(v.numel() * v.element_size() for s in step.optimizer.state.values()
@@ -242,7 +242,7 @@ class Profiler:
         if sync_bn:
             for unit in net.units:
                 convert_sync_bn(unit, None)
-        self.net, self.num_classes, self.n = net, num_classes, len(net.units)
+        self.net, self.in_channels, self.num_classes, self.n = net, in_channels, num_classes, len(net.units)
         self.device = torch.device(cfg.device)
         self.outputs = unit_outputs(net, in_channels, input_size)
         for unit in net.units:
