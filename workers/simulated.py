@@ -22,6 +22,7 @@ class SimulatedStep:
     def __init__(self, step: StageStep, ms: float) -> None:
         self.step, self.seconds = step, ms / 1000
         self.optimizer = step.optimizer  # StageWorker reports its learning rate
+        self.needs_image = step.needs_image  # the run loop hands it the images the real step would get
 
     def train_step(self, x: torch.Tensor, delta_prev: torch.Tensor | None, y: torch.Tensor,
                    image: torch.Tensor | None = None) -> StepOutput:
