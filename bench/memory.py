@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as `python b
 import torch
 
 from pipeline.config import Config
-from pipeline.data import pixels, train_batches
+from pipeline.data import pixels, stats_on, train_batches
 from pipeline.plan import ModuleMemory, plan_split, step_memory
 from bench.common import (bench_config, bench_data, build_steps, markdown_table, meta, parse, parser, size_of,
                           unit_spans, write_results)
@@ -86,7 +86,8 @@ def imagenet_rows(size: str, threads: int, models: list[str] | None = None) -> l
         n = plan.n_units
         at_profile = [plan.measured[(r.start, r.stop)].total for r in plan.units]
         bp_gb, sgr = TABLE5.get(model, (None, {}))
-        rows.append({"model": model, "method": method, "K": k, "cuts": plan.cuts, "image_size": image_size, "profile_batch": profile,
+        rows.append({"model": model, "method": method, "K": k, "cuts": plan.cuts, "image_size": image_size,
+                     "profile_batch": profile,
                      "batch_size": batch, "units": n,
                      "largest_over_bp_at_profile_batch": max(at_profile) / plan.measured[(0, n)].total,
                      "largest_over_bp": plan.largest / plan.global_bp.total,
@@ -117,7 +118,7 @@ def main(argv: list[str] | None = None) -> dict:
         splits.append((f"balanced {plan.cuts}", k, plan.cuts, plan.largest))
     splits = [(name, k, split, predicted, "sgr") for name, k, split, predicted in splits]
     splits += [(name, k, name, None, "infopro") for name, k in paper if k in INFOPRO_K]
-    image = pixels(x, data.mean.to(device), data.std.to(device))
+    image = pixels(x, *stats_on(data, x.device))
     summary, stages = [], []
     for name, k, split, predicted, method in splits:
         measured = measure_split(dataclasses.replace(cfg, stages=k, split=split, method=method), x, y, device, image)

@@ -13,7 +13,7 @@ import torch
 
 from pipeline.config import Config
 from pipeline.data import Data, Part, pixels, stats_on, train_batches
-from pipeline.stages import local_loss_of
+from pipeline.stages import infopro_losses
 
 
 @dataclass(frozen=True)
@@ -49,9 +49,8 @@ def run_epochs(cfg: Config, data: Data, steps_per_epoch: int, start_step: int = 
 def _steps(cfg: Config, data: Data, epoch: int, skip: int, steps_per_epoch: int, total: int,
            device: torch.device | None, part: Part) -> Iterator[ScheduledStep]:
     batches = train_batches(data, epoch, cfg.batch_size, cfg.seed, cfg.augment, skip, device, part)
-    images = local_loss_of(cfg) == "infopro"
     for i, (x, y) in enumerate(batches, start=skip):
         step = epoch * steps_per_epoch + i + 1
         yield ScheduledStep(epoch, step, x, y, is_due(cfg.eval_every, step, steps_per_epoch, total),
                             is_due(cfg.checkpoint_every, step, steps_per_epoch, total),
-                            pixels(x, *stats_on(data, x.device)) if images else None)
+                            pixels(x, *stats_on(data, x.device)) if infopro_losses(cfg) else None)

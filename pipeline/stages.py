@@ -68,9 +68,10 @@ def unit_outputs(net: Network, in_channels: int, input_size: int) -> list[torch.
     return outputs
 
 
-def local_loss_of(cfg: Config) -> str:
-    """The local loss every module trains on: method infopro's, or the config's `local_loss`."""
-    return "infopro" if cfg.method == "infopro" else cfg.local_loss
+def infopro_losses(cfg: Config) -> bool:
+    """Whether the modules train on InfoPro's losses (method infopro, or `local_loss: infopro`), so the input images
+    travel with the batches."""
+    return cfg.method == "infopro" or cfg.local_loss == "infopro"
 
 
 def local_module(cfg: Config, net: Network, units: range, example_out: torch.Tensor, num_classes: int,
@@ -88,7 +89,7 @@ def local_module(cfg: Config, net: Network, units: range, example_out: torch.Ten
         head = build_head(kind, channels, num_classes, width=cfg.head_width, seed=cfg.seed + k, layout=net.layout)
     except ValueError as err:
         raise ConfigError(f"head of module {k + 1}: {err}") from None
-    if local_loss_of(cfg) == "infopro" and not is_last:
+    if infopro_losses(cfg) and not is_last:
         if net.layout != "nchw":
             raise ConfigError(f"InfoPro's decoder reconstructs the image from conv feature maps; model {cfg.model}'s "
                               f"features are {net.layout}: use a conv net (resnet, plainnet, vgg)")
@@ -107,7 +108,7 @@ def build_local_modules(cfg: Config, in_channels: int, num_classes: int, input_s
     check_layout(cfg, net)
     outputs = unit_outputs(net, in_channels, input_size)
     ranges = module_ranges(module_cuts(cfg, net), len(net.units))
-    if local_loss_of(cfg) == "infopro":
+    if infopro_losses(cfg):
         infopro_schedule(cfg, len(ranges))  # unpublished K without infopro_lambdas: refused before anything trains
     local = [local_module(cfg, net, units, outputs[units[-1]], num_classes, k, k == len(ranges) - 1, in_channels)
              for k, units in enumerate(ranges)]
@@ -184,7 +185,7 @@ def infopro_schedule(cfg: Config, k_total: int) -> tuple[float, ...]:
 
 def module_flow(cfg: Config, k: int, k_total: int) -> DeltaFlow:
     """What module k (0-based) of k_total takes and passes on (δ, the input image) under the config's method."""
-    return delta_flow(method_lambda(cfg), tracks_sgr(cfg), k, k_total, images=local_loss_of(cfg) == "infopro")
+    return delta_flow(method_lambda(cfg), tracks_sgr(cfg), k, k_total, images=infopro_losses(cfg))
 
 
 def tracks_sgr(cfg: Config) -> bool:
