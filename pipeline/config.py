@@ -19,6 +19,7 @@ from pipeline.sgr import REDUCTIONS
 
 METHODS = ("sgr", "layerwise", "bp", "reforward", "greedy", "infopro", *BPFREE_METHODS)
 LOCAL_LOSSES = ("cross_entropy", "infopro")
+UPSAMPLING = ("bilinear", "nearest")  # InfoPro's two decoder modes
 HEADS = ("conv_linear", "etf", "token_linear", "own")
 LR_SCHEDULES = ("cosine", "step", "constant")
 SCHEDULES = ("pipeline", "sequential")
@@ -60,6 +61,7 @@ class Config:
     local_loss: str = "cross_entropy"  # each module's loss: cross_entropy | infopro (method infopro implies it)
     infopro_lambdas: list[float] = field(default_factory=list)  # InfoPro's [λ1 first, λ2 first, λ1 last, λ2 last] ([]: published for K)
     decoder_width: int = 12  # InfoPro: channels of the decoder's hidden conv
+    decoder_upsampling: str = "bilinear"  # InfoPro: bilinear (the authors' default) | nearest (deterministic on CUDA)
     # optimisation (each module has its own optimizer and schedule)
     optimizer: str = "sgd"  # sgd (momentum, nesterov) | adamw (betas 0.9/0.999; momentum and nesterov unused)
     epochs: int = 2
@@ -202,6 +204,12 @@ def parse_override(text: str) -> tuple[str, Any]:
         raise ConfigError(f"override {text!r}: the value is not valid YAML ({str(err).splitlines()[0]})") from None
 
 
+def infopro_losses(cfg: Config) -> bool:
+    """Whether the modules train on InfoPro's losses (method infopro, or `local_loss: infopro`), so the input images
+    travel with the batches."""
+    return cfg.method == "infopro" or cfg.local_loss == "infopro"
+
+
 def _has_non_positive_int(value: Any) -> bool:
     """Whether a model argument is (or lists) an integer below 1: no width, depth or count can be."""
     values = value if isinstance(value, list) else [value]
@@ -223,6 +231,12 @@ def validate(cfg: Config) -> Config:
                                                      for v in cfg.infopro_lambdas),
          f"infopro_lambdas must be [] or four weights >= 0 [λ1 first, λ2 first, λ1 last, λ2 last], got {cfg.infopro_lambdas}")
     need(cfg.decoder_width >= 1, f"decoder_width must be >= 1, got {cfg.decoder_width}")
+    need(cfg.decoder_upsampling in UPSAMPLING,
+         f"decoder_upsampling must be one of {', '.join(UPSAMPLING)}, got {cfg.decoder_upsampling!r}")
+    need(not (infopro_losses(cfg) and cfg.deterministic and cfg.device.startswith("cuda")
+              and cfg.decoder_upsampling == "bilinear"),
+         "InfoPro's bilinear upsampling has no deterministic CUDA backward: set decoder_upsampling: nearest "
+         "(the authors' other mode) or deterministic: false")
     need(cfg.sgr_reduction in CONFIG_REDUCTIONS, f"sgr_reduction must be {' or '.join(CONFIG_REDUCTIONS)}, "
                                                  f"got {cfg.sgr_reduction!r}")
     need(cfg.head in HEADS and cfg.head != "own", f"head must be conv_linear, etf or token_linear, got {cfg.head!r}")

@@ -65,16 +65,18 @@ class TokenLinearHead(nn.Module):
 
 
 class Decoder(nn.Module):
-    """InfoPro's CIFAR decoder: features upsampled (bilinear) to the image's size, conv 3x3 + BN + ReLU, conv 3x3 to
-    the image's channels; returns logits (the loss applies the sigmoid). Width 12 as in the authors' code."""
+    """InfoPro's CIFAR decoder: features upsampled (bilinear, or nearest) to the image's size, conv 3x3 + BN + ReLU,
+    conv 3x3 to the image's channels; returns logits (the loss applies the sigmoid). Width 12 as in the authors' code."""
 
-    def __init__(self, channels: int, image_channels: int, width: int = 12) -> None:
+    def __init__(self, channels: int, image_channels: int, width: int = 12, upsampling: str = "bilinear") -> None:
         super().__init__()
+        self.upsampling = upsampling
         self.layers = nn.Sequential(nn.Conv2d(channels, width, 3, padding=1), nn.BatchNorm2d(width), nn.ReLU(),
                                     nn.Conv2d(width, image_channels, 3, padding=1))
 
     def forward(self, features: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-        return self.layers(F.interpolate(features, size=size, mode="bilinear", align_corners=True))
+        corners = True if self.upsampling == "bilinear" else None  # align_corners exists for bilinear only
+        return self.layers(F.interpolate(features, size=size, mode=self.upsampling, align_corners=corners))
 
 
 class InfoProHead(nn.Module):

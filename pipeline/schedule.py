@@ -11,9 +11,8 @@ from typing import Iterator
 
 import torch
 
-from pipeline.config import Config
+from pipeline.config import Config, infopro_losses
 from pipeline.data import Data, Part, pixels, stats_on, train_batches
-from pipeline.stages import infopro_losses
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from pipeline.config import Config, ConfigError
+from pipeline.config import Config, ConfigError, infopro_losses
 from pipeline.bpfree import BPFREE_METHODS, NEEDS_OUTPUT_ERROR
 from pipeline.heads import Decoder, InfoProHead, build_head, feature_channels
 from pipeline.losses import infopro_coefficients, infopro_weights
@@ -68,12 +68,6 @@ def unit_outputs(net: Network, in_channels: int, input_size: int) -> list[torch.
     return outputs
 
 
-def infopro_losses(cfg: Config) -> bool:
-    """Whether the modules train on InfoPro's losses (method infopro, or `local_loss: infopro`), so the input images
-    travel with the batches."""
-    return cfg.method == "infopro" or cfg.local_loss == "infopro"
-
-
 def local_module(cfg: Config, net: Network, units: range, example_out: torch.Tensor, num_classes: int,
                  k: int, is_last: bool, image_channels: int) -> LocalModule:
     """Module k (0-based) made of the network's `units`, with the config's local head for its output (and, with
@@ -93,7 +87,7 @@ def local_module(cfg: Config, net: Network, units: range, example_out: torch.Ten
         if net.layout != "nchw":
             raise ConfigError(f"InfoPro's decoder reconstructs the image from conv feature maps; model {cfg.model}'s "
                               f"features are {net.layout}: use a conv net (resnet, plainnet, vgg)")
-        head = InfoProHead(head, Decoder(channels, image_channels, cfg.decoder_width))
+        head = InfoProHead(head, Decoder(channels, image_channels, cfg.decoder_width, cfg.decoder_upsampling))
     return LocalModule(module, head)
 
 

@@ -123,3 +123,16 @@ def test_replicated_stages_on_the_gpu_equal_the_reference(tmp_path):
     assert result["replicas"] == [1, 2]
     trainer, _ = reference(dataclasses.replace(cfg, device="cuda:0"), tmp_path)
     assert_close_to(trainer, pipeline_states(Path(cfg.out), 2))
+
+
+def test_infopro_images_travel_through_a_gpu_pipeline_as_in_the_reference(tmp_path):
+    """Stage 1 makes the uint8 images on its GPU; they go on as host frames (a tensor received by IPC cannot be
+    shared again) and each stage moves its copy to its device. Deterministic kernels need nearest upsampling."""
+    from tests.workers.test_pipeline import assert_bit_identical, pipeline_states, reference, run_pipeline, small_config
+
+    cfg = small_config(tmp_path, stages=3, method="infopro", epochs=1, device="cuda", deterministic=True,
+                       decoder_upsampling="nearest")
+    run_pipeline(cfg)
+    trainer, _ = reference(dataclasses.replace(cfg, device="cuda:0"), tmp_path)
+    assert_bit_identical(trainer, [{part: {k: v.to("cuda:0") for k, v in state[part].items()}
+                                    for part in ("module", "head")} for state in pipeline_states(Path(cfg.out), 3)])

@@ -47,6 +47,9 @@ def test_every_shipped_config_loads_validates_and_builds(path):
         ({"local_loss": "infopro", "method": "reforward"}, "local_loss infopro is for methods sgr, layerwise"),
         ({"infopro_lambdas": [1, 2]}, "infopro_lambdas must be \\[\\] or four weights"),
         ({"infopro_lambdas": [1, 2, -3, 4]}, "infopro_lambdas must be"),
+        ({"decoder_upsampling": "bicubic"}, "decoder_upsampling must be one of bilinear, nearest"),
+        ({"method": "infopro", "deterministic": True, "device": "cuda"},
+         "InfoPro's bilinear upsampling has no deterministic CUDA backward: set decoder_upsampling: nearest"),
     ],
 )
 def test_bad_values_fail_with_one_clear_line(values, message):

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from pipeline.heads import ConvLinearHead, ETFHead, TokenLinearHead, build_head, simplex_etf
+from pipeline.heads import ConvLinearHead, Decoder, ETFHead, TokenLinearHead, build_head, simplex_etf
 
 
 @pytest.mark.parametrize("dim,classes", [(9, 10), (64, 10), (128, 100)])
@@ -47,3 +47,9 @@ def test_token_linear_head_reads_vit_tokens_and_swin_maps():
 def test_a_head_for_another_feature_layout_is_refused(kind, layout, fix):
     with pytest.raises(ValueError, match=f"this model's are {layout}; use head {fix}$"):
         build_head(kind, 16, 10, layout=layout)
+
+
+@pytest.mark.parametrize("upsampling", ["bilinear", "nearest"])
+def test_infopro_decoder_gives_image_sized_logits_from_smaller_features(upsampling):
+    decoder = Decoder(8, 3, width=5, upsampling=upsampling)
+    assert decoder(torch.randn(2, 8, 4, 4), (16, 16)).shape == (2, 3, 16, 16)

@@ -61,6 +61,7 @@ def test_the_link_kind_follows_where_the_two_ends_live(transport, producer, cons
     ("x", True, 10, True, True),  # the stage's own activation
     ("delta", True, 10, True, True),
     ("y", True, 10, True, False),  # labels are forwarded from stage to stage: never by handle
+    ("image", True, 10, True, False),  # so are InfoPro's input images
     ("x", True, 0, True, False),  # an empty tensor has no memory to share
     ("x", False, 10, True, False),  # CPU tensors go as frames
     ("x", True, 10, False, False),  # a link without IPC
