@@ -425,7 +425,9 @@ def augment(x: torch.Tensor, generator: torch.Generator, pad: int = 4) -> torch.
     cols = torch.where(flip[:, None], cols.flip(1), cols)
     rows = dy[:, None] + torch.arange(h)[None, :]
     out = padded[torch.arange(b)[:, None, None], :, rows[:, :, None], cols[:, None, :]]  # b, h, w, c
-    return out.permute(0, 3, 1, 2).contiguous()
+    # NCHW's own strides: with one channel, permute(...).contiguous() keeps NHWC strides, which convolutions read as
+    # channels_last, and a module's output would then differ by bits from the same batch shipped between stages
+    return out.permute(0, 3, 1, 2).clone(memory_format=torch.contiguous_format)
 
 
 def random_resized_box(

@@ -184,6 +184,9 @@ def test_augment_is_a_crop_and_flip_of_the_original():
     for i in range(2):
         values = set(padded[i].flatten().tolist()) - {0}
         assert values <= set(x[i].flatten().tolist())
+    # NCHW strides even with one channel: NHWC strides would make convolutions take their channels_last kernels, whose
+    # bits differ from those of the same batch after a trip between pipeline stages (which makes it NCHW)
+    assert padded.stride() == (36, 36, 6, 1)
 
 
 def write_image_folder(root, sizes=((40, 30), (30, 40), (36, 36))) -> None:
