@@ -56,3 +56,20 @@ def infopro_loss(logits: torch.Tensor, y: torch.Tensor, decoded_logits: torch.Te
     if cls_weight:
         loss = loss + cls_weight * F.cross_entropy(logits, y)
     return loss
+
+
+def standardize(z: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
+    """Each column centred and scaled to unit (biased) variance over the batch: Barlow Twins' affine-free BatchNorm."""
+    z = z.float()
+    return (z - z.mean(dim=0)) / (z.var(dim=0, unbiased=False) + eps).sqrt()
+
+
+def barlow_twins_loss(z1: torch.Tensor, z2: torch.Tensor, off_diagonal_weight: float, eps: float = 1e-5) -> torch.Tensor:
+    """Σ_i (1 - C_ii)² + w · Σ_{i≠j} C_ij², C = the N×D projections' cross-correlation (standardised columns, / N).
+
+    Zbontar et al. 2021, Eq. 1; rows i of z1 and z2 are two views of the same image.
+    """
+    c = standardize(z1, eps).T @ standardize(z2, eps) / z1.shape[0]
+    on_diagonal = (1 - c.diagonal()).pow(2).sum()
+    off_diagonal = c.pow(2).sum() - c.diagonal().pow(2).sum()
+    return on_diagonal + off_diagonal_weight * off_diagonal

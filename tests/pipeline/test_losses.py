@@ -4,7 +4,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pipeline.losses import infopro_coefficients, infopro_loss, infopro_weights, reconstruction_loss
+from pipeline.losses import (barlow_twins_loss, infopro_coefficients, infopro_loss, infopro_weights, reconstruction_loss,
+                             standardize)
 
 
 def test_infopro_weights_move_linearly_with_depth_over_the_modules_that_have_a_decoder():
@@ -34,3 +35,25 @@ def test_infopro_loss_weighs_its_two_terms_and_drops_a_zero_one():
     assert infopro_loss(logits, y, decoded, image, (2.0, 3.0)).item() == pytest.approx(2 * bce + 3 * ce)
     assert infopro_loss(logits, y, decoded, image, (2.0, 0.0)).item() == pytest.approx(2 * bce)
     assert infopro_loss(logits, y, None, image, (0.0, 3.0)).item() == pytest.approx(3 * ce)
+
+
+def test_barlow_twins_loss_is_zero_when_the_cross_correlation_is_the_identity():
+    z = torch.tensor([[1.0, 1.0], [1.0, -1.0], [-1.0, 1.0], [-1.0, -1.0]])  # centred, unit variance, uncorrelated
+    assert standardize(z, eps=0.0).equal(z)
+    assert barlow_twins_loss(z, z, off_diagonal_weight=0.5, eps=0.0).item() == 0.0
+
+
+def test_barlow_twins_loss_by_hand_on_a_2x2_cross_correlation():
+    z1 = torch.tensor([[1.0, 1.0], [-1.0, -1.0]])  # standardised already
+    z2 = torch.tensor([[1.0, -1.0], [-1.0, 1.0]])
+    # C = z1ᵀ z2 / 2 = [[1, -1], [1, -1]]: diagonal (1, -1), off-diagonal (-1, 1)
+    on, off = (1 - 1) ** 2 + (1 - -1) ** 2, (-1) ** 2 + 1 ** 2
+    assert barlow_twins_loss(z1, z2, off_diagonal_weight=0.25, eps=0.0).item() == pytest.approx(on + 0.25 * off)
+
+
+def test_barlow_twins_loss_ignores_each_columns_scale_and_offset():
+    g = torch.Generator().manual_seed(0)
+    z1, z2 = torch.randn(16, 3, generator=g), torch.randn(16, 3, generator=g)
+    scaled = z1 * torch.tensor([2.0, 0.5, 7.0]) + 3.0
+    assert barlow_twins_loss(scaled, z2, 0.005, eps=0.0).item() == pytest.approx(
+        barlow_twins_loss(z1, z2, 0.005, eps=0.0).item(), rel=1e-5)
