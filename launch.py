@@ -65,7 +65,12 @@ def parse_tool_args(argv: list[str]) -> argparse.Namespace:
     export = sub.add_parser("export", help="stitch the newest checkpoint into one state dict for plain PyTorch")
     export.add_argument("run_dir")
     export.add_argument("--to", help="output file (default: RUN_DIR/model.pt)")
-    sub.add_parser("evaluate", help="every head's test accuracy at the newest checkpoint").add_argument("run_dir")
+    evaluate = sub.add_parser("evaluate", help="every head's test accuracy (Barlow Twins: k-NN) at the newest checkpoint")
+    evaluate.add_argument("run_dir")
+    evaluate.add_argument("--linear-probe", dest="linear_probe", action="store_true",
+                          help="instead, train a linear classifier on the last module's frozen features "
+                               "(records: RUN_DIR/linear_probe.jsonl, result: RUN_DIR/linear_probe.json)")
+    evaluate.add_argument("--probe-epochs", dest="probe_epochs", type=int, default=20, help="linear probe epochs")
     sub.add_parser("trace", help="where each stage's time went, from RUN_DIR/trace.json (trace: true)").add_argument("run_dir")
     return p.parse_args(argv)
 
@@ -130,7 +135,7 @@ def run_tool(argv: list[str]) -> int:
     import warnings
 
     from pipeline.checkpoint import CheckpointError, newest_good_checkpoint
-    from pipeline.config import ConfigError, load_yaml
+    from pipeline.config import ConfigError, knn_bank_size, load_yaml
     from pipeline.data import DataError, load_config_data
 
     run_dir = Path(args.run_dir)
@@ -175,8 +180,23 @@ def run_tool(argv: list[str]) -> int:
         print(f"error: checkpoint {checkpoint.path} cannot be loaded ({type(err).__name__}: {str(err).splitlines()[0]})",
               file=sys.stderr)
         return 2
-    scores = evaluate(steps, data, cfg.eval_batch_size, torch.device("cpu"))
+    if args.linear_probe:
+        return run_linear_probe(cfg, data, checkpoint, steps, run_dir, args.probe_epochs)
+    scores = evaluate(steps, data, cfg.eval_batch_size, torch.device("cpu"), knn_bank_size(cfg))
     print(format_eval(checkpoint.step, scores["test_acc"]))
+    return 0
+
+
+def run_linear_probe(cfg, data, checkpoint, steps, run_dir: Path, epochs: int) -> int:
+    """`launch.py evaluate RUN_DIR --linear-probe`: the probe's per-epoch records and result in the run directory."""
+    from pipeline.linear_probe import probe_checkpoint
+
+    if epochs < 1:
+        print(f"error: --probe-epochs must be >= 1, got {epochs}", file=sys.stderr)
+        return 2
+    accuracy = probe_checkpoint(cfg, data, checkpoint, steps, run_dir, epochs)
+    print(f"[linear probe] step {checkpoint.step}: test accuracy {100 * accuracy:.2f}% (the last module's frozen "
+          f"features, {epochs} epochs); records in {run_dir / 'linear_probe.jsonl'}")
     return 0
 
 

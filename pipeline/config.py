@@ -18,13 +18,13 @@ from pipeline.bpfree import BPFREE_METHODS
 from pipeline.sgr import REDUCTIONS
 
 METHODS = ("sgr", "layerwise", "bp", "reforward", "greedy", "infopro", *BPFREE_METHODS)
-LOCAL_LOSSES = ("cross_entropy", "infopro")
+LOCAL_LOSSES = ("cross_entropy", "infopro", "barlow_twins")
 UPSAMPLING = ("bilinear", "nearest")  # InfoPro's two decoder modes
-HEADS = ("conv_linear", "etf", "token_linear", "own")
+HEADS = ("conv_linear", "etf", "token_linear", "projector", "own")
 LR_SCHEDULES = ("cosine", "step", "constant")
 SCHEDULES = ("pipeline", "sequential")
 TRANSPORTS = ("auto", "zmq")
-OPTIMIZERS = ("sgd", "adamw")
+OPTIMIZERS = ("sgd", "adamw", "lars")
 PRECISIONS = ("fp32", "bf16")
 CONFIG_REDUCTIONS = tuple(r for r in REDUCTIONS if r != "none")  # "none" (per-sample distances) is for analyses
 
@@ -50,7 +50,7 @@ class Config:
     stages: int | None = 3  # K; None: take it from `split`
     split: str | list[int] | None = None  # named split, cut points, or auto (least memory, measured); None: the paper's split for K
     profile_batch: int = 4  # split auto: the profiling pass measures at this batch and the next, extrapolates to batch_size
-    head: str = "conv_linear"  # local head of modules 1..K-1: conv_linear | etf (conv maps), token_linear (ViT, Swin)
+    head: str = "conv_linear"  # local head of modules 1..K-1: conv_linear | etf (conv maps), token_linear (ViT, Swin), projector (barlow_twins)
     last_head: str = "own"  # head of module K ('own' = the network's classifier)
     head_width: int = 0  # conv_linear head channels (0: the module's channels)
     # method
@@ -58,12 +58,17 @@ class Config:
     lam: float = 1.0  # λ of the SGR term (only method sgr uses it)
     sgr_reduction: str = "mean"  # mean (paper) | sample (independent of the feature size)
     track_sgr: bool = False  # with λ = 0, still measure the SGR term (one extra backward per module)
-    local_loss: str = "cross_entropy"  # each module's loss: cross_entropy | infopro (method infopro implies it)
+    local_loss: str = "cross_entropy"  # each module's loss: cross_entropy | infopro (method infopro implies it) | barlow_twins
     infopro_lambdas: list[float] = field(default_factory=list)  # InfoPro's [λ1 first, λ2 first, λ1 last, λ2 last] ([]: published for K)
     decoder_width: int = 12  # InfoPro: channels of the decoder's hidden conv
     decoder_upsampling: str = "bilinear"  # InfoPro: bilinear (the authors' default) | nearest (deterministic on CUDA)
+    projector_width: int = 512  # Barlow Twins: width of the projector head's three linear layers (the paper: 8192)
+    barlow_lambda: float = 0.0051  # Barlow Twins: weight of the off-diagonal (redundancy) term (the paper's λ)
+    knn_bank: int = 5000  # Barlow Twins: training images whose features k-NN evaluation compares test images with
+    knn_k: int = 20  # Barlow Twins: neighbours that vote in k-NN evaluation
     # optimisation (each module has its own optimizer and schedule)
-    optimizer: str = "sgd"  # sgd (momentum, nesterov) | adamw (betas 0.9/0.999; momentum and nesterov unused)
+    optimizer: str = "sgd"  # sgd (momentum, nesterov) | adamw (betas 0.9/0.999; momentum and nesterov unused) | lars (momentum)
+    lars_eta: float = 0.001  # LARS: the trust coefficient η (update norm η·‖w‖ per weight tensor)
     epochs: int = 2
     lr: float = 0.1
     momentum: float = 0.9
@@ -210,6 +215,21 @@ def infopro_losses(cfg: Config) -> bool:
     return cfg.method == "infopro" or cfg.local_loss == "infopro"
 
 
+def barlow_twins_losses(cfg: Config) -> bool:
+    """Whether the modules train on Barlow Twins' loss: batches carry two augmented views of each image."""
+    return cfg.local_loss == "barlow_twins"
+
+
+def views_per_image(cfg: Config) -> int:
+    """Rows per image in a training batch: 2 for Barlow Twins (rows i and N + i are views of one image), else 1."""
+    return 2 if barlow_twins_losses(cfg) else 1
+
+
+def knn_bank_size(cfg: Config) -> int:
+    """Training images in the k-NN bank each evaluation builds first: Barlow Twins' modules only (0: none)."""
+    return cfg.knn_bank if barlow_twins_losses(cfg) else 0
+
+
 def _has_non_positive_int(value: Any) -> bool:
     """Whether a model argument is (or lists) an integer below 1: no width, depth or count can be."""
     values = value if isinstance(value, list) else [value]
@@ -225,8 +245,23 @@ def validate(cfg: Config) -> Config:
     need(cfg.method in METHODS, f"unknown method {cfg.method!r}; use one of {', '.join(METHODS)}")
     need(cfg.lam >= 0, f"lam must be >= 0, got {cfg.lam}")
     need(cfg.local_loss in LOCAL_LOSSES, f"local_loss must be one of {', '.join(LOCAL_LOSSES)}, got {cfg.local_loss!r}")
-    need(cfg.local_loss == "cross_entropy" or cfg.method in ("sgr", "layerwise", "infopro"),
-         f"local_loss {cfg.local_loss} is for methods sgr, layerwise and infopro, not {cfg.method}")
+    need(cfg.local_loss != "infopro" or cfg.method in ("sgr", "layerwise", "infopro"),
+         f"local_loss infopro is for methods sgr, layerwise and infopro, not {cfg.method}")
+    need(cfg.local_loss != "barlow_twins" or cfg.method in ("sgr", "layerwise", "bp"),
+         f"local_loss barlow_twins is for methods sgr, layerwise and bp, not {cfg.method}")
+    if barlow_twins_losses(cfg):
+        need((cfg.head, cfg.last_head) == ("projector", "projector"),
+             "local_loss barlow_twins trains every module through a projector: set head: projector and last_head: projector")
+        need(cfg.augment, "local_loss barlow_twins compares two augmented views of each image: set augment: true")
+        need(cfg.probe_size == 0, "the ΔL_k probe measures cross entropy, which barlow_twins modules have not: set probe_size: 0")
+        need(cfg.replicas == 1, "barlow_twins correlates the two views over the whole batch, which a replica's shard "
+                                "would split: set replicas: 1")
+        need(cfg.projector_width >= 1 and cfg.knn_bank >= 1 and cfg.knn_k >= 1,
+             "projector_width, knn_bank and knn_k must be >= 1")
+    else:
+        need("projector" not in (cfg.head, cfg.last_head), "head projector is for local_loss barlow_twins; "
+                                                            "use conv_linear, etf or token_linear")
+    need(cfg.barlow_lambda >= 0 and cfg.lars_eta > 0, "barlow_lambda must be >= 0 and lars_eta > 0")
     need(len(cfg.infopro_lambdas) in (0, 4) and all(isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0
                                                      for v in cfg.infopro_lambdas),
          f"infopro_lambdas must be [] or four weights >= 0 [λ1 first, λ2 first, λ1 last, λ2 last], got {cfg.infopro_lambdas}")
@@ -239,7 +274,8 @@ def validate(cfg: Config) -> Config:
          "(the authors' other mode) or deterministic: false")
     need(cfg.sgr_reduction in CONFIG_REDUCTIONS, f"sgr_reduction must be {' or '.join(CONFIG_REDUCTIONS)}, "
                                                  f"got {cfg.sgr_reduction!r}")
-    need(cfg.head in HEADS and cfg.head != "own", f"head must be conv_linear, etf or token_linear, got {cfg.head!r}")
+    need(cfg.head in HEADS and cfg.head != "own",
+         f"head must be conv_linear, etf, token_linear or projector, got {cfg.head!r}")
     need(cfg.last_head in HEADS, f"last_head must be one of {', '.join(HEADS)}, got {cfg.last_head!r}")
     need(cfg.method not in BPFREE_METHODS or (cfg.head, cfg.last_head) == ("etf", "etf"),
          f"method {cfg.method} is a BP-free baseline with fixed heads: set head: etf and last_head: etf")

@@ -84,9 +84,10 @@ class ImageData:
         for i in range(0, len(self.test_y), batch_size):
             yield rows_of(self.test_x[i : i + batch_size], part)
 
-    def probe_images(self, size: int) -> torch.Tensor:
-        """The first `size` training images."""
-        return self.train_x[:size]
+    def first_train_images(self, size: int, batch_size: int) -> Iterator[torch.Tensor]:
+        """The first `size` training images, not augmented, batch by batch."""
+        for i in range(0, min(size, len(self.train_y)), batch_size):
+            yield self.train_x[i : min(i + batch_size, size)]
 
     def subset(self, n: int) -> ImageData:
         """Only the first n training images (the statistics are the subset's)."""
@@ -307,9 +308,10 @@ class ImageFolderData:
         return self._decode([rows_of([(f, -1) for f in files[i : i + batch_size]], part)
                              for i in range(0, len(files), batch_size)])
 
-    def probe_images(self, size: int) -> torch.Tensor:
-        """The first `size` training images, resized and centre-cropped."""
-        return torch.cat(list(self._decode([[(f, -1) for f in self.train_files[:size]]])))
+    def first_train_images(self, size: int, batch_size: int) -> Iterator[torch.Tensor]:
+        """The first `size` training images, resized and centre-cropped, batch by batch."""
+        files = self.train_files[:size]
+        return self._decode([[(f, -1) for f in files[i : i + batch_size]] for i in range(0, len(files), batch_size)])
 
     def subset(self, n: int) -> ImageFolderData:
         """Only the first n training images."""
@@ -471,9 +473,11 @@ def data_shape(data: Data, batch_size: int) -> DataShape:
 
 
 def train_batches(data: Data, epoch: int, batch_size: int, seed: int, use_augment: bool, start: int = 0,
-                  device: torch.device | None = None, part: Part = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+                  device: torch.device | None = None, part: Part = None,
+                  views: int = 1) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """The epoch's shuffled, augmented, normalised training batches from batch `start` on (a resumed run skips those it
-    trained on); a function of (seed, epoch) only.
+    trained on); a function of (seed, epoch) only. With `views` = 2 each batch holds every image twice, augmented
+    independently: rows i and batch_size + i are two views of one image (Barlow Twins).
 
     Images travel to `device` as uint8 and are normalised there (a quarter of the fp32 bytes, no host-side float
     pass); labels stay on the CPU. With `part` (a replica of stage 1), only those rows' images are decoded and
@@ -481,7 +485,7 @@ def train_batches(data: Data, epoch: int, batch_size: int, seed: int, use_augmen
     """
     g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
     order = torch.randperm(len(data.train_y), generator=g)
-    batches = [order[i * batch_size : (i + 1) * batch_size] for i in range(steps_per_epoch(data, batch_size))]
+    batches = [order[i * batch_size : (i + 1) * batch_size].repeat(views) for i in range(steps_per_epoch(data, batch_size))]
     for idx, x in zip(batches[start:], data.train_images(batches, g, use_augment, start, part)):
         yield data.normalize(to_device(x, device)), data.train_y[idx]
 
@@ -489,7 +493,14 @@ def train_batches(data: Data, epoch: int, batch_size: int, seed: int, use_augmen
 def probe_batch(data: Data, size: int, device: torch.device | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The fixed probe batch of the ΔL_k analysis: the first `size` training samples, normalised on `device`, not
     augmented; labels on the CPU."""
-    return data.normalize(to_device(data.probe_images(size), device)), data.train_y[:size]
+    return data.normalize(to_device(torch.cat(list(data.first_train_images(size, size))), device)), data.train_y[:size]
+
+
+def bank_batches(data: Data, size: int, batch_size: int,
+                 device: torch.device | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """The k-NN bank: the first `size` training images, not augmented, normalised on `device`; labels on the CPU."""
+    for i, x in enumerate(data.first_train_images(size, batch_size)):
+        yield data.normalize(to_device(x, device)), data.train_y[i * batch_size : i * batch_size + len(x)]
 
 
 def eval_batches(data: Data, batch_size: int, device: torch.device | None = None,

@@ -90,6 +90,37 @@ class InfoProHead(nn.Module):
         return self.classifier(x)
 
 
+class Pool(nn.Module):
+    """A module's output as N×D features: global average pooling over its positions (flat features pass as they are)."""
+
+    def __init__(self, layout: str) -> None:
+        super().__init__()
+        self.layout = layout
+
+    def forward(self, x):
+        if self.layout == "nchw":
+            return x.mean(dim=(2, 3))
+        if self.layout == "flat":
+            return x.flatten(1)
+        return x.flatten(1, -2).mean(dim=1)  # tokens N×L×D, Swin maps N×H×W×C
+
+
+class ProjectorHead(nn.Module):
+    """Barlow Twins' projector: pooled features, then three bias-free linear layers of `width`, BatchNorm and ReLU
+    after the first two (the paper's 8192-8192-8192 for ResNet-50)."""
+
+    def __init__(self, channels: int, width: int, layout: str) -> None:
+        super().__init__()
+        self.pool = Pool(layout)
+        self.mlp = nn.Sequential(
+            nn.Linear(channels, width, bias=False), nn.BatchNorm1d(width), nn.ReLU(),
+            nn.Linear(width, width, bias=False), nn.BatchNorm1d(width), nn.ReLU(),
+            nn.Linear(width, width, bias=False))
+
+    def forward(self, x):
+        return self.mlp(self.pool(x))
+
+
 # The feature layouts (pipeline.models.Network.layout) each head reads.
 HEAD_LAYOUTS = {"conv_linear": ("nchw",), "etf": ("nchw", "flat"), "token_linear": ("tokens", "nhwc")}
 
@@ -102,7 +133,8 @@ def feature_channels(out: torch.Tensor, layout: str) -> int:
 def build_head(
     kind: str, channels: int, num_classes: int, *, width: int = 0, seed: int = 0, layout: str = "nchw"
 ) -> nn.Module:
-    """A local head by name ('conv_linear', 'etf' or 'token_linear') for features of this layout and channel count."""
+    """A local head by name ('conv_linear', 'etf', 'token_linear' or 'projector' of `width`) for features of this
+    layout and channel count."""
     if kind in HEAD_LAYOUTS and layout not in HEAD_LAYOUTS[kind]:
         fits = [k for k, layouts in HEAD_LAYOUTS.items() if layout in layouts]
         raise ValueError(f"head {kind!r} reads {'/'.join(HEAD_LAYOUTS[kind])} features but this model's are {layout}; "
@@ -113,4 +145,6 @@ def build_head(
         return ConvLinearHead(channels, num_classes, width)
     if kind == "etf":
         return ETFHead(channels, num_classes, seed)
-    raise ValueError(f"unknown head {kind!r}; use conv_linear, etf, token_linear or own (last module only)")
+    if kind == "projector":
+        return ProjectorHead(channels, width, layout)
+    raise ValueError(f"unknown head {kind!r}; use conv_linear, etf, token_linear, projector or own (last module only)")

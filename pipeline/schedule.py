@@ -11,7 +11,7 @@ from typing import Iterator
 
 import torch
 
-from pipeline.config import Config, infopro_losses
+from pipeline.config import Config, infopro_losses, views_per_image
 from pipeline.data import Data, Part, pixels, stats_on, train_batches
 
 
@@ -47,7 +47,8 @@ def run_epochs(cfg: Config, data: Data, steps_per_epoch: int, start_step: int = 
 
 def _steps(cfg: Config, data: Data, epoch: int, skip: int, steps_per_epoch: int, total: int,
            device: torch.device | None, part: Part) -> Iterator[ScheduledStep]:
-    batches = train_batches(data, epoch, cfg.batch_size, cfg.seed, cfg.augment, skip, device, part)
+    batches = train_batches(data, epoch, cfg.batch_size, cfg.seed, cfg.augment, skip, device, part,
+                            views_per_image(cfg))
     for i, (x, y) in enumerate(batches, start=skip):
         step = epoch * steps_per_epoch + i + 1
         yield ScheduledStep(epoch, step, x, y, is_due(cfg.eval_every, step, steps_per_epoch, total),

@@ -9,14 +9,15 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from pipeline.config import Config, ConfigError, infopro_losses
+from pipeline.config import Config, ConfigError, barlow_twins_losses, infopro_losses
 from pipeline.bpfree import BPFREE_METHODS, NEEDS_OUTPUT_ERROR
 from pipeline.heads import Decoder, InfoProHead, build_head, feature_channels
 from pipeline.losses import infopro_coefficients, infopro_weights
 from pipeline.models import DenseLayer, Network, ends_in_relu
 from pipeline.registry import build_network
 from pipeline.splits import SplitError, module_ranges, resolve_cuts
-from pipeline.step import DeltaFlow, InfoProStep, SignalStep, StageStep, delta_flow
+from pipeline.lars import LARS, split_for_lars
+from pipeline.step import BarlowTwinsStep, DeltaFlow, InfoProStep, SignalStep, StageStep, delta_flow
 
 
 @dataclass
@@ -33,6 +34,12 @@ def build_net(cfg: Config, in_channels: int, num_classes: int, input_size: int) 
         return build_network(cfg.model, in_channels, num_classes, input_size, **cfg.model_args)
     except (ValueError, TypeError) as err:
         raise ConfigError(f"model {cfg.model!r} with model_args {cfg.model_args}: {err}") from None
+
+
+def feature_layout(cfg: Config, in_channels: int, num_classes: int, input_size: int) -> str:
+    """How the config's network lays out its features (nchw, flat, tokens, nhwc), without touching the global RNG."""
+    with torch.random.fork_rng(devices=[]):
+        return build_net(cfg, in_channels, num_classes, input_size).layout
 
 
 def module_cuts(cfg: Config, net: Network) -> list[int]:
@@ -80,7 +87,8 @@ def local_module(cfg: Config, net: Network, units: range, example_out: torch.Ten
         return LocalModule(module, net.classifier)
     channels = feature_channels(example_out, net.layout)
     try:
-        head = build_head(kind, channels, num_classes, width=cfg.head_width, seed=cfg.seed + k, layout=net.layout)
+        width = cfg.projector_width if kind == "projector" else cfg.head_width
+        head = build_head(kind, channels, num_classes, width=width, seed=cfg.seed + k, layout=net.layout)
     except ValueError as err:
         raise ConfigError(f"head of module {k + 1}: {err}") from None
     if infopro_losses(cfg) and not is_last:
@@ -132,9 +140,12 @@ def lr_factor(cfg: Config, step: int, total_steps: int, steps_per_epoch: int) ->
 
 
 def build_optimizer(cfg: Config, local: LocalModule, steps_per_epoch: int, epochs: int):
-    """The config's optimizer (SGD with momentum, or AdamW) on a module and its head, and its per-step schedule."""
+    """The config's optimizer (SGD with momentum, AdamW or LARS) on a module and its head, and its per-step schedule."""
     params = [p for p in (*local.module.parameters(), *local.head.parameters()) if p.requires_grad]
-    if cfg.optimizer == "adamw":
+    if cfg.optimizer == "lars":
+        optimizer = LARS(split_for_lars(params), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
+                         eta=cfg.lars_eta)
+    elif cfg.optimizer == "adamw":
         optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     else:
         optimizer = torch.optim.SGD(
@@ -199,6 +210,8 @@ def build_stage_step(cfg: Config, lm: LocalModule, k: int, k_total: int, steps_p
     kind, extra = StageStep, {}
     if flow.needs_image:
         kind, extra = InfoProStep, {"weights": infopro_weights(k, k_total, infopro_schedule(cfg, k_total))}
+    elif barlow_twins_losses(cfg):
+        kind, extra = BarlowTwinsStep, {"off_diagonal_weight": cfg.barlow_lambda, "knn_k": cfg.knn_k}
     return kind(
         lm.module, lm.head, optimizer, scheduler,
         lam=flow.lam,

@@ -16,7 +16,8 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from pipeline.bpfree import drtp_signal, fa_signal, output_error, pepita_feedback, random_feedback
-from pipeline.losses import infopro_loss
+from pipeline.knn import FeatureBank
+from pipeline.losses import barlow_twins_loss, infopro_loss
 from pipeline.models import before_relu
 from pipeline.sgr import sgr_term
 
@@ -51,7 +52,7 @@ class StepStats:
 
     loss: torch.Tensor  # the module's local loss (cross entropy of its head, unless another local loss is used)
     sgr: torch.Tensor  # SGR term (0 where the module has none)
-    correct: torch.Tensor  # number of samples the local head classified right
+    correct: torch.Tensor  # number of samples the local head classified right (0: a module without a classifier)
     count: int  # batch size
 
 
@@ -166,8 +167,9 @@ class StageStep:
             return self._update(x, delta_prev, y, image)
 
     def local_loss(self, out: torch.Tensor, y: torch.Tensor,
-                   image: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-        """(the head's logits, the module's local loss): cross entropy of its head."""
+                   image: torch.Tensor | None) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """(the head's logits, or None for a head that does not classify; the module's local loss): cross entropy of
+        its head."""
         logits = self.head(out)
         return logits, F.cross_entropy(logits, y)
 
@@ -232,21 +234,35 @@ class StageStep:
         stats = StepStats(
             loss=loss_local.detach(),
             sgr=sgr.detach(),
-            correct=(logits.detach().argmax(dim=1) == y).sum(),
+            correct=(logits.detach().argmax(dim=1) == y).sum() if logits is not None
+            else torch.zeros((), dtype=torch.long, device=loss_local.device),
             count=y.shape[0],
         )
         return StepOutput(out=passed_on, delta=delta_out, stats=stats)
 
     @torch.no_grad()
-    def eval_forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Inference through this module and its head: (output, logits)."""
+    def eval_output(self, x: torch.Tensor) -> torch.Tensor:
+        """Inference through this module alone (module and head in eval mode), in its compute dtype."""
         self.module.eval()
         self.head.eval()
         with self.autocast(x):
-            x = self.prepare(x)
-            out = self.module(x)
+            return self.module(self.prepare(x))
+
+    @torch.no_grad()
+    def eval_forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Inference through this module and its head: (output, logits)."""
+        out = self.eval_output(x)
+        with self.autocast(x):
             logits = self.head(out)
         return out.to(self.wire_dtype), logits.float()
+
+    def remember(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """A k-NN bank batch before an evaluation: a module scored by k-NN keeps its features; one with a classifier
+        only passes its output on."""
+        return self.eval_output(x).to(self.wire_dtype)
+
+    def forget(self) -> None:
+        """The evaluation is over: drop what `remember` kept."""
 
     def prepare(self, x: torch.Tensor) -> torch.Tensor:
         """A received input, detached, in this module's memory format."""
@@ -277,6 +293,37 @@ class InfoProStep(StageStep):
         logits = self.head(out)
         decoded = self.head.decoder(out, image.shape[-2:]) if self.weights[0] else None  # λ1 = 0: no decoder pass
         return logits, infopro_loss(logits, y, decoded, image, self.weights)
+
+
+class BarlowTwinsStep(StageStep):
+    """A module trained self-supervised (Zbontar et al. 2021): its loss is Barlow Twins' between the projections
+    (heads.ProjectorHead) of the batch's two views, rows [0, N) and [N, 2N); `off_diagonal_weight` is the paper's λ.
+    It has no classifier: evaluation scores its pooled features by a k-NN vote over a bank of training images'.
+    """
+
+    def __init__(self, *args: Any, off_diagonal_weight: float, knn_k: int, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.off_diagonal_weight, self.knn_k = off_diagonal_weight, knn_k
+        self.bank = FeatureBank()
+
+    def local_loss(self, out: torch.Tensor, y: torch.Tensor,
+                   image: torch.Tensor | None) -> tuple[torch.Tensor | None, torch.Tensor]:
+        first_view, second_view = self.head(out).chunk(2)
+        return None, barlow_twins_loss(first_view, second_view, self.off_diagonal_weight)
+
+    @torch.no_grad()
+    def eval_forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(output, k-NN class scores of its pooled features against the bank)."""
+        out = self.eval_output(x)
+        return out.to(self.wire_dtype), self.bank.scores(self.head.pool(out.float()), self.knn_k)
+
+    def remember(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        out = self.eval_output(x)
+        self.bank.add(self.head.pool(out.float()), y)
+        return out.to(self.wire_dtype)
+
+    def forget(self) -> None:
+        self.bank.clear()
 
 
 class SignalStep(StageStep):

@@ -15,8 +15,8 @@ from tqdm import tqdm
 from pipeline.bpfree import NEEDS_OUTPUT_ERROR, dfa_signal, pepita_input, pepita_signal, prediction_error
 from pipeline.checkpoint import (Checkpoint, CheckpointError, check_finite, checkpoint_dir, fingerprint, load_stage_state,
                                  save_atomic, stage_state)
-from pipeline.config import Config
-from pipeline.data import Data, eval_batches, probe_batch, steps_per_epoch, to_device, train_batches
+from pipeline.config import Config, knn_bank_size
+from pipeline.data import Data, bank_batches, eval_batches, probe_batch, steps_per_epoch, to_device, train_batches
 from pipeline.metrics import ModuleMeter, eval_record, format_eval, topk_correct, train_records
 from pipeline.probe import InputDriftProbe
 from pipeline.rundir import RunWriter
@@ -83,8 +83,14 @@ def pepita_batch(steps: list[SignalStep], x: torch.Tensor, y: torch.Tensor) -> l
 
 
 @torch.no_grad()
-def evaluate(steps: list[StageStep], data: Data, batch_size: int, device: torch.device) -> dict[str, list[float]]:
-    """Top-1 and top-5 test accuracy of every module's head; the last head's is the model's accuracy."""
+def evaluate(steps: list[StageStep], data: Data, batch_size: int, device: torch.device,
+             bank: int = 0) -> dict[str, list[float]]:
+    """Top-1 and top-5 test accuracy of every module's head (the last head's is the model's accuracy); with `bank`,
+    the first `bank` training images go through first, for modules scored by k-NN."""
+    for x, y in bank_batches(data, bank, batch_size, device):
+        y = to_device(y, device)
+        for step in steps:
+            x = step.remember(x, y)
     correct1: list[torch.Tensor | int] = [0] * len(steps)  # on the device: read once, at the end
     correct5: list[torch.Tensor | int] = [0] * len(steps)
     for x, y in eval_batches(data, batch_size, device):
@@ -94,6 +100,8 @@ def evaluate(steps: list[StageStep], data: Data, batch_size: int, device: torch.
             top1, top5 = topk_correct(logits, y)
             correct1[k] += top1
             correct5[k] += top5
+    for step in steps:
+        step.forget()
     n = len(data.test_y)
     return {"test_acc": [int(c) / n for c in correct1], "test_top5": [int(c) / n for c in correct5]}
 
@@ -203,7 +211,7 @@ class SequentialTrainer:
 
     def _evaluate(self, epoch: int, global_step: int, n_heads: int) -> dict[str, Any]:
         """Every head's test accuracy, and ΔL_k on the probe batch, after training step `global_step`."""
-        scores = evaluate(self.steps[:n_heads], self.data, self.cfg.eval_batch_size, self.device)
+        scores = evaluate(self.steps[:n_heads], self.data, self.cfg.eval_batch_size, self.device, knn_bank_size(self.cfg))
         delta_loss: list[float | None] = [None] * n_heads
         if self.probe is not None and n_heads == len(self.steps):
             x, y = self.probe[0], to_device(self.probe[1], self.device)

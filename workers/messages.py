@@ -12,6 +12,7 @@ class Kind(str, Enum):
     """Messages along the pipeline (stage k -> k+1), in the order stage 1 places them."""
 
     TRAIN = "train"  # a training batch: x, δ (where the next module needs it), y
+    BANK = "bank"  # a k-NN bank batch (training images, Barlow Twins' modules keep their features) before the test set
     EVAL = "eval"  # an evaluation batch after training batch `step`: x, y
     EVAL_END = "eval_end"  # the evaluation after `step` is complete; carries the ΔL_k probe batch, if any
     CHECKPOINT = "checkpoint"  # save the module as it is after training batch `step`

@@ -40,6 +40,13 @@ class SimulatedStep:
         stats = StepStats(loss=zero, sgr=zero, correct=torch.zeros((), dtype=torch.long), count=y.shape[0])
         return StepOutput(out=None if last else x.clone(), delta=delta, stats=stats)
 
+    def remember(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """A k-NN bank batch: no compute, a copy of x passes on."""
+        return x.clone()
+
+    def forget(self) -> None:
+        """Nothing was kept."""
+
     def eval_forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """No compute: a copy of x passes on, with one-class zero logits (simulated accuracy means nothing)."""
         return x.clone(), torch.zeros(x.shape[0], 1, device=x.device)

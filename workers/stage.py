@@ -29,8 +29,9 @@ import torch.distributed as dist
 import zmq
 
 from pipeline.checkpoint import check_finite, checkpoint_dir, fingerprint, load_stage_state, save_atomic, stage_state
-from pipeline.config import Config, from_dict, per_stage
-from pipeline.data import DataShape, data_shape, eval_batches, load_config_data, probe_batch, rows_of, to_device
+from pipeline.config import Config, from_dict, knn_bank_size, per_stage
+from pipeline.data import (DataShape, bank_batches, data_shape, eval_batches, load_config_data, probe_batch, rows_of,
+                           to_device)
 from pipeline.lifeline import adopt_environment, exit_with
 from pipeline.metrics import ModuleMeter, topk_correct, train_records
 from pipeline.probe import InputDriftProbe
@@ -252,6 +253,8 @@ class StageWorker:
                 batch = {"x": s.x, "y": rows_of(s.y, part), "image": s.image}  # image: InfoPro's losses only
                 self._train({"kind": Kind.TRAIN, "rows": len(s.y), **header}, batch)
                 if s.evaluate:
+                    for bx, by in bank_batches(self.data, knn_bank_size(self.cfg), self.cfg.eval_batch_size, self.device):
+                        self._bank({"kind": Kind.BANK, "epoch": s.epoch, "step": s.step, "rows": len(by)}, {"x": bx, "y": by})
                     for ex, ey in eval_batches(self.data, self.cfg.eval_batch_size, self.device, part):
                         self._eval({"kind": Kind.EVAL, "rows": len(ey), **header}, {"x": ex, "y": rows_of(ey, part)})
                     self._eval_end({"kind": Kind.EVAL_END, **header}, {} if probe is None else dict(zip("xy", probe)))
@@ -261,7 +264,7 @@ class StageWorker:
 
     def _relay(self) -> None:
         """Stages 2..K: handle messages in arrival order until `stop` (one from each sender, merged in row order)."""
-        handlers = {Kind.TRAIN: self._train, Kind.EVAL: self._eval, Kind.EVAL_END: self._eval_end,
+        handlers = {Kind.TRAIN: self._train, Kind.BANK: self._bank, Kind.EVAL: self._eval, Kind.EVAL_END: self._eval_end,
                     Kind.CHECKPOINT: self._checkpoint, Kind.STOP: self._stop}
         while True:
             start = now()
@@ -320,6 +323,13 @@ class StageWorker:
         loss, sgr, correct, count = self.group.all_sum([m.loss[0], m.sgr[0], m.correct[0], m.count[0]])
         m.loss[0], m.sgr[0], m.correct[0], m.count[0] = loss / n, sgr / n, int(correct), int(count)
 
+    def _bank(self, header: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
+        """A k-NN bank batch: the module keeps its features (Barlow Twins) and passes its output on."""
+        start = now()
+        out = self.step.remember(tensors["x"], to_device(tensors["y"], self.device))
+        self.trace.add("eval", start, now(), header["step"])
+        self._send(header, {"x": out, "y": tensors["y"]})
+
     def _eval(self, header: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
         x, y = tensors["x"], tensors["y"]
         start = now()
@@ -346,6 +356,7 @@ class StageWorker:
                                 "acc": correct1 / max(1, count), "top5": correct5 / max(1, count),
                                 "delta_loss": delta_loss})
         self.eval_counts = [0, 0, 0]
+        self.step.forget()
         self._send(header, probe)
 
     def _checkpoint(self, header: dict[str, Any], _tensors: dict[str, torch.Tensor]) -> None:

@@ -16,6 +16,9 @@ def test_every_shipped_config_loads_validates_and_builds(path):
     assert len(modules) == (1 if cfg.method == "bp" else cfg.stages)
 
 
+BARLOW = {"local_loss": "barlow_twins", "head": "projector", "last_head": "projector", "augment": True, "probe_size": 0}  # a valid Barlow Twins config's keys
+
+
 @pytest.mark.parametrize(
     "values,message",
     [
@@ -25,7 +28,7 @@ def test_every_shipped_config_loads_validates_and_builds(path):
         ({"stages": 0}, "stages must be >= 1"),
         ({"epochs": "ten"}, "'epochs' must be an integer"),
         ({"augment": 1}, "'augment' must be true or false"),
-        ({"head": "own"}, "head must be conv_linear, etf or token_linear"),
+        ({"head": "own"}, "head must be conv_linear, etf, token_linear or projector"),
         ({"sgr_reduction": "sum"}, "sgr_reduction must be mean or sample"),
         ({"device": "tpu"}, "device must be cpu, cuda or cuda:N"),
         ({"optimizer": "lamb"}, "optimizer must be one of sgd, adamw"),
@@ -43,7 +46,16 @@ def test_every_shipped_config_loads_validates_and_builds(path):
         ({"image_size": 0}, "image_size must be >= 8 pixels, got 0"),
         ({"model_args": {"width": 0}}, r"model_args \{'width': 0\}: sizes and counts must be >= 1"),
         ({"model_args": {"widths": [-4, 8]}}, "sizes and counts must be >= 1"),
-        ({"local_loss": "mse"}, "local_loss must be one of cross_entropy, infopro"),
+        ({"local_loss": "mse"}, "local_loss must be one of cross_entropy, infopro, barlow_twins"),
+        ({**BARLOW, "method": "infopro"}, "local_loss barlow_twins is for methods sgr, layerwise and bp"),
+        ({**BARLOW, "last_head": "own"}, "set head: projector and last_head: projector"),
+        ({**BARLOW, "augment": False}, "two augmented views of each image: set augment: true"),
+        ({**BARLOW, "probe_size": 64}, "set probe_size: 0"),
+        ({**BARLOW, "replicas": [1, 2, 1]}, "a replica's shard would split: set replicas: 1"),
+        ({**BARLOW, "knn_k": 0}, "projector_width, knn_bank and knn_k must be >= 1"),
+        ({"head": "projector"}, "head projector is for local_loss barlow_twins"),
+        ({"optimizer": "lamb"}, "optimizer must be one of sgd, adamw, lars"),
+        ({"lars_eta": 0.0}, "lars_eta > 0"),
         ({"local_loss": "infopro", "method": "reforward"}, "local_loss infopro is for methods sgr, layerwise"),
         ({"infopro_lambdas": [1, 2]}, "infopro_lambdas must be \\[\\] or four weights"),
         ({"infopro_lambdas": [1, 2, -3, 4]}, "infopro_lambdas must be"),

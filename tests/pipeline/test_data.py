@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from pipeline.data import (
-    DataError, FolderImages, augment, eval_batches, load_data, pixels, probe_batch, random_resized_box, read_idx,
+    DataError, FolderImages, augment, bank_batches, eval_batches, load_data, pixels, probe_batch, random_resized_box, read_idx,
     steps_per_epoch, train_batches,
 )
 
@@ -158,6 +158,24 @@ def test_batches_depend_only_on_seed_and_epoch():
     x, _ = a[0]
     assert x.dtype == torch.float32 and x.shape == (64, 1, 8, 8)
     assert sum(len(y) for _, y in eval_batches(data, 100)) == len(data.test_y)
+
+
+def test_two_views_hold_each_image_twice_augmented_independently():
+    data = load_data("digits")
+    x, y = next(train_batches(data, 0, 32, seed=5, use_augment=True, views=2))
+    assert x.shape[0] == 64 and torch.equal(y[:32], y[32:])  # rows i and 32 + i: one image's two views
+    assert not torch.equal(x[:32], x[32:])  # each view its own crop and flip
+    plain, _ = next(train_batches(data, 0, 32, seed=5, use_augment=False, views=2))
+    assert torch.equal(plain[:32], plain[32:])  # without augmentation the two views would be one image
+    assert len(list(train_batches(data, 0, 32, seed=5, use_augment=True, views=2))) == steps_per_epoch(data, 32)
+
+
+def test_bank_batches_are_the_first_training_images_unaugmented_with_their_labels():
+    data = load_data("digits")
+    batches = list(bank_batches(data, 70, 32))
+    assert [len(y) for _, y in batches] == [32, 32, 6]
+    assert torch.equal(torch.cat([x for x, _ in batches]), data.normalize(data.train_x[:70]))
+    assert torch.equal(torch.cat([y for _, y in batches]), data.train_y[:70])
 
 
 def test_normalisation_standardises_the_train_set():

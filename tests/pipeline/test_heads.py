@@ -53,3 +53,17 @@ def test_a_head_for_another_feature_layout_is_refused(kind, layout, fix):
 def test_infopro_decoder_gives_image_sized_logits_from_smaller_features(upsampling):
     decoder = Decoder(8, 3, width=5, upsampling=upsampling)
     assert decoder(torch.randn(2, 8, 4, 4), (16, 16)).shape == (2, 3, 16, 16)
+
+
+@pytest.mark.parametrize("layout,shape", [("nchw", (4, 6, 3, 3)), ("flat", (4, 6)), ("tokens", (4, 5, 6)),
+                                          ("nhwc", (4, 3, 3, 6))])
+def test_projector_pools_each_layout_and_projects_to_its_width(layout, shape):
+    x = torch.randn(*shape)
+    head = build_head("projector", 6, 10, width=12, layout=layout)
+    assert head(x).shape == (4, 12)
+    pooled = head.pool(x)
+    assert pooled.shape == (4, 6)
+    positions = {"nchw": (2, 3), "tokens": (1,), "nhwc": (1, 2)}  # flat features have none
+    assert torch.allclose(pooled, x.mean(dim=positions[layout]) if layout in positions else x)
+    linears = [m for m in head.mlp if isinstance(m, torch.nn.Linear)]
+    assert len(linears) == 3 and all(m.bias is None for m in linears)  # the paper's three bias-free layers

@@ -5,9 +5,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from pipeline.heads import ProjectorHead
+from pipeline.knn import knn_scores
+from pipeline.losses import barlow_twins_loss
 from pipeline.models import PoolLinear
 from pipeline.sgr import sgr_term
-from pipeline.step import StageStep, delta_flow
+from pipeline.step import BarlowTwinsStep, StageStep, delta_flow
 
 
 def tiny_module(c_in: int = 2, c_out: int = 4) -> nn.Sequential:
@@ -233,3 +236,42 @@ def test_a_step_restored_from_its_state_dict_continues_exactly(batch):
     a, b = original.train_step(x, delta_prev, y), restored.train_step(x, delta_prev, y)
     assert torch.equal(a.out, b.out) and torch.equal(a.delta, b.delta)  # same weights, momentum, lr and dropout draw
     assert all(torch.equal(p, q) for p, q in zip(original.module.parameters(), restored.module.parameters()))
+
+
+def barlow_step(module, head, **kwargs):
+    opt = torch.optim.SGD([*module.parameters(), *head.parameters()], lr=0.1, momentum=0.9)
+    return BarlowTwinsStep(module, head, opt, off_diagonal_weight=0.01, knn_k=2, is_first=False, is_last=False,
+                           send_delta=True, **kwargs)
+
+
+def test_barlow_twins_step_trains_on_the_two_views_loss_and_sends_its_gradient(batch):
+    x, y, delta_prev = batch  # 6 rows: views 0..2 and 3..5
+    torch.manual_seed(0)
+    module, head = tiny_module(), ProjectorHead(4, 8, "nchw")
+    step = barlow_step(module, head, lam=1.0)
+    ref_module, ref_head = copy.deepcopy(module), copy.deepcopy(head)
+    xr = x.clone().requires_grad_()
+    out = ref_module(xr)
+    z1, z2 = ref_head(out).chunk(2)
+    loss = barlow_twins_loss(z1, z2, 0.01)
+    delta_in, delta_out = torch.autograd.grad(loss, (xr, out), retain_graph=True)
+    result = step.train_step(x, delta_prev, y)
+    assert result.stats.loss.item() == pytest.approx(loss.item(), rel=1e-6)
+    assert torch.allclose(result.delta, delta_out, atol=1e-7)  # module k+1 reconciles with this loss's gradient
+    assert result.stats.sgr.item() == pytest.approx(sgr_term(delta_in, delta_prev).item(), rel=1e-5)
+    assert result.stats.correct.item() == 0  # no classifier: k-NN scores it at evaluation
+
+
+def test_barlow_twins_step_is_scored_by_knn_against_the_bank_it_remembers(batch):
+    x, y, _ = batch
+    step = barlow_step(tiny_module(), ProjectorHead(4, 8, "nchw"))
+    with pytest.raises(RuntimeError, match="bank"):
+        step.eval_forward(x)
+    out = step.remember(x, y)
+    assert torch.equal(out, step.eval_output(x))
+    _, scores = step.eval_forward(x)
+    features = step.eval_output(x).mean(dim=(2, 3))
+    assert torch.allclose(scores, knn_scores(features, y, features, k=2))
+    step.forget()
+    with pytest.raises(RuntimeError, match="bank"):
+        step.eval_forward(x)

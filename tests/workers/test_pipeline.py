@@ -84,6 +84,19 @@ def test_pipeline_equals_the_sequential_reference_to_the_bit(tmp_path, stages, m
         assert all(a[0] <= b[0] and a[3] <= b[3] for a, b in zip(reports, reports[1:]))
 
 
+@pytest.mark.parametrize("transport", ["auto", "zmq"])
+def test_barlow_twins_with_sgr_in_the_pipeline_equals_the_reference_to_the_bit(tmp_path, transport):
+    """Both views travel as one batch of 2N; before each evaluation the k-NN bank's batches flow through every stage."""
+    cfg = small_config(tmp_path, transport=transport, local_loss="barlow_twins", head="projector", last_head="projector",
+                       projector_width=16, augment=True, probe_size=0, knn_bank=96, knn_k=5)
+    result = run_pipeline(cfg)
+    trainer, expected = reference(cfg, tmp_path)
+    assert_bit_identical(trainer, pipeline_states(Path(cfg.out), 3))
+    evals = eval_records(Path(cfg.out))
+    assert [r["step"] for r in evals] == [4, 8, 12] and evals == eval_records(tmp_path / "reference")
+    assert result["test_acc"] == expected["test_acc"] and min(expected["test_acc"]) > 0.1  # k-NN beats chance
+
+
 def test_a_streamed_image_folder_trains_through_the_pipeline_as_in_the_reference(tmp_path):
     """Only stage 1 decodes images (with loader processes and RandomResizedCrop); the result is the reference's."""
     write_image_folder(tmp_path / "folder", sizes=((40, 30), (30, 40), (36, 36), (24, 50)))
