@@ -3,7 +3,9 @@
     python experiments/study.py experiments/table3.yaml [--out DIR]
 
 A study YAML holds `base` (a config file path, relative to the study file, or inline keys),
-`arms` (name -> config overrides), `seeds` and optionally `out` (default runs/study/<name>).
+`arms` (name -> config overrides), `seeds` and optionally `out` (default runs/study/<name>) and
+`linear_probe` (epochs: each run's last module is then also scored by a linear probe, as
+`launch.py evaluate RUN_DIR --linear-probe` does; the table gains a column).
 Run i of arm a lands in OUT/a/seed<s>/; a run whose summary.json exists is skipped, so an
 interrupted study continues where it stopped. The final table (mean ± std over seeds of
 the last head's test accuracy) is printed last and written to OUT/results.md and
@@ -31,6 +33,9 @@ def load_study(path: Path) -> dict[str, Any]:
     study = yaml.safe_load(path.read_text()) or {}
     if not isinstance(study.get("arms"), dict) or not study["arms"]:
         raise ConfigError(f"{path}: a study needs `arms`, a mapping of arm name -> config overrides")
+    probe = study.get("linear_probe", 0)
+    if isinstance(probe, bool) or not isinstance(probe, int) or probe < 0:
+        raise ConfigError(f"{path}: `linear_probe` must be a number of epochs (0: no probe), got {probe!r}")
     if not isinstance(study.get("seeds", [0]), list):
         raise ConfigError(f"{path}: `seeds` must be a list of integers, e.g. [0, 1, 2]")
     base = study.get("base", {})
@@ -40,6 +45,7 @@ def load_study(path: Path) -> dict[str, Any]:
     else:
         study["base"] = from_dict(base, source=f"{path} base")
     study.setdefault("seeds", [0])
+    study.setdefault("linear_probe", 0)
     study.setdefault("out", f"runs/study/{path.stem}")
     return study
 
@@ -61,7 +67,9 @@ def run_study(study: dict[str, Any], out: Path) -> list[dict[str, Any]]:
         for seed in study["seeds"]:
             run_dir = out / arm / f"seed{seed}"
             cfg = arm_config(study["base"], overrides, seed, run_dir)
-            if (run_dir / "summary.json").exists():
+            trained = (run_dir / "summary.json").exists()
+            probed = not study["linear_probe"] or (run_dir / "linear_probe.json").exists()
+            if trained and probed:
                 print(f"[study] {arm} seed {seed}: done before, skipped", flush=True)
                 continue
             key = (cfg.dataset, cfg.data_dir, cfg.image_size, cfg.train_subset)
@@ -69,13 +77,31 @@ def run_study(study: dict[str, Any], out: Path) -> list[dict[str, Any]]:
                 datasets[key] = load_config_data(cfg)
             data = datasets[key]
             cfg, _ = resolve_auto_split(cfg, data.in_channels, data.num_classes, data.input_size)
-            print(f"[study] {arm} seed {seed}: training -> {run_dir}", flush=True)
-            try:
-                SequentialTrainer(cfg, data, run_dir).run()
-            except FloatingPointError as err:  # a diverged arm is a result too: recorded, and the study goes on
-                print(f"[study] {arm} seed {seed}: diverged: {err}", flush=True)
-                (run_dir / "summary.json").write_text(json.dumps({"final_test_acc": None, "diverged": str(err)}))
+            if not trained:
+                print(f"[study] {arm} seed {seed}: training -> {run_dir}", flush=True)
+                try:
+                    SequentialTrainer(cfg, data, run_dir).run()
+                except FloatingPointError as err:  # a diverged arm is a result too: recorded, and the study goes on
+                    print(f"[study] {arm} seed {seed}: diverged: {err}", flush=True)
+                    (run_dir / "summary.json").write_text(json.dumps({"final_test_acc": None, "diverged": str(err)}))
+                    continue
+            if not probed:
+                print(f"[study] {arm} seed {seed}: linear probe", flush=True)
+                probe_run(cfg, data, run_dir, study["linear_probe"])
     return collect(study, out)
+
+
+def probe_run(cfg: Config, data: Any, run_dir: Path, epochs: int) -> float:
+    """The linear probe of a finished run's newest checkpoint (RUN_DIR/linear_probe.json)."""
+    import torch
+
+    from pipeline.checkpoint import newest_good_checkpoint
+    from pipeline.export import restore_steps
+    from pipeline.linear_probe import probe_checkpoint
+
+    checkpoint = newest_good_checkpoint(run_dir)
+    _, steps = restore_steps(cfg, data, checkpoint, torch.device("cpu"))
+    return probe_checkpoint(cfg, data, checkpoint, steps, run_dir, epochs)
 
 
 def mean_std(values: list[float]) -> tuple[float, float]:
@@ -87,7 +113,7 @@ def collect(study: dict[str, Any], out: Path) -> list[dict[str, Any]]:
     """One row per arm: the last head's final test accuracy per seed, its mean ± std, and the final mean SGR term."""
     rows = []
     for arm in study["arms"]:
-        accs, sgrs, seconds = [], [], []
+        accs, sgrs, seconds, probes = [], [], [], []
         for seed in study["seeds"]:
             run_dir = out / arm / f"seed{seed}"
             summary = json.loads((run_dir / "summary.json").read_text())
@@ -97,11 +123,13 @@ def collect(study: dict[str, Any], out: Path) -> list[dict[str, Any]]:
             seconds.append(summary["seconds"])
             _, sgr = sgr_curve(read_jsonl(run_dir / "metrics.jsonl"))
             sgrs.append(sgr[-1] if sgr else 0.0)
+            if (run_dir / "linear_probe.json").exists():
+                probes.append(100 * json.loads((run_dir / "linear_probe.json").read_text())["test_acc"])
         mean, std = mean_std(accs) if accs else (float("nan"), float("nan"))
         rows.append({"arm": arm, "overrides": study["arms"][arm], "seeds": study["seeds"], "test_acc": accs,
                      "diverged": len(study["seeds"]) - len(accs), "mean": mean, "std": std,
                      "final_sgr": statistics.fmean(sgrs) if sgrs else float("nan"),
-                     "seconds": statistics.fmean(seconds) if seconds else float("nan")})
+                     "seconds": statistics.fmean(seconds) if seconds else float("nan"), "probe_acc": probes})
     return rows
 
 
@@ -116,12 +144,19 @@ def sgr_curve(records: list[dict]) -> tuple[list[int], list[float]]:
 
 
 def format_table(rows: list[dict[str, Any]]) -> str:
-    """The markdown results table."""
-    lines = ["| arm | overrides | test acc % (mean ± std) | per seed | final SGR term | s/run |", "|---|---|---|---|---|---|"]
+    """The markdown results table (with a linear-probe column when a run was probed; test acc is the last head's, or
+    k-NN's for Barlow Twins' modules)."""
+    probed = any(r.get("probe_acc") for r in rows)
+    probe_head, probe_rule = (" linear probe % (mean ± std) |", "---|") if probed else ("", "")
+    lines = [f"| arm | overrides | test acc % (mean ± std) | per seed |{probe_head} final SGR term | s/run |",
+             f"|---|---|---|---|{probe_rule}---|---|"]
     for r in rows:
         overrides = ", ".join(f"{k}={v}" for k, v in (r["overrides"] or {}).items())
         per_seed = " / ".join([f"{a:.2f}" for a in r["test_acc"]] + ["diverged"] * r["diverged"])
-        lines.append(f"| {r['arm']} | {overrides} | {r['mean']:.2f} ± {r['std']:.2f} | {per_seed} | "
+        probe = ""
+        if probed:
+            probe = " {:.2f} ± {:.2f} |".format(*mean_std(r["probe_acc"])) if r.get("probe_acc") else " – |"
+        lines.append(f"| {r['arm']} | {overrides} | {r['mean']:.2f} ± {r['std']:.2f} | {per_seed} |{probe} "
                      f"{r['final_sgr']:.3g} | {r['seconds']:.0f} |")
     return "\n".join(lines)
 
