@@ -183,7 +183,7 @@ def run_tool(argv: list[str]) -> int:
     if args.linear_probe:
         return run_linear_probe(cfg, data, checkpoint, steps, run_dir, args.probe_epochs)
     scores = evaluate(steps, data, cfg.eval_batch_size, torch.device("cpu"), knn_bank_size(cfg))
-    print(format_eval(checkpoint.step, scores["test_acc"]))
+    print(format_eval(checkpoint.step, scores["test_acc"], knn=knn_bank_size(cfg) > 0))
     return 0
 
 

@@ -90,9 +90,10 @@ def eval_record(epoch: int, step: int, test_acc: list[float], test_top5: list[fl
             "delta_loss": delta_loss}
 
 
-def format_eval(step: int, test_acc: list[float]) -> str:
+def format_eval(step: int, test_acc: list[float], knn: bool = False) -> str:
+    """The evaluation's line; `knn`: the modules were scored by k-NN on their features (Barlow Twins), not by heads."""
     heads = "  ".join(f"M{k + 1} {100 * a:.2f}%" for k, a in enumerate(test_acc))
-    return f"[eval] step {step}: test accuracy per head: {heads}"
+    return f"[eval] step {step}: {'k-NN test accuracy per module' if knn else 'test accuracy per head'}: {heads}"
 
 
 class JsonlLog:

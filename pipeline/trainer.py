@@ -218,7 +218,7 @@ class SequentialTrainer:
             for k, (step, probe) in enumerate(zip(self.steps, self.probes)):
                 x, delta_loss[k] = probe(step, x, y)
         self.writer.record(eval_record(epoch, global_step, scores["test_acc"], scores["test_top5"], delta_loss))
-        print(format_eval(global_step, scores["test_acc"]), flush=True)
+        print(format_eval(global_step, scores["test_acc"], knn=knn_bank_size(self.cfg) > 0), flush=True)
         return {"final_test_acc": scores["test_acc"][-1], **scores, "step": global_step}
 
     def _checkpoint(self, epoch: int, global_step: int, result: dict[str, Any]) -> None:

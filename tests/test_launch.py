@@ -254,3 +254,25 @@ def test_an_out_that_is_a_file_is_one_line_and_leaves_no_ipc_folder(tmp_path, ca
     assert capsys.readouterr().err == (f"error: --out {tmp_path / 'file'} cannot be a run directory (File exists); "
                                        "give a writable folder\n")
     assert set(Path(tempfile.gettempdir()).glob("sgr-*")) <= before
+
+
+def test_a_barlow_twins_run_is_scored_by_knn_and_by_a_linear_probe_on_request(tmp_path, capsys):
+    out = tmp_path / "bt"
+    run = [*DIGITS, "--stages", "2", "--threads", "1", "--out", str(out), "--schedule", "sequential",
+           "--set", "train_subset=256", "--set", "local_loss=barlow_twins", "--set", "head=projector",
+           "--set", "last_head=projector", "--set", "projector_width=32", "--set", "augment=true",
+           "--set", "probe_size=0", "--set", "knn_bank=256"]
+    assert launch.main(run) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    capsys.readouterr()
+    assert launch.main(["evaluate", str(out)]) == 0  # k-NN against the same bank: the run's own final numbers
+    assert f"M2 {100 * summary['final_test_acc']:.2f}%" in capsys.readouterr().out
+
+    assert launch.main(["evaluate", str(out), "--linear-probe", "--probe-epochs", "30"]) == 0
+    printed = capsys.readouterr().out
+    result = json.loads((out / "linear_probe.json").read_text())
+    records = [json.loads(line) for line in (out / "linear_probe.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in records] == list(range(30)) and records[-1]["test_acc"] == result["test_acc"]
+    assert result["test_acc"] > 0.3 and f"{100 * result['test_acc']:.2f}%" in printed  # 10 classes: chance is 0.1
+    assert launch.main(["evaluate", str(out), "--linear-probe", "--probe-epochs", "0"]) == 2
+    assert "--probe-epochs must be >= 1" in capsys.readouterr().err

@@ -41,3 +41,18 @@ def test_tiny_study_writes_the_table_and_skips_finished_runs(tmp_path):
     assert "training ->" not in second and second.count("done before, skipped") == 4
     assert (out / "sgr" / "seed1" / "summary.json").stat().st_mtime_ns == stamp
     assert json.loads((out / "results.json").read_text()) == rows
+    # linear_probe added to a finished study: only the probes run, and the table gains their column
+    study.write_text(STUDY + "linear_probe: 2\n")
+    third = run(study, out)
+    assert "training ->" not in third and third.count(": linear probe\n") == 4
+    probed = json.loads((out / "results.json").read_text())
+    assert all(len(r["probe_acc"]) == 2 and all(0 <= a <= 100 for a in r["probe_acc"]) for r in probed)
+    assert "linear probe % (mean ± std)" in (out / "results.md").read_text()
+    assert run(study, out).count("done before, skipped") == 4
+
+
+def test_a_bad_linear_probe_key_is_one_line(tmp_path):
+    study = tmp_path / "bad.yaml"
+    study.write_text(STUDY + "linear_probe: yes\n")
+    done = subprocess.run([sys.executable, "experiments/study.py", str(study)], cwd=ROOT, capture_output=True, text=True)
+    assert done.returncode == 2 and "`linear_probe` must be a number of epochs" in done.stderr

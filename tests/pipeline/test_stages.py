@@ -1,7 +1,10 @@
 import pytest
 
 from pipeline.config import Config
-from pipeline.stages import build_local_modules, cuts_of, split_cuts
+from pipeline.heads import ProjectorHead
+from pipeline.lars import BIAS_LR_RATIO, LARS
+from pipeline.stages import build_local_modules, build_stage_steps, cuts_of, split_cuts
+from pipeline.step import BarlowTwinsStep
 
 
 @pytest.mark.parametrize("method, stages, split", [("sgr", 3, None), ("sgr", 2, None), ("layerwise", 4, "even"),
@@ -10,3 +13,18 @@ def test_the_cuts_of_built_modules_are_the_configs_cuts(method, stages, split):
     cfg = Config(model="resnet14", method=method, stages=stages, split=split)
     local = build_local_modules(cfg, 3, 10, 32)
     assert cuts_of(local) == split_cuts(cfg, 3, 10, 32) and len(cuts_of(local)) == len(local) - 1
+
+
+def test_a_barlow_twins_config_builds_projector_steps_with_lars_on_weights_only():
+    cfg = Config(dataset="digits", model="resnet8", stages=2, local_loss="barlow_twins", head="projector",
+                 last_head="projector", projector_width=16, augment=True, probe_size=0, optimizer="lars", lr=1.6,
+                 weight_decay=1.5e-6, barlow_lambda=0.01, knn_k=7)
+    local = build_local_modules(cfg, 1, 10, 8)
+    steps = build_stage_steps(cfg, local, steps_per_epoch=10)
+    assert all(isinstance(s, BarlowTwinsStep) and isinstance(s.head, ProjectorHead) for s in steps)
+    assert (steps[1].off_diagonal_weight, steps[1].knn_k, steps[1].lam) == (0.01, 7, 1.0)
+    assert steps[1].needs_delta and steps[0].send_delta  # SGR reconciles the Barlow Twins losses' gradients
+    weights, others = steps[0].optimizer.param_groups
+    assert isinstance(steps[0].optimizer, LARS) and weights["lars"] and not others["lars"]
+    assert all(p.dim() > 1 for p in weights["params"]) and all(p.dim() == 1 for p in others["params"])
+    assert others["lr_ratio"] == BIAS_LR_RATIO and weights["weight_decay"] == 1.5e-6
