@@ -254,8 +254,6 @@ def validate(cfg: Config) -> Config:
              "local_loss barlow_twins trains every module through a projector: set head: projector and last_head: projector")
         need(cfg.augment, "local_loss barlow_twins compares two augmented views of each image: set augment: true")
         need(cfg.probe_size == 0, "the ΔL_k probe measures cross entropy, which barlow_twins modules have not: set probe_size: 0")
-        need(cfg.split != "auto", "split: auto profiles one view per image, not barlow_twins' two: give the cuts "
-                                  "(launch.py plan with local_loss: cross_entropy shows the memory-balanced ones)")
         need(cfg.replicas == 1, "barlow_twins correlates the two views over the whole batch, which a replica's shard "
                                 "would split: set replicas: 1")
         need(cfg.projector_width >= 1 and cfg.knn_bank >= 1 and cfg.knn_k >= 1,

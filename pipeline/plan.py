@@ -23,7 +23,7 @@ from typing import Any, Callable, Iterator
 
 import torch
 
-from pipeline.config import Config, ConfigError
+from pipeline.config import Config, ConfigError, views_per_image
 from pipeline.models import Network
 from pipeline.splits import module_ranges
 from pipeline.stages import (build_net, build_stage_step, check_layout, local_module, module_cuts, unit_outputs,
@@ -237,8 +237,11 @@ class Profiler:
 
     def __init__(self, cfg: Config, net: Network, in_channels: int, num_classes: int, input_size: int, batch: int,
                  sync_bn: bool = False) -> None:
-        """`batch`: the largest batch it will measure at (smaller ones take the first samples)."""
+        """`batch`: the largest batch it will measure at (smaller ones take the first samples); a batch of b images is
+        b rows, or 2b with Barlow Twins' two views."""
         self.cfg, self.sync_bn = dataclasses.replace(cfg, lr=0.0), sync_bn
+        self.views = views_per_image(cfg)
+        batch *= self.views
         if sync_bn:
             for unit in net.units:
                 convert_sync_bn(unit, None)
@@ -272,8 +275,9 @@ class Profiler:
     def batch(self, a: int, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Unit a's input, as the previous module would send it, and the labels for the first `batch` samples, in
         storages of their own (a kept view would count the whole batch's storage)."""
-        x = self.inputs[a][:batch].clone()
-        return (x if a == 0 else x.to(wire_dtype(self.cfg))), self.y[:batch].clone()  # later modules get the wire dtype
+        rows = batch * self.views
+        x = self.inputs[a][:rows].clone()
+        return (x if a == 0 else x.to(wire_dtype(self.cfg))), self.y[:rows].clone()  # later modules get the wire dtype
 
     def profile(self, a: int, b: int, batch: int) -> tuple[ModuleMemory, float]:
         """Measured memory of units a..b-1 as a module, at `batch`, and the seconds that step took."""

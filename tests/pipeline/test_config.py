@@ -53,7 +53,6 @@ BARLOW = {"local_loss": "barlow_twins", "head": "projector", "last_head": "proje
         ({**BARLOW, "probe_size": 64}, "set probe_size: 0"),
         ({**BARLOW, "replicas": [1, 2, 1]}, "a replica's shard would split: set replicas: 1"),
         ({**BARLOW, "knn_k": 0}, "projector_width, knn_bank and knn_k must be >= 1"),
-        ({**BARLOW, "split": "auto"}, "split: auto profiles one view per image"),
         ({"head": "projector"}, "head projector is for local_loss barlow_twins"),
         ({"optimizer": "lamb"}, "optimizer must be one of sgd, adamw, lars"),
         ({"lars_eta": 0.0}, "lars_eta > 0"),

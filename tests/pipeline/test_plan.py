@@ -9,8 +9,8 @@ import torch.nn as nn
 
 from pipeline.config import Config, ConfigError, validate
 from pipeline.models import Network, PoolLinear
-from pipeline.plan import (ModuleMemory, balanced_cuts, best_layout, plan_network, plan_split, resolve_auto_split,
-                           saved_bytes, step_memory)
+from pipeline.plan import (ModuleMemory, Profiler, balanced_cuts, best_layout, plan_network, plan_split,
+                           resolve_auto_split, saved_bytes, seeded_network, step_memory)
 from pipeline.splits import SplitError, module_ranges, resolve_cuts
 from pipeline.stages import build_local_modules, build_stage_steps
 
@@ -107,6 +107,18 @@ def test_extrapolated_plan_equals_the_plan_measured_at_the_training_batch(amp):
     extrapolated = plan_split(dataclasses.replace(cfg, profile_batch=2), 1, 10, 8)
     measured = plan_split(dataclasses.replace(cfg, profile_batch=12), 1, 10, 8)
     assert extrapolated.table == measured.table and extrapolated.cuts == measured.cuts
+
+
+def test_barlow_twins_is_planned_at_two_views_per_image():
+    """A batch of b images is 2b rows: measured so, the plan at batch 6 equals the one measured at batch 6 directly."""
+    cfg = validate(Config(model="resnet8", model_args={"width": 4}, stages=3, batch_size=6, local_loss="barlow_twins",
+                          head="projector", last_head="projector", projector_width=8, augment=True, probe_size=0))
+    extrapolated = plan_split(dataclasses.replace(cfg, profile_batch=2), 1, 10, 8)
+    measured = plan_split(dataclasses.replace(cfg, profile_batch=6), 1, 10, 8)
+    assert extrapolated.table == measured.table and extrapolated.cuts == measured.cuts
+    with seeded_network(cfg, 1, 10, 8, sync_bn=False) as net:
+        x, y = Profiler(cfg, net, 1, 10, 8, batch=3).batch(0, 3)
+    assert len(x) == len(y) == 6
 
 
 def expand_net(hidden: list[int], dim: int = 8, num_classes: int = 4, in_features: int = 16) -> Network:
