@@ -72,11 +72,12 @@ def measure_split(cfg: Config, x: torch.Tensor, y: torch.Tensor, device: str,
     return rows
 
 
-def imagenet_rows(size: str, threads: int, models: list[str] | None = None) -> list[dict]:
+def imagenet_rows(size: str, threads: int, models: list[str] | None = None,
+                  methods: list[str] | None = None) -> list[dict]:
     """The Table 5 models planned at 224×224 from a profiling pass at batches 2 and 3 (exact at 2, extrapolated to 256)."""
     rows = []
     for model, model_args, image_size, k, batch, method in IMAGENET[size]:
-        if models and model not in models:
+        if (models and model not in models) or (methods and method not in methods):
             continue
         profile = 2
         cfg = bench_config(dataset="synthetic", image_size=image_size, model=model, model_args=model_args, stages=k,
@@ -101,6 +102,7 @@ def main(argv: list[str] | None = None) -> dict:
     """Measure global BP, the paper's splits and the planned splits (at full size also the ImageNet models); print the tables last."""
     p = parser("memory", "bytes kept per stage for one training step, against global BP")
     p.add_argument("--models", help="comma-separated ImageNet models to plan at full size (default: all of Table 5)")
+    p.add_argument("--methods", help="comma-separated methods (sgr, infopro) of those plans (default: both)")
     args = parse(p, argv)
     size = size_of(args)
     model, batch, paper, balanced, profile_batch = SIZES[size]
@@ -127,7 +129,8 @@ def main(argv: list[str] | None = None) -> dict:
                         "planned_largest_bytes": predicted, "global_bp_bytes": bp["total"],
                         "saving": 1 - largest / bp["total"]})
         stages += [{"split": name, "method": method, "K": k, **s} for s in measured]
-    imagenet = imagenet_rows(size, args.threads, args.models.split(",") if args.models else None)
+    imagenet = imagenet_rows(size, args.threads, args.models.split(",") if args.models else None,
+                             args.methods.split(",") if args.methods else None)
     results = {"meta": meta(args), "model": model, "batch_size": batch, "device": device, "global_bp": bp,
                "module_bytes": {f"{a}-{b - 1}": m.total for (a, b), m in plan.table.items()},
                "stages": stages, "imagenet": imagenet, "rows": summary}

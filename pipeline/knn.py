@@ -17,8 +17,9 @@ def knn_scores(bank: torch.Tensor, bank_labels: torch.Tensor, features: torch.Te
     bank label + 1 (a class absent from the bank cannot be predicted anyway)."""
     similarity = F.normalize(features.float(), dim=1) @ F.normalize(bank.float(), dim=1).T
     top, index = similarity.topk(min(k, bank.shape[0]), dim=1)
-    scores = torch.zeros(features.shape[0], int(bank_labels.max()) + 1, device=features.device)
-    return scores.scatter_add_(1, bank_labels[index], (top / temperature).exp())
+    # one-hot sums, not scatter_add_: the same bits on every run under deterministic algorithms on a GPU
+    votes = F.one_hot(bank_labels[index], int(bank_labels.max()) + 1).float()
+    return (votes * (top / temperature).exp()[..., None]).sum(dim=1)
 
 
 class FeatureBank:

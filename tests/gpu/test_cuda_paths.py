@@ -136,3 +136,18 @@ def test_infopro_images_travel_through_a_gpu_pipeline_as_in_the_reference(tmp_pa
     trainer, _ = reference(dataclasses.replace(cfg, device="cuda:0"), tmp_path)
     assert_bit_identical(trainer, [{part: {k: v.to("cuda:0") for k, v in state[part].items()}
                                     for part in ("module", "head")} for state in pipeline_states(Path(cfg.out), 3)])
+
+
+def test_barlow_twins_views_and_knn_bank_run_through_a_gpu_pipeline_as_in_the_reference(tmp_path):
+    """Two views per image as one 2N batch on the GPU; the k-NN bank's features and labels live on each stage's GPU."""
+    from tests.workers.test_pipeline import (assert_bit_identical, eval_records, pipeline_states, reference, run_pipeline,
+                                             small_config)
+
+    cfg = small_config(tmp_path, stages=3, epochs=1, device="cuda", deterministic=True, local_loss="barlow_twins",
+                       head="projector", last_head="projector", projector_width=16, augment=True, probe_size=0,
+                       knn_bank=96, knn_k=5)
+    run_pipeline(cfg)
+    trainer, _ = reference(dataclasses.replace(cfg, device="cuda:0"), tmp_path)
+    assert_bit_identical(trainer, [{part: {k: v.to("cuda:0") for k, v in state[part].items()}
+                                    for part in ("module", "head")} for state in pipeline_states(Path(cfg.out), 3)])
+    assert eval_records(Path(cfg.out)) == eval_records(tmp_path / "reference")
