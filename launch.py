@@ -296,7 +296,8 @@ def print_layout(cfg, plan, gpus: int, memory_cap_gib: float | None) -> int:
         cap, where = torch.cuda.get_device_properties(torch.device(cfg.device)).total_memory, "the GPU's memory"
     else:
         cap, where = plan.global_bp.total, "global BP's footprint, as on the CPU there is no device memory"
-    layout = plan.layout(cfg.stages, gpus, cap)
+    bandwidth = cfg.allreduce_gbps * 1e9  # bytes/s of the replicas' gradient all-reduce (0: left out)
+    layout = plan.layout(cfg.stages, gpus, cap, bus_bytes_per_second=bandwidth)
     single = plan.layout(cfg.stages, cfg.stages, cap)
     if layout is None:
         print(f"error: no layout of {cfg.stages} stages fits {cap / mib:.0f} MiB per device on {gpus} devices; "
@@ -305,13 +306,16 @@ def print_layout(cfg, plan, gpus: int, memory_cap_gib: float | None) -> int:
     batch, n = plan.batch_size, plan.n_units
     ranges = module_ranges(layout.cuts, n)
     memory = [plan.memory_at(r.start, r.stop, batch / c).total for r, c in zip(ranges, layout.counts)]
+    sync_note = (f"then its gradient all-reduce at {cfg.allreduce_gbps:g} GB/s (allreduce_gbps)" if bandwidth else
+                 "the all-reduce is left out: measure its bandwidth with bench/allreduce.py, give --set allreduce_gbps=")
     print(f"\nlayout on {gpus} devices, at most {cap / mib:.0f} MiB each ({where}); step times from the profiling "
-          f"pass, scaled to batch {batch}; a replica takes 1/count of its stage's step (the all-reduce is left out)")
-    print("| stage | units | replicas | memory per device MiB | ms per batch per replica | predicted busy |")
-    print("|---|---|---|---|---|---|")
-    for k, (units, count, seconds, busy) in enumerate(zip(ranges, layout.counts, layout.seconds, layout.busy)):
+          f"pass, scaled to batch {batch}; a replica takes 1/count of its stage's step, {sync_note}")
+    print("| stage | units | replicas | memory per device MiB | ms per batch per replica | all-reduce ms | predicted busy |")
+    print("|---|---|---|---|---|---|---|")
+    for k, (units, count, seconds, sync, busy) in enumerate(zip(ranges, layout.counts, layout.seconds, layout.sync,
+                                                                 layout.busy)):
         print(f"| {k + 1} | {units.start}-{units.stop - 1} | {count} | {memory[k] / mib:.1f} | "
-              f"{1000 * seconds / count:.1f} | {busy:.2f} |")
+              f"{1000 * seconds / count:.1f} | {1000 * sync:.1f} | {busy:.2f} |")
     local = [plan.memory_at(r.start, r.stop, batch / gpus) for r in ranges]
     local_memory = sum(m.params + m.grads + m.optimizer for m in local) + max(m.saved for m in local)
     local_rate = gpus / sum(layout.seconds)  # each device trains every module on batch / G rows, one after another

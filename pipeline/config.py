@@ -93,6 +93,7 @@ class Config:
     gpus: list[int] = field(default_factory=list)  # pipeline on cuda: GPU of each process (default: process i on i mod #GPUs)
     replicas: int | list[int] | str = 1  # pipeline: processes per stage (one count, one per stage, or auto: planned), each on a shard of every batch
     sync_bn: bool = True  # replicas: BatchNorm statistics over the stage's whole batch (false: per shard, as plain DDP)
+    allreduce_gbps: float = 0.0  # planner: the replicas' all-reduce bus bandwidth, GB/s (bench/allreduce.py; 0: left out)
     checksum_every: int = 100  # replicas: steps between comparing the replicas' weights (0: never)
     peer_timeout: float = 120.0  # pipeline: seconds without a message from a neighbour before it counts as dead
     simulate_step_ms: float | list[float] = 0.0  # pipeline benchmark: each stage sleeps this long (or a list: per stage) instead of training (0: off)
@@ -309,6 +310,8 @@ def validate(cfg: Config) -> Config:
     need(cfg.keep_checkpoints >= 1, f"keep_checkpoints must be >= 1, got {cfg.keep_checkpoints}")
     need(min(_values(cfg.simulate_step_ms)) >= 0, f"simulate_step_ms must be >= 0, got {cfg.simulate_step_ms}")
     need(cfg.replicas == "auto" or min(_values(cfg.replicas)) >= 1, f"replicas must be >= 1 (per stage), got {cfg.replicas}")
+    need(cfg.allreduce_gbps >= 0, f"allreduce_gbps must be >= 0 (0: the planner leaves the all-reduce out), "
+                                  f"got {cfg.allreduce_gbps}")
     need(cfg.checksum_every >= 0, f"checksum_every must be >= 0 (0: never), got {cfg.checksum_every}")
     need(re.fullmatch(r"cpu|cuda(:\d+)?", cfg.device) is not None, f"device must be cpu, cuda or cuda:N, got {cfg.device!r}")
     need(cfg.threads >= 0 and cfg.log_every >= 1, "threads must be >= 0 and log_every >= 1")

@@ -95,10 +95,13 @@ class Plan:
         first, second = self.measured[(a, b)], self.measured_next[(a, b)]
         return first.at_batch(round(batch), self.profile_batch, second, self.profile_batch + 1)
 
-    def layout(self, stages: int, gpus: int, cap: float, cuts: list[int] | None = None) -> Layout | None:
-        """The fastest cuts (or these `cuts`) and replica counts on `gpus` devices of `cap` bytes each."""
+    def layout(self, stages: int, gpus: int, cap: float, cuts: list[int] | None = None,
+               bus_bytes_per_second: float = 0.0) -> Layout | None:
+        """The fastest cuts (or these `cuts`) and replica counts on `gpus` devices of `cap` bytes each; replicas
+        all-reduce their module's gradient bytes at `bus_bytes_per_second` (0: the all-reduce is left out)."""
         return best_layout(self.step_seconds, lambda a, b, c: self.memory_at(a, b, self.batch_size / c).total <= cap,
-                           self.n_units, stages, gpus, self.batch_size, cuts)
+                           self.n_units, stages, gpus, self.batch_size, cuts,
+                           lambda a, b, c: allreduce_seconds(self.measured[(a, b)].grads, c, bus_bytes_per_second))
 
 
 def saved_bytes(fn: Callable[[], object], exclude: set[int]) -> int:
@@ -170,33 +173,55 @@ def balanced_cuts(costs: dict[tuple[int, int], int], n: int, k: int) -> tuple[li
     return cuts, largest
 
 
+def allreduce_seconds(grad_bytes: int, count: int, bus_bytes_per_second: float) -> float:
+    """Seconds a ring all-reduce of `grad_bytes` over `count` replicas takes at this bus bandwidth (each replica sends
+    and receives 2(c-1)/c of the bytes); 0 for one replica, or where the bandwidth is not known (0)."""
+    if count == 1 or bus_bytes_per_second <= 0:
+        return 0.0
+    return 2 * (count - 1) / count * grad_bytes / bus_bytes_per_second
+
+
 @dataclass(frozen=True)
 class Layout:
-    """Cuts and replica counts, with the predicted throughput: the slowest stage's count / step seconds."""
+    """Cuts and replica counts, with the predicted throughput: min over stages of 1 / (a replica's step seconds +
+    its gradient all-reduce's)."""
 
     cuts: list[int]
     counts: list[int]
     seconds: list[float]  # each stage's step seconds for a whole batch on one device
-    rate: float  # predicted batches per second: min over stages of count / seconds
+    rate: float  # predicted batches per second
+    sync: list[float] | None = None  # each stage's all-reduce seconds per step at its count (None: left out)
+
+    @property
+    def step_seconds(self) -> list[float]:
+        """Each stage's predicted seconds per batch: a replica's share of the step, then the all-reduce."""
+        sync = self.sync or [0.0] * len(self.counts)
+        return [t / c + s for c, t, s in zip(self.counts, self.seconds, sync)]
 
     @property
     def busy(self) -> list[float]:
         """Each stage's predicted busy fraction: the pipeline's rate over the stage's own."""
-        return [self.rate * t / c for c, t in zip(self.counts, self.seconds)]
+        return [self.rate * t for t in self.step_seconds]
 
 
 def best_layout(seconds: dict[tuple[int, int], float], fits: Callable[[int, int, int], bool], n: int, k: int,
-                gpus: int, batch: int, cuts: list[int] | None = None) -> Layout | None:
+                gpus: int, batch: int, cuts: list[int] | None = None,
+                sync: Callable[[int, int, int], float] | None = None) -> Layout | None:
     """The cuts into k modules and replica counts (summing to at most `gpus`) that maximise predicted throughput.
 
     seconds[(a, b)]: units a..b-1's step time as one module on one device for a whole batch; c replicas take
-    seconds / c each (ideal data parallelism: the all-reduce is left out). fits(a, b, c): whether a replica of
+    seconds / c each, plus sync(a, b, c), their gradient all-reduce (None: left out, ideal data parallelism; it
+    follows the backward, which it does not overlap). fits(a, b, c): whether a replica of
     that module with c replicas fits the memory cap. Counts divide `batch` (equal shards of at least 2 rows, for
     BatchNorm). With `cuts`, only the
     counts are chosen. Ties go to more GPUs (less memory each). Dynamic programming over (modules, units covered,
     GPUs used); None if nothing fits.
     """
     counts_ok = [c for c in range(1, gpus + 1) if batch % c == 0 and batch // c >= 2]
+    sync = sync or (lambda a, b, c: 0.0)
+
+    def rate_of(a: int, b: int, c: int) -> float:  # batches per second of units a..b-1 on c replicas
+        return 1 / (seconds[(a, b)] / c + sync(a, b, c))
 
     def ends(m: int) -> list[int]:  # where module m (1-based) may end
         return list(range(m, n + 1)) if cuts is None else [(list(cuts) + [n])[m - 1]]
@@ -205,7 +230,7 @@ def best_layout(seconds: dict[tuple[int, int], float], fits: Callable[[int, int,
     for b in ends(1):
         for c in counts_ok:
             if fits(0, b, c):
-                best[(1, b, c)] = (c / seconds[(0, b)], [], [c])
+                best[(1, b, c)] = (rate_of(0, b, c), [], [c])
     for m in range(2, k + 1):
         for b in ends(m):
             for (m0, a, g), (rate, cut, counts) in list(best.items()):
@@ -214,7 +239,7 @@ def best_layout(seconds: dict[tuple[int, int], float], fits: Callable[[int, int,
                 for c in counts_ok:
                     if g + c > gpus or not fits(a, b, c):
                         continue
-                    candidate = (min(rate, c / seconds[(a, b)]), cut + [a], counts + [c])
+                    candidate = (min(rate, rate_of(a, b, c)), cut + [a], counts + [c])
                     key = (m, b, g + c)
                     if key not in best or candidate[0] > best[key][0]:
                         best[key] = candidate
@@ -223,7 +248,8 @@ def best_layout(seconds: dict[tuple[int, int], float], fits: Callable[[int, int,
         return None
     rate, _, cut, counts = max(finals, key=lambda f: (f[0], f[1]))
     ranges = module_ranges(cut, n)
-    return Layout(cut, counts, [seconds[(r.start, r.stop)] for r in ranges], rate)
+    return Layout(cut, counts, [seconds[(r.start, r.stop)] for r in ranges], rate,
+                  [sync(r.start, r.stop, c) for r, c in zip(ranges, counts)])
 
 
 class Profiler:
@@ -367,7 +393,7 @@ def plan_replicas(cfg: Config, in_channels: int, num_classes: int, input_size: i
         cap = torch.cuda.get_device_properties(profiler.device).total_memory if profiler.device.type == "cuda" else math.inf
     table = {r: measured[r].at_batch(cfg.batch_size, batch, measured_next[r], batch + 1) for r in ranges}
     plan = Plan(cuts, [], cfg.batch_size, batch, measured, table, measured_next, step_seconds)  # these modules only
-    return plan.layout(len(ranges), gpus, cap, cuts)
+    return plan.layout(len(ranges), gpus, cap, cuts, cfg.allreduce_gbps * 1e9)
 
 
 def resolve_auto_split(cfg: Config, in_channels: int, num_classes: int, input_size: int) -> tuple[Config, Plan | None]:

@@ -143,11 +143,16 @@ def test_plan_with_gpus_prints_the_layout_the_planner_predicts_fastest(capsys):
     printed = capsys.readouterr().out
     layout = printed.split("| stage | units | replicas |")[1].split("\n\n")[0].splitlines()[2:]
     counts = [int(row.split(" | ")[2]) for row in layout]
-    busy = [float(row.split(" | ")[5].rstrip(" |")) for row in layout]
+    busy = [float(row.split(" | ")[6].rstrip(" |")) for row in layout]
     assert len(counts) == 3 and sum(counts) <= 5 and all(32 % c == 0 for c in counts)
     assert max(busy) == 1.0  # the slowest stage sets the pace
     assert "| one device per stage, cuts [" in printed and "| global BP, plain data parallel | 5 |" in printed
     assert f"--replicas [{','.join(map(str, counts))}] (torchrun: --nproc-per-node {sum(counts)})" in printed
+    assert "the all-reduce is left out: measure its bandwidth with bench/allreduce.py" in printed
+    # an all-reduce slower than any step saved: one replica per stage
+    assert launch.main(["plan", *DIGITS, "--stages", "3", "--gpus", "5", "--set", "allreduce_gbps=0.000001"]) == 0
+    printed = capsys.readouterr().out
+    assert "--replicas [1,1,1]" in printed and "then its gradient all-reduce at 1e-06 GB/s" in printed
 
 
 @pytest.mark.parametrize("argv,message", [

@@ -17,6 +17,7 @@ KEYS = {  # script -> keys results.json must hold, besides meta and rows
     "memory": {"global_bp", "stages", "module_bytes", "imagenet"},
     "sgr_overhead": {"reps"},
     "replicas": {"stage_ms", "target"},
+    "allreduce": {"reps"},
 }  # bench/imagenet_gpu.py --smoke runs in scripts/gpu_check.sh --dry-run (tests/bench/test_gpu_check.py)
 PLOTS = {"schedule_overhead": "schedule_overhead.png", "transport": "transport.png"}
 

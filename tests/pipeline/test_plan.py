@@ -9,8 +9,8 @@ import torch.nn as nn
 
 from pipeline.config import Config, ConfigError, validate
 from pipeline.models import Network, PoolLinear
-from pipeline.plan import (ModuleMemory, Profiler, balanced_cuts, best_layout, plan_network, plan_split,
-                           resolve_auto_split, saved_bytes, seeded_network, step_memory)
+from pipeline.plan import (ModuleMemory, Profiler, allreduce_seconds, balanced_cuts, best_layout, plan_network,
+                           plan_split, resolve_auto_split, saved_bytes, seeded_network, step_memory)
 from pipeline.splits import SplitError, module_ranges, resolve_cuts
 from pipeline.stages import build_local_modules, build_stage_steps
 
@@ -42,7 +42,7 @@ def test_balanced_cuts_split_additive_costs_evenly():
         balanced_cuts(costs, 6, 7)
 
 
-def layout_brute_force(seconds, fits, n, k, gpus, batch):
+def layout_brute_force(seconds, fits, n, k, gpus, batch, sync=lambda a, b, c: 0.0):
     """The best predicted rate over every cut and every assignment of counts that divide the batch."""
     best = 0.0
     counts_ok = [c for c in range(1, gpus + 1) if batch % c == 0 and batch // c >= 2]
@@ -50,7 +50,8 @@ def layout_brute_force(seconds, fits, n, k, gpus, batch):
         ranges = module_ranges(list(cuts), n)
         for counts in itertools.product(counts_ok, repeat=k):
             if sum(counts) <= gpus and all(fits(r.start, r.stop, c) for r, c in zip(ranges, counts)):
-                best = max(best, min(c / seconds[(r.start, r.stop)] for r, c in zip(ranges, counts)))
+                best = max(best, min(1 / (seconds[(r.start, r.stop)] / c + sync(r.start, r.stop, c))
+                                     for r, c in zip(ranges, counts)))
     return best
 
 
@@ -62,15 +63,33 @@ def test_best_layout_finds_the_fastest_cuts_and_counts_that_fit(seed):
     seconds = {(a, b): sum(unit[a:b]) for a in range(n) for b in range(a + 1, n + 1)}
     cap = rng.uniform(5, 30)
     fits = lambda a, b, c: sum(unit[a:b]) / c <= cap  # noqa: E731 - memory shrinks with the shard
+    bandwidth = rng.choice([0.0, 5.0, 50.0])  # gradient bytes per second (0: the all-reduce left out)
+    sync = lambda a, b, c: allreduce_seconds(b - a, c, bandwidth)  # noqa: E731 - one gradient byte per unit
     for k in range(1, min(n, gpus) + 1):
-        layout = best_layout(seconds, fits, n, k, gpus, batch)
-        expected = layout_brute_force(seconds, fits, n, k, gpus, batch)
+        layout = best_layout(seconds, fits, n, k, gpus, batch, sync=sync)
+        expected = layout_brute_force(seconds, fits, n, k, gpus, batch, sync)
         if expected == 0.0:
             assert layout is None
             continue
         assert layout.rate == pytest.approx(expected)
         assert sum(layout.counts) <= gpus and all(batch % c == 0 for c in layout.counts)
         assert len(layout.cuts) == k - 1 and max(layout.busy) == pytest.approx(1.0)
+
+
+def test_allreduce_seconds_by_hand():
+    assert allreduce_seconds(10**8, 4, 1e10) == pytest.approx(2 * 3 / 4 * 0.01)  # ring: 2(c-1)/c of the bytes
+    assert allreduce_seconds(10**8, 1, 1e10) == 0.0 and allreduce_seconds(10**8, 4, 0.0) == 0.0
+
+
+def test_the_all_reduce_cost_moves_the_layout_towards_fewer_replicas():
+    seconds = {(0, 1): 0.010, (1, 2): 0.030, (2, 3): 0.030}
+    fits = lambda a, b, c: True  # noqa: E731
+    fast = best_layout(seconds, fits, 3, 3, 7, 126, cuts=[1, 2], sync=lambda a, b, c: allreduce_seconds(10**8, c, 1e10))
+    # c = 3: 30/3 + 13.3 ms = 23.3 ms per batch; the all-reduce keeps the slow stages from the ideal 10 ms
+    assert fast.counts == [1, 3, 3] and fast.rate == pytest.approx(1 / (0.010 + 2 * 2 / 3 * 0.01))
+    assert fast.sync == pytest.approx([0.0, 0.04 / 3, 0.04 / 3]) and max(fast.busy) == pytest.approx(1.0)
+    slow = best_layout(seconds, fits, 3, 3, 7, 126, cuts=[1, 2], sync=lambda a, b, c: allreduce_seconds(10**8, c, 1e8))
+    assert slow.counts == [1, 1, 1]  # a second replica's all-reduce (1 s) costs more than half its step saves
 
 
 def test_best_layout_replicates_the_slow_stages():
