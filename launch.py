@@ -71,6 +71,7 @@ def parse_tool_args(argv: list[str]) -> argparse.Namespace:
                           help="instead, train a linear classifier on the last module's frozen features "
                                "(records: RUN_DIR/linear_probe.jsonl, result: RUN_DIR/linear_probe.json)")
     evaluate.add_argument("--probe-epochs", dest="probe_epochs", type=int, default=20, help="linear probe epochs")
+    evaluate.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N (default: %(default)s)")
     sub.add_parser("trace", help="where each stage's time went, from RUN_DIR/trace.json (trace: true)").add_argument("run_dir")
     return p.parse_args(argv)
 
@@ -135,7 +136,7 @@ def run_tool(argv: list[str]) -> int:
     import warnings
 
     from pipeline.checkpoint import CheckpointError, newest_good_checkpoint
-    from pipeline.config import ConfigError, knn_bank_size, load_yaml
+    from pipeline.config import ConfigError, knn_bank_size, load_yaml, validate
     from pipeline.data import DataError, load_config_data
 
     run_dir = Path(args.run_dir)
@@ -152,6 +153,7 @@ def run_tool(argv: list[str]) -> int:
         return print_trace(run_dir)
     try:
         cfg = load_yaml(run_dir / "config.yaml")
+        device_name = validate(dataclasses.replace(cfg, device=args.device)).device if args.tool == "evaluate" else "cpu"
         data = load_config_data(cfg)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
@@ -175,26 +177,27 @@ def run_tool(argv: list[str]) -> int:
             export_model(cfg, data, checkpoint, path)
             print(f"exported step {checkpoint.step} to {path}; load it with pipeline.export.load_exported({str(path)!r})")
             return 0
-        _, steps = restore_steps(cfg, data, checkpoint, torch.device("cpu"))
+        device = torch.device(device_name)
+        _, steps = restore_steps(cfg, data, checkpoint, device)
     except (pickle.UnpicklingError, EOFError, RuntimeError, KeyError) as err:  # a file older checkpoints did not checksum
         print(f"error: checkpoint {checkpoint.path} cannot be loaded ({type(err).__name__}: {str(err).splitlines()[0]})",
               file=sys.stderr)
         return 2
     if args.linear_probe:
-        return run_linear_probe(cfg, data, checkpoint, steps, run_dir, args.probe_epochs)
-    scores = evaluate(steps, data, cfg.eval_batch_size, torch.device("cpu"), knn_bank_size(cfg))
+        return run_linear_probe(cfg, data, checkpoint, steps, run_dir, args.probe_epochs, device)
+    scores = evaluate(steps, data, cfg.eval_batch_size, device, knn_bank_size(cfg))
     print(format_eval(checkpoint.step, scores["test_acc"], knn=knn_bank_size(cfg) > 0))
     return 0
 
 
-def run_linear_probe(cfg, data, checkpoint, steps, run_dir: Path, epochs: int) -> int:
+def run_linear_probe(cfg, data, checkpoint, steps, run_dir: Path, epochs: int, device) -> int:
     """`launch.py evaluate RUN_DIR --linear-probe`: the probe's per-epoch records and result in the run directory."""
     from pipeline.linear_probe import probe_checkpoint
 
     if epochs < 1:
         print(f"error: --probe-epochs must be >= 1, got {epochs}", file=sys.stderr)
         return 2
-    accuracy = probe_checkpoint(cfg, data, checkpoint, steps, run_dir, epochs)
+    accuracy = probe_checkpoint(cfg, data, checkpoint, steps, run_dir, epochs, device)
     print(f"[linear probe] step {checkpoint.step}: test accuracy {100 * accuracy:.2f}% (the last module's frozen "
           f"features, {epochs} epochs); records in {run_dir / 'linear_probe.jsonl'}")
     return 0
@@ -256,6 +259,9 @@ def run_plan(argv: list[str]) -> int:
             raise ConfigError("method bp trains the whole network as one module: there is no split to plan")
         if cfg.stages is None:
             raise ConfigError("plan needs the number of modules: give --stages K")
+        if layout_args.gpus is not None and cfg.local_loss == "barlow_twins":
+            raise ConfigError("local_loss barlow_twins trains one process per stage (replicas: 1), so --gpus would plan "
+                              "replicas it cannot use; plan without --gpus")
         if layout_args.gpus is not None and layout_args.gpus < cfg.stages:
             raise ConfigError(f"--gpus {layout_args.gpus} is fewer than the {cfg.stages} stages; give at least {cfg.stages}")
         data = load_config_data(cfg)
@@ -287,6 +293,7 @@ def print_layout(cfg, plan, gpus: int, memory_cap_gib: float | None) -> int:
     """The planner's cuts and replica counts on `gpus` devices, against one device per stage and plain data parallelism."""
     import torch
 
+    from pipeline.plan import allreduce_seconds
     from pipeline.splits import module_ranges
 
     mib = 1 << 20
@@ -318,8 +325,10 @@ def print_layout(cfg, plan, gpus: int, memory_cap_gib: float | None) -> int:
               f"{1000 * seconds / count:.1f} | {1000 * sync:.1f} | {busy:.2f} |")
     local = [plan.memory_at(r.start, r.stop, batch / gpus) for r in ranges]
     local_memory = sum(m.params + m.grads + m.optimizer for m in local) + max(m.saved for m in local)
-    local_rate = gpus / sum(layout.seconds)  # each device trains every module on batch / G rows, one after another
-    bp_rate = gpus / plan.step_seconds[(0, n)]
+    # each device trains every module on batch / G rows, one after another, then all-reduces every gradient
+    local_grads = sum(plan.table[(r.start, r.stop)].grads for r in ranges)
+    local_rate = 1 / (sum(layout.seconds) / gpus + allreduce_seconds(local_grads, gpus, bandwidth))
+    bp_rate = 1 / (plan.step_seconds[(0, n)] / gpus + allreduce_seconds(plan.global_bp.grads, gpus, bandwidth))
     rows = [("this layout", sum(layout.counts), layout.rate, max(memory)),
             *([] if single is None else [(f"one device per stage, cuts {single.cuts}", cfg.stages, single.rate,
                                           max(plan.memory_at(r.start, r.stop, batch).total

@@ -68,7 +68,8 @@ def run_study(study: dict[str, Any], out: Path) -> list[dict[str, Any]]:
             run_dir = out / arm / f"seed{seed}"
             cfg = arm_config(study["base"], overrides, seed, run_dir)
             trained = (run_dir / "summary.json").exists()
-            probed = not study["linear_probe"] or (run_dir / "linear_probe.json").exists()
+            diverged = trained and "diverged" in json.loads((run_dir / "summary.json").read_text())
+            probed = not study["linear_probe"] or diverged or (run_dir / "linear_probe.json").exists()
             if trained and probed:
                 print(f"[study] {arm} seed {seed}: done before, skipped", flush=True)
                 continue
@@ -101,7 +102,7 @@ def probe_run(cfg: Config, data: Any, run_dir: Path, epochs: int) -> float:
 
     checkpoint = newest_good_checkpoint(run_dir)
     _, steps = restore_steps(cfg, data, checkpoint, torch.device("cpu"))
-    return probe_checkpoint(cfg, data, checkpoint, steps, run_dir, epochs)
+    return probe_checkpoint(cfg, data, checkpoint, steps, run_dir, epochs, torch.device("cpu"))
 
 
 def mean_std(values: list[float]) -> tuple[float, float]:

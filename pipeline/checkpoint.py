@@ -147,9 +147,12 @@ def checkpoint_dir(run_dir: Path, step: int) -> Path:
 
 def fingerprint(cfg: Config, cuts: list[int]) -> dict[str, Any]:
     """What a checkpoint's weights depend on: a resumed run must match it exactly."""
-    return {"model": cfg.model, "model_args": cfg.model_args, "cuts": list(cuts), "stages": len(cuts) + 1,
-            "method": cfg.method, "dataset": cfg.dataset, "head": cfg.head, "last_head": cfg.last_head,
-            "batch_size": cfg.batch_size, "optimizer": cfg.optimizer}
+    run = {"model": cfg.model, "model_args": cfg.model_args, "cuts": list(cuts), "stages": len(cuts) + 1,
+           "method": cfg.method, "dataset": cfg.dataset, "head": cfg.head, "last_head": cfg.last_head,
+           "batch_size": cfg.batch_size, "optimizer": cfg.optimizer}
+    if cfg.local_loss == "barlow_twins":  # (only then: older runs' fingerprints stay valid) its projectors' shapes
+        run.update(local_loss=cfg.local_loss, projector_width=cfg.projector_width)
+    return run
 
 
 def file_digest(path: Path) -> str:

@@ -263,6 +263,7 @@ def validate(cfg: Config) -> Config:
         need("projector" not in (cfg.head, cfg.last_head), "head projector is for local_loss barlow_twins; "
                                                             "use conv_linear, etf or token_linear")
     need(cfg.barlow_lambda >= 0 and cfg.lars_eta > 0, "barlow_lambda must be >= 0 and lars_eta > 0")
+    need(not (cfg.optimizer == "lars" and cfg.nesterov), "optimizer lars uses heavy-ball momentum: set nesterov: false")
     need(len(cfg.infopro_lambdas) in (0, 4) and all(isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0
                                                      for v in cfg.infopro_lambdas),
          f"infopro_lambdas must be [] or four weights >= 0 [λ1 first, λ2 first, λ1 last, λ2 last], got {cfg.infopro_lambdas}")

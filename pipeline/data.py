@@ -84,10 +84,10 @@ class ImageData:
         for i in range(0, len(self.test_y), batch_size):
             yield rows_of(self.test_x[i : i + batch_size], part)
 
-    def first_train_images(self, size: int, batch_size: int) -> Iterator[torch.Tensor]:
-        """The first `size` training images, not augmented, batch by batch."""
-        for i in range(0, min(size, len(self.train_y)), batch_size):
-            yield self.train_x[i : min(i + batch_size, size)]
+    def train_images_at(self, indices: torch.Tensor, batch_size: int) -> Iterator[torch.Tensor]:
+        """The training images at `indices`, not augmented, batch by batch."""
+        for i in range(0, len(indices), batch_size):
+            yield self.train_x[indices[i : i + batch_size]]
 
     def subset(self, n: int) -> ImageData:
         """Only the first n training images (the statistics are the subset's)."""
@@ -308,9 +308,9 @@ class ImageFolderData:
         return self._decode([rows_of([(f, -1) for f in files[i : i + batch_size]], part)
                              for i in range(0, len(files), batch_size)])
 
-    def first_train_images(self, size: int, batch_size: int) -> Iterator[torch.Tensor]:
-        """The first `size` training images, resized and centre-cropped, batch by batch."""
-        files = self.train_files[:size]
+    def train_images_at(self, indices: torch.Tensor, batch_size: int) -> Iterator[torch.Tensor]:
+        """The training images at `indices`, resized and centre-cropped, batch by batch."""
+        files = [self.train_files[i] for i in indices.tolist()]
         return self._decode([[(f, -1) for f in files[i : i + batch_size]] for i in range(0, len(files), batch_size)])
 
     def subset(self, n: int) -> ImageFolderData:
@@ -493,14 +493,30 @@ def train_batches(data: Data, epoch: int, batch_size: int, seed: int, use_augmen
 def probe_batch(data: Data, size: int, device: torch.device | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The fixed probe batch of the ΔL_k analysis: the first `size` training samples, normalised on `device`, not
     augmented; labels on the CPU."""
-    return data.normalize(to_device(torch.cat(list(data.first_train_images(size, size))), device)), data.train_y[:size]
+    first = torch.arange(min(size, len(data.train_y)))
+    return data.normalize(to_device(torch.cat(list(data.train_images_at(first, size))), device)), data.train_y[first]
+
+
+BANK_SEED = 0  # the k-NN bank is the same training images in every run (and every evaluation) of a dataset
+
+
+def bank_indices(n_train: int, size: int) -> torch.Tensor:
+    """`size` training indices drawn without replacement from a fixed seed (all of them for size >= n_train, in
+    order). Drawn, not the first ones: an image folder lists its files class by class."""
+    if size >= n_train:
+        return torch.arange(n_train)
+    return torch.randperm(n_train, generator=torch.Generator().manual_seed(BANK_SEED))[:size]
 
 
 def bank_batches(data: Data, size: int, batch_size: int,
                  device: torch.device | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """The k-NN bank: the first `size` training images, not augmented, normalised on `device`; labels on the CPU."""
-    for i, x in enumerate(data.first_train_images(size, batch_size)):
-        yield data.normalize(to_device(x, device)), data.train_y[i * batch_size : i * batch_size + len(x)]
+    """The k-NN bank (and the linear probe's training set): `size` training images (bank_indices), not augmented,
+    normalised on `device`; labels on the CPU. No bank (size 0) starts no image loader."""
+    if size <= 0:
+        return
+    indices = bank_indices(len(data.train_y), size)
+    for i, x in enumerate(data.train_images_at(indices, batch_size)):
+        yield data.normalize(to_device(x, device)), data.train_y[indices[i * batch_size : i * batch_size + len(x)]]
 
 
 def eval_batches(data: Data, batch_size: int, device: torch.device | None = None,

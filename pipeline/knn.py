@@ -26,18 +26,22 @@ class FeatureBank:
     """Features and labels of the bank images, gathered batch by batch before an evaluation, dropped after it."""
 
     def __init__(self) -> None:
-        self.features: list[torch.Tensor] = []
-        self.labels: list[torch.Tensor] = []
+        self.clear()
 
     def add(self, features: torch.Tensor, labels: torch.Tensor) -> None:
         self.features.append(features.float())
         self.labels.append(labels)
+        self.whole = None
 
     def scores(self, features: torch.Tensor, k: int) -> torch.Tensor:
-        """The k-NN class scores of `features` against the bank."""
+        """The k-NN class scores of `features` against the bank (joined once, at the first test batch)."""
         if not self.features:
             raise RuntimeError("k-NN evaluation needs the bank's features first: send its batches before the test set")
-        return knn_scores(torch.cat(self.features), torch.cat(self.labels), features, k)
+        if self.whole is None:
+            self.whole = torch.cat(self.features), torch.cat(self.labels)
+        return knn_scores(*self.whole, features, k)
 
     def clear(self) -> None:
-        self.features, self.labels = [], []
+        self.features: list[torch.Tensor] = []
+        self.labels: list[torch.Tensor] = []
+        self.whole: tuple[torch.Tensor, torch.Tensor] | None = None

@@ -81,15 +81,15 @@ def linear_probe(steps: list[StageStep], layout: str, data: Data, batch_size: in
 
 
 def probe_checkpoint(cfg: Config, data: Data, checkpoint: Checkpoint, steps: list[StageStep], run_dir: Path,
-                     epochs: int) -> float:
-    """Probe a run's checkpoint (its modules restored in `steps`, on the CPU): per-epoch records in
+                     epochs: int, device: torch.device) -> float:
+    """Probe a run's checkpoint (its modules restored in `steps`, on `device`): per-epoch records in
     RUN_DIR/linear_probe.jsonl (this probe's only), the result in RUN_DIR/linear_probe.json; returns the accuracy."""
     records = run_dir / "linear_probe.jsonl"
     records.unlink(missing_ok=True)
     log = JsonlLog(records)
     try:
         layout = feature_layout(cfg, data.in_channels, data.num_classes, data.input_size)
-        accuracy = linear_probe(steps, layout, data, cfg.eval_batch_size, torch.device("cpu"), epochs, cfg.seed,
+        accuracy = linear_probe(steps, layout, data, cfg.eval_batch_size, device, epochs, cfg.seed,
                                 record=lambda r: log.write({**r, "step": checkpoint.step}))
     finally:
         log.close()

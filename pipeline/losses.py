@@ -67,9 +67,11 @@ def standardize(z: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
 def barlow_twins_loss(z1: torch.Tensor, z2: torch.Tensor, off_diagonal_weight: float, eps: float = 1e-5) -> torch.Tensor:
     """Σ_i (1 - C_ii)² + w · Σ_{i≠j} C_ij², C = the N×D projections' cross-correlation (standardised columns, / N).
 
-    Zbontar et al. 2021, Eq. 1; rows i of z1 and z2 are two views of the same image.
+    Zbontar et al. 2021, Eq. 1; rows i of z1 and z2 are two views of the same image. Computed in fp32 even under
+    autocast: C_ii sits near 1, where bfloat16 resolves only 1/256, which would leave (1 - C_ii) coarse.
     """
-    c = standardize(z1, eps).T @ standardize(z2, eps) / z1.shape[0]
-    on_diagonal = (1 - c.diagonal()).pow(2).sum()
-    off_diagonal = c.pow(2).sum() - c.diagonal().pow(2).sum()
-    return on_diagonal + off_diagonal_weight * off_diagonal
+    with torch.autocast(z1.device.type, enabled=False):
+        c = standardize(z1, eps).T @ standardize(z2, eps) / z1.shape[0]
+        on_diagonal = (1 - c.diagonal()).pow(2).sum()
+        off_diagonal = c.pow(2).sum() - c.diagonal().pow(2).sum()
+        return on_diagonal + off_diagonal_weight * off_diagonal

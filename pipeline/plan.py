@@ -190,13 +190,12 @@ class Layout:
     counts: list[int]
     seconds: list[float]  # each stage's step seconds for a whole batch on one device
     rate: float  # predicted batches per second
-    sync: list[float] | None = None  # each stage's all-reduce seconds per step at its count (None: left out)
+    sync: list[float]  # each stage's gradient all-reduce seconds per step at its count (0: one replica, or left out)
 
     @property
     def step_seconds(self) -> list[float]:
         """Each stage's predicted seconds per batch: a replica's share of the step, then the all-reduce."""
-        sync = self.sync or [0.0] * len(self.counts)
-        return [t / c + s for c, t, s in zip(self.counts, self.seconds, sync)]
+        return [t / c + s for c, t, s in zip(self.counts, self.seconds, self.sync)]
 
     @property
     def busy(self) -> list[float]:

@@ -153,6 +153,8 @@ def test_plan_with_gpus_prints_the_layout_the_planner_predicts_fastest(capsys):
     assert launch.main(["plan", *DIGITS, "--stages", "3", "--gpus", "5", "--set", "allreduce_gbps=0.000001"]) == 0
     printed = capsys.readouterr().out
     assert "--replicas [1,1,1]" in printed and "then its gradient all-reduce at 1e-06 GB/s" in printed
+    data_parallel = printed.split("| global BP, plain data parallel | 5 | ")[1].split(" | ")
+    assert float(data_parallel[1]) > 10  # global BP's data parallelism pays the all-reduce too
 
 
 @pytest.mark.parametrize("argv,message", [
@@ -160,6 +162,9 @@ def test_plan_with_gpus_prints_the_layout_the_planner_predicts_fastest(capsys):
     (["--stages", "9"], "error: stages=9 is out of range: model resnet8 has 4 units, so use 1..4"),
     (["--stages", "3", "--gpus", "2"], "error: --gpus 2 is fewer than the 3 stages; give at least 3"),
     (["--stages", "3", "--gpus", "4", "--memory-cap", "0.0001"], "error: no layout of 3 stages fits 0 MiB per device"),
+    (["--stages", "3", "--gpus", "4", "--set", "local_loss=barlow_twins", "--set", "head=projector", "--set",
+      "last_head=projector", "--set", "augment=true", "--set", "probe_size=0"],
+     "error: local_loss barlow_twins trains one process per stage (replicas: 1), so --gpus would plan"),
 ])
 def test_plan_refuses_what_it_cannot_plan_in_one_line(capsys, argv, message):
     assert launch.main(["plan", *DIGITS, *argv]) == 2
@@ -281,3 +286,5 @@ def test_a_barlow_twins_run_is_scored_by_knn_and_by_a_linear_probe_on_request(tm
     assert result["test_acc"] > 0.3 and f"{100 * result['test_acc']:.2f}%" in printed  # 10 classes: chance is 0.1
     assert launch.main(["evaluate", str(out), "--linear-probe", "--probe-epochs", "0"]) == 2
     assert "--probe-epochs must be >= 1" in capsys.readouterr().err
+    assert launch.main(["evaluate", str(out), "--device", "gpu"]) == 2
+    assert "device must be cpu, cuda or cuda:N, got 'gpu'" in capsys.readouterr().err

@@ -1,5 +1,6 @@
 """The study runner: a tiny study runs every arm × seed, writes the table and plots, and skips finished runs."""
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -41,12 +42,16 @@ def test_tiny_study_writes_the_table_and_skips_finished_runs(tmp_path):
     assert "training ->" not in second and second.count("done before, skipped") == 4
     assert (out / "sgr" / "seed1" / "summary.json").stat().st_mtime_ns == stamp
     assert json.loads((out / "results.json").read_text()) == rows
-    # linear_probe added to a finished study: only the probes run, and the table gains their column
+    # linear_probe added to a finished study: only the probes run (not of a diverged run, which has nothing to
+    # probe), and the table gains their column
+    diverged = out / "fa" / "seed1"
+    (diverged / "summary.json").write_text(json.dumps({"final_test_acc": None, "diverged": "loss is nan"}))
+    shutil.rmtree(diverged / "checkpoints")
     study.write_text(STUDY + "linear_probe: 2\n")
     third = run(study, out)
-    assert "training ->" not in third and third.count(": linear probe\n") == 4
+    assert "training ->" not in third and third.count(": linear probe\n") == 3
     probed = json.loads((out / "results.json").read_text())
-    assert all(len(r["probe_acc"]) == 2 and all(0 <= a <= 100 for a in r["probe_acc"]) for r in probed)
+    assert [len(r["probe_acc"]) for r in probed] == [1, 2] and all(0 <= a <= 100 for r in probed for a in r["probe_acc"])
     assert "linear probe % (mean ± std)" in (out / "results.md").read_text()
     assert run(study, out).count("done before, skipped") == 4
 

@@ -56,6 +56,7 @@ BARLOW = {"local_loss": "barlow_twins", "head": "projector", "last_head": "proje
         ({"head": "projector"}, "head projector is for local_loss barlow_twins"),
         ({"optimizer": "lamb"}, "optimizer must be one of sgd, adamw, lars"),
         ({"lars_eta": 0.0}, "lars_eta > 0"),
+        ({"optimizer": "lars", "nesterov": True}, "optimizer lars uses heavy-ball momentum: set nesterov: false"),
         ({"local_loss": "infopro", "method": "reforward"}, "local_loss infopro is for methods sgr, layerwise"),
         ({"infopro_lambdas": [1, 2]}, "infopro_lambdas must be \\[\\] or four weights"),
         ({"infopro_lambdas": [1, 2, -3, 4]}, "infopro_lambdas must be"),

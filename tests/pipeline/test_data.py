@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from pipeline.data import (
-    DataError, FolderImages, augment, bank_batches, eval_batches, load_data, pixels, probe_batch, random_resized_box, read_idx,
+    DataError, FolderImages, augment, bank_batches, bank_indices, eval_batches, load_data, pixels, probe_batch, random_resized_box, read_idx,
     steps_per_epoch, train_batches,
 )
 
@@ -170,12 +170,16 @@ def test_two_views_hold_each_image_twice_augmented_independently():
     assert len(list(train_batches(data, 0, 32, seed=5, use_augment=True, views=2))) == steps_per_epoch(data, 32)
 
 
-def test_bank_batches_are_the_first_training_images_unaugmented_with_their_labels():
+def test_bank_batches_are_fixed_drawn_training_images_unaugmented_with_their_labels():
     data = load_data("digits")
     batches = list(bank_batches(data, 70, 32))
-    assert [len(y) for _, y in batches] == [32, 32, 6]
-    assert torch.equal(torch.cat([x for x, _ in batches]), data.normalize(data.train_x[:70]))
-    assert torch.equal(torch.cat([y for _, y in batches]), data.train_y[:70])
+    indices = bank_indices(len(data.train_y), 70)
+    assert [len(y) for _, y in batches] == [32, 32, 6] and len(set(indices.tolist())) == 70
+    assert not torch.equal(indices, torch.arange(70))  # drawn: an image folder lists its files class by class
+    assert torch.equal(torch.cat([x for x, _ in batches]), data.normalize(data.train_x[indices]))
+    assert torch.equal(torch.cat([y for _, y in batches]), data.train_y[indices])
+    assert torch.equal(bank_indices(len(data.train_y), 70), indices)  # the same bank in every evaluation
+    assert torch.equal(bank_indices(50, 80), torch.arange(50)) and list(bank_batches(data, 0, 32)) == []
 
 
 def test_normalisation_standardises_the_train_set():

@@ -57,3 +57,11 @@ def test_barlow_twins_loss_ignores_each_columns_scale_and_offset():
     scaled = z1 * torch.tensor([2.0, 0.5, 7.0]) + 3.0
     assert barlow_twins_loss(scaled, z2, 0.005, eps=0.0).item() == pytest.approx(
         barlow_twins_loss(z1, z2, 0.005, eps=0.0).item(), rel=1e-5)
+
+
+def test_barlow_twins_loss_stays_fp32_under_bf16_autocast():
+    g = torch.Generator().manual_seed(0)
+    z1, z2 = torch.randn(64, 32, generator=g), torch.randn(64, 32, generator=g)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = barlow_twins_loss(z1, z2, 0.005)
+    assert loss.dtype == torch.float32 and loss.item() == barlow_twins_loss(z1, z2, 0.005).item()
