@@ -50,7 +50,8 @@ class Config:
     stages: int | None = 3  # K; None: take it from `split`
     split: str | list[int] | None = None  # named split, cut points, or auto (least memory, measured); None: the paper's split for K
     profile_batch: int = 4  # split auto: the profiling pass measures at this batch and the next, extrapolates to batch_size
-    head: str = "conv_linear"  # local head of modules 1..K-1: conv_linear | etf (conv maps), token_linear (ViT, Swin), projector (barlow_twins)
+    # local head of modules 1..K-1: conv_linear | etf (conv maps), token_linear (ViT, Swin), projector (barlow_twins)
+    head: str = "conv_linear"
     last_head: str = "own"  # head of module K ('own' = the network's classifier)
     head_width: int = 0  # conv_linear head channels (0: the module's channels)
     # method
@@ -58,16 +59,18 @@ class Config:
     lam: float = 1.0  # λ of the SGR term (only method sgr uses it)
     sgr_reduction: str = "mean"  # mean (paper) | sample (independent of the feature size)
     track_sgr: bool = False  # with λ = 0, still measure the SGR term (one extra backward per module)
-    local_loss: str = "cross_entropy"  # each module's loss: cross_entropy | infopro (method infopro implies it) | barlow_twins
+    # each module's loss: cross_entropy | infopro (method infopro implies it) | barlow_twins
+    local_loss: str = "cross_entropy"
     infopro_lambdas: list[float] = field(default_factory=list)  # InfoPro's [λ1 first, λ2 first, λ1 last, λ2 last] ([]: published for K)
     decoder_width: int = 12  # InfoPro: channels of the decoder's hidden conv
     decoder_upsampling: str = "bilinear"  # InfoPro: bilinear (the authors' default) | nearest (deterministic on CUDA)
     projector_width: int = 512  # Barlow Twins: width of the projector head's three linear layers (the paper: 8192)
     barlow_lambda: float = 0.0051  # Barlow Twins: weight of the off-diagonal (redundancy) term (the paper's λ)
-    knn_bank: int = 5000  # Barlow Twins: training images whose features k-NN evaluation compares test images with
+    knn_bank: int = 5000  # Barlow Twins: training images (a fixed seeded draw) k-NN compares the test images with
     knn_k: int = 20  # Barlow Twins: neighbours that vote in k-NN evaluation
     # optimisation (each module has its own optimizer and schedule)
-    optimizer: str = "sgd"  # sgd (momentum, nesterov) | adamw (betas 0.9/0.999; momentum and nesterov unused) | lars (momentum)
+    # sgd (momentum, nesterov) | adamw (betas 0.9/0.999; momentum and nesterov unused) | lars (momentum)
+    optimizer: str = "sgd"
     lars_eta: float = 0.001  # LARS: the trust coefficient η (update norm η·‖w‖ per weight tensor)
     epochs: int = 2
     lr: float = 0.1
@@ -255,7 +258,7 @@ def validate(cfg: Config) -> Config:
              "local_loss barlow_twins trains every module through a projector: set head: projector and last_head: projector")
         need(cfg.augment, "local_loss barlow_twins compares two augmented views of each image: set augment: true")
         need(cfg.probe_size == 0, "the ΔL_k probe measures cross entropy, which barlow_twins modules have not: set probe_size: 0")
-        need(cfg.replicas == 1, "barlow_twins correlates the two views over the whole batch, which a replica's shard "
+        need(cfg.replicas != "auto" and max(_values(cfg.replicas)) == 1, "barlow_twins correlates the two views over the whole batch, which a replica's shard "
                                 "would split: set replicas: 1")
         need(cfg.projector_width >= 1 and cfg.knn_bank >= 1 and cfg.knn_k >= 1,
              "projector_width, knn_bank and knn_k must be >= 1")
