@@ -133,10 +133,13 @@ def find_resume(args: argparse.Namespace, cfg, data, steps_per_run: int):
 def run_tool(argv: list[str]) -> int:
     """`launch.py plot|export|evaluate|trace RUN_DIR`."""
     args = parse_tool_args(argv)
+    if args.tool == "evaluate" and args.linear_probe and args.probe_epochs < 1:  # before any data or checkpoint is read
+        print(f"error: --probe-epochs must be >= 1, got {args.probe_epochs}", file=sys.stderr)
+        return 2
     import warnings
 
     from pipeline.checkpoint import CheckpointError, newest_good_checkpoint
-    from pipeline.config import ConfigError, knn_bank_size, load_yaml, validate
+    from pipeline.config import ConfigError, barlow_twins_losses, knn_bank_size, load_yaml, validate
     from pipeline.data import DataError, load_config_data
 
     run_dir = Path(args.run_dir)
@@ -186,7 +189,7 @@ def run_tool(argv: list[str]) -> int:
     if args.linear_probe:
         return run_linear_probe(cfg, data, checkpoint, steps, run_dir, args.probe_epochs, device)
     scores = evaluate(steps, data, cfg.eval_batch_size, device, knn_bank_size(cfg))
-    print(format_eval(checkpoint.step, scores["test_acc"], knn=knn_bank_size(cfg) > 0))
+    print(format_eval(checkpoint.step, scores["test_acc"], knn=barlow_twins_losses(cfg)))
     return 0
 
 
@@ -194,9 +197,6 @@ def run_linear_probe(cfg, data, checkpoint, steps, run_dir: Path, epochs: int, d
     """`launch.py evaluate RUN_DIR --linear-probe`: the probe's per-epoch records and result in the run directory."""
     from pipeline.linear_probe import probe_checkpoint
 
-    if epochs < 1:
-        print(f"error: --probe-epochs must be >= 1, got {epochs}", file=sys.stderr)
-        return 2
     accuracy = probe_checkpoint(cfg, data, checkpoint, steps, run_dir, epochs, device)
     print(f"[linear probe] step {checkpoint.step}: test accuracy {100 * accuracy:.2f}% (the last module's frozen "
           f"features, {epochs} epochs); records in {run_dir / 'linear_probe.jsonl'}")

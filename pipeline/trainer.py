@@ -15,7 +15,7 @@ from tqdm import tqdm
 from pipeline.bpfree import NEEDS_OUTPUT_ERROR, dfa_signal, pepita_input, pepita_signal, prediction_error
 from pipeline.checkpoint import (Checkpoint, CheckpointError, check_finite, checkpoint_dir, fingerprint, load_stage_state,
                                  save_atomic, stage_state)
-from pipeline.config import Config, knn_bank_size
+from pipeline.config import Config, barlow_twins_losses, knn_bank_size
 from pipeline.data import Data, bank_batches, eval_batches, probe_batch, steps_per_epoch, to_device, train_batches
 from pipeline.metrics import ModuleMeter, eval_record, format_eval, topk_correct, train_records
 from pipeline.probe import InputDriftProbe
@@ -86,7 +86,7 @@ def pepita_batch(steps: list[SignalStep], x: torch.Tensor, y: torch.Tensor) -> l
 def evaluate(steps: list[StageStep], data: Data, batch_size: int, device: torch.device,
              bank: int = 0) -> dict[str, list[float]]:
     """Top-1 and top-5 test accuracy of every module's head (the last head's is the model's accuracy); with `bank`,
-    the first `bank` training images go through first, for modules scored by k-NN."""
+    that many training images (data.bank_batches) go through first, for modules scored by k-NN."""
     for x, y in bank_batches(data, bank, batch_size, device):
         y = to_device(y, device)
         for step in steps:
@@ -218,7 +218,7 @@ class SequentialTrainer:
             for k, (step, probe) in enumerate(zip(self.steps, self.probes)):
                 x, delta_loss[k] = probe(step, x, y)
         self.writer.record(eval_record(epoch, global_step, scores["test_acc"], scores["test_top5"], delta_loss))
-        print(format_eval(global_step, scores["test_acc"], knn=knn_bank_size(self.cfg) > 0), flush=True)
+        print(format_eval(global_step, scores["test_acc"], knn=barlow_twins_losses(self.cfg)), flush=True)
         return {"final_test_acc": scores["test_acc"][-1], **scores, "step": global_step}
 
     def _checkpoint(self, epoch: int, global_step: int, result: dict[str, Any]) -> None:

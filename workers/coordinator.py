@@ -15,7 +15,7 @@ from typing import Any
 import zmq
 from tqdm import tqdm
 
-from pipeline.config import Config, knn_bank_size
+from pipeline.config import Config, barlow_twins_losses
 from pipeline.metrics import eval_record, format_eval
 from pipeline.rundir import RunWriter
 from workers.messages import Record
@@ -147,7 +147,7 @@ class Coordinator:
     def _write_eval(self, epoch: int, step: int, per_stage: list[dict[str, Any]]) -> None:
         acc, top5 = [m["acc"] for m in per_stage], [m["top5"] for m in per_stage]
         self.writer.record(eval_record(epoch, step, acc, top5, [m["delta_loss"] for m in per_stage]))
-        self.bar.write(format_eval(step, acc, knn=knn_bank_size(self.cfg) > 0))
+        self.bar.write(format_eval(step, acc, knn=barlow_twins_losses(self.cfg)))
         self.result = {"final_test_acc": acc[-1], "test_acc": acc, "test_top5": top5, "step": step}
 
     @property
