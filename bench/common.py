@@ -17,8 +17,9 @@ from typing import Any
 import torch
 
 from pipeline.config import Config, validate
-from pipeline.data import Data, data_shape, load_config_data, steps_per_epoch, train_batches
+from pipeline.data import Data, data_shape, load_config_data, steps_per_epoch
 from pipeline.plan import median_seconds
+from pipeline.schedule import run_epochs
 from pipeline.stages import build_local_modules, build_stage_steps
 from pipeline.step import StageStep
 from pipeline.trainer import evaluate, train_batch
@@ -89,22 +90,25 @@ def stage_step_seconds(steps: list[StageStep], x: torch.Tensor, y: torch.Tensor,
 
 
 def one_process(cfg: Config, warmup: int, epochs: int) -> float:
-    """Training samples/s of the sequential reference's loop (train_batch, then evaluate, per epoch) after `warmup` epochs.
+    """Training samples/s of the sequential reference's loop (the run loop's batches through train_batch, then evaluate,
+    per epoch) after `warmup` epochs.
 
     With `simulate_step_ms` every module sleeps instead of training, as the stage processes do.
     """
+    cfg = bench_config(**{**cfg.to_dict(), "epochs": warmup + epochs})
     data = bench_data(cfg)
     steps = build_steps(cfg, data)
     if cfg.simulate_step_ms > 0:
         steps = [SimulatedStep(step, cfg.simulate_step_ms) for step in steps]
+    spe = steps_per_epoch(data, cfg.batch_size)
     start = time.perf_counter()
-    for epoch in range(warmup + epochs):
+    for epoch, _, batches in run_epochs(cfg, data, spe):
         if epoch == warmup:
             start = time.perf_counter()
-        for x, y in train_batches(data, epoch, cfg.batch_size, cfg.seed, cfg.augment):
-            train_batch(steps, x, y)
+        for s in batches:
+            train_batch(steps, s.x, s.y)
         evaluate(steps, data, cfg.eval_batch_size, torch.device("cpu"))
-    return epochs * steps_per_epoch(data, cfg.batch_size) * cfg.batch_size / (time.perf_counter() - start)
+    return epochs * spe * cfg.batch_size / (time.perf_counter() - start)
 
 
 def run_pipeline(cfg: Config, warmup_steps: int) -> dict[str, Any]:

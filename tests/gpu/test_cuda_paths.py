@@ -16,7 +16,8 @@ import zmq
 from bench.gpu_check import STRESS_MESSAGES, check_transport
 from pipeline.checkpoint import load_stage_state, save_atomic, stage_state
 from pipeline.config import Config
-from pipeline.data import eval_batches, load_data, train_batches
+from pipeline.data import eval_batches, load_data, steps_per_epoch, train_batches
+from pipeline.schedule import run_epochs
 from pipeline.stages import build_local_modules, build_stage_steps
 from workers.ipc_check import cuda_ipc_error
 from workers.placement import LinkKind
@@ -76,6 +77,15 @@ def test_uint8_batches_normalised_on_the_gpu_equal_the_host_normalised_ones():
         assert gx.is_cuda and torch.equal(gx.cpu(), cx) and torch.equal(gy, cy)
     gx, _ = next(eval_batches(data, 100, CUDA))
     assert torch.equal(gx.cpu(), next(eval_batches(data, 100))[0])
+
+
+def test_the_run_loop_draws_gpu_batches_in_its_thread_equal_to_the_host_ones():
+    cfg = Config(dataset="digits", batch_size=64, epochs=2, augment=True)
+    data = load_data("digits")
+    spe = steps_per_epoch(data, cfg.batch_size)
+    for (_, _, gpu), (_, _, cpu) in zip(run_epochs(cfg, data, spe, device=CUDA), run_epochs(cfg, data, spe)):
+        for g, c in zip(gpu, cpu):  # drawn, copied and normalised by the prefetch thread, read by this one
+            assert g.x.is_cuda and torch.equal(g.x.cpu(), c.x) and torch.equal(g.y, c.y)
 
 
 def test_bf16_activations_and_delta_cross_between_modules_on_the_gpu():
