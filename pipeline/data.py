@@ -320,12 +320,15 @@ class ImageFolderData:
     def _decode(self, items: list[list[tuple[str, int]]]) -> Iterator[torch.Tensor]:
         # forkserver, not fork: a stage process has zmq and OpenMP threads, and a child forked from a threaded
         # process can inherit a lock held by one of them (stage 1 hung in its first batch now and then).
-        # Each loader ends with this process (exit_with), even when it is killed with SIGKILL.
+        # Each loader ends with this process (exit_with), even when it is killed with SIGKILL. Its own generator: the
+        # loader draws a base seed (unused: each image's augmentation has its seed) when it starts, and from torch's
+        # global one that draw would shift a module's dropout stream, swapped in while the run loop draws in a thread.
         loader = torch.utils.data.DataLoader(FolderImages(self.image_size), batch_sampler=items,
                                              num_workers=self.workers,
                                              collate_fn=functools.partial(stack_images, size=self.image_size),
                                              multiprocessing_context=forkserver() if self.workers else None,
-                                             worker_init_fn=functools.partial(exit_with, os.getpid()))
+                                             worker_init_fn=functools.partial(exit_with, os.getpid()),
+                                             generator=torch.Generator().manual_seed(0))
         return iter(loader)
 
 

@@ -83,14 +83,16 @@ def _epoch_of(drawn: Iterator[ScheduledStep], epoch: int, count: int) -> Iterato
 def prefetched(items: Iterator[T], ahead: int = 1, device: torch.device | None = None) -> Iterator[T]:
     """`items` in order, drawn up to `ahead` in advance by a background thread; its exception is raised here, in turn.
 
-    Drawing a batch (gather, augment, normalise; on a GPU the copy too) overlaps the step that trains the previous
-    one (the trace of stage 1 showed it as ~1 ms between steps, sleeping stages at 20 ms). Closing this generator
-    early stops the thread. Batches on a GPU: the thread makes `device` its current one (a new thread's is GPU 0,
-    whose context a stage on another GPU must not create) and uses its default stream, as the training does, so a
-    batch's copy and normalisation are ordered before the step that reads it.
+    Drawing a batch on the host (gather, augment, pin) overlaps the step that trains the previous one (the trace of
+    stage 1 showed it as ~1 ms between steps, sleeping stages at 20 ms). Closing this generator early stops the
+    thread. Batches on a GPU: the thread makes `device` its current one (a new thread's is GPU 0, whose context a
+    stage on another GPU must not create) and queues the copy and normalisation on its default stream, which the
+    training shares, so they are ordered before the step that reads the batch (they do not overlap it on the GPU).
     """
     ready: queue.Queue = queue.Queue(maxsize=ahead)
     stop = threading.Event()
+    if device is not None and device.type == "cuda" and device.index is None:  # plain `cuda`: this thread's current
+        device = torch.device("cuda", torch.cuda.current_device())
 
     def put(entry: tuple[object, BaseException | None]) -> bool:
         while not stop.is_set():

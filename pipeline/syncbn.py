@@ -43,7 +43,7 @@ class SyncBatchNorm(_BatchNorm):
         dims = [0, *range(2, x.dim())]
         shape = [1, -1] + [1] * (x.dim() - 2)
         xf = x.float()
-        count = torch.tensor([xf.numel() // xf.shape[1]], dtype=xf.dtype, device=x.device)
+        count = xf.new_full((1,), float(xf.numel() // xf.shape[1]))  # filled on the device: torch.tensor([..]) syncs
         sums = _all_sum(torch.cat([xf.sum(dims), count]), self.group)
         n = sums[-1].detach()
         mean = sums[:-1] / n

@@ -235,6 +235,19 @@ def test_image_folder_batches_do_not_depend_on_the_loader_processes(tmp_path):
 
 
 @pytest.mark.parametrize("source", ["digits", "imagefolder"])
+def test_drawing_batches_never_touches_the_global_random_stream(tmp_path, source):
+    # the run loop draws batches in a thread while a module's step has swapped its own dropout stream into torch's
+    # global generator (StageStep's own_rng): a draw from it there would shift that stream
+    write_image_folder(tmp_path)
+    data = load_data(source, str(tmp_path), image_size=16)
+    before = torch.get_rng_state()
+    for batches in (train_batches(data, 1, 3, seed=7, use_augment=True), eval_batches(data, 5),
+                    bank_batches(data, 4, 3)):
+        assert list(batches)
+    assert torch.equal(torch.get_rng_state(), before)
+
+
+@pytest.mark.parametrize("source", ["digits", "imagefolder"])
 def test_a_part_of_each_batch_decodes_those_rows_only_and_keeps_the_labels_whole(tmp_path, source):
     write_image_folder(tmp_path)
     data = load_data(source, str(tmp_path), image_size=16)

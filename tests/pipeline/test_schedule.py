@@ -100,6 +100,10 @@ def test_the_prefetch_thread_draws_gpu_batches_with_the_stages_gpu_current(monke
     assert list(prefetched(iter(range(3)), device=torch.device("cuda", 1))) == [0, 1, 2]
     assert made_current == [(torch.device("cuda", 1), "prefetch")]  # before the first draw, in the drawing thread
     made_current.clear()
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 3)  # plain `cuda` (--device cuda): the caller's GPU
+    assert list(prefetched(iter(range(3)), device=torch.device("cuda"))) == [0, 1, 2]
+    assert made_current == [(torch.device("cuda", 3), "prefetch")]
+    made_current.clear()
     assert list(prefetched(iter(range(3)), device=torch.device("cpu"))) == [0, 1, 2] and not made_current
 
 
