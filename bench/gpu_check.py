@@ -42,6 +42,14 @@ class CheckFailed(AssertionError):
     """A check ran but what it compares differs."""
 
 
+class OutOfTime(BaseException):
+    """SIGTERM (scripts/gpu_check.sh's time limit): stop the check under way, print the table of what finished."""
+
+
+def _out_of_time(_signum: int, _frame: object) -> None:
+    raise OutOfTime("stopped by the time limit")
+
+
 # --- transport stress between three processes ------------------------------------------------------------
 
 
@@ -65,15 +73,28 @@ def checksum(t: torch.Tensor) -> str:
     return hashlib.sha1(data + f"{t.dtype}{tuple(t.shape)}".encode()).hexdigest()
 
 
+def written_late(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The same GPU tensors, zeroed and then given their values back by copies queued behind ~1 ms of GPU sleep, with
+    nothing waited for: a consumer that opens them without waiting for the producer's event reads zeros."""
+    saved = {name: t.clone() for name, t in tensors.items()}
+    for t in tensors.values():
+        t.zero_()
+    torch.cuda._sleep(2_000_000)
+    for name, t in tensors.items():
+        t.copy_(saved[name])
+    return tensors
+
+
 def _stress_producer(endpoint: str, device: str, kind: LinkKind) -> None:
-    """Send STRESS_MESSAGES messages; on a GPU, delay the kernels that write each one (the consumer must wait)."""
+    """Send STRESS_MESSAGES messages; on a GPU each is sent while the kernels that write it still wait behind a sleep."""
     ctx = zmq.Context()
     sender = Sender(ctx, endpoint, kind, depth=2, timeout_s=60)
     for i in range(STRESS_MESSAGES):
-        if device.startswith("cuda"):
-            torch.cuda._sleep(2_000_000)  # ~1 ms of GPU time queued before the values are written
         tensors = stress_tensors(i, device)
-        sender.send({"i": i, "sums": {n: checksum(t) for n, t in tensors.items()}}, tensors)
+        sums = {n: checksum(t) for n, t in tensors.items()}  # on the host: this waits, the values are final here
+        if device.startswith("cuda"):
+            tensors = written_late(tensors)
+        sender.send({"i": i, "sums": sums}, tensors)
     sender.drain()
     sender.close()
     ctx.destroy(linger=1000)
@@ -277,15 +298,19 @@ def main(argv: list[str] | None = None) -> int:
     ]
     suite_ok = args.dry_run or (" passed" in args.suite and "failed" not in args.suite and "error" not in args.suite)
     rows, failed = [["pytest tests/gpu", "pass" if suite_ok else "FAIL", args.suite, "-"]], int(not suite_ok)
-    for name, check in checks:
+    signal.signal(signal.SIGTERM, _out_of_time)  # a check's subprocess.run kills its child on the way out
+    for i, (name, check) in enumerate(checks):
         start = time.time()
         try:
             result, detail = "pass", check()
-        except (CheckFailed, subprocess.TimeoutExpired, OSError, IndexError, KeyError) as err:
+        except (CheckFailed, subprocess.TimeoutExpired, OSError, IndexError, KeyError, OutOfTime) as err:
             result, detail = "FAIL", f"{type(err).__name__}: {err}".splitlines()[0][:200]
             failed += 1
         rows.append([name, result, detail, f"{time.time() - start:.0f}"])
         print(f"{name}: {result} ({detail})", file=sys.stderr, flush=True)
+        if detail.startswith(OutOfTime.__name__):
+            rows += [[later, "not run", "the time limit ran out before it", "-"] for later, _ in checks[i + 1:]]
+            break
     where = "dry run on the CPU (CPU halves only)" if args.dry_run else torch.cuda.get_device_name(0)
     print(f"GPU check, {where}; torch {torch.__version__}")
     print(markdown_table(["check", "result", "detail", "s"], rows))

@@ -11,16 +11,20 @@ from pathlib import Path
 import msgpack
 import pytest
 import torch
+import torch.distributed as dist
+import torch.nn as nn
 import zmq
 
-from bench.gpu_check import STRESS_MESSAGES, check_transport
+from bench.gpu_check import STRESS_MESSAGES, check_transport, written_late
 from pipeline.checkpoint import load_stage_state, save_atomic, stage_state
 from pipeline.config import Config
 from pipeline.data import eval_batches, load_data, steps_per_epoch, train_batches
 from pipeline.schedule import run_epochs
 from pipeline.stages import build_local_modules, build_stage_steps
+from pipeline.syncbn import convert_sync_bn
 from workers.ipc_check import cuda_ipc_error
 from workers.placement import LinkKind
+from workers.replicas import join_group
 from workers.transport import CudaIpcPayload, Receiver, Sender, encode
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -33,6 +37,13 @@ def test_cuda_ipc_works_between_two_processes_on_this_gpu():
 
 def test_transport_stress_between_three_processes_by_cuda_ipc():
     assert check_transport("cuda:0").startswith(f"{STRESS_MESSAGES} messages")
+
+
+def test_the_stress_producer_sends_while_the_writes_of_its_tensors_are_still_queued():
+    out = written_late({"a": torch.arange(1000.0, device=CUDA)})
+    assert not torch.cuda.current_stream(CUDA).query()  # the restoring copies still wait behind the sleep
+    torch.cuda.synchronize(CUDA)
+    assert torch.equal(out["a"].cpu(), torch.arange(1000.0))
 
 
 def test_labels_and_empty_tensors_travel_as_frames_even_on_an_ipc_link():
@@ -119,6 +130,29 @@ def test_a_resume_on_the_gpu_keeps_adam_step_counters_on_the_cpu(tmp_path):
     load_stage_state(fresh, tmp_path / "stage1.pt", CUDA)
     for state in fresh.optimizer.state.values():
         assert state["step"].device.type == "cpu" and state["exp_avg"].is_cuda
+
+
+def test_a_replica_group_runs_its_collectives_and_sync_batchnorm_over_nccl(tmp_path):
+    # replicas sharing one GPU use gloo (NCCL refuses two ranks of a group on one device), so a group of one is how
+    # one GPU runs NCCL's side: float buckets, float64 sums, int64 digests and BatchNorm counters, SGR's double
+    # backward through SyncBatchNorm's all-reduces
+    group = join_group(str(tmp_path / "store"), 0, 1, "nccl", 60, CUDA)
+    try:
+        module = convert_sync_bn(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)).to(CUDA), None)
+        x = torch.randn(2, 3, 8, 8, device=CUDA, requires_grad=True)
+        (delta,) = torch.autograd.grad(module(x).square().sum(), x, create_graph=True)
+        delta.square().sum().backward()
+        grads = [p.grad.clone() for p in module.parameters()]
+        group.average_gradients(list(module.parameters()))
+        assert all(torch.equal(p.grad, g) for p, g in zip(module.parameters(), grads))  # the mean over one replica
+        assert group.all_sum([1.5, 2, torch.tensor(3.0, device=CUDA)]) == [1.5, 2.0, 3.0]
+        before = {name: t.clone() for name, t in module.state_dict().items()}
+        group.broadcast_buffers([module])
+        assert all(torch.equal(module.state_dict()[name], t) for name, t in before.items())
+        group.check_same([module], "stage 1", 1)
+        group.finish()
+    finally:
+        dist.destroy_process_group()
 
 
 def test_replicated_stages_on_the_gpu_equal_the_reference(tmp_path):
