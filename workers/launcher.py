@@ -38,7 +38,7 @@ from workers.replicas import ReplicaGroup, group_backend
 from workers.routes import check_batch, receivers_of, replica_counts, senders_of, workers
 from workers.security import STORE_KEY as SECURITY_STORE_KEY, RunKeys, new_run_keys, start_authenticator
 from workers.stage import StageSpec, StageWorker, stage_main
-from workers.transport import remove_segments
+from workers.transport import gpu_uuids, remove_segments
 
 STOP_GRACE_S = 3.0
 IPC_PREFIX = "sgr-"  # the launcher's folder of ipc sockets under the temp dir
@@ -264,7 +264,7 @@ def run_torchrun(cfg: Config, stages: int, shape: DataShape, resume: Checkpoint 
     visible = visible_gpus(cfg)
     device = stage_device(cfg.device, cfg.gpus, rank, visible, local_rank)
     # GPUs are named by UUID between ranks: each rank may see a different set, numbered from 0 (CUDA_VISIBLE_DEVICES)
-    uuids = [str(torch.cuda.get_device_properties(i).uuid) for i in range(visible)]
+    uuids = list(gpu_uuids()) if visible else []
     own_uuid = uuids[torch.device(device).index] if device.startswith("cuda") else None
     if rank == 0:  # the run's CURVE keys: only processes that got them from the store can join a tcp link
         store.set(SECURITY_STORE_KEY, new_run_keys().encode())

@@ -89,6 +89,15 @@ def host_id() -> str:
     return f"{socket.gethostname()}/{boot}"
 
 
+def ipc_device_index(gpu: str, visible: Sequence[str]) -> int:
+    """The index under which this process opens a CUDA IPC handle of GPU `gpu` (a UUID): its place among the GPUs
+    this process sees. The producer's own index may differ (ranks under torchrun may number the GPUs apart)."""
+    if gpu not in visible:
+        raise RuntimeError(f"a CUDA IPC handle of GPU {gpu} arrived, but this process sees only {list(visible)}; "
+                           "run with --set transport=zmq")
+    return list(visible).index(gpu)
+
+
 def travels_by_ipc(name: str, is_cuda: bool, numel: int, link_ipc: bool) -> bool:
     """Whether one tensor of a message goes as a CUDA IPC handle (else as a raw frame through host memory).
 

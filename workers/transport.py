@@ -18,6 +18,7 @@ shared-memory slot), so a consumer must not touch a message's tensors after `don
 """
 from __future__ import annotations
 
+import functools
 import itertools
 import mmap
 import os
@@ -33,7 +34,7 @@ import torch
 import zmq
 
 from pipeline.lifeline import process_alive
-from workers.placement import HOST_TENSORS, LinkKind, travels_by_ipc
+from workers.placement import HOST_TENSORS, LinkKind, ipc_device_index, travels_by_ipc
 from workers.security import RunKeys, secure
 
 LINGER_MS = 1000
@@ -80,6 +81,12 @@ def _to_host(t: torch.Tensor) -> torch.Tensor:
     return host.copy_(t)
 
 
+@functools.cache
+def gpu_uuids() -> tuple[str, ...]:
+    """The UUIDs of the GPUs this process sees, in its own numbering (CUDA_VISIBLE_DEVICES)."""
+    return tuple(str(torch.cuda.get_device_properties(i).uuid) for i in range(torch.cuda.device_count()))
+
+
 def _share_cuda(t: torch.Tensor) -> list[Any] | None:
     """The CUDA IPC handle of a tensor's storage, as msgpack-able values; None if the storage cannot be shared.
 
@@ -93,9 +100,13 @@ def _share_cuda(t: torch.Tensor) -> list[Any] | None:
 
 
 def _open_cuda(meta: dict[str, Any]) -> torch.Tensor:
-    """A tensor over another process's device memory, from its IPC handle (waits on the producer's event)."""
+    """A tensor over another process's device memory, from its IPC handle (waits on the producer's event).
+
+    The handle's first field is the producer's index of its GPU; this process may number that GPU otherwise, so the
+    GPU's UUID, which travels with the handle, picks the index here."""
     torch.cuda._lazy_init()
-    storage = torch.UntypedStorage._new_shared_cuda(*meta["ipc"])
+    _, *rest = meta["ipc"]
+    storage = torch.UntypedStorage._new_shared_cuda(ipc_device_index(meta["gpu"], gpu_uuids()), *rest)
     t = torch.empty(0, dtype=_dtype(meta["dtype"]), device=storage.device)
     return t.set_(storage, meta["offset"], meta["shape"], meta["stride"])
 
@@ -129,7 +140,8 @@ class CudaIpcPayload(FramePayload):
             entry = _entry(name, t)
             handle = _share_cuda(t) if travels_by_ipc(name, t.is_cuda, t.numel(), True) else None
             if handle is not None:
-                entry.update(ipc=handle, offset=t.storage_offset(), stride=list(t.stride()))
+                entry.update(ipc=handle, gpu=gpu_uuids()[t.device.index], offset=t.storage_offset(),
+                             stride=list(t.stride()))
             else:
                 frames.append(_tensor_bytes(_to_host(t)))
             meta.append(entry)

@@ -1,7 +1,7 @@
 import pytest
 
 from pipeline.config import ConfigError
-from workers.placement import LinkEnd, LinkKind, link_kind, stage_device, travels_by_ipc
+from workers.placement import LinkEnd, LinkKind, ipc_device_index, link_kind, stage_device, travels_by_ipc
 
 # (device, gpus, visible GPUs, local rank or None when one launcher spawns every stage) -> device of stages 0, 1, 2
 PLACEMENT = [
@@ -68,3 +68,17 @@ def test_the_link_kind_follows_where_the_two_ends_live(transport, producer, cons
 ])
 def test_which_tensors_travel_by_ipc(name, is_cuda, numel, link_ipc, expected):
     assert travels_by_ipc(name, is_cuda, numel, link_ipc) is expected
+
+
+@pytest.mark.parametrize("gpu, visible, expected", [
+    ("GPU-b", ("GPU-a", "GPU-b"), 1),  # spawned stages: every process numbers the GPUs alike
+    ("GPU-b", ("GPU-b",), 0),  # a rank that sees only the producer's GPU calls it cuda:0
+    ("GPU-a", ("GPU-c", "GPU-b", "GPU-a"), 2),  # ranks with CUDA_VISIBLE_DEVICES in another order
+])
+def test_an_ipc_handle_opens_under_this_processes_index_of_its_gpu(gpu, visible, expected):
+    assert ipc_device_index(gpu, visible) == expected
+
+
+def test_an_ipc_handle_of_a_gpu_this_process_cannot_see_is_one_line():
+    with pytest.raises(RuntimeError, match=r"GPU-z arrived, but this process sees only \['GPU-a'\]; run with --set tr"):
+        ipc_device_index("GPU-z", ("GPU-a",))
