@@ -4,7 +4,8 @@ A sender process pushes tensors through workers.transport's Sender to a Receiver
 the credit flow control the pipeline uses (depth 2 for bandwidth; depth 1 for the latency of
 a tiny message, so each message waits for its credit: one full round trip). Links: zmq frames
 over ipc:// and tcp://, shared memory (the header over ipc://), and CUDA IPC, measured only
-when CUDA is available. A plain memory copy (torch copy_) of the same size is the yardstick.
+when CUDA is available. A plain memory copy (torch copy_) of the same size is the bandwidth's
+yardstick, a bare pyzmq ping-pong over ipc:// the latency's.
 The per-message latency is compared with the shortest ResNet-32 stage step at batch 128
 (K = 3, SGR), measured here in one process with the same thread count.
 """
@@ -83,6 +84,45 @@ def link_seconds(link: str, plan: list[tuple[int, int, int]]) -> list[float]:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def _echo(endpoint: str, count: int) -> None:
+    """The floor's other end: answer each of `count` + 1 messages with one byte, as a receiver's credit does."""
+    ctx = zmq.Context()
+    socket = ctx.socket(zmq.PAIR)
+    socket.connect(endpoint)
+    for _ in range(count + 1):
+        socket.recv_multipart(copy=False)
+        socket.send(b"d")
+    socket.close()
+    ctx.term()
+
+
+def bare_zmq_seconds(count: int) -> float:
+    """Seconds per round trip of a bare pyzmq PAIR ping-pong over ipc:// (a 4 B frame, a 1 B answer) to a new
+    process: what this machine's zmq costs before any header, tensor or credit bookkeeping (the latency's yardstick)."""
+    tmp = tempfile.mkdtemp(prefix="sgr-bench-")
+    ctx = zmq.Context()
+    socket = ctx.socket(zmq.PAIR)
+    socket.bind(f"ipc://{tmp}/bare")
+    child = mp.get_context("spawn").Process(target=_echo, args=(f"ipc://{tmp}/bare", count))
+    child.start()
+    try:
+        socket.send(b"ping")
+        socket.recv()
+        start = time.perf_counter()
+        for _ in range(count):
+            socket.send(b"ping")
+            socket.recv()
+        seconds = (time.perf_counter() - start) / count
+        child.join(timeout=60)
+        return seconds
+    finally:
+        if child.is_alive():
+            child.kill()
+        socket.close()
+        ctx.term()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def memcpy_seconds(nbytes: int, reps: int) -> float:
     """Median seconds of one torch copy_ of nbytes between two CPU tensors."""
     src, dst = torch.ones(nbytes // 4), torch.empty(nbytes // 4)
@@ -106,6 +146,7 @@ def main(argv: list[str] | None = None) -> dict:
         row["shm_vs_memcpy"] = row["shm_GBps"] / row["memcpy_GBps"]
         rows.append(row)
     latency_us = {link: 1e6 * seconds[link][0] if link in seconds else None for link in LINKS}
+    latency_us["bare_zmq"] = 1e6 * bare_zmq_seconds(tiny_count)
 
     cfg = bench_config(model=model, batch_size=batch, stages=3, method="sgr")
     data = bench_data(cfg)
@@ -142,7 +183,8 @@ def main(argv: list[str] | None = None) -> dict:
     lat, shm = targets["latency_vs_stage_step"], targets["shm_vs_memcpy_at_4MB_up"]
     print(f"{args.threads} torch thread(s); tiny message ({TINY} B) round trip with its credit: "
           f"ipc {latency_us['ipc']:.0f} µs, tcp {latency_us['tcp']:.0f} µs, shm {latency_us['shm']:.0f} µs "
-          f"(target <= {MAX_LATENCY_US:.0f}: {'met' if targets['shm_latency_us']['met'] else 'missed'}) = "
+          f"(target <= {MAX_LATENCY_US:.0f}: {'met' if targets['shm_latency_us']['met'] else 'missed'}; a bare pyzmq "
+          f"ping-pong over ipc, the floor: {latency_us['bare_zmq']:.0f} µs) = "
           f"{100 * lat['ratio']:.2f}% (shm) of the shortest stage step, {lat['stage_step_ms']:.0f} ms ({lat['stage']}, "
           f"{args.threads} thread(s)); shared memory at 4 MB and up: >= {SHM_MIN_VS_MEMCPY} x memcpy "
           f"({'met' if shm['met'] else 'missed'}, worst {shm['worst']:.2f})")

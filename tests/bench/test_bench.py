@@ -35,3 +35,5 @@ def test_script_runs_at_its_smallest_size(tmp_path, name):
     assert lines[-1].startswith("| ") and set(lines[-len(results["rows"]) - 1]) <= set("|-")
     if name in PLOTS:
         assert (out / PLOTS[name]).stat().st_size > 0
+    if name == "transport":  # every link's round trip, and the bare zmq floor they are read against
+        assert all(results["latency_us"][link] > 0 for link in ("ipc", "tcp", "shm", "bare_zmq"))
