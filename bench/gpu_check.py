@@ -73,20 +73,20 @@ def checksum(t: torch.Tensor) -> str:
     return hashlib.sha1(data + f"{t.dtype}{tuple(t.shape)}".encode()).hexdigest()
 
 
-def written_late(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The same GPU tensors, zeroed and then given their values back by copies queued behind ~1 ms of GPU sleep, with
-    nothing waited for: a consumer that opens them without waiting for the producer's event reads zeros."""
+def written_late(tensors: dict[str, torch.Tensor], sleep_cycles: int = 2_000_000) -> dict[str, torch.Tensor]:
+    """The same GPU tensors, zeroed and then given their values back by copies queued behind a GPU sleep (~1 ms by
+    default), with nothing waited for: a consumer that opens them without waiting for the producer's event reads 0."""
     saved = {name: t.clone() for name, t in tensors.items()}
     for t in tensors.values():
         t.zero_()
-    torch.cuda._sleep(2_000_000)
+    torch.cuda._sleep(sleep_cycles)
     for name, t in tensors.items():
         t.copy_(saved[name])
     return tensors
 
 
 def _stress_producer(endpoint: str, device: str, kind: LinkKind) -> None:
-    """Send STRESS_MESSAGES messages; on a GPU each is sent while the kernels that write it still wait behind a sleep."""
+    """Send STRESS_MESSAGES messages; on a GPU each is sent while the kernels writing it still wait behind a sleep."""
     ctx = zmq.Context()
     sender = Sender(ctx, endpoint, kind, depth=2, timeout_s=60)
     for i in range(STRESS_MESSAGES):
@@ -226,8 +226,12 @@ def check_kill_and_resume(device: str, tmp: Path) -> str:
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
                             env={**os.environ, "OMP_NUM_THREADS": "1"})
     deadline = time.time() + 240
-    while not complete_checkpoints_quiet(run_dir) and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.05)
+    try:
+        while not complete_checkpoints_quiet(run_dir) and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.05)
+    except BaseException:  # the time limit (OutOfTime): this run has a session of its own, so nothing else stops it
+        os.killpg(proc.pid, signal.SIGKILL)
+        raise
     killed = proc.poll() is None
     if killed:
         os.killpg(proc.pid, signal.SIGKILL)  # as a crash would: no stage gets to clean up

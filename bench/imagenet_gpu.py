@@ -21,8 +21,9 @@ import torch
 import yaml
 
 from pipeline.config import Config
-from pipeline.data import steps_per_epoch, train_batches
+from pipeline.data import steps_per_epoch, to_device
 from pipeline.plan import resolve_auto_split
+from pipeline.schedule import run_epochs
 from pipeline.trainer import train_batch
 from bench.common import ROOT, bench_config, bench_data, build_steps, markdown_table, meta, parse, parser, run_pipeline, size_of, write_results
 
@@ -63,13 +64,14 @@ def global_bp(cfg: Config, steps: int, warmup: int) -> tuple[float, int | None]:
     if cuda:
         torch.cuda.reset_peak_memory_stats(device)
     done, start = 0, time.perf_counter()
-    for epoch in range(bp.epochs):
-        for x, y in train_batches(data, epoch, bp.batch_size, bp.seed, False):
+    # the run loop, as the pipeline's stage 1 walks it: batches drawn one ahead, normalised on the device
+    for _, _, batches in run_epochs(bp, data, steps_per_epoch(data, bp.batch_size), device=device):
+        for s in batches:
             if done == warmup:
                 if cuda:
                     torch.cuda.synchronize(device)
                 start = time.perf_counter()
-            train_batch(model, x.to(device, non_blocking=True), y.to(device, non_blocking=True))
+            train_batch(model, s.x, to_device(s.y, device))
             done += 1
             if done == warmup + steps:
                 break

@@ -88,6 +88,9 @@ def _echo(endpoint: str, count: int) -> None:
     """The floor's other end: answer each of `count` + 1 messages with one byte, as a receiver's credit does."""
     ctx = zmq.Context()
     socket = ctx.socket(zmq.PAIR)
+    for option in (zmq.RCVTIMEO, zmq.SNDTIMEO):  # a lost peer is an error (zmq.Again), not a hang
+        socket.setsockopt(option, 60_000)
+    socket.setsockopt(zmq.LINGER, 0)
     socket.connect(endpoint)
     for _ in range(count + 1):
         socket.recv_multipart(copy=False)
@@ -102,6 +105,9 @@ def bare_zmq_seconds(count: int) -> float:
     tmp = tempfile.mkdtemp(prefix="sgr-bench-")
     ctx = zmq.Context()
     socket = ctx.socket(zmq.PAIR)
+    for option in (zmq.RCVTIMEO, zmq.SNDTIMEO):
+        socket.setsockopt(option, 60_000)
+    socket.setsockopt(zmq.LINGER, 0)
     socket.bind(f"ipc://{tmp}/bare")
     child = mp.get_context("spawn").Process(target=_echo, args=(f"ipc://{tmp}/bare", count))
     child.start()

@@ -8,7 +8,6 @@ the current one trains, so the trainer (or stage 1, the pipeline's feeder) does 
 from __future__ import annotations
 
 import atexit
-import itertools
 import queue
 import threading
 from dataclasses import dataclass
@@ -63,11 +62,16 @@ def run_epochs(cfg: Config, data: Data, steps_per_epoch: int, start_step: int = 
     total = steps_per_epoch * cfg.epochs
     first = start_step // steps_per_epoch
     skips = {epoch: max(0, start_step - epoch * steps_per_epoch) for epoch in range(first, cfg.epochs)}  # resumed runs
-    drawn = prefetched(itertools.chain.from_iterable(
-        _steps(cfg, data, epoch, skip, steps_per_epoch, total, device, part) for epoch, skip in skips.items()),
-        device=device)
+    drawn = prefetched(_all_steps(cfg, data, skips, steps_per_epoch, total, device, part), device=device)
     for epoch, skip in skips.items():  # the thread stops when `drawn` is dropped: with this loop and its last epoch
         yield epoch, skip, _epoch_of(drawn, epoch, steps_per_epoch - skip)
+
+
+def _all_steps(cfg: Config, data: Data, skips: dict[int, int], steps_per_epoch: int, total: int,
+               device: torch.device | None, part: Part) -> Iterator[ScheduledStep]:
+    """Every epoch's steps, one stream (a generator: closing it closes the epoch's loader)."""
+    for epoch, skip in skips.items():
+        yield from _steps(cfg, data, epoch, skip, steps_per_epoch, total, device, part)
 
 
 def _epoch_of(drawn: Iterator[ScheduledStep], epoch: int, count: int) -> Iterator[ScheduledStep]:
@@ -81,7 +85,8 @@ def _epoch_of(drawn: Iterator[ScheduledStep], epoch: int, count: int) -> Iterato
 
 
 def prefetched(items: Iterator[T], ahead: int = 1, device: torch.device | None = None) -> Iterator[T]:
-    """`items` in order, drawn up to `ahead` in advance by a background thread; its exception is raised here, in turn.
+    """`items` in order, at most `ahead` of them drawn and not yet handed over, by a background thread; its exception
+    is raised here, in turn.
 
     Drawing a batch on the host (gather, augment, pin) overlaps the step that trains the previous one (the trace of
     stage 1 showed it as ~1 ms between steps, sleeping stages at 20 ms). Closing this generator early stops the
@@ -89,35 +94,34 @@ def prefetched(items: Iterator[T], ahead: int = 1, device: torch.device | None =
     stage on another GPU must not create) and queues the copy and normalisation on its default stream, which the
     training shares, so they are ordered before the step that reads the batch (they do not overlap it on the GPU).
     """
-    ready: queue.Queue = queue.Queue(maxsize=ahead)
+    ready: queue.Queue = queue.Queue()
+    room = threading.Semaphore(ahead)  # a draw takes one, the consumer's taking the item gives it back
     stop = threading.Event()
     if device is not None and device.type == "cuda" and device.index is None:  # plain `cuda`: this thread's current
         device = torch.device("cuda", torch.cuda.current_device())
-
-    def put(entry: tuple[object, BaseException | None]) -> bool:
-        while not stop.is_set():
-            try:
-                ready.put(entry, timeout=0.1)
-                return True
-            except queue.Full:
-                continue
-        return False
 
     def produce() -> None:
         try:
             if device is not None and device.type == "cuda":
                 torch.cuda.set_device(device)
-            for item in items:
-                if not put((item, None)):
+            source = iter(items)
+            while True:
+                while not room.acquire(timeout=0.1):
+                    if stop.is_set():
+                        return
+                if stop.is_set():
                     return
-            put((_END, None))
+                item = next(source, _END)
+                ready.put((item, None))
+                if item is _END:
+                    return
         except BaseException as err:  # handed to the consumer, which raises it in turn
-            put((_END, err))
+            ready.put((_END, err))
         finally:
+            _DRAWING.pop(threading.current_thread(), None)
             close = getattr(items, "close", None)
             if close is not None:  # a generator: its loader (DataLoader workers) ends now, not at garbage collection
                 close()
-            _DRAWING.pop(threading.current_thread(), None)
 
     thread = threading.Thread(target=produce, name="prefetch", daemon=True)
     _DRAWING[thread] = stop
@@ -125,6 +129,7 @@ def prefetched(items: Iterator[T], ahead: int = 1, device: torch.device | None =
     try:
         while True:
             item, err = ready.get()
+            room.release()
             if item is _END:
                 if err is not None:
                     raise err

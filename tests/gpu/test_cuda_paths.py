@@ -40,7 +40,7 @@ def test_transport_stress_between_three_processes_by_cuda_ipc():
 
 
 def test_the_stress_producer_sends_while_the_writes_of_its_tensors_are_still_queued():
-    out = written_late({"a": torch.arange(1000.0, device=CUDA)})
+    out = written_late({"a": torch.arange(1000.0, device=CUDA)}, sleep_cycles=200_000_000)  # ~0.1 s: a margin
     assert not torch.cuda.current_stream(CUDA).query()  # the restoring copies still wait behind the sleep
     torch.cuda.synchronize(CUDA)
     assert torch.equal(out["a"].cpu(), torch.arange(1000.0))

@@ -74,7 +74,7 @@ def test_prefetched_keeps_order_and_draws_one_item_ahead_not_more():
     assert next(items) == 0
     assert wait_for(lambda: len(drawn) >= 2)  # the next item was drawn while the consumer held the first
     time.sleep(0.2)
-    assert len(drawn) <= 3  # one handed over, one waiting in the queue, one drawn and waiting to be queued
+    assert len(drawn) == 2  # the one handed over and one ahead, no more (on a GPU: one extra batch in memory)
     assert list(items) == list(range(1, 10))
 
 

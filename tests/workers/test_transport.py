@@ -8,6 +8,7 @@ import pytest
 import torch
 import zmq
 
+from workers import transport
 from workers.placement import LinkKind
 from workers.transport import (SEGMENT_PREFIX, SHM_DIR, PeerLost, Receiver, Sender, SharedMemoryPayload,
                                decode, encode, named_segments, remove_segments)
@@ -236,3 +237,20 @@ def test_two_links_of_one_process_never_share_a_segment_name():
     finally:
         first.close()
         second.close()
+
+
+def test_an_ipc_handle_opens_under_the_receivers_index_of_the_senders_gpu(monkeypatch):
+    # the handle's first field is the producer's own index (0 here); this process numbers that GPU 1
+    opened = []
+
+    def new_shared_cuda(device, *rest):
+        opened.append((device, *rest))
+        return torch.UntypedStorage(16)  # stands in for the producer's memory (4 floats)
+
+    monkeypatch.setattr(transport, "gpu_uuids", lambda: ("GPU-a", "GPU-b"))
+    monkeypatch.setattr(torch.cuda, "_lazy_init", lambda: None)
+    monkeypatch.setattr(torch.UntypedStorage, "_new_shared_cuda", new_shared_cuda)
+    meta = {"name": "x", "dtype": "float32", "shape": [2, 2], "ipc": [0, b"handle", 16, 0, b"ref", 0, b"event", True],
+            "gpu": "GPU-b", "offset": 0, "stride": [2, 1]}
+    t = transport._open_cuda(meta)
+    assert opened == [(1, b"handle", 16, 0, b"ref", 0, b"event", True)] and t.shape == (2, 2)
