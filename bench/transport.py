@@ -11,12 +11,14 @@ The per-message latency is compared with the shortest ResNet-32 stage step at ba
 """
 from __future__ import annotations
 
+import contextlib
 import multiprocessing as mp
 import shutil
 import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any, Callable, Iterator
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as `python bench/transport.py`
 
@@ -64,33 +66,50 @@ def link_seconds(link: str, plan: list[tuple[int, int, int]]) -> list[float]:
     ctx = zmq.Context()
     endpoint = "tcp://127.0.0.1:*" if link == "tcp" else f"ipc://{tmp}/link"
     receiver = Receiver(ctx, endpoint, timeout_s=60, device=torch.device("cuda") if cuda else None)
-    child = mp.get_context("spawn").Process(target=_send_plan, args=(receiver.endpoint, plan, link))
-    child.start()
     try:
-        per_message = []
-        for _, _, count in plan:
-            receiver.done(receiver.recv())
-            start = time.perf_counter()
-            for _ in range(count):
-                receiver.done(receiver.recv())
-            per_message.append((time.perf_counter() - start) / count)
-        child.join(timeout=60)
-        return per_message
+        with peer_process(_send_plan, receiver.endpoint, plan, link):
+            return [seconds_per_call(lambda: receiver.done(receiver.recv()), count) for _, _, count in plan]
     finally:
-        if child.is_alive():
-            child.kill()
         receiver.close()
         ctx.term()
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+@contextlib.contextmanager
+def peer_process(target: Callable[..., None], *args: Any) -> Iterator[None]:
+    """`target(*args)` in a new (spawned) process while the block runs; joined after it (killed if still alive)."""
+    child = mp.get_context("spawn").Process(target=target, args=args)
+    child.start()
+    try:
+        yield
+        child.join(timeout=60)
+    finally:
+        if child.is_alive():
+            child.kill()
+
+
+def seconds_per_call(call: Callable[[], object], count: int) -> float:
+    """Seconds per call of `call`, timed over `count` calls after one untimed call."""
+    call()
+    start = time.perf_counter()
+    for _ in range(count):
+        call()
+    return (time.perf_counter() - start) / count
+
+
+def _bare_socket(ctx: zmq.Context) -> zmq.Socket:
+    """A PAIR socket for the bare ping-pong: a lost peer is an error (zmq.Again) after 60 s, not a hang."""
+    socket = ctx.socket(zmq.PAIR)
+    for option in (zmq.RCVTIMEO, zmq.SNDTIMEO):
+        socket.setsockopt(option, 60_000)
+    socket.setsockopt(zmq.LINGER, 0)
+    return socket
+
+
 def _echo(endpoint: str, count: int) -> None:
     """The floor's other end: answer each of `count` + 1 messages with one byte, as a receiver's credit does."""
     ctx = zmq.Context()
-    socket = ctx.socket(zmq.PAIR)
-    for option in (zmq.RCVTIMEO, zmq.SNDTIMEO):  # a lost peer is an error (zmq.Again), not a hang
-        socket.setsockopt(option, 60_000)
-    socket.setsockopt(zmq.LINGER, 0)
+    socket = _bare_socket(ctx)
     socket.connect(endpoint)
     for _ in range(count + 1):
         socket.recv_multipart(copy=False)
@@ -104,26 +123,12 @@ def bare_zmq_seconds(count: int) -> float:
     process: what this machine's zmq costs before any header, tensor or credit bookkeeping (the latency's yardstick)."""
     tmp = tempfile.mkdtemp(prefix="sgr-bench-")
     ctx = zmq.Context()
-    socket = ctx.socket(zmq.PAIR)
-    for option in (zmq.RCVTIMEO, zmq.SNDTIMEO):
-        socket.setsockopt(option, 60_000)
-    socket.setsockopt(zmq.LINGER, 0)
+    socket = _bare_socket(ctx)
     socket.bind(f"ipc://{tmp}/bare")
-    child = mp.get_context("spawn").Process(target=_echo, args=(f"ipc://{tmp}/bare", count))
-    child.start()
     try:
-        socket.send(b"ping")
-        socket.recv()
-        start = time.perf_counter()
-        for _ in range(count):
-            socket.send(b"ping")
-            socket.recv()
-        seconds = (time.perf_counter() - start) / count
-        child.join(timeout=60)
-        return seconds
+        with peer_process(_echo, f"ipc://{tmp}/bare", count):
+            return seconds_per_call(lambda: (socket.send(b"ping"), socket.recv()), count)
     finally:
-        if child.is_alive():
-            child.kill()
         socket.close()
         ctx.term()
         shutil.rmtree(tmp, ignore_errors=True)
