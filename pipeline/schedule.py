@@ -118,10 +118,12 @@ def prefetched(items: Iterator[T], ahead: int = 1, device: torch.device | None =
         except BaseException as err:  # handed to the consumer, which raises it in turn
             ready.put((_END, err))
         finally:
-            _DRAWING.pop(threading.current_thread(), None)
-            close = getattr(items, "close", None)
-            if close is not None:  # a generator: its loader (DataLoader workers) ends now, not at garbage collection
-                close()
+            try:
+                close = getattr(items, "close", None)
+                if close is not None:  # a generator: its loader (DataLoader workers) ends now, not at collection
+                    close()
+            finally:  # only now: the exit hook waits for a thread until it has closed its source
+                _DRAWING.pop(threading.current_thread(), None)
 
     thread = threading.Thread(target=produce, name="prefetch", daemon=True)
     _DRAWING[thread] = stop
