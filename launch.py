@@ -156,7 +156,9 @@ def run_tool(argv: list[str]) -> int:
         return print_trace(run_dir)
     try:
         cfg = load_yaml(run_dir / "config.yaml")
-        device_name = validate(dataclasses.replace(cfg, device=args.device)).device if args.tool == "evaluate" else "cpu"
+        device_name = "cpu"
+        if args.tool == "evaluate":  # a GPU named on the command line must exist: validate says so in one line
+            device_name = validate(dataclasses.replace(cfg, device=args.device)).device
         data = load_config_data(cfg)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
@@ -260,8 +262,8 @@ def run_plan(argv: list[str]) -> int:
         if cfg.stages is None:
             raise ConfigError("plan needs the number of modules: give --stages K")
         if layout_args.gpus is not None and cfg.local_loss == "barlow_twins":
-            raise ConfigError("local_loss barlow_twins trains one process per stage (replicas: 1), so --gpus would plan "
-                              "replicas it cannot use; plan without --gpus")
+            raise ConfigError("local_loss barlow_twins trains one process per stage (replicas: 1), so --gpus would "
+                              "plan replicas it cannot use; plan without --gpus")
         if layout_args.gpus is not None and layout_args.gpus < cfg.stages:
             raise ConfigError(f"--gpus {layout_args.gpus} is fewer than the {cfg.stages} stages; give at least {cfg.stages}")
         data = load_config_data(cfg)

@@ -304,15 +304,16 @@ def main(argv: list[str] | None = None) -> int:
     rows, failed = [["pytest tests/gpu", "pass" if suite_ok else "FAIL", args.suite, "-"]], int(not suite_ok)
     signal.signal(signal.SIGTERM, _out_of_time)  # a check's subprocess.run kills its child on the way out
     for i, (name, check) in enumerate(checks):
-        start = time.time()
+        start, out_of_time = time.time(), False
         try:
             result, detail = "pass", check()
         except (CheckFailed, subprocess.TimeoutExpired, OSError, IndexError, KeyError, OutOfTime) as err:
             result, detail = "FAIL", f"{type(err).__name__}: {err}".splitlines()[0][:200]
             failed += 1
+            out_of_time = isinstance(err, OutOfTime)
         rows.append([name, result, detail, f"{time.time() - start:.0f}"])
         print(f"{name}: {result} ({detail})", file=sys.stderr, flush=True)
-        if detail.startswith(OutOfTime.__name__):
+        if out_of_time:
             rows += [[later, "not run", "the time limit ran out before it", "-"] for later, _ in checks[i + 1:]]
             break
     where = "dry run on the CPU (CPU halves only)" if args.dry_run else torch.cuda.get_device_name(0)

@@ -258,8 +258,9 @@ def validate(cfg: Config) -> Config:
              "local_loss barlow_twins trains every module through a projector: set head: projector and last_head: projector")
         need(cfg.augment, "local_loss barlow_twins compares two augmented views of each image: set augment: true")
         need(cfg.probe_size == 0, "the ΔL_k probe measures cross entropy, which barlow_twins modules have not: set probe_size: 0")
-        need(cfg.replicas != "auto" and max(_values(cfg.replicas)) == 1, "barlow_twins correlates the two views over the whole batch, which a replica's shard "
-                                "would split: set replicas: 1")
+        need(cfg.replicas != "auto" and max(_values(cfg.replicas)) == 1,
+             "barlow_twins correlates the two views over the whole batch, which a replica's shard would split: "
+             "set replicas: 1")
         need(cfg.projector_width >= 1 and cfg.knn_bank >= 1 and cfg.knn_k >= 1,
              "projector_width, knn_bank and knn_k must be >= 1")
     else:

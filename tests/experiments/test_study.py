@@ -51,7 +51,8 @@ def test_tiny_study_writes_the_table_and_skips_finished_runs(tmp_path):
     third = run(study, out)
     assert "training ->" not in third and third.count(": linear probe\n") == 3
     probed = json.loads((out / "results.json").read_text())
-    assert [len(r["probe_acc"]) for r in probed] == [1, 2] and all(0 <= a <= 100 for r in probed for a in r["probe_acc"])
+    assert [len(r["probe_acc"]) for r in probed] == [1, 2]
+    assert all(0 <= a <= 100 for r in probed for a in r["probe_acc"])
     assert "linear probe % (mean ± std)" in (out / "results.md").read_text()
     assert run(study, out).count("done before, skipped") == 4
 

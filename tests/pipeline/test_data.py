@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from pipeline.data import (
-    DataError, FolderImages, augment, bank_batches, bank_indices, eval_batches, load_data, pixels, probe_batch, random_resized_box, read_idx,
+    DataError, FolderImages, augment, bank_batches, bank_indices, eval_batches, load_data, pixels, probe_batch,
+    random_resized_box, read_idx,
     steps_per_epoch, train_batches,
 )
 
