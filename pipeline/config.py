@@ -16,6 +16,7 @@ import yaml
 
 from pipeline.bpfree import BPFREE_METHODS
 from pipeline.sgr import REDUCTIONS
+from pipeline.views import PHOTOMETRIC
 
 METHODS = ("sgr", "layerwise", "bp", "reforward", "greedy", "infopro", *BPFREE_METHODS)
 LOCAL_LOSSES = ("cross_entropy", "infopro", "barlow_twins")
@@ -42,6 +43,7 @@ class Config:
     loader_workers: int = 4  # imagefolder: processes decoding images for the first stage (0: decode in the stage)
     train_subset: int = 0  # use only the first N training samples (0: all)
     augment: bool = False  # random crop (pad 4) + horizontal flip; imagefolder: RandomResizedCrop + flip of the original
+    photometric: str = "none"  # with augment: each view's colour recipe, none | barlow_twins (jitter, blur, solarise)
     batch_size: int = 128
     eval_batch_size: int = 1000
     # model and split
@@ -266,6 +268,10 @@ def validate(cfg: Config) -> Config:
     else:
         need("projector" not in (cfg.head, cfg.last_head), "head projector is for local_loss barlow_twins; "
                                                             "use conv_linear, etf or token_linear")
+    need(cfg.photometric in PHOTOMETRIC, f"photometric must be one of {', '.join(PHOTOMETRIC)}, got {cfg.photometric!r}")
+    need(cfg.photometric == "none" or (barlow_twins_losses(cfg) and cfg.augment),
+         f"photometric {cfg.photometric} gives each of Barlow Twins' two views its own recipe: it needs local_loss "
+         "barlow_twins and augment: true")
     need(cfg.barlow_lambda >= 0 and cfg.lars_eta > 0, "barlow_lambda must be >= 0 and lars_eta > 0")
     need(not (cfg.optimizer == "lars" and cfg.nesterov), "optimizer lars uses heavy-ball momentum: set nesterov: false")
     need(len(cfg.infopro_lambdas) in (0, 4) and all(isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0

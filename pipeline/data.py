@@ -20,12 +20,13 @@ import pickle
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Iterator, TypeVar
+from typing import TYPE_CHECKING, Callable, Iterator, NamedTuple, TypeVar
 
 import numpy as np
 import torch
 
 from pipeline.lifeline import exit_with, forkserver
+from pipeline.views import Photometric, photometric_view, photometric_views
 
 if TYPE_CHECKING:
     from pipeline.config import Config
@@ -69,13 +70,15 @@ class ImageData:
         self.std = torch.from_numpy(pixels.std(axis=1, ddof=1)).float().clamp_min(1e-3)
 
     def train_images(self, batches: list[torch.Tensor], generator: torch.Generator, use_augment: bool,
-                     start: int = 0, part: Part = None) -> Iterator[torch.Tensor]:
+                     start: int = 0, part: Part = None,
+                     recipes: tuple[Photometric, ...] = ()) -> Iterator[torch.Tensor]:
         """The uint8 training images of each index batch from batch `start` on, in order (only `part`'s rows);
-        augmented (pad 4, random crop, flip) from `generator`, which the skipped batches and rows draw from too."""
+        augmented (pad 4, random crop, flip, then each view's photometric recipe) from `generator`, which the
+        skipped batches and rows draw from too."""
         for i, idx in enumerate(batches):
             x = self.train_x[idx]
             if use_augment:
-                x = augment(x, generator)
+                x = photometric_views(augment(x, generator), recipes, generator)
             if i >= start:
                 yield rows_of(x, part)
 
@@ -265,9 +268,9 @@ EVAL_RESIZE = 256 / 224  # evaluation: resize the shorter side to image_size * 2
 class ImageFolderData:
     """An ImageFolder tree streamed from disk: file paths and labels in memory, images decoded batch by batch.
 
-    Training images get torchvision's RandomResizedCrop + flip of the original image, each from
-    its own seed drawn from the epoch's generator, so the batches do not depend on how many
-    loader processes decode them; test and probe images are resized and centre-cropped.
+    Training images get torchvision's RandomResizedCrop + flip of the original image (and their view's
+    photometric recipe), each from its own seed drawn from the epoch's generator, so the batches do not
+    depend on how many loader processes decode them; test and probe images are resized and centre-cropped.
     """
 
     train_files: list[str]
@@ -292,32 +295,36 @@ class ImageFolderData:
         return normalize(x, *stats_on(self, x.device))
 
     def train_images(self, batches: list[torch.Tensor], generator: torch.Generator, use_augment: bool,
-                     start: int = 0, part: Part = None) -> Iterator[torch.Tensor]:
+                     start: int = 0, part: Part = None,
+                     recipes: tuple[Photometric, ...] = ()) -> Iterator[torch.Tensor]:
         """The uint8 training images of each index batch from batch `start` on, in order; with augmentation, each from
         a seed drawn from `generator` (the skipped batches and the rows outside `part` draw theirs too, but are not
-        decoded)."""
+        decoded), row block v of a batch with the photometric recipe `recipes[v]`."""
         items = []
         for idx in batches:
             seeds = torch.randint(0, 2**62, (len(idx),), generator=generator).tolist() if use_augment else [-1] * len(idx)
-            items.append(rows_of([(self.train_files[i], seed) for i, seed in zip(idx.tolist(), seeds)], part))
+            block = len(idx) // max(1, len(recipes))
+            rows = [recipes[row // block] if recipes and use_augment else None for row in range(len(idx))]
+            items.append(rows_of([FolderItem(self.train_files[i], seed, recipe)
+                                  for i, seed, recipe in zip(idx.tolist(), seeds, rows)], part))
         return self._decode(items[start:])
 
     def test_images(self, batch_size: int, part: Part = None) -> Iterator[torch.Tensor]:
         """The uint8 test images in order, batch by batch (only `part`'s rows), resized and centre-cropped."""
         files = self.test_files
-        return self._decode([rows_of([(f, -1) for f in files[i : i + batch_size]], part)
+        return self._decode([rows_of([FolderItem(f) for f in files[i : i + batch_size]], part)
                              for i in range(0, len(files), batch_size)])
 
     def train_images_at(self, indices: torch.Tensor, batch_size: int) -> Iterator[torch.Tensor]:
         """The training images at `indices`, resized and centre-cropped, batch by batch."""
         files = [self.train_files[i] for i in indices.tolist()]
-        return self._decode([[(f, -1) for f in files[i : i + batch_size]] for i in range(0, len(files), batch_size)])
+        return self._decode([[FolderItem(f) for f in files[i : i + batch_size]] for i in range(0, len(files), batch_size)])
 
     def subset(self, n: int) -> ImageFolderData:
         """Only the first n training images."""
         return dataclasses.replace(self, train_files=self.train_files[:n], train_y=self.train_y[:n])
 
-    def _decode(self, items: list[list[tuple[str, int]]]) -> Iterator[torch.Tensor]:
+    def _decode(self, items: list[list[FolderItem]]) -> Iterator[torch.Tensor]:
         # forkserver, not fork: a stage process has zmq and OpenMP threads, and a child forked from a threaded
         # process can inherit a lock held by one of them (stage 1 hung in its first batch now and then).
         # Each loader ends with this process (exit_with), even when it is killed with SIGKILL. Its own generator: the
@@ -340,18 +347,27 @@ def stack_images(images: list[torch.Tensor], size: int) -> torch.Tensor:
     return torch.stack(images) if images else torch.empty(0, 3, size, size, dtype=torch.uint8)
 
 
+class FolderItem(NamedTuple):
+    """One image to decode: its file, the seed of its augmentation (-1: an evaluation image) and its view's
+    photometric recipe (None: crop and flip only)."""
+
+    path: str
+    seed: int = -1
+    recipe: Photometric | None = None
+
+
 class FolderImages(torch.utils.data.Dataset):
-    """Decodes one (path, seed) item to a uint8 3×S×S image: a seeded RandomResizedCrop + flip, or (seed -1)
-    a resize of the shorter side to S·256/224 and a centre crop."""
+    """Decodes one FolderItem to a uint8 3×S×S image: a seeded RandomResizedCrop + flip (then the photometric
+    recipe, from the same seed), or (seed -1) a resize of the shorter side to S·256/224 and a centre crop."""
 
     def __init__(self, image_size: int) -> None:
         self.image_size = image_size
 
-    def __getitem__(self, item: tuple[str, int]) -> torch.Tensor:
+    def __getitem__(self, item: FolderItem) -> torch.Tensor:
         from PIL import Image
         from torchvision.transforms.v2 import functional as TF
 
-        path, seed = item
+        path, seed, recipe = item
         with Image.open(path) as image:
             x = TF.pil_to_tensor(image.convert("RGB"))
         size = self.image_size
@@ -361,7 +377,8 @@ class FolderImages(torch.utils.data.Dataset):
         g = torch.Generator().manual_seed(seed)
         top, left, h, w = random_resized_box(x.shape[1], x.shape[2], g)
         x = TF.resized_crop(x, top, left, h, w, [size, size], antialias=True)
-        return x.flip(2) if torch.rand(1, generator=g).item() < 0.5 else x
+        x = x.flip(2) if torch.rand(1, generator=g).item() < 0.5 else x
+        return x if recipe is None else photometric_view(x[None], recipe, g)[0]
 
 
 def load_image_folder(data_dir: str | None, image_size: int, workers: int = 0) -> ImageFolderData:
@@ -476,11 +493,12 @@ def data_shape(data: Data, batch_size: int) -> DataShape:
 
 
 def train_batches(data: Data, epoch: int, batch_size: int, seed: int, use_augment: bool, start: int = 0,
-                  device: torch.device | None = None, part: Part = None,
-                  views: int = 1) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+                  device: torch.device | None = None, part: Part = None, views: int = 1,
+                  photometric: tuple[Photometric, ...] = ()) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """The epoch's shuffled, augmented, normalised training batches from batch `start` on (a resumed run skips those it
     trained on); a function of (seed, epoch) only. With `views` = 2 each batch holds every image twice, augmented
-    independently: rows i and batch_size + i are two views of one image (Barlow Twins).
+    independently: rows i and batch_size + i are two views of one image (Barlow Twins), and `photometric` may give
+    each view its own colour recipe (pipeline/views.py).
 
     Images travel to `device` as uint8 and are normalised there (a quarter of the fp32 bytes, no host-side float
     pass); labels stay on the CPU. With `part` (a replica of stage 1), only those rows' images are decoded and
@@ -489,7 +507,7 @@ def train_batches(data: Data, epoch: int, batch_size: int, seed: int, use_augmen
     g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
     order = torch.randperm(len(data.train_y), generator=g)
     batches = [order[i * batch_size : (i + 1) * batch_size].repeat(views) for i in range(steps_per_epoch(data, batch_size))]
-    for idx, x in zip(batches[start:], data.train_images(batches, g, use_augment, start, part)):
+    for idx, x in zip(batches[start:], data.train_images(batches, g, use_augment, start, part, photometric)):
         yield data.normalize(to_device(x, device)), data.train_y[idx]
 
 

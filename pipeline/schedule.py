@@ -17,6 +17,7 @@ import torch
 
 from pipeline.config import Config, infopro_losses, views_per_image
 from pipeline.data import Data, Part, pixels, stats_on, train_batches
+from pipeline.views import PHOTOMETRIC
 
 T = TypeVar("T")
 _END = object()  # the producer's last queue entry
@@ -144,7 +145,7 @@ def prefetched(items: Iterator[T], ahead: int = 1, device: torch.device | None =
 def _steps(cfg: Config, data: Data, epoch: int, skip: int, steps_per_epoch: int, total: int,
            device: torch.device | None, part: Part) -> Iterator[ScheduledStep]:
     batches = train_batches(data, epoch, cfg.batch_size, cfg.seed, cfg.augment, skip, device, part,
-                            views_per_image(cfg))
+                            views_per_image(cfg), PHOTOMETRIC[cfg.photometric])
     for i, (x, y) in enumerate(batches, start=skip):
         step = epoch * steps_per_epoch + i + 1
         yield ScheduledStep(epoch, step, x, y, is_due(cfg.eval_every, step, steps_per_epoch, total),

@@ -54,6 +54,8 @@ BARLOW = {"local_loss": "barlow_twins", "head": "projector", "last_head": "proje
         ({**BARLOW, "replicas": [1, 2, 1]}, "a replica's shard would split: set replicas: 1"),
         ({**BARLOW, "knn_k": 0}, "projector_width, knn_bank and knn_k must be >= 1"),
         ({"head": "projector"}, "head projector is for local_loss barlow_twins"),
+        ({**BARLOW, "photometric": "byol"}, "photometric must be one of none, barlow_twins, got 'byol'"),
+        ({"photometric": "barlow_twins", "augment": True}, "it needs local_loss barlow_twins and augment: true"),
         ({"optimizer": "lamb"}, "optimizer must be one of sgd, adamw, lars"),
         ({"lars_eta": 0.0}, "lars_eta > 0"),
         ({"optimizer": "lars", "nesterov": True}, "optimizer lars uses heavy-ball momentum: set nesterov: false"),

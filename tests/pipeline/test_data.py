@@ -10,6 +10,7 @@ from pipeline.data import (
     random_resized_box, read_idx,
     steps_per_epoch, train_batches,
 )
+from pipeline.views import PHOTOMETRIC
 
 
 def write_idx(path, array: np.ndarray, gz: bool) -> None:
@@ -171,6 +172,18 @@ def test_two_views_hold_each_image_twice_augmented_independently():
     assert len(list(train_batches(data, 0, 32, seed=5, use_augment=True, views=2))) == steps_per_epoch(data, 32)
 
 
+def test_barlow_twins_photometric_views_are_drawn_from_the_epoch_generator_alone():
+    data = load_data("digits")
+    views = PHOTOMETRIC["barlow_twins"]
+    a, b = (list(train_batches(data, 1, 32, seed=5, use_augment=True, views=2, photometric=views)) for _ in range(2))
+    plain = list(train_batches(data, 1, 32, seed=5, use_augment=True, views=2))
+    assert all(torch.equal(xa, xb) for (xa, _), (xb, _) in zip(a, b))
+    assert not torch.equal(a[0][0], plain[0][0])  # the first view is always blurred
+    assert torch.equal(a[0][1], plain[0][1])  # the same images, in the same order
+    resumed = list(train_batches(data, 1, 32, seed=5, use_augment=True, start=2, views=2, photometric=views))
+    assert all(torch.equal(x1, x2) for (x1, _), (x2, _) in zip(a[2:], resumed))
+
+
 def test_bank_batches_are_fixed_drawn_training_images_unaugmented_with_their_labels():
     data = load_data("digits")
     batches = list(bank_batches(data, 70, 32))
@@ -233,6 +246,12 @@ def test_image_folder_batches_do_not_depend_on_the_loader_processes(tmp_path):
                            use_augment=True))
     assert len(a) == 2 and all(torch.equal(xa, xb) and torch.equal(ya, yb) for (xa, ya), (xb, yb) in zip(a, b))
     assert not torch.equal(a[0][0], next(train_batches(data, 2, 3, seed=7, use_augment=True))[0])  # a new epoch
+    views = PHOTOMETRIC["barlow_twins"]
+    c, d = (list(train_batches(load_data("imagefolder", str(tmp_path), image_size=16, loader_workers=workers), 1, 3,
+                               seed=7, use_augment=True, views=2, photometric=views)) for workers in (0, 2))
+    assert all(torch.equal(xc, xd) for (xc, _), (xd, _) in zip(c, d))
+    two = list(train_batches(data, 1, 3, seed=7, use_augment=True, views=2))
+    assert torch.equal(c[0][1], two[0][1]) and not torch.equal(c[0][0][:3], two[0][0][:3])  # view 1: always blurred
 
 
 @pytest.mark.parametrize("source", ["digits", "imagefolder"])
