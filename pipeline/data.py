@@ -110,8 +110,9 @@ class ImageData:
 
 
 def normalize(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
-    """uint8 images to float, standardised per channel."""
-    x = x.float().div_(255)
+    """uint8 images to float, standardised per channel; the same bits on a GPU as on the CPU."""
+    # 255 as a tensor on x's device: CUDA divides by a CPU scalar as a product with its reciprocal (one bit off)
+    x = x.float().div_(mean.new_full((), 255.0))
     return (x - mean[None, :, None, None]) / std[None, :, None, None]
 
 

@@ -229,17 +229,21 @@ def build_stage_step(cfg: Config, lm: LocalModule, k: int, k_total: int, steps_p
     )
 
 
-def configure_torch(cfg: Config) -> None:
+def configure_torch(cfg: Config, device: torch.device | None = None) -> None:
     """Process-wide torch settings of a run; call before the first CUDA work.
 
     `deterministic`: only deterministic kernels (an op without one raises, naming itself), and the
     cuBLAS workspace that makes matrix products repeat to the bit. Needed for a GPU pipeline to
     equal the sequential reference to the bit; on the CPU the kernels already are deterministic.
+    A `device` cuda:N becomes the current GPU: work that names no index (pinned memory, a new
+    stream, a CUDA context) then lands on N, not on GPU 0.
     """
     if cfg.deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True)
         torch.backends.cudnn.benchmark = False
+    if device is not None and device.type == "cuda" and device.index is not None:
+        torch.cuda.set_device(device)
 
 
 def wire_dtype(cfg: Config) -> torch.dtype:

@@ -112,7 +112,7 @@ class SequentialTrainer:
     def __init__(self, cfg: Config, data: Data, run_dir: Path | None = None, resume: Checkpoint | None = None) -> None:
         self.cfg, self.data = cfg, data
         self.device = torch.device(cfg.device)
-        configure_torch(cfg)
+        configure_torch(cfg, self.device)
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
         self.local = build_local_modules(cfg, data.in_channels, data.num_classes, data.input_size)

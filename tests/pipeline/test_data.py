@@ -6,9 +6,8 @@ import pytest
 import torch
 
 from pipeline.data import (
-    DataError, FolderImages, augment, bank_batches, bank_indices, eval_batches, load_data, pixels, probe_batch,
-    random_resized_box, read_idx,
-    steps_per_epoch, train_batches,
+    DataError, FolderImages, augment, bank_batches, bank_indices, eval_batches, load_data, normalize, pixels,
+    probe_batch, random_resized_box, read_idx, steps_per_epoch, train_batches,
 )
 from pipeline.views import PHOTOMETRIC
 
@@ -170,6 +169,16 @@ def test_two_views_hold_each_image_twice_augmented_independently():
     plain, _ = next(train_batches(data, 0, 32, seed=5, use_augment=False, views=2))
     assert torch.equal(plain[:32], plain[32:])  # without augmentation the two views would be one image
     assert len(list(train_batches(data, 0, 32, seed=5, use_augment=True, views=2))) == steps_per_epoch(data, 32)
+
+
+def test_normalising_divides_by_255_exactly_as_a_gpu_then_does():
+    # tests/gpu checks the GPU's batches against these bits: there, a division by the Python number 255 would be a
+    # product with its reciprocal, one bit off for about half of the byte values
+    x = torch.arange(256, dtype=torch.uint8).reshape(1, 1, 16, 16).repeat(2, 3, 1, 1)
+    mean, std = torch.tensor([0.1, 0.5, 0.9]), torch.tensor([0.3, 0.2, 0.1])
+    exact = (x.float() / 255 - mean[None, :, None, None]) / std[None, :, None, None]
+    assert torch.equal(normalize(x, mean, std), exact)
+    assert not torch.equal(x.float() * (1 / 255), x.float() / 255)  # the product really is another number
 
 
 def test_barlow_twins_photometric_views_are_drawn_from_the_epoch_generator_alone():

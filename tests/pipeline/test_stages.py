@@ -1,9 +1,10 @@
 import pytest
+import torch
 
 from pipeline.config import Config
 from pipeline.heads import ProjectorHead
 from pipeline.lars import BIAS_LR_RATIO, LARS
-from pipeline.stages import build_local_modules, build_stage_steps, cuts_of, split_cuts
+from pipeline.stages import build_local_modules, build_stage_steps, configure_torch, cuts_of, split_cuts
 from pipeline.step import BarlowTwinsStep
 
 
@@ -28,3 +29,11 @@ def test_a_barlow_twins_config_builds_projector_steps_with_lars_on_weights_only(
     assert isinstance(steps[0].optimizer, LARS) and weights["lars"] and not others["lars"]
     assert all(p.dim() > 1 for p in weights["params"]) and all(p.dim() == 1 for p in others["params"])
     assert others["lr_ratio"] == BIAS_LR_RATIO and weights["weight_decay"] == 1.5e-6
+
+
+def test_configure_torch_makes_an_indexed_gpu_the_current_one_and_leaves_the_rest(monkeypatch):
+    chosen = []
+    monkeypatch.setattr(torch.cuda, "set_device", chosen.append)  # no GPU here: the decision, not the call
+    for device in (None, torch.device("cpu"), torch.device("cuda"), torch.device("cuda:1")):
+        configure_torch(Config(), device)
+    assert chosen == [torch.device("cuda:1")]  # pinned memory and new streams then land on GPU 1, not GPU 0

@@ -45,7 +45,7 @@ def pipeline_states(run_dir: Path, stages: int) -> list[dict]:
     """Each stage's state at the run's newest complete checkpoint (the last step)."""
     last = complete_checkpoints(run_dir)[-1]
     assert len(last.manifest["files"]) == stages
-    return [torch.load(last.stage_file(k), weights_only=True) for k in range(stages)]
+    return [torch.load(last.stage_file(k), map_location="cpu", weights_only=True) for k in range(stages)]
 
 
 def assert_bit_identical(trainer: SequentialTrainer, states: list[dict]) -> None:
@@ -55,7 +55,7 @@ def assert_bit_identical(trainer: SequentialTrainer, states: list[dict]) -> None
             expected = module.state_dict()
             assert expected.keys() == state[part].keys()
             for name, value in expected.items():
-                assert torch.equal(value, state[part][name]), f"{part}.{name} differs"
+                assert torch.equal(value.cpu(), state[part][name]), f"{part}.{name} differs"
 
 
 def run_pipeline(cfg: Config) -> dict:
