@@ -87,7 +87,7 @@ class StageStep:
         module: nn.Module,
         head: nn.Module,
         optimizer: torch.optim.Optimizer,
-        scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
+        scheduler: torch.optim.lr_scheduler.LambdaLR | None = None,
         *,
         lam: float = 0.0,
         is_first: bool,
@@ -129,12 +129,23 @@ class StageStep:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Continue from `state` (as `state_dict` made it, loaded on the CPU): each part places itself."""
+        """Continue from `state` (as `state_dict` made it, loaded on the CPU): each part places itself.
+
+        The optimizer's buffers and the schedule's position come from `state`; its hyperparameters (learning rate,
+        momentum, weight decay, ...) stay those this step was built with, so a resumed run's `--lr` takes effect
+        (unchanged, the learning rate is recomputed to the bit: base × the schedule's factor at its step)."""
         self.module.load_state_dict(state["module"])
         self.head.load_state_dict(state["head"])
+        configured = [{k: v for k, v in group.items() if k != "params"} for group in self.optimizer.param_groups]
         self.optimizer.load_state_dict(state["optimizer"])
+        for group, hyper in zip(self.optimizer.param_groups, configured):
+            group.update(hyper)
         if self.scheduler is not None:
+            base_lrs = self.scheduler.base_lrs
             self.scheduler.load_state_dict(state["scheduler"])
+            self.scheduler.base_lrs = base_lrs
+            for group, base, factor in zip(self.optimizer.param_groups, base_lrs, self.scheduler.lr_lambdas):
+                group["lr"] = base * factor(self.scheduler.last_epoch)  # as LambdaLR.step computes it
         module_rng = state.get("rng_module")
         self.rng_state = None if module_rng is None else {name: t.cpu() for name, t in module_rng.items()}
 
@@ -340,7 +351,7 @@ class SignalStep(StageStep):
         module: nn.Module,
         head: nn.Module,
         optimizer: torch.optim.Optimizer,
-        scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
+        scheduler: torch.optim.lr_scheduler.LambdaLR | None = None,
         *,
         method: str,
         num_classes: int,

@@ -221,21 +221,34 @@ def test_a_step_restored_from_its_state_dict_continues_exactly(batch):
     torch.manual_seed(3)
     module, head = nn.Sequential(tiny_module(), nn.Dropout(0.3)), PoolLinear(4, 3)
 
-    def fresh():
+    def fresh(lr=0.1, momentum=0.9):
         m, h = copy.deepcopy(module), copy.deepcopy(head)
-        opt = torch.optim.SGD([*m.parameters(), *h.parameters()], lr=0.1, momentum=0.9)
-        sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+        opt = torch.optim.SGD([*m.parameters(), *h.parameters()], lr=lr, momentum=momentum)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.7 ** s)  # as build_optimizer: a factor per step
         return StageStep(m, h, opt, sched, lam=2.0, is_first=False, is_last=False, send_delta=True, rng_seed=9)
 
     original = fresh()
+    original.train_step(x, delta_prev, y)
     original.train_step(x, delta_prev, y)
     state = copy.deepcopy(original.state_dict())
     restored = fresh()
     restored.load_state_dict(state)
     assert set(state) == {"module", "head", "optimizer", "scheduler", "rng_module"}
+    assert restored.optimizer.param_groups[0]["lr"] == original.optimizer.param_groups[0]["lr"] == 0.1 * 0.7 ** 2
     a, b = original.train_step(x, delta_prev, y), restored.train_step(x, delta_prev, y)
     assert torch.equal(a.out, b.out) and torch.equal(a.delta, b.delta)  # same weights, momentum, lr and dropout draw
     assert all(torch.equal(p, q) for p, q in zip(original.module.parameters(), restored.module.parameters()))
+
+    # a resume that changes the optimizer's settings (launch.py --resume DIR --lr ...) trains with them from there on,
+    # at the schedule's position and with the momentum buffers the checkpoint holds
+    changed = fresh(lr=0.02, momentum=0.5)
+    changed.load_state_dict(copy.deepcopy(state))
+    group = changed.optimizer.param_groups[0]
+    assert (group["lr"], group["momentum"], changed.scheduler.last_epoch) == (0.02 * 0.7 ** 2, 0.5, 2)
+    buffers = [changed.optimizer.state[p]["momentum_buffer"] for p in changed.module.parameters()]
+    assert all(torch.equal(b, s["momentum_buffer"]) for b, s in zip(buffers, state["optimizer"]["state"].values()))
+    changed.train_step(x, delta_prev, y)
+    assert changed.optimizer.param_groups[0]["lr"] == 0.02 * 0.7 ** 3
 
 
 def barlow_step(module, head, **kwargs):
