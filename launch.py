@@ -89,6 +89,11 @@ def build_config(args: argparse.Namespace):
     cfg = validate(from_dict(overrides, base=load_yaml(args.config or DEFAULT_CONFIG), source="command line"))
     if not args.resume:
         return cfg
+    if args.fresh:
+        raise ConfigError("--resume continues a run and --fresh starts one over: give one of them")
+    if args.out is not None and args.resume != "latest":  # (latest: the run in --out)
+        raise ConfigError(f"--resume {args.resume} writes into that run's own directory: drop --out {args.out} "
+                          "(to keep the run as it is, copy its directory and resume the copy)")
     run_dir = Path(cfg.out if args.resume == "latest" else args.resume)
     if args.config is None:
         if not (run_dir / "config.yaml").exists():
@@ -101,10 +106,10 @@ def build_config(args: argparse.Namespace):
 
 def find_resume(args: argparse.Namespace, cfg, data, steps_per_run: int):
     """The checkpoint to continue from (None for a fresh run), or a one-line error; torn ones are warned about."""
-    import shutil
     import warnings
 
     from pipeline.checkpoint import CheckpointError, fingerprint, latest_checkpoint
+    from pipeline.rundir import clear_outputs
     from pipeline.stages import split_cuts
 
     run_dir = Path(cfg.out)
@@ -113,8 +118,7 @@ def find_resume(args: argparse.Namespace, cfg, data, steps_per_run: int):
             if not args.fresh:
                 raise CheckpointError(f"{run_dir} holds checkpoints of an earlier run: continue it with --resume "
                                       f"{run_dir}, start over with --fresh (deletes them), or choose another --out")
-            shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
-            (run_dir / "metrics.jsonl").unlink(missing_ok=True)
+            clear_outputs(run_dir)
         return None
     if cfg.method == "greedy":
         raise CheckpointError("greedy runs cannot be resumed (modules train one after another); start it again")
@@ -138,9 +142,11 @@ def run_tool(argv: list[str]) -> int:
         return 2
     import warnings
 
-    from pipeline.checkpoint import CheckpointError, newest_good_checkpoint
+    from pipeline.checkpoint import CheckpointError, DiskFull, fingerprint, latest_checkpoint
     from pipeline.config import ConfigError, barlow_twins_losses, knn_bank_size, load_yaml, validate
     from pipeline.data import DataError, load_config_data
+    from pipeline.export import ExportError, export_path
+    from pipeline.stages import split_cuts
 
     run_dir = Path(args.run_dir)
     if not (run_dir / "config.yaml").exists():
@@ -149,7 +155,19 @@ def run_tool(argv: list[str]) -> int:
     if args.tool == "plot":
         from pipeline.plots import plot_run
 
-        for path in plot_run(run_dir):
+        try:
+            paths = plot_run(run_dir)
+        except FileNotFoundError:
+            print(f"error: {run_dir / 'metrics.jsonl'} does not exist: the run has logged nothing to plot yet",
+                  file=sys.stderr)
+            return 2
+        except ValueError as err:  # a damaged metrics.jsonl: the message names the line
+            print(f"error: {err}", file=sys.stderr)
+            return 2
+        except OSError as err:
+            print(f"error: cannot write {run_dir / 'plots'} ({err.strerror})", file=sys.stderr)
+            return 1
+        for path in paths:
             print(path)
         return 0
     if args.tool == "trace":
@@ -159,13 +177,18 @@ def run_tool(argv: list[str]) -> int:
         device_name = "cpu"
         if args.tool == "evaluate":  # a GPU named on the command line must exist: validate says so in one line
             device_name = validate(dataclasses.replace(cfg, device=args.device)).device
+        path = export_path(run_dir, args.to) if args.tool == "export" else None
         data = load_config_data(cfg)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            checkpoint = newest_good_checkpoint(run_dir)
+            # the checkpoint must be of the config the tool rebuilds the network from (config.yaml may have been edited)
+            checkpoint = latest_checkpoint(run_dir, fingerprint(cfg, split_cuts(cfg, data.in_channels, data.num_classes,
+                                                                                  data.input_size)),
+                                           fix=f"{run_dir / 'config.yaml'} is not the config it was trained with; "
+                                               "put that one back")
         for w in caught:
             print(f"warning: {w.message}", file=sys.stderr)
-    except (ConfigError, DataError, CheckpointError) as err:
+    except (ConfigError, DataError, CheckpointError, ExportError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     import pickle
@@ -178,8 +201,12 @@ def run_tool(argv: list[str]) -> int:
 
     try:
         if args.tool == "export":
-            path = Path(args.to or run_dir / "model.pt")
-            export_model(cfg, data, checkpoint, path)
+            try:
+                export_model(cfg, data, checkpoint, path)
+            except OSError as err:  # the checkpoint was read; writing the export failed (a full disk: DiskFull's line)
+                print(f"error: {err if isinstance(err, DiskFull) else f'cannot write {path}: {err.strerror}'}",
+                      file=sys.stderr)
+                return 1
             print(f"exported step {checkpoint.step} to {path}; load it with pipeline.export.load_exported({str(path)!r})")
             return 0
         device = torch.device(device_name)
@@ -227,6 +254,9 @@ def print_trace(run_dir: Path) -> int:
         rows = summarize(json.loads(path.read_text()))
     except FileNotFoundError:
         print(f"error: {path} does not exist; run the pipeline with --set trace=true to record one", file=sys.stderr)
+        return 2
+    except OSError as err:
+        print(f"error: cannot read {path} ({err.strerror})", file=sys.stderr)
         return 2
     except (ValueError, KeyError, TypeError) as err:
         print(f"error: {path} is not a trace this tool wrote ({type(err).__name__}: {err})", file=sys.stderr)
@@ -436,15 +466,20 @@ def main(argv: list[str] | None = None) -> int:
     if threading.current_thread() is threading.main_thread():  # Ctrl-C must stop the run even if SIGINT was inherited ignored
         signal.signal(signal.SIGINT, signal.default_int_handler)
         signal.signal(signal.SIGTERM, _terminate)  # `kill`, a scheduler's preemption: stop the stages as Ctrl-C does
-    if argv and argv[0] in TOOLS:
-        return run_tool(argv)
-    if argv and argv[0] == "plan":
-        return run_plan(argv[1:])
-    if argv == ["models"]:
-        return print_models()
-    args = parse_args(argv)
-    with contextlib.ExitStack() as held:  # the run directory's lock, released however the run ends
-        return run_job(args, held)
+    try:
+        if argv and argv[0] in TOOLS:
+            return run_tool(argv)
+        if argv and argv[0] == "plan":
+            return run_plan(argv[1:])
+        if argv == ["models"]:
+            return print_models()
+        args = parse_args(argv)
+        with contextlib.ExitStack() as held:  # the run directory's lock, released however the run ends
+            return run_job(args, held)
+    except KeyboardInterrupt as err:  # before any stage started (run_job stops running ones itself), or in a tool
+        terminated = isinstance(err, Terminated)
+        print("terminated" if terminated else "interrupted", file=sys.stderr, flush=True)
+        return 143 if terminated else 130
 
 
 def run_job(args: argparse.Namespace, held: contextlib.ExitStack) -> int:

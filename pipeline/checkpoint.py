@@ -252,19 +252,22 @@ def newest_good_checkpoint(run_dir: Path) -> Checkpoint:
         if not problem:
             return checkpoint
         warnings.warn(f"skipping checkpoint {checkpoint.path}: {problem}", stacklevel=2)
-    raise CheckpointError(f"{run_dir} has no complete, uncorrupted checkpoint to resume from; "
-                          "start it again without --resume")
+    raise CheckpointError(f"{run_dir} has no complete, uncorrupted checkpoint; train it again from the start "
+                          "(without --resume)")
 
 
-def latest_checkpoint(run_dir: Path, expected: dict[str, Any]) -> Checkpoint:
-    """The newest good checkpoint of `run_dir`, refused if it was trained with a different model or split."""
+RESUME_FIX = "resume with the run's own config or start a new run with a different --out"
+
+
+def latest_checkpoint(run_dir: Path, expected: dict[str, Any], fix: str = RESUME_FIX) -> Checkpoint:
+    """The newest good checkpoint of `run_dir`, refused (with `fix` in the message) if it was trained with a
+    different model or split than `expected` says."""
     latest = newest_good_checkpoint(run_dir)
     differ = [key for key in expected if latest.manifest["fingerprint"].get(key) != expected[key]]
     if differ:
         was = ", ".join(f"{k}={latest.manifest['fingerprint'].get(k)!r}" for k in differ)
         now = ", ".join(f"{k}={expected[k]!r}" for k in differ)
-        raise CheckpointError(f"{run_dir} was trained with {was}, but this config has {now}; "
-                              f"resume with the run's own config or start a new run with a different --out")
+        raise CheckpointError(f"{run_dir} was trained with {was}, but this config has {now}; {fix}")
     return latest
 
 

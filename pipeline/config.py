@@ -293,6 +293,10 @@ def validate(cfg: Config) -> Config:
          f"method {cfg.method} is a BP-free baseline with fixed heads: set head: etf and last_head: etf")
     need(cfg.stages is None or cfg.stages >= 1, f"stages must be >= 1, got {cfg.stages}")
     need(cfg.stages is not None or cfg.split is not None, "give stages: K or a split")
+    need(cfg.split is None or isinstance(cfg.split, str) or (isinstance(cfg.split, list) and all(
+        isinstance(c, int) and not isinstance(c, bool) for c in cfg.split)),
+         f"split must be a name (per_block, auto, ...) or a list of whole cut points like [2, 5], got {cfg.split!r}")
+    need(0 <= cfg.seed < 2**32, f"seed must be in 0..{2**32 - 1}, got {cfg.seed}")
     need(cfg.split != "auto" or cfg.stages is not None, "split: auto needs stages: K (the number of modules to plan)")
     need(cfg.split != "auto" or cfg.method not in BPFREE_METHODS,
          f"method {cfg.method} trains one layer per module: use split: per_block, not auto")

@@ -305,9 +305,9 @@ class ImageFolderData:
         for idx in batches:
             seeds = torch.randint(0, 2**62, (len(idx),), generator=generator).tolist() if use_augment else [-1] * len(idx)
             block = len(idx) // max(1, len(recipes))
-            rows = [recipes[row // block] if recipes and use_augment else None for row in range(len(idx))]
+            per_row = [recipes[row // block] if recipes and use_augment else None for row in range(len(idx))]
             items.append(rows_of([FolderItem(self.train_files[i], seed, recipe)
-                                  for i, seed, recipe in zip(idx.tolist(), seeds, rows)], part))
+                                  for i, seed, recipe in zip(idx.tolist(), seeds, per_row)], part))
         return self._decode(items[start:])
 
     def test_images(self, batch_size: int, part: Part = None) -> Iterator[torch.Tensor]:
@@ -319,7 +319,8 @@ class ImageFolderData:
     def train_images_at(self, indices: torch.Tensor, batch_size: int) -> Iterator[torch.Tensor]:
         """The training images at `indices`, resized and centre-cropped, batch by batch."""
         files = [self.train_files[i] for i in indices.tolist()]
-        return self._decode([[FolderItem(f) for f in files[i : i + batch_size]] for i in range(0, len(files), batch_size)])
+        return self._decode([[FolderItem(f) for f in files[i : i + batch_size]]
+                             for i in range(0, len(files), batch_size)])
 
     def subset(self, n: int) -> ImageFolderData:
         """Only the first n training images."""

@@ -1,13 +1,14 @@
 """From a run directory's checkpoint to ordinary PyTorch: the stitched model, its export, its evaluation."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn as nn
 
-from pipeline.checkpoint import Checkpoint, load_stage_state
+from pipeline.checkpoint import Checkpoint, load_stage_state, save_atomic
 from pipeline.config import Config, from_dict
 from pipeline.data import Data, steps_per_epoch
 from pipeline.stages import LocalModule, build_local_modules, build_stage_steps
@@ -46,8 +47,29 @@ def export_model(cfg: Config, data: Data, checkpoint: Checkpoint, path: Path) ->
         "num_classes": data.num_classes, "input_size": data.input_size, "state_dict": stitch(local).state_dict(),
         "mean": data.mean, "std": data.std,  # inputs are (uint8 / 255 - mean) / std per channel, as in training
     }
-    torch.save(exported, path)
+    save_atomic(exported, path)  # no torn file, and a full disk is one line
     return exported
+
+
+class ExportError(ValueError):
+    """An export target that cannot or must not be written; the message says which and why."""
+
+
+def export_path(run_dir: Path, to: str | None) -> Path:
+    """Where `launch.py export` writes: `to`, or RUN_DIR/model.pt; ExportError (one line) for a path that would
+    overwrite what the run keeps (its checkpoints, config, records) or cannot be written."""
+    path = Path(to) if to else run_dir / "model.pt"
+    target, own = path.resolve(), run_dir.resolve()
+    if path.is_dir():
+        raise ExportError(f"--to {path} is a folder; name a file, e.g. {path / 'model.pt'}")
+    kept = target.parent == own and target.exists() and target.name != "model.pt"  # config.yaml, metrics.jsonl, ...
+    if own / "checkpoints" in target.parents or kept:
+        raise ExportError(f"--to {path} would overwrite the run's own {target.relative_to(own)}; name another file")
+    if not target.parent.is_dir():
+        raise ExportError(f"--to {path}: the folder {path.parent} does not exist; create it or name another file")
+    if not os.access(target.parent, os.W_OK):
+        raise ExportError(f"--to {path}: the folder {path.parent} is not writable; name another file")
+    return path
 
 
 def load_exported(path: Path) -> nn.Sequential:

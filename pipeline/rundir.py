@@ -11,6 +11,7 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import shutil
 from pathlib import Path
 from typing import IO, Any
 
@@ -21,6 +22,10 @@ from pipeline.config import Config
 from pipeline.metrics import JsonlLog, truncate_after
 
 LOCK_FILE = ".lock"
+# what a run and the tools on it leave in its directory besides config.yaml and the lock: `--fresh` removes all of it,
+# so nothing of the earlier run (a trace, an export, a probe's result) passes for the new one's
+RUN_OUTPUTS = ("checkpoints", "metrics.jsonl", "summary.json", "trace.json", "plots", "tensorboard", "model.pt",
+               "linear_probe.jsonl", "linear_probe.json")
 
 
 def lock_run_dir(run_dir: Path) -> IO[str]:
@@ -45,6 +50,21 @@ def lock_run_dir(run_dir: Path) -> IO[str]:
     handle.write(f"{os.getpid()}\n")
     handle.flush()
     return handle
+
+
+def clear_outputs(run_dir: Path) -> list[str]:
+    """Remove what an earlier run left in `run_dir` (RUN_OUTPUTS); the names it removed."""
+    removed = []
+    for name in RUN_OUTPUTS:
+        path = Path(run_dir) / name
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        elif path.exists() or path.is_symlink():
+            path.unlink()
+        else:
+            continue
+        removed.append(name)
+    return removed
 
 
 class RunWriter:

@@ -116,10 +116,23 @@ def test_a_finished_run_exports_evaluates_plots_and_refuses_what_would_lose_it(t
         (["--resume", str(out)], f"error: {out} already finished at step 8; raise --epochs to train further"),
         (["--resume", str(tmp_path / "nothing")], "is not a run directory (no config.yaml)"),
         (["export", str(tmp_path / "nothing")], "is not a run directory (no config.yaml)"),
+        (["export", str(out), "--to", str(out / "checkpoints" / "step00000008" / "stage1.pt")],
+         "would overwrite the run's own checkpoints/step00000008/stage1.pt; name another file"),
+        (["export", str(out), "--to", str(out / "config.yaml")], "would overwrite the run's own config.yaml"),
+        (["export", str(out), "--to", str(tmp_path / "no" / "m.pt")], f"the folder {tmp_path / 'no'} does not exist"),
+        (["export", str(out), "--to", str(tmp_path)], "is a folder; name a file"),
     ):
         assert launch.main(argv) == 2
         err = capsys.readouterr().err
         assert message in err and err.count("\n") == 1, err
+    config = (out / "config.yaml").read_text()
+    (out / "config.yaml").write_text(config.replace("batch_size: 32", "batch_size: 16"))  # edited after training
+    for tool in ("export", "evaluate"):  # the checkpoint would be rebuilt as another network, or scored on other data
+        assert launch.main([tool, str(out)]) == 2
+        assert "was trained with batch_size=32, but this config has batch_size=16; " \
+               f"{out / 'config.yaml'} is not the config it was trained with" in capsys.readouterr().err
+    (out / "config.yaml").write_text(config)
+    assert launch.main(["evaluate", str(out)]) == 0  # nothing of the run was lost
 
 
 def test_plan_prints_the_split_that_split_auto_then_trains_with(tmp_path, capsys):
@@ -192,12 +205,36 @@ def test_bf16_on_a_gpu_without_it_is_one_line(tmp_path, capsys, monkeypatch):
     (["--set", "log_every=true"], "error: config key 'log_every' must be an integer, got True"),
     (["--set", "image_size=0"], "error: image_size must be >= 8 pixels, got 0"),
     (["--set", "model_args={widths: [-4, 8]}"], "error: model_args {'widths': [-4, 8]}: sizes and counts must be >= 1"),
+    (["--set", "split={a: 1}"], "error: split must be a name (per_block, auto, ...) or a list of whole cut points"),
+    (["--stages", "2", "--set", "split=[2.5]"], "error: split must be a name"),
+    (["--stages", "2", "--set", "split=[true]"], "error: split must be a name"),
+    (["--seed", str(2**62)], f"error: seed must be in 0..{2**32 - 1}, got {2**62}"),
+    (["--resume", "latest", "--fresh"], "error: --resume continues a run and --fresh starts one over: give one"),
 ])
 def test_bad_values_on_the_command_line_are_one_line_and_exit_2(tmp_path, capsys, argv, message):
     assert launch.main([*DIGITS, "--out", str(tmp_path / "run"), *argv]) == 2
     err = capsys.readouterr().err
     assert err.startswith(message) and err.count("\n") == 1
     assert not (tmp_path / "run").exists()
+
+
+def test_resume_names_its_own_run_directory_so_out_is_refused(tmp_path, capsys):
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "config.yaml").write_text("dataset: digits\n")
+    assert launch.main(["--resume", str(tmp_path / "run"), "--out", str(tmp_path / "other")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: --resume {tmp_path / 'run'} writes into that run's own directory: drop --out "
+                          f"{tmp_path / 'other'}")
+    assert not (tmp_path / "other").exists()
+
+
+def test_a_signal_before_the_run_starts_is_one_line_with_the_signals_exit_code(monkeypatch, capsys):
+    for error, code, line in ((KeyboardInterrupt(), 130, "interrupted\n"), (launch.Terminated(), 143, "terminated\n")):
+        def stopped(*_args, error=error):
+            raise error
+        monkeypatch.setattr(launch, "build_config", stopped)  # where Ctrl-C or SIGTERM lands while the run starts
+        assert launch.main([*DIGITS]) == code
+        assert capsys.readouterr().err == line
 
 
 def test_a_binary_config_file_is_one_line(tmp_path, capsys):
@@ -220,8 +257,12 @@ def test_a_second_launcher_on_a_live_run_directory_is_refused_and_deletes_nothin
     assert (run_dir / "checkpoints" / "step00000004").is_dir()
     assert (run_dir / "metrics.jsonl").read_text() == '{"event": "train", "step": 4}\n'
     held.close()  # the first run ends: the directory is free again
+    for left in ("trace.json", "model.pt", "linear_probe.json"):  # what the earlier run and tools on it wrote
+        (run_dir / left).write_text("{}")
     assert launch.main([*DIGITS, "--out", str(run_dir), "--fresh", "--epochs", "1", "--set", "train_subset=128",
                         "--schedule", "sequential"]) == 0
+    assert not any((run_dir / left).exists() for left in ("trace.json", "model.pt", "linear_probe.json"))
+    assert '"step": 4}' not in (run_dir / "metrics.jsonl").read_text()  # only the new run's records
 
 
 def test_a_corrupted_newest_checkpoint_is_skipped_and_the_resumed_run_ends_as_an_uninterrupted_one(tmp_path, capsys):
@@ -249,12 +290,12 @@ def test_a_corrupted_newest_checkpoint_is_skipped_and_the_resumed_run_ends_as_an
         (run_dir / "checkpoints" / f"step{step:08d}" / "manifest.json").write_text("{}")
     shutil.rmtree(run_dir / "checkpoints" / "step00000004")
     assert launch.main(["--resume", str(run_dir), "--no-progress"]) == 2
-    assert capsys.readouterr().err.endswith(f"error: {run_dir} has no complete, uncorrupted checkpoint to resume from; "
-                                            "start it again without --resume\n")
+    no_checkpoint = f"error: {run_dir} has no complete, uncorrupted checkpoint; train it again from the start " \
+                    "(without --resume)\n"
+    assert capsys.readouterr().err.endswith(no_checkpoint)
     for tool in ("evaluate", "export"):  # the tools refuse it in one line too
         assert launch.main([tool, str(run_dir)]) == 2
-        assert capsys.readouterr().err.endswith(f"error: {run_dir} has no complete, uncorrupted checkpoint to resume "
-                                                "from; start it again without --resume\n")
+        assert capsys.readouterr().err.endswith(no_checkpoint)
 
 
 def test_an_out_that_is_a_file_is_one_line_and_leaves_no_ipc_folder(tmp_path, capsys):
@@ -288,3 +329,19 @@ def test_a_barlow_twins_run_is_scored_by_knn_and_by_a_linear_probe_on_request(tm
     assert "--probe-epochs must be >= 1" in capsys.readouterr().err
     assert launch.main(["evaluate", str(out), "--device", "gpu"]) == 2
     assert "device must be cpu, cuda or cuda:N, got 'gpu'" in capsys.readouterr().err
+
+
+def test_the_tools_on_a_run_that_logged_nothing_or_a_damaged_one_are_one_line(tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "config.yaml").write_text("dataset: digits\n")
+    assert launch.main(["plot", str(run_dir)]) == 2
+    missing = f"error: {run_dir / 'metrics.jsonl'} does not exist: the run has logged nothing to plot yet\n"
+    assert capsys.readouterr().err == missing
+    (run_dir / "metrics.jsonl").write_text('{"event": "train"}\nnot json\n')
+    assert launch.main(["plot", str(run_dir)]) == 2
+    assert capsys.readouterr().err == f"error: {run_dir / 'metrics.jsonl'} line 2 is not JSON; the file was edited " \
+                                      "or damaged\n"
+    (run_dir / "trace.json").mkdir()
+    assert launch.main(["trace", str(run_dir)]) == 2
+    assert capsys.readouterr().err == f"error: cannot read {run_dir / 'trace.json'} (Is a directory)\n"

@@ -8,6 +8,7 @@ RUN_DIR/trace.json (open it in https://ui.perfetto.dev or chrome://tracing: one 
 from __future__ import annotations
 
 import json
+import math
 import time
 from pathlib import Path
 from typing import Any
@@ -57,8 +58,14 @@ def summarize(trace: dict[str, Any]) -> list[dict[str, float]]:
     spans = [e for e in trace["traceEvents"] if e["ph"] == "X"]
     if not spans:
         return []
+    for e in spans:
+        times = (e["ts"], e["dur"])
+        if not all(isinstance(t, (int, float)) and math.isfinite(t) for t in times) or e["dur"] < 0:
+            raise ValueError(f"a {e['name']!r} span has ts {e['ts']!r} and dur {e['dur']!r}, which are not times")
     start = min(e["ts"] for e in spans)
     wall = max(e["ts"] + e["dur"] for e in spans) - start
+    if wall <= 0:
+        raise ValueError("its spans cover no time")
     rows = []
     for stage in sorted({e["tid"] for e in spans}):
         total = {name: 0 for name in SPANS}

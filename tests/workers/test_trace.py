@@ -30,3 +30,15 @@ def test_a_disabled_tracer_records_nothing():
     tracer = Tracer(False)
     tracer.add("train", 0.0, 1.0)
     assert tracer.spans == [] and summarize(chrome_trace({0: tracer.spans})) == []
+
+
+@pytest.mark.parametrize("ts,dur,message", [
+    (0, 0, "its spans cover no time"),
+    (0, -5, "a 'train' span has ts 0 and dur -5, which are not times"),
+    (float("nan"), 5, "which are not times"),
+    (0, "5", "which are not times"),
+])
+def test_a_trace_whose_spans_are_not_times_is_refused(ts, dur, message):
+    trace = {"traceEvents": [{"name": "train", "ph": "X", "pid": 0, "tid": 0, "ts": ts, "dur": dur}]}
+    with pytest.raises(ValueError, match=message):
+        summarize(trace)
