@@ -18,6 +18,7 @@ import signal
 import sys
 import threading
 from pathlib import Path
+from typing import Any
 
 DEFAULT_CONFIG = Path(__file__).parent / "configs" / "default.yaml"
 TOOLS = ("plot", "export", "evaluate", "trace")  # `launch.py TOOL RUN_DIR`
@@ -31,7 +32,12 @@ FLAG_KEYS = {
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description="Local learning with Successive Gradient Reconciliation (SGR).")
+    return training_parser().parse_args(argv)
+
+
+def training_parser(**kwargs: Any) -> argparse.ArgumentParser:
+    """The flags of a training run (`plan` takes them too)."""
+    p = argparse.ArgumentParser(description="Local learning with Successive Gradient Reconciliation (SGR).", **kwargs)
     p.add_argument("--config", help="YAML run config (default: configs/default.yaml; with --resume, the run's own)")
     p.add_argument("--method", help="sgr | layerwise | bp | reforward | greedy | fa | dfa | drtp")
     p.add_argument("--stages", type=int, help="number of local modules K")
@@ -55,7 +61,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--resume", metavar="RUN_DIR", help="continue RUN_DIR from its newest complete checkpoint "
                    "('latest': the config's out directory); flags still override the run's config")
     p.add_argument("--fresh", action="store_true", help="start over in a run directory that holds checkpoints (deletes them)")
-    return p.parse_args(argv)
+    return p
 
 
 def parse_tool_args(argv: list[str]) -> argparse.Namespace:
@@ -91,10 +97,10 @@ def build_config(args: argparse.Namespace):
         return cfg
     if args.fresh:
         raise ConfigError("--resume continues a run and --fresh starts one over: give one of them")
-    if args.out is not None and args.resume != "latest":  # (latest: the run in --out)
+    run_dir = Path(cfg.out if args.resume == "latest" else args.resume)
+    if args.out is not None and Path(args.out).resolve() != run_dir.resolve():
         raise ConfigError(f"--resume {args.resume} writes into that run's own directory: drop --out {args.out} "
                           "(to keep the run as it is, copy its directory and resume the copy)")
-    run_dir = Path(cfg.out if args.resume == "latest" else args.resume)
     if args.config is None:
         if not (run_dir / "config.yaml").exists():
             raise ConfigError(f"{run_dir} is not a run directory (no config.yaml); check the path given to --resume")
@@ -279,12 +285,14 @@ def run_plan(argv: list[str]) -> int:
     from pipeline.data import DataError, load_config_data
     from pipeline.plan import plan_split
 
-    extra = argparse.ArgumentParser(add_help=False)
-    extra.add_argument("--gpus", type=int, help="plan cuts and replica counts for this many devices")
-    extra.add_argument("--memory-cap", dest="memory_cap", type=float,
-                       help="GiB per device (default: the GPU's memory; on the CPU, global BP's footprint)")
-    layout_args, rest = extra.parse_known_args(argv)
-    args = parse_args(rest)
+    p = argparse.ArgumentParser(prog="launch.py plan", parents=[training_parser(add_help=False)],
+                                description="Measure each candidate module's memory and time and print the "
+                                            "least-memory split for --stages K; with --gpus, the fastest cuts and "
+                                            "replica counts on that many devices. Takes the training flags.")
+    p.add_argument("--gpus", type=int, help="plan cuts and replica counts for this many devices")
+    p.add_argument("--memory-cap", dest="memory_cap", type=float,
+                   help="GiB per device (default: the GPU's memory; on the CPU, global BP's footprint)")
+    args = layout_args = p.parse_args(argv)
     try:
         cfg = build_config(args)
         if cfg.method == "bp":
@@ -471,7 +479,12 @@ def main(argv: list[str] | None = None) -> int:
             return run_tool(argv)
         if argv and argv[0] == "plan":
             return run_plan(argv[1:])
-        if argv == ["models"]:
+        if argv and argv[0] == "models":
+            if len(argv) > 1:  # it takes no arguments: --help gets the usage, anything else an error
+                asked = argv[1:] in (["-h"], ["--help"])
+                print("usage: launch.py models  (lists every model name --model accepts)",
+                      file=sys.stdout if asked else sys.stderr)
+                return 0 if asked else 2
             return print_models()
         args = parse_args(argv)
         with contextlib.ExitStack() as held:  # the run directory's lock, released however the run ends

@@ -7,6 +7,7 @@ with `with_depth=True`) returns a `Network`; `launch.py models` lists what is re
 """
 from __future__ import annotations
 
+import inspect
 import re
 from dataclasses import dataclass
 from functools import partial
@@ -46,6 +47,20 @@ def register_model(name: str, with_depth: bool = False, about: str = "") -> Call
 def model_names() -> list[str]:
     """Every name `build_network` accepts, a family as `resnet<depth>`."""
     return [f"{name}<depth>" if entry.with_depth else name for name, entry in REGISTRY.items()]
+
+
+def model_args_of(name: str) -> list[str] | None:
+    """The `model_args` a model name takes (None: unknown name, or a builder that passes any on, as torchvision's)."""
+    entry = REGISTRY.get(name)
+    if entry is None:
+        match = re.fullmatch(r"([a-z_]+)(\d+)", name)
+        entry = REGISTRY.get(match.group(1)) if match else None
+    if entry is None:
+        return None
+    params = inspect.signature(entry.build).parameters.values()
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
+        return None
+    return [p.name for p in params if p.name not in ("depth", "in_channels", "num_classes", "input_size")]
 
 
 def build_network(name: str, in_channels: int, num_classes: int, input_size: int, **kwargs) -> Network:

@@ -14,7 +14,7 @@ from pipeline.bpfree import BPFREE_METHODS, NEEDS_OUTPUT_ERROR
 from pipeline.heads import Decoder, InfoProHead, build_head, feature_channels
 from pipeline.losses import infopro_coefficients, infopro_weights
 from pipeline.models import DenseLayer, Network, ends_in_relu
-from pipeline.registry import build_network
+from pipeline.registry import build_network, model_args_of
 from pipeline.splits import SplitError, module_ranges, resolve_cuts
 from pipeline.lars import LARS, split_for_lars
 from pipeline.step import BarlowTwinsStep, DeltaFlow, InfoProStep, SignalStep, StageStep, delta_flow
@@ -33,6 +33,11 @@ def build_net(cfg: Config, in_channels: int, num_classes: int, input_size: int) 
     try:
         return build_network(cfg.model, in_channels, num_classes, input_size, **cfg.model_args)
     except (ValueError, TypeError) as err:
+        takes = model_args_of(cfg.model)
+        unknown = sorted(set(cfg.model_args) - set(takes)) if takes is not None else []
+        if unknown:  # e.g. the default config's `width` (a ResNet's) with --model vgg17
+            raise ConfigError(f"model {cfg.model!r} takes no model_args {unknown}; its model_args are "
+                              f"{takes or 'none'}: set them, e.g. --set model_args={{}}") from None
         raise ConfigError(f"model {cfg.model!r} with model_args {cfg.model_args}: {err}") from None
 
 

@@ -345,3 +345,14 @@ def test_the_tools_on_a_run_that_logged_nothing_or_a_damaged_one_are_one_line(tm
     (run_dir / "trace.json").mkdir()
     assert launch.main(["trace", str(run_dir)]) == 2
     assert capsys.readouterr().err == f"error: cannot read {run_dir / 'trace.json'} (Is a directory)\n"
+
+
+def test_plan_and_models_have_help_of_their_own(capsys):
+    with pytest.raises(SystemExit) as done:
+        launch.main(["plan", "--help"])
+    printed = capsys.readouterr().out
+    assert done.value.code == 0 and printed.startswith("usage: launch.py plan")
+    assert "--gpus GPUS" in printed and "--memory-cap" in printed and "--stages STAGES" in printed
+    assert launch.main(["models", "--help"]) == 0
+    assert capsys.readouterr().out.startswith("usage: launch.py models")
+    assert launch.main(["models", "extra"]) == 2

@@ -1,10 +1,12 @@
 import pytest
 import torch
 
-from pipeline.config import Config
+from pipeline.config import Config, ConfigError
 from pipeline.heads import ProjectorHead
 from pipeline.lars import BIAS_LR_RATIO, LARS
-from pipeline.stages import build_local_modules, build_stage_steps, configure_torch, cuts_of, split_cuts
+from pipeline.registry import model_args_of
+from pipeline.stages import (build_local_modules, build_net, build_stage_steps, configure_torch, cuts_of,
+                             split_cuts)
 from pipeline.step import BarlowTwinsStep
 
 
@@ -37,3 +39,11 @@ def test_configure_torch_makes_an_indexed_gpu_the_current_one_and_leaves_the_res
     for device in (None, torch.device("cpu"), torch.device("cuda"), torch.device("cuda:1")):
         configure_torch(Config(), device)
     assert chosen == [torch.device("cuda:1")]  # pinned memory and new streams then land on GPU 1, not GPU 0
+
+
+def test_model_args_another_model_takes_are_named_with_the_ones_this_model_takes():
+    assert model_args_of("vgg17") == ["widths"] and model_args_of("resnet32") == ["width", "residual"]
+    assert model_args_of("tv_resnet50") is None and model_args_of("nonsense") is None  # passes any on; unknown
+    with pytest.raises(ConfigError, match=r"model 'vgg17' takes no model_args \['width'\]; its model_args are "
+                                          r"\['widths'\]: set them, e.g. --set model_args=\{\}"):
+        build_net(Config(model="vgg17", model_args={"width": 16}), 3, 10, 32)  # the default config's width
