@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import math
 import os
 import signal
 import sys
@@ -304,6 +305,9 @@ def run_plan(argv: list[str]) -> int:
                               "plan replicas it cannot use; plan without --gpus")
         if layout_args.gpus is not None and layout_args.gpus < cfg.stages:
             raise ConfigError(f"--gpus {layout_args.gpus} is fewer than the {cfg.stages} stages; give at least {cfg.stages}")
+        cap = layout_args.memory_cap
+        if cap is not None and not (math.isfinite(cap) and cap > 0):  # before the profiling pass, not after it
+            raise ConfigError(f"--memory-cap must be a positive number of GiB, got {cap}")
         data = load_config_data(cfg)
         # for replicas: BatchNorm measured as SyncBatchNorm (it keeps more for backward), if the run will use it
         sync_bn = layout_args.gpus is not None and cfg.sync_bn

@@ -175,6 +175,8 @@ def test_plan_with_gpus_prints_the_layout_the_planner_predicts_fastest(capsys):
     (["--stages", "9"], "error: stages=9 is out of range: model resnet8 has 4 units, so use 1..4"),
     (["--stages", "3", "--gpus", "2"], "error: --gpus 2 is fewer than the 3 stages; give at least 3"),
     (["--stages", "3", "--gpus", "4", "--memory-cap", "0.0001"], "error: no layout of 3 stages fits 0 MiB per device"),
+    (["--stages", "3", "--gpus", "4", "--memory-cap", "nan"], "error: --memory-cap must be a positive number of GiB"),
+    (["--stages", "3", "--gpus", "4", "--memory-cap", "-1"], "error: --memory-cap must be a positive number of GiB"),
     (["--stages", "3", "--gpus", "4", "--set", "local_loss=barlow_twins", "--set", "head=projector", "--set",
       "last_head=projector", "--set", "augment=true", "--set", "probe_size=0"],
      "error: local_loss barlow_twins trains one process per stage (replicas: 1), so --gpus would plan"),
