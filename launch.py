@@ -556,7 +556,7 @@ def run_job(args: argparse.Namespace, held: contextlib.ExitStack) -> int:
     except (CheckpointError, ConfigError) as err:  # a torchrun layout planned by rank 0 may not fit the world
         print(f"error: {err}", file=sys.stderr, flush=True)
         return 2
-    except (StageFailed, FloatingPointError, DiskFull) as err:
+    except (StageFailed, FloatingPointError, DiskFull, DataError) as err:  # DataError: an image that will not decode
         print(f"error: {err}", file=sys.stderr, flush=True)
         return 1
     except KeyboardInterrupt as err:

@@ -338,7 +338,15 @@ class ImageFolderData:
                                              multiprocessing_context=forkserver() if self.workers else None,
                                              worker_init_fn=functools.partial(exit_with, os.getpid()),
                                              generator=torch.Generator().manual_seed(0))
-        return iter(loader)
+        return _one_line_errors(iter(loader))
+
+
+def _one_line_errors(batches: Iterator[torch.Tensor]) -> Iterator[torch.Tensor]:
+    """The loader's batches; a DataError raised in a loader process comes back as its own one line."""
+    try:
+        yield from batches
+    except DataError as err:  # DataLoader re-raises it with the loader process's whole traceback in the message
+        raise DataError(str(err).strip().splitlines()[-1].split("DataError: ", 1)[-1]) from None
 
 
 Data = ImageData | ImageFolderData  # what batches are drawn from
@@ -370,8 +378,11 @@ class FolderImages(torch.utils.data.Dataset):
         from torchvision.transforms.v2 import functional as TF
 
         path, seed, recipe = item
-        with Image.open(path) as image:
-            x = TF.pil_to_tensor(image.convert("RGB"))
+        try:
+            with Image.open(path) as image:
+                x = TF.pil_to_tensor(image.convert("RGB"))
+        except (OSError, ValueError, SyntaxError) as err:  # PIL: not an image (an OSError), truncated, malformed
+            raise DataError(f"cannot decode image {path} ({err}); remove or replace the file") from None
         size = self.image_size
         if seed < 0:
             x = TF.resize(x, [round(size * EVAL_RESIZE)], antialias=True)

@@ -358,3 +358,18 @@ def test_plan_and_models_have_help_of_their_own(capsys):
     assert launch.main(["models", "--help"]) == 0
     assert capsys.readouterr().out.startswith("usage: launch.py models")
     assert launch.main(["models", "extra"]) == 2
+
+
+@pytest.mark.parametrize("schedule", ["sequential", "pipeline"])
+def test_a_corrupt_image_ends_the_run_with_one_line_naming_it(tmp_path, capfd, schedule):
+    from tests.pipeline.test_data import write_image_folder
+
+    write_image_folder(tmp_path / "folder")
+    broken = tmp_path / "folder" / "train" / "ant" / "0.png"
+    broken.write_bytes(b"\x89PNG but cut short")
+    argv = ["--dataset", "imagefolder", "--data-dir", str(tmp_path / "folder"), "--set", "image_size=16", "--stages", "2",
+            "--batch-size", "2", "--epochs", "1", "--threads", "1", "--no-progress", "--set", "loader_workers=0",
+            "--schedule", schedule, "--out", str(tmp_path / "run")]
+    assert launch.main(argv) == 1
+    err = capfd.readouterr().err  # the stage process's too: no traceback from it
+    assert err.count("\n") == 1 and f"cannot decode image {broken} (" in err and "Traceback" not in err, err

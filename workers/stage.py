@@ -19,6 +19,7 @@ import functools
 import os
 import resource
 import signal
+import sys
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,10 +29,11 @@ import torch
 import torch.distributed as dist
 import zmq
 
-from pipeline.checkpoint import check_finite, checkpoint_dir, fingerprint, load_stage_state, save_atomic, stage_state
+from pipeline.checkpoint import (DiskFull, check_finite, checkpoint_dir, fingerprint, load_stage_state, save_atomic,
+                                 stage_state)
 from pipeline.config import Config, from_dict, knn_bank_size, per_stage
-from pipeline.data import (DataShape, bank_batches, data_shape, eval_batches, load_config_data, probe_batch, rows_of,
-                           to_device)
+from pipeline.data import (DataError, DataShape, bank_batches, data_shape, eval_batches, load_config_data, probe_batch,
+                           rows_of, to_device)
 from pipeline.lifeline import adopt_environment, exit_with
 from pipeline.metrics import ModuleMeter, topk_correct, train_records
 from pipeline.probe import InputDriftProbe
@@ -42,11 +44,11 @@ from pipeline.syncbn import convert_sync_bn
 from workers.simulated import SimulatedStep
 from workers.messages import Kind, Record
 from workers.placement import LinkKind
-from workers.replicas import ReplicaGroup, group_backend, join_group
+from workers.replicas import ReplicaGroup, ReplicasDiverged, group_backend, join_group
 from workers.routes import Worker, receivers_of, rows_to, senders_of, shard
 from workers.security import RunKeys
 from workers.trace import Tracer, now
-from workers.transport import LINGER_MS, Message, Receiver, Reporter, Sender, remove_segments
+from workers.transport import LINGER_MS, Message, PeerLost, Receiver, Reporter, Sender, remove_segments
 
 
 REPLICA_STREAMS = 2**20  # replica r > 0 of a module draws dropout masks from the module's seed + r * this
@@ -428,6 +430,11 @@ def merge(messages: list[Message]) -> tuple[dict[str, Any], dict[str, torch.Tens
     return header, tensors
 
 
+# errors whose message says all (bad data, a NaN, a full disk, replicas that diverged, a lost neighbour): reported,
+# then exit 1 without a traceback; anything else is a bug, and its traceback is printed
+SAID_IN_ONE_LINE = (DataError, FloatingPointError, DiskFull, ReplicasDiverged, PeerLost)
+
+
 def _end_on_sigterm(signum: int, _frame: Any) -> None:
     """SIGTERM (the launcher stopping the run, or `exit_with`): unlink this process's shared memory, then die of it."""
     remove_segments(os.getpid())
@@ -443,7 +450,7 @@ def stage_main(spec: StageSpec) -> None:
     if spec.launcher_pid is not None:
         exit_with(spec.launcher_pid)  # a launcher killed with SIGKILL cannot stop its stages itself
     ctx = zmq.Context()
-    worker = None
+    worker, failed = None, False
     try:
         worker = StageWorker(spec, ctx)
         worker.connect(spec.out_endpoints, spec.report_endpoint, spec.out_links)
@@ -457,8 +464,12 @@ def stage_main(spec: StageSpec) -> None:
             reporter = Reporter(ctx, spec.report_endpoint, spec.rank, spec.keys, spec.worker)
             reporter.send({"kind": Record.ERROR, "error": f"{type(err).__name__}: {err}"})
             reporter.close()
-        raise
+        if not isinstance(err, SAID_IN_ONE_LINE):
+            raise
+        failed = True
     finally:
         if worker is not None:
             worker.close()
         ctx.destroy(linger=LINGER_MS)  # pending records get LINGER_MS to leave; never blocks longer
+    if failed:
+        sys.exit(1)  # the launcher prints the reported line; this process's traceback would add nothing

@@ -348,3 +348,15 @@ def test_images_travel_as_uint8_and_are_normalised_where_they_land(monkeypatch):
     assert torch.equal(moved[-2], data.test_x[:100]) and torch.equal(moved[-1], data.train_x[:16])
     monkeypatch.undo()
     assert all(torch.equal(a[0], b[0]) for a, b in zip(batches, train_batches(data, 1, 64, seed=5, use_augment=True)))
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_an_image_that_will_not_decode_is_named_in_one_line(tmp_path, workers):
+    write_image_folder(tmp_path)
+    broken = tmp_path / "train" / "bee" / "1.jpg"
+    broken.write_bytes(b"\xff\xd8\xff not a jpeg")
+    data = load_data("imagefolder", str(tmp_path), image_size=16, loader_workers=workers)
+    with pytest.raises(DataError) as err:
+        list(train_batches(data, 0, 3, seed=7, use_augment=True))
+    assert str(err.value).startswith(f"cannot decode image {broken} (") and "\n" not in str(err.value)
+    assert str(err.value).endswith("; remove or replace the file")
