@@ -39,6 +39,11 @@ def build_net(cfg: Config, in_channels: int, num_classes: int, input_size: int) 
             raise ConfigError(f"model {cfg.model!r} takes no model_args {unknown}; its model_args are "
                               f"{takes or 'none'}: set them, e.g. --set model_args={{}}") from None
         raise ConfigError(f"model {cfg.model!r} with model_args {cfg.model_args}: {err}") from None
+    except (RuntimeError, MemoryError) as err:  # torch's allocator fails with a RuntimeError; anything else is a bug
+        if not isinstance(err, MemoryError) and "allocate" not in str(err):
+            raise
+        raise ConfigError(f"model {cfg.model!r} with model_args {cfg.model_args} does not fit in this machine's "
+                          f"memory ({str(err).splitlines()[0][:160]}); make it smaller") from None
 
 
 def feature_layout(cfg: Config, in_channels: int, num_classes: int, input_size: int) -> str:

@@ -47,3 +47,19 @@ def test_model_args_another_model_takes_are_named_with_the_ones_this_model_takes
     with pytest.raises(ConfigError, match=r"model 'vgg17' takes no model_args \['width'\]; its model_args are "
                                           r"\['widths'\]: set them, e.g. --set model_args=\{\}"):
         build_net(Config(model="vgg17", model_args={"width": 16}), 3, 10, 32)  # the default config's width
+
+
+@pytest.mark.parametrize("message,said", [
+    ("[enforce fail at alloc_cpu.cpp:127] DefaultCPUAllocator: can't allocate memory: you tried", True),
+    ("a bug", False),
+])
+def test_a_model_too_big_for_memory_is_a_config_error_and_other_runtime_errors_stay_bugs(monkeypatch, message, said):
+    def failing(*_args, **_kwargs):
+        raise RuntimeError(message)
+
+    monkeypatch.setattr("pipeline.stages.build_network", failing)
+    expected = (ConfigError, "model 'resnet8' with model_args {} does not fit in this machine's memory") if said else \
+        (RuntimeError, "a bug")
+    with pytest.raises(expected[0]) as err:
+        build_net(Config(model_args={}), 1, 10, 8)
+    assert str(err.value).startswith(expected[1])
