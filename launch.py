@@ -61,7 +61,9 @@ def training_parser(**kwargs: Any) -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="no progress bar (logs still go to the run directory)")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue RUN_DIR from its newest complete checkpoint "
                    "('latest': the config's out directory); flags still override the run's config")
-    p.add_argument("--fresh", action="store_true", help="start over in a run directory that holds checkpoints (deletes them)")
+    p.add_argument("--fresh", action="store_true",
+                   help="start over in a run directory that holds an earlier run (deletes its checkpoints, records, "
+                        "plots, trace and export)")
     return p
 
 
@@ -124,7 +126,7 @@ def find_resume(args: argparse.Namespace, cfg, data, steps_per_run: int):
         if (run_dir / "checkpoints").is_dir() and any((run_dir / "checkpoints").iterdir()):
             if not args.fresh:
                 raise CheckpointError(f"{run_dir} holds checkpoints of an earlier run: continue it with --resume "
-                                      f"{run_dir}, start over with --fresh (deletes them), or choose another --out")
+                                      f"{run_dir}, start over with --fresh (deletes that run), or choose another --out")
             clear_outputs(run_dir)
         return None
     if cfg.method == "greedy":
