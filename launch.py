@@ -101,8 +101,9 @@ def build_config(args: argparse.Namespace):
     if args.fresh:
         raise ConfigError("--resume continues a run and --fresh starts one over: give one of them")
     run_dir = Path(cfg.out if args.resume == "latest" else args.resume)
-    if args.out is not None and Path(args.out).resolve() != run_dir.resolve():
-        raise ConfigError(f"--resume {args.resume} writes into that run's own directory: drop --out {args.out} "
+    out = overrides.get("out")  # --out or --set out=...
+    if out is not None and Path(str(out)).resolve() != run_dir.resolve():
+        raise ConfigError(f"--resume {args.resume} writes into that run's own directory: drop --out {out} "
                           "(to keep the run as it is, copy its directory and resume the copy)")
     if args.config is None:
         if not (run_dir / "config.yaml").exists():
@@ -123,10 +124,11 @@ def find_resume(args: argparse.Namespace, cfg, data, steps_per_run: int):
 
     run_dir = Path(cfg.out)
     if not args.resume:
-        if (run_dir / "checkpoints").is_dir() and any((run_dir / "checkpoints").iterdir()):
-            if not args.fresh:
-                raise CheckpointError(f"{run_dir} holds checkpoints of an earlier run: continue it with --resume "
-                                      f"{run_dir}, start over with --fresh (deletes that run), or choose another --out")
+        held = (run_dir / "checkpoints").is_dir() and any((run_dir / "checkpoints").iterdir())
+        if held and not args.fresh:
+            raise CheckpointError(f"{run_dir} holds checkpoints of an earlier run: continue it with --resume "
+                                  f"{run_dir}, start over with --fresh (deletes that run), or choose another --out")
+        if args.fresh and int(os.environ.get("RANK", "0")) == 0:  # the rank that holds the run directory's lock
             clear_outputs(run_dir)
         return None
     if cfg.method == "greedy":
@@ -164,13 +166,13 @@ def run_tool(argv: list[str]) -> int:
     if args.tool == "plot":
         from pipeline.plots import plot_run
 
-        try:
-            paths = plot_run(run_dir)
-        except FileNotFoundError:
+        if not (run_dir / "metrics.jsonl").is_file():
             print(f"error: {run_dir / 'metrics.jsonl'} does not exist: the run has logged nothing to plot yet",
                   file=sys.stderr)
             return 2
-        except ValueError as err:  # a damaged metrics.jsonl: the message names the line
+        try:
+            paths = plot_run(run_dir)
+        except ValueError as err:  # a damaged metrics.jsonl: read_jsonl's message names the line
             print(f"error: {err}", file=sys.stderr)
             return 2
         except OSError as err:
@@ -204,29 +206,36 @@ def run_tool(argv: list[str]) -> int:
 
     import torch
 
-    from pipeline.export import export_model, restore_steps
+    from pipeline.checkpoint import save_atomic
+    from pipeline.export import exported_model, restore_steps
     from pipeline.metrics import format_eval
     from pipeline.trainer import evaluate
 
+    device = torch.device(device_name)
     try:
         if args.tool == "export":
-            try:
-                export_model(cfg, data, checkpoint, path)
-            except OSError as err:  # the checkpoint was read; writing the export failed (a full disk: DiskFull's line)
-                print(f"error: {err if isinstance(err, DiskFull) else f'cannot write {path}: {err.strerror}'}",
-                      file=sys.stderr)
-                return 1
-            print(f"exported step {checkpoint.step} to {path}; load it with pipeline.export.load_exported({str(path)!r})")
-            return 0
-        device = torch.device(device_name)
-        _, steps = restore_steps(cfg, data, checkpoint, device)
-    except (pickle.UnpicklingError, EOFError, RuntimeError, KeyError) as err:  # a file older checkpoints did not checksum
+            exported = exported_model(cfg, data, checkpoint)
+        else:
+            _, steps = restore_steps(cfg, data, checkpoint, device)
+    except (pickle.UnpicklingError, EOFError, RuntimeError, KeyError, OSError) as err:  # one checksums cannot catch
         print(f"error: checkpoint {checkpoint.path} cannot be loaded ({type(err).__name__}: {str(err).splitlines()[0]})",
               file=sys.stderr)
         return 2
-    if args.linear_probe:
-        return run_linear_probe(cfg, data, checkpoint, steps, run_dir, args.probe_epochs, device)
-    scores = evaluate(steps, data, cfg.eval_batch_size, device, knn_bank_size(cfg))
+    if args.tool == "export":
+        try:
+            save_atomic(exported, path)
+        except (OSError, RuntimeError) as err:  # a full disk is DiskFull's own line
+            print(f"error: {err if isinstance(err, DiskFull) else f'cannot write {path} ({err})'}", file=sys.stderr)
+            return 1
+        print(f"exported step {checkpoint.step} to {path}; load it with pipeline.export.load_exported({str(path)!r})")
+        return 0
+    try:
+        if args.linear_probe:
+            return run_linear_probe(cfg, data, checkpoint, steps, run_dir, args.probe_epochs, device)
+        scores = evaluate(steps, data, cfg.eval_batch_size, device, knn_bank_size(cfg))
+    except DataError as err:  # an image of the test set (or the k-NN bank) that will not decode
+        print(f"error: {err}", file=sys.stderr)
+        return 1
     print(format_eval(checkpoint.step, scores["test_acc"], knn=barlow_twins_losses(cfg)))
     return 0
 

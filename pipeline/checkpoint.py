@@ -148,8 +148,8 @@ def checkpoint_dir(run_dir: Path, step: int) -> Path:
 def fingerprint(cfg: Config, cuts: list[int]) -> dict[str, Any]:
     """What a checkpoint's weights depend on: a resumed run must match it exactly."""
     run = {"model": cfg.model, "model_args": cfg.model_args, "cuts": list(cuts), "stages": len(cuts) + 1,
-           "method": cfg.method, "dataset": cfg.dataset, "head": cfg.head, "last_head": cfg.last_head,
-           "batch_size": cfg.batch_size, "optimizer": cfg.optimizer}
+           "method": cfg.method, "dataset": cfg.dataset, "train_subset": cfg.train_subset, "head": cfg.head,
+           "last_head": cfg.last_head, "batch_size": cfg.batch_size, "optimizer": cfg.optimizer}
     if cfg.local_loss == "barlow_twins":  # (only then: older runs' fingerprints stay valid) its projectors' shapes
         run.update(local_loss=cfg.local_loss, projector_width=cfg.projector_width)
     return run
@@ -261,9 +261,10 @@ RESUME_FIX = "resume with the run's own config or start a new run with a differe
 
 def latest_checkpoint(run_dir: Path, expected: dict[str, Any], fix: str = RESUME_FIX) -> Checkpoint:
     """The newest good checkpoint of `run_dir`, refused (with `fix` in the message) if it was trained with a
-    different model or split than `expected` says."""
+    different model or split than `expected` says (keys a manifest predates are not compared)."""
     latest = newest_good_checkpoint(run_dir)
-    differ = [key for key in expected if latest.manifest["fingerprint"].get(key) != expected[key]]
+    saved = latest.manifest["fingerprint"]
+    differ = [key for key in expected if key in saved and saved[key] != expected[key]]
     if differ:
         was = ", ".join(f"{k}={latest.manifest['fingerprint'].get(k)!r}" for k in differ)
         now = ", ".join(f"{k}={expected[k]!r}" for k in differ)

@@ -269,9 +269,9 @@ def validate(cfg: Config) -> Config:
         need("projector" not in (cfg.head, cfg.last_head), "head projector is for local_loss barlow_twins; "
                                                             "use conv_linear, etf or token_linear")
     need(cfg.photometric in PHOTOMETRIC, f"photometric must be one of {', '.join(PHOTOMETRIC)}, got {cfg.photometric!r}")
-    need(cfg.photometric == "none" or (barlow_twins_losses(cfg) and cfg.augment),
+    need(cfg.photometric == "none" or barlow_twins_losses(cfg),
          f"photometric {cfg.photometric} gives each of Barlow Twins' two views its own recipe: it needs local_loss "
-         "barlow_twins and augment: true")
+         "barlow_twins")
     need(cfg.barlow_lambda >= 0 and cfg.lars_eta > 0, "barlow_lambda must be >= 0 and lars_eta > 0")
     need(not (cfg.optimizer == "lars" and cfg.nesterov), "optimizer lars uses heavy-ball momentum: set nesterov: false")
     need(len(cfg.infopro_lambdas) in (0, 4) and all(isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0

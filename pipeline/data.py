@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from pipeline.lifeline import exit_with, forkserver
-from pipeline.views import Photometric, photometric_view, photometric_views
+from pipeline.views import Photometric, photometric_view, photometric_views, view_block
 
 if TYPE_CHECKING:
     from pipeline.config import Config
@@ -304,8 +304,8 @@ class ImageFolderData:
         items = []
         for idx in batches:
             seeds = torch.randint(0, 2**62, (len(idx),), generator=generator).tolist() if use_augment else [-1] * len(idx)
-            block = len(idx) // max(1, len(recipes))
-            per_row = [recipes[row // block] if recipes and use_augment else None for row in range(len(idx))]
+            block = view_block(len(idx), recipes) if recipes and use_augment else 0
+            per_row = [recipes[row // block] if block else None for row in range(len(idx))]
             items.append(rows_of([FolderItem(self.train_files[i], seed, recipe)
                                   for i, seed, recipe in zip(idx.tolist(), seeds, per_row)], part))
         return self._decode(items[start:])
@@ -381,7 +381,9 @@ class FolderImages(torch.utils.data.Dataset):
         try:
             with Image.open(path) as image:
                 x = TF.pil_to_tensor(image.convert("RGB"))
-        except (OSError, ValueError, SyntaxError) as err:  # PIL: not an image (an OSError), truncated, malformed
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
+            if isinstance(err, OSError) and err.errno is not None:  # the file system's: permissions, I/O, open files
+                raise DataError(f"cannot read image {path} ({err.strerror})") from None
             raise DataError(f"cannot decode image {path} ({err}); remove or replace the file") from None
         size = self.image_size
         if seed < 0:

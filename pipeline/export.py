@@ -8,9 +8,10 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from pipeline.checkpoint import Checkpoint, load_stage_state, save_atomic
+from pipeline.checkpoint import Checkpoint, load_stage_state
 from pipeline.config import Config, from_dict
 from pipeline.data import Data, steps_per_epoch
+from pipeline.rundir import RUN_OUTPUTS
 from pipeline.stages import LocalModule, build_local_modules, build_stage_steps
 from pipeline.step import StageStep
 
@@ -38,17 +39,15 @@ def restore_steps(cfg: Config, data: Data, checkpoint: Checkpoint,
     return local, steps
 
 
-def export_model(cfg: Config, data: Data, checkpoint: Checkpoint, path: Path) -> dict[str, Any]:
-    """Write the checkpoint's network as one state dict for `inference_model`, with what is needed to rebuild
-    it and the input normalisation it was trained with."""
+def exported_model(cfg: Config, data: Data, checkpoint: Checkpoint) -> dict[str, Any]:
+    """The checkpoint's network as one state dict for `inference_model`, with what is needed to rebuild it and the
+    input normalisation it was trained with: what `launch.py export` writes (with `save_atomic`: no torn file)."""
     local, _ = restore_steps(cfg, data, checkpoint, torch.device("cpu"))
-    exported = {
+    return {
         "config": cfg.to_dict(), "step": checkpoint.step, "in_channels": data.in_channels,
         "num_classes": data.num_classes, "input_size": data.input_size, "state_dict": stitch(local).state_dict(),
         "mean": data.mean, "std": data.std,  # inputs are (uint8 / 255 - mean) / std per channel, as in training
     }
-    save_atomic(exported, path)  # no torn file, and a full disk is one line
-    return exported
 
 
 class ExportError(ValueError):
@@ -62,8 +61,8 @@ def export_path(run_dir: Path, to: str | None) -> Path:
     target, own = path.resolve(), run_dir.resolve()
     if path.is_dir():
         raise ExportError(f"--to {path} is a folder; name a file, e.g. {path / 'model.pt'}")
-    kept = target.parent == own and target.exists() and target.name != "model.pt"  # config.yaml, metrics.jsonl, ...
-    if own / "checkpoints" in target.parents or kept:
+    kept = [own / name for name in ("config.yaml", *RUN_OUTPUTS) if name != "model.pt"]  # export's own file may go
+    if any(target == p or p in target.parents for p in kept):
         raise ExportError(f"--to {path} would overwrite the run's own {target.relative_to(own)}; name another file")
     if not target.parent.is_dir():
         raise ExportError(f"--to {path}: the folder {path.parent} does not exist; create it or name another file")

@@ -52,19 +52,14 @@ def lock_run_dir(run_dir: Path) -> IO[str]:
     return handle
 
 
-def clear_outputs(run_dir: Path) -> list[str]:
-    """Remove what an earlier run left in `run_dir` (RUN_OUTPUTS); the names it removed."""
-    removed = []
+def clear_outputs(run_dir: Path) -> None:
+    """Remove what an earlier run left in `run_dir` (RUN_OUTPUTS)."""
     for name in RUN_OUTPUTS:
         path = Path(run_dir) / name
         if path.is_dir() and not path.is_symlink():
-            shutil.rmtree(path)
-        elif path.exists() or path.is_symlink():
-            path.unlink()
+            shutil.rmtree(path, ignore_errors=True)
         else:
-            continue
-        removed.append(name)
-    return removed
+            path.unlink(missing_ok=True)
 
 
 class RunWriter:

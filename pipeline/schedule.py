@@ -142,10 +142,16 @@ def prefetched(items: Iterator[T], ahead: int = 1, device: torch.device | None =
         stop.set()
 
 
+def config_batches(cfg: Config, data: Data, epoch: int, skip: int = 0, device: torch.device | None = None,
+                   part: Part = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """The epoch's training batches as the config draws them (augmentation, views and their recipes)."""
+    return train_batches(data, epoch, cfg.batch_size, cfg.seed, cfg.augment, skip, device, part, views_per_image(cfg),
+                         PHOTOMETRIC[cfg.photometric])
+
+
 def _steps(cfg: Config, data: Data, epoch: int, skip: int, steps_per_epoch: int, total: int,
            device: torch.device | None, part: Part) -> Iterator[ScheduledStep]:
-    batches = train_batches(data, epoch, cfg.batch_size, cfg.seed, cfg.augment, skip, device, part,
-                            views_per_image(cfg), PHOTOMETRIC[cfg.photometric])
+    batches = config_batches(cfg, data, epoch, skip, device, part)
     for i, (x, y) in enumerate(batches, start=skip):
         step = epoch * steps_per_epoch + i + 1
         yield ScheduledStep(epoch, step, x, y, is_due(cfg.eval_every, step, steps_per_epoch, total),

@@ -146,6 +146,7 @@ class StageStep:
             self.scheduler.base_lrs = base_lrs
             for group, base, factor in zip(self.optimizer.param_groups, base_lrs, self.scheduler.lr_lambdas):
                 group["lr"] = base * factor(self.scheduler.last_epoch)  # as LambdaLR.step computes it
+            self.scheduler._last_lr = [group["lr"] for group in self.optimizer.param_groups]  # get_last_lr() agrees
         module_rng = state.get("rng_module")
         self.rng_state = None if module_rng is None else {name: t.cpu() for name, t in module_rng.items()}
 

@@ -16,11 +16,11 @@ from pipeline.bpfree import NEEDS_OUTPUT_ERROR, dfa_signal, pepita_input, pepita
 from pipeline.checkpoint import (Checkpoint, CheckpointError, check_finite, checkpoint_dir, fingerprint, load_stage_state,
                                  save_atomic, stage_state)
 from pipeline.config import Config, barlow_twins_losses, knn_bank_size
-from pipeline.data import Data, bank_batches, eval_batches, probe_batch, steps_per_epoch, to_device, train_batches
+from pipeline.data import Data, bank_batches, eval_batches, probe_batch, steps_per_epoch, to_device
 from pipeline.metrics import ModuleMeter, eval_record, format_eval, topk_correct, train_records
 from pipeline.probe import InputDriftProbe
 from pipeline.rundir import RunWriter
-from pipeline.schedule import run_epochs
+from pipeline.schedule import config_batches, run_epochs
 from pipeline.stages import build_local_modules, build_stage_steps, configure_torch, cuts_of
 from pipeline.step import SignalStep, StageStep, StepStats
 
@@ -150,8 +150,7 @@ class SequentialTrainer:
         return result
 
     def _batches(self, epoch: int, start: int = 0):
-        for x, y in train_batches(self.data, epoch, self.cfg.batch_size, self.cfg.seed, self.cfg.augment, start,
-                                  self.device):
+        for x, y in config_batches(self.cfg, self.data, epoch, start, self.device):
             yield x, to_device(y, self.device)
 
     def _run_joint(self) -> dict[str, Any]:

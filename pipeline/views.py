@@ -163,10 +163,17 @@ def photometric_view(x: torch.Tensor, recipe: Photometric, generator: torch.Gene
     return out.mul_(255).round_().clamp_(0, 255).to(torch.uint8)
 
 
+def view_block(rows: int, recipes: tuple[Photometric, ...]) -> int:
+    """Rows per view in a batch of `rows` holding len(recipes) equal blocks, one per view (rows i, i + block, ...
+    are one image's views)."""
+    if rows % len(recipes):
+        raise ValueError(f"a batch of {rows} rows does not split into {len(recipes)} equal blocks of views")
+    return rows // len(recipes)
+
+
 def photometric_views(x: torch.Tensor, recipes: tuple[Photometric, ...], generator: torch.Generator) -> torch.Tensor:
-    """The views of a batch whose rows hold len(recipes) equal blocks, one per view: each block gets its recipe
-    (no recipes: the batch as it is)."""
+    """Each view's block of the batch with its recipe (no recipes: the batch as it is)."""
     if not recipes:
         return x
-    blocks = x.split(x.shape[0] // len(recipes))
+    blocks = x.split(view_block(x.shape[0], recipes))
     return torch.cat([photometric_view(block, recipe, generator) for block, recipe in zip(blocks, recipes)])

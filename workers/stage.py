@@ -450,7 +450,7 @@ def stage_main(spec: StageSpec) -> None:
     if spec.launcher_pid is not None:
         exit_with(spec.launcher_pid)  # a launcher killed with SIGKILL cannot stop its stages itself
     ctx = zmq.Context()
-    worker, failed = None, False
+    worker, said = None, None
     try:
         worker = StageWorker(spec, ctx)
         worker.connect(spec.out_endpoints, spec.report_endpoint, spec.out_links)
@@ -458,18 +458,20 @@ def stage_main(spec: StageSpec) -> None:
     except KeyboardInterrupt:
         pass
     except BaseException as err:
+        line = f"{type(err).__name__}: {err}"
         if worker is not None and worker.reporter is not None:
-            worker.reporter.send({"kind": Record.ERROR, "error": f"{type(err).__name__}: {err}"})
+            worker.reporter.send({"kind": Record.ERROR, "error": line})
         else:  # failed before connecting: a short-lived reporter, closed so that ctx.term() cannot block
             reporter = Reporter(ctx, spec.report_endpoint, spec.rank, spec.keys, spec.worker)
-            reporter.send({"kind": Record.ERROR, "error": f"{type(err).__name__}: {err}"})
+            reporter.send({"kind": Record.ERROR, "error": line})
             reporter.close()
         if not isinstance(err, SAID_IN_ONE_LINE):
             raise
-        failed = True
+        said = line
     finally:
         if worker is not None:
             worker.close()
         ctx.destroy(linger=LINGER_MS)  # pending records get LINGER_MS to leave; never blocks longer
-    if failed:
-        sys.exit(1)  # the launcher prints the reported line; this process's traceback would add nothing
+    if said is not None:  # its line, in case the record did not reach the launcher; a traceback would add nothing
+        print(f"{spec.name}: {said}", file=sys.stderr, flush=True)
+        sys.exit(1)

@@ -52,6 +52,14 @@ def test_a_run_with_another_model_or_split_is_refused(tmp_path):
         latest_checkpoint(tmp_path / "empty", FINGERPRINT)
 
 
+def test_a_key_a_manifest_predates_is_not_compared_and_one_it_holds_is(tmp_path):
+    fake_checkpoint(tmp_path, 10)  # written before train_subset was part of the fingerprint
+    assert latest_checkpoint(tmp_path, {**FINGERPRINT, "train_subset": 256}).step == 10
+    fake_checkpoint(tmp_path, 20, fingerprint={**FINGERPRINT, "train_subset": 512})
+    with pytest.raises(CheckpointError, match="was trained with train_subset=512, but this config has train_subset=256"):
+        latest_checkpoint(tmp_path, {**FINGERPRINT, "train_subset": 256})
+
+
 def test_prune_keeps_the_newest_and_the_best(tmp_path):
     for step, acc in ((10, 0.5), (20, 0.9), (30, 0.6), (40, 0.7), (50, None)):
         fake_checkpoint(tmp_path, step, test_acc=acc)

@@ -245,6 +245,7 @@ def test_a_step_restored_from_its_state_dict_continues_exactly(batch):
     changed.load_state_dict(copy.deepcopy(state))
     group = changed.optimizer.param_groups[0]
     assert (group["lr"], group["momentum"], changed.scheduler.last_epoch) == (0.02 * 0.7 ** 2, 0.5, 2)
+    assert changed.scheduler.get_last_lr() == [group["lr"]]
     buffers = [changed.optimizer.state[p]["momentum_buffer"] for p in changed.module.parameters()]
     assert all(torch.equal(b, s["momentum_buffer"]) for b, s in zip(buffers, state["optimizer"]["state"].values()))
     changed.train_step(x, delta_prev, y)

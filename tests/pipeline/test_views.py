@@ -3,7 +3,7 @@ import torch
 import torchvision.transforms.v2.functional as TF
 
 from pipeline.views import (DRAWS, PHOTOMETRIC, Photometric, blur, blur_kernel_size, brightness, contrast, grey, hue,
-                            photometric_view, photometric_views, saturation, solarize)
+                            photometric_view, photometric_views, saturation, solarize, view_block)
 
 NOTHING = Photometric(jitter=0.0, grayscale=0.0, blur=0.0, solarize=0.0)
 
@@ -98,3 +98,11 @@ def test_views_take_their_own_recipe_and_the_bits_do_not_depend_on_the_thread_co
     finally:
         torch.set_num_threads(threads)
     assert torch.equal(*runs)
+
+
+def test_a_batch_that_does_not_split_into_equal_view_blocks_is_an_error_not_lost_rows():
+    recipes = PHOTOMETRIC["barlow_twins"]
+    assert view_block(6, recipes) == 3
+    for rows in (5, 1):
+        with pytest.raises(ValueError, match=f"a batch of {rows} rows does not split into 2 equal blocks"):
+            photometric_views(images(rows, size=8), recipes, seeded(0))
