@@ -268,7 +268,8 @@ def validate(cfg: Config) -> Config:
     else:
         need("projector" not in (cfg.head, cfg.last_head), "head projector is for local_loss barlow_twins; "
                                                             "use conv_linear, etf or token_linear")
-    need(cfg.photometric in PHOTOMETRIC, f"photometric must be one of {', '.join(PHOTOMETRIC)}, got {cfg.photometric!r}")
+    need(cfg.photometric in PHOTOMETRIC,
+         f"photometric must be one of {', '.join(PHOTOMETRIC)}, got {cfg.photometric!r}")
     need(cfg.photometric == "none" or barlow_twins_losses(cfg),
          f"photometric {cfg.photometric} gives each of Barlow Twins' two views its own recipe: it needs local_loss "
          "barlow_twins")

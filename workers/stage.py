@@ -133,7 +133,7 @@ class StageWorker:
         self.counts, self.replica = spec.replicas, spec.replica
         self.lead = spec.replica == 0  # replica 0 reports, probes ΔL_k and saves the stage's checkpoint
         self.device = torch.device(spec.device)
-        configure_torch(self.cfg, self.device)  # before the first CUDA call: deterministic kernels need the cuBLAS workspace
+        configure_torch(self.cfg, self.device)  # before the first CUDA call (deterministic kernels: cuBLAS workspace)
         torch.set_num_threads(spec.threads)
         self.data = load_config_data(self.cfg) if self.rank == 0 else None  # stage 1 alone draws batches
         shape = spec.shape

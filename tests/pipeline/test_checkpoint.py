@@ -56,7 +56,7 @@ def test_a_key_a_manifest_predates_is_not_compared_and_one_it_holds_is(tmp_path)
     fake_checkpoint(tmp_path, 10)  # written before train_subset was part of the fingerprint
     assert latest_checkpoint(tmp_path, {**FINGERPRINT, "train_subset": 256}).step == 10
     fake_checkpoint(tmp_path, 20, fingerprint={**FINGERPRINT, "train_subset": 512})
-    with pytest.raises(CheckpointError, match="was trained with train_subset=512, but this config has train_subset=256"):
+    with pytest.raises(CheckpointError, match="with train_subset=512, but this config has train_subset=256"):
         latest_checkpoint(tmp_path, {**FINGERPRINT, "train_subset": 256})
 
 

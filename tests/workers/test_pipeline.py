@@ -89,8 +89,8 @@ def test_barlow_twins_with_sgr_in_the_pipeline_equals_the_reference_to_the_bit(t
     """Both views (each with its photometric recipe) travel as one batch of 2N; before each evaluation the k-NN bank's
     batches flow through every stage."""
     cfg = small_config(tmp_path, transport=transport, local_loss="barlow_twins", head="projector",
-                       last_head="projector", projector_width=16, augment=True, photometric="barlow_twins", probe_size=0,
-                       knn_bank=96, knn_k=5)
+                       last_head="projector", projector_width=16, augment=True, photometric="barlow_twins",
+                       probe_size=0, knn_bank=96, knn_k=5)
     result = run_pipeline(cfg)
     trainer, expected = reference(cfg, tmp_path)
     assert_bit_identical(trainer, pipeline_states(Path(cfg.out), 3))
