@@ -368,8 +368,8 @@ def test_a_corrupt_image_ends_the_run_with_one_line_naming_it(tmp_path, capfd, s
     broken = tmp_path / "folder" / "train" / "ant" / "0.png"
     broken.write_bytes(b"\x89PNG but cut short")
     argv = ["--dataset", "imagefolder", "--data-dir", str(tmp_path / "folder"), "--set", "image_size=16",
-            "--stages", "2", "--batch-size", "2", "--epochs", "1", "--threads", "1", "--no-progress", "--set", "loader_workers=0",
-            "--schedule", schedule, "--out", str(tmp_path / "run")]
+            "--stages", "2", "--batch-size", "2", "--epochs", "1", "--threads", "1", "--no-progress",
+            "--set", "loader_workers=0", "--schedule", schedule, "--out", str(tmp_path / "run")]
     assert launch.main(argv) == 1
     # a stage writes to the stderr its forkserver had when it started (this test's, when it started the forkserver):
     # at most its own one line, never a traceback
