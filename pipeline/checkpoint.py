@@ -266,7 +266,7 @@ def latest_checkpoint(run_dir: Path, expected: dict[str, Any], fix: str = RESUME
     saved = latest.manifest["fingerprint"]
     differ = [key for key in expected if key in saved and saved[key] != expected[key]]
     if differ:
-        was = ", ".join(f"{k}={latest.manifest['fingerprint'].get(k)!r}" for k in differ)
+        was = ", ".join(f"{k}={saved[k]!r}" for k in differ)
         now = ", ".join(f"{k}={expected[k]!r}" for k in differ)
         raise CheckpointError(f"{run_dir} was trained with {was}, but this config has {now}; {fix}")
     return latest

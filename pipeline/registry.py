@@ -49,15 +49,23 @@ def model_names() -> list[str]:
     return [f"{name}<depth>" if entry.with_depth else name for name, entry in REGISTRY.items()]
 
 
+def _resolve(name: str) -> tuple[ModelEntry, int | None] | None:
+    """A model name's entry and depth: a fixed model ('vit_s16': no depth) or a family and its depth ('resnet32');
+    None if nothing registered answers to it."""
+    entry = REGISTRY.get(name)
+    if entry is not None and not entry.with_depth:
+        return entry, None
+    match = re.fullmatch(r"([a-z_]+)(\d+)", name)
+    entry = REGISTRY.get(match.group(1)) if match else None
+    return (entry, int(match.group(2))) if entry is not None and entry.with_depth else None
+
+
 def model_args_of(name: str) -> list[str] | None:
     """The `model_args` a model name takes (None: unknown name, or a builder that passes any on, as torchvision's)."""
-    entry = REGISTRY.get(name)
-    if entry is None:
-        match = re.fullmatch(r"([a-z_]+)(\d+)", name)
-        entry = REGISTRY.get(match.group(1)) if match else None
-    if entry is None:
+    resolved = _resolve(name)
+    if resolved is None:
         return None
-    params = inspect.signature(entry.build).parameters.values()
+    params = inspect.signature(resolved[0].build).parameters.values()
     if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
         return None
     return [p.name for p in params if p.name not in ("depth", "in_channels", "num_classes", "input_size")]
@@ -65,16 +73,13 @@ def model_args_of(name: str) -> list[str] | None:
 
 def build_network(name: str, in_channels: int, num_classes: int, input_size: int, **kwargs) -> Network:
     """Build a registered model by name: a family and a depth ('resnet32', 'vgg17') or a fixed model ('vit_s16')."""
-    sizes = dict(in_channels=in_channels, num_classes=num_classes, input_size=input_size)
-    entry = REGISTRY.get(name)
-    if entry is not None and not entry.with_depth:
-        return entry.build(**sizes, **kwargs)
-    match = re.fullmatch(r"([a-z_]+)(\d+)", name)
-    entry = REGISTRY.get(match.group(1)) if match else None
-    if entry is None or not entry.with_depth:
+    resolved = _resolve(name)
+    if resolved is None:
         raise ValueError(f"unknown model {name!r}; use one of {', '.join(model_names())} (e.g. resnet32; "
                          "`launch.py models` describes them)")
-    return entry.build(int(match.group(2)), **sizes, **kwargs)
+    entry, depth = resolved
+    depth_arg = () if depth is None else (depth,)
+    return entry.build(*depth_arg, in_channels=in_channels, num_classes=num_classes, input_size=input_size, **kwargs)
 
 
 for _name, _build, _about in [

@@ -7,7 +7,8 @@ Gaussian blur (σ from [0.1, 2]; p 1.0 in the first view, 0.1 in the second) and
 the image holds, so a batch stays a function of (seed, epoch) like every batch of this project.
 Images go in and out as uint8 (N×C×H×W, C = 1 or 3: greyscale images skip saturation and hue);
 the arithmetic is elementwise, and the blur's weights and the contrast's mean are numpy's, so the
-bits do not depend on the thread count (a pipeline's first stage and the reference trainer draw identical batches).
+bits do not depend on the thread count (a pipeline's first stage and the reference trainer draw
+identical batches).
 """
 from __future__ import annotations
 
