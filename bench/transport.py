@@ -3,9 +3,9 @@
 A sender process pushes tensors through workers.transport's Sender to a Receiver here, with
 the credit flow control the pipeline uses (depth 2 for bandwidth; depth 1 for the latency of
 a tiny message, so each message waits for its credit: one full round trip). Links: zmq frames
-over ipc:// and tcp://, shared memory (the header over ipc://), and CUDA IPC, measured only
-when CUDA is available. A plain memory copy (torch copy_) of the same size is the bandwidth's
-yardstick, a bare pyzmq ping-pong over ipc:// the latency's.
+over ipc:// and tcp://, shared memory (the header over a Unix socket), and CUDA IPC, measured
+only when CUDA is available. A plain memory copy (torch copy_) of the same size is the
+bandwidth's yardstick; bare ping-pongs (pyzmq over ipc://, a Unix socket) are the latency's.
 The per-message latency is compared with the shortest ResNet-32 stage step at batch 128
 (K = 3, SGR), measured here in one process with the same thread count.
 """
@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import multiprocessing as mp
 import shutil
+import socket
 import sys
 import tempfile
 import time
@@ -26,8 +27,8 @@ import torch
 import zmq
 
 from pipeline.data import train_batches
-from workers.placement import LinkKind
-from workers.transport import Receiver, Sender
+from workers.placement import LinkKind, link_endpoint
+from workers.transport import MAX_DATAGRAM, Receiver, Sender
 from bench.common import (bench_config, bench_data, build_steps, markdown_table, meta, median_seconds, parse, parser,
                           pyplot, size_of, stage_step_seconds, write_results)
 
@@ -64,7 +65,7 @@ def link_seconds(link: str, plan: list[tuple[int, int, int]]) -> list[float]:
     cuda = link == "cuda_ipc"
     tmp = tempfile.mkdtemp(prefix="sgr-bench-")
     ctx = zmq.Context()
-    endpoint = "tcp://127.0.0.1:*" if link == "tcp" else f"ipc://{tmp}/link"
+    endpoint = link_endpoint(LINKS[link], tmp, "link", "127.0.0.1" if link == "tcp" else None)
     receiver = Receiver(ctx, endpoint, timeout_s=60, device=torch.device("cuda") if cuda else None)
     try:
         with peer_process(_send_plan, receiver.endpoint, plan, link):
@@ -99,22 +100,22 @@ def seconds_per_call(call: Callable[[], object], count: int) -> float:
 
 def _bare_socket(ctx: zmq.Context) -> zmq.Socket:
     """A PAIR socket for the bare ping-pong: a lost peer is an error (zmq.Again) after 60 s, not a hang."""
-    socket = ctx.socket(zmq.PAIR)
+    pair = ctx.socket(zmq.PAIR)
     for option in (zmq.RCVTIMEO, zmq.SNDTIMEO):
-        socket.setsockopt(option, 60_000)
-    socket.setsockopt(zmq.LINGER, 0)
-    return socket
+        pair.setsockopt(option, 60_000)
+    pair.setsockopt(zmq.LINGER, 0)
+    return pair
 
 
 def _echo(endpoint: str, count: int) -> None:
     """The floor's other end: answer each of `count` + 1 messages with one byte, as a receiver's credit does."""
     ctx = zmq.Context()
-    socket = _bare_socket(ctx)
-    socket.connect(endpoint)
+    pair = _bare_socket(ctx)
+    pair.connect(endpoint)
     for _ in range(count + 1):
-        socket.recv_multipart(copy=False)
-        socket.send(b"d")
-    socket.close()
+        pair.recv_multipart(copy=False)
+        pair.send(b"d")
+    pair.close()
     ctx.term()
 
 
@@ -123,14 +124,42 @@ def bare_zmq_seconds(count: int) -> float:
     process: what this machine's zmq costs before any header, tensor or credit bookkeeping (the latency's yardstick)."""
     tmp = tempfile.mkdtemp(prefix="sgr-bench-")
     ctx = zmq.Context()
-    socket = _bare_socket(ctx)
-    socket.bind(f"ipc://{tmp}/bare")
+    pair = _bare_socket(ctx)
+    pair.bind(f"ipc://{tmp}/bare")
     try:
         with peer_process(_echo, f"ipc://{tmp}/bare", count):
-            return seconds_per_call(lambda: (socket.send(b"ping"), socket.recv()), count)
+            return seconds_per_call(lambda: (pair.send(b"ping"), pair.recv()), count)
     finally:
-        socket.close()
+        pair.close()
         ctx.term()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _unix_echo(path: str, count: int) -> None:
+    """The Unix floor's other end: connect, then answer each of `count` + 1 messages with one byte."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as peer:
+        peer.settimeout(60)
+        peer.connect(path)
+        for _ in range(count + 1):
+            peer.recv(MAX_DATAGRAM)
+            peer.send(b"d")
+
+
+def bare_unix_seconds(count: int) -> float:
+    """Seconds per round trip of a bare Unix seqpacket ping-pong (a 4 B datagram, a 1 B answer) to a new process:
+    the floor of the shared-memory link, whose header travels this way."""
+    tmp = tempfile.mkdtemp(prefix="sgr-bench-")
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    listener.settimeout(60)
+    listener.bind(f"{tmp}/bare")
+    listener.listen(1)
+    try:
+        with peer_process(_unix_echo, f"{tmp}/bare", count):
+            with listener.accept()[0] as peer:
+                peer.settimeout(60)
+                return seconds_per_call(lambda: (peer.send(b"ping"), peer.recv(MAX_DATAGRAM)), count)
+    finally:
+        listener.close()
         shutil.rmtree(tmp, ignore_errors=True)
 
 
@@ -158,6 +187,7 @@ def main(argv: list[str] | None = None) -> dict:
         rows.append(row)
     latency_us = {link: 1e6 * seconds[link][0] if link in seconds else None for link in LINKS}
     latency_us["bare_zmq"] = 1e6 * bare_zmq_seconds(tiny_count)
+    latency_us["bare_unix"] = 1e6 * bare_unix_seconds(tiny_count)
 
     cfg = bench_config(model=model, batch_size=batch, stages=3, method="sgr")
     data = bench_data(cfg)
@@ -194,8 +224,8 @@ def main(argv: list[str] | None = None) -> dict:
     lat, shm = targets["latency_vs_stage_step"], targets["shm_vs_memcpy_at_4MB_up"]
     print(f"{args.threads} torch thread(s); tiny message ({TINY} B) round trip with its credit: "
           f"ipc {latency_us['ipc']:.0f} µs, tcp {latency_us['tcp']:.0f} µs, shm {latency_us['shm']:.0f} µs "
-          f"(target <= {MAX_LATENCY_US:.0f}: {'met' if targets['shm_latency_us']['met'] else 'missed'}; a bare pyzmq "
-          f"ping-pong over ipc, the floor: {latency_us['bare_zmq']:.0f} µs) = "
+          f"(target <= {MAX_LATENCY_US:.0f}: {'met' if targets['shm_latency_us']['met'] else 'missed'}; the floors, bare "
+          f"ping-pongs: pyzmq over ipc {latency_us['bare_zmq']:.0f} µs, a Unix socket {latency_us['bare_unix']:.0f} µs) = "
           f"{100 * lat['ratio']:.2f}% (shm) of the shortest stage step, {lat['stage_step_ms']:.0f} ms ({lat['stage']}, "
           f"{args.threads} thread(s)); shared memory at 4 MB and up: >= {SHM_MIN_VS_MEMCPY} x memcpy "
           f"({'met' if shm['met'] else 'missed'}, worst {shm['worst']:.2f})")

@@ -33,12 +33,12 @@ from pipeline.lifeline import forkserver, process_alive
 from pipeline.plan import plan_replicas
 from workers.coordinator import Coordinator
 from workers.ipc_check import cuda_ipc_error
-from workers.placement import LinkEnd, LinkKind, host_id, link_kind, stage_device
+from workers.placement import LinkEnd, LinkKind, host_id, link_endpoint, link_kind, stage_device
 from workers.replicas import ReplicaGroup, group_backend
-from workers.routes import check_batch, receivers_of, replica_counts, senders_of, workers
+from workers.routes import Worker, check_batch, receivers_of, replica_counts, senders_of, workers
 from workers.security import STORE_KEY as SECURITY_STORE_KEY, RunKeys, new_run_keys, start_authenticator
 from workers.stage import StageSpec, StageWorker, stage_main
-from workers.transport import gpu_uuids, remove_segments
+from workers.transport import PeerLost, gpu_uuids, remove_segments
 
 STOP_GRACE_S = 3.0
 IPC_PREFIX = "sgr-"  # the launcher's folder of ipc sockets under the temp dir
@@ -121,11 +121,13 @@ def _await_end(coordinator: Coordinator, k: int, p: mp.Process) -> None:
 
 
 def _failed(coordinator: Coordinator, processes: list[mp.Process]) -> int | None:
-    """The process to blame, if any failed: one killed by a signal before one that reported an error.
+    """The process to blame, if any failed: one killed by a signal, before one that reported an error, before one
+    that only lost a neighbour (PeerLost).
 
     A replica killed in the middle of a collective makes the collective fail in its stage's other
-    replicas within moments: those report errors, but the cause is the killed one. So once anything
-    failed, the launcher looks again after CAUSE_WAIT_S before it names a process.
+    replicas within moments, and a stage that ends closes its links, which its neighbours notice at
+    once: those report errors, but the cause is the killed or failing one. So once anything failed,
+    the launcher looks again after CAUSE_WAIT_S before it names a process.
     """
     def failed() -> list[int]:
         return [k for k, p in enumerate(processes)
@@ -137,7 +139,10 @@ def _failed(coordinator: Coordinator, processes: list[mp.Process]) -> int | None
     while time.monotonic() < deadline:
         coordinator.poll(100)
     blamed = failed()  # a process that had finished may have had its `done` on the way: not failed after all
-    return min(blamed, key=lambda k: (not (processes[k].exitcode or 0) < 0, k)) if blamed else None
+    def lost_a_peer(k: int) -> bool:
+        return coordinator.errors.get(k, "").startswith(f"{PeerLost.__name__}:")
+
+    return min(blamed, key=lambda k: (not (processes[k].exitcode or 0) < 0, lost_a_peer(k), k)) if blamed else None
 
 
 def _stop(processes: list[mp.Process]) -> None:
@@ -155,12 +160,11 @@ def _stop(processes: list[mp.Process]) -> None:
 
 
 def run_spawned(cfg: Config, stages: int, shape: DataShape, resume: Checkpoint | None = None) -> dict[str, Any]:
-    """Spawn the stage processes (one per replica of each of the K stages) linked by ipc:// sockets, coordinate
-    them, and stop all on any failure."""
+    """Spawn the stage processes (one per replica of each of the K stages) linked by sockets in a folder only this
+    user can open, coordinate them, and stop all on any failure."""
     remove_stale_ipc_dirs(Path(tempfile.gettempdir()))
     remove_segments()  # shared memory of stages killed before their first credit, in a run nobody cleaned up
-    tmp = tempfile.mkdtemp(prefix=IPC_PREFIX)
-    (Path(tmp) / LAUNCHER_PID).write_text(str(os.getpid()))
+    tmp = _private_folder()
     ctx = zmq.Context()
     processes: list[mp.Process] = []
     coordinator: Coordinator | None = None
@@ -175,9 +179,6 @@ def run_spawned(cfg: Config, stages: int, shape: DataShape, resume: Checkpoint |
         devices = spawned_devices(cfg, len(everyone))
         threads = stage_threads(cfg, len(everyone))
 
-        def link(k: int, receiver: int, sender: int) -> str:  # the input of replica `receiver` of stage k from `sender`
-            return f"ipc://{tmp}/link{k}.{receiver}.{sender}"
-
         # Stages take this process's environment (StageSpec.environment): a GPU's index names the same GPU in each.
         seen = tuple(f"cuda:{i}" for i in range(visible_gpus(cfg)))
         ends = [LinkEnd(host_id(), device if device in seen else None, seen) for device in devices]
@@ -185,6 +186,10 @@ def run_spawned(cfg: Config, stages: int, shape: DataShape, resume: Checkpoint |
 
         def out_link(i: int, j: int) -> LinkKind:  # the kind of the link from process i to process j
             return checked_link(link_kind(cfg.transport, ends[i], ends[j]), devices[i], devices[j], checked)
+
+        def link(k: int, receiver: int, sender: int) -> str:  # the input of replica `receiver` of stage k from `sender`
+            kind = out_link(index[k - 1, sender], index[k, receiver])
+            return link_endpoint(kind, tmp, f"link{k}.{receiver}.{sender}")
 
         specs = []
         for i, w in enumerate(everyone):
@@ -223,6 +228,14 @@ def run_spawned(cfg: Config, stages: int, shape: DataShape, resume: Checkpoint |
             coordinator.close()
         ctx.destroy(linger=0)  # closes whatever is still open: cleanup after Ctrl-C or a failure cannot block
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _private_folder() -> str:
+    """A new folder for this process's sockets, only this user can open (mkdtemp: 0700), naming its maker so that
+    `remove_stale_ipc_dirs` can tell when it is stale."""
+    folder = tempfile.mkdtemp(prefix=IPC_PREFIX)
+    (Path(folder) / LAUNCHER_PID).write_text(str(os.getpid()))
+    return folder
 
 
 def remove_stale_ipc_dirs(root: Path) -> list[Path]:
@@ -300,36 +313,48 @@ def run_torchrun(cfg: Config, stages: int, shape: DataShape, resume: Checkpoint 
         store.set("sgr/report", coordinator.endpoint)
     sources = senders_of(r, counts[k], counts[k - 1]) if k else []
     targets = receivers_of(r, counts[k], counts[k + 1]) if k + 1 < stages else []
-    spec = StageSpec(k, stages, cfg.to_dict(), [f"tcp://{host}:*"] * len(sources), [], None, device,
-                     stage_threads(cfg, world, local_world), shape, resume=_resume_path(resume), start_step=start_step,
-                     keys=keys, replica=r, counts=counts)
-    worker = StageWorker(spec, ctx, group)
-    for source, endpoint in zip(sources, worker.in_endpoints):
-        store.set(f"sgr/in/{k}/{r}/{source}", json.dumps({"endpoint": endpoint, "host": host_id(), "gpu": own_uuid,
-                                                           "visible": uuids}))
-    out_endpoints, out_links = [], []
-    for target in targets:
-        consumer = json.loads(store.get(f"sgr/in/{k + 1}/{target}/{r}").decode())
-        out_endpoints.append(consumer["endpoint"])
-        kind = link_kind(cfg.transport, LinkEnd(host_id(), own_uuid, tuple(uuids)),
-                         LinkEnd(consumer["host"], consumer["gpu"], tuple(consumer["visible"])))
-        # the check's consumer process runs here: on the next stage's GPU if this rank sees it, else on our own
-        check_on = f"cuda:{uuids.index(consumer['gpu'])}" if consumer["gpu"] in uuids else device
-        out_links.append(checked_link(kind, device, check_on, {}))
-    worker.connect(out_endpoints, store.get("sgr/report").decode(), out_links)
-    watcher = None
-    if coordinator is not None:
-        watcher = threading.Thread(target=_coordinate, args=(coordinator, cfg.heartbeat_timeout), daemon=True)
-        watcher.start()
-    start = time.time()
+    # where each process lives, published first: both ends of a link then agree on its kind before the consumer binds
+    store.set(f"sgr/end/{rank}", json.dumps(dataclasses.asdict(LinkEnd(host_id(), own_uuid, tuple(uuids)))))
+
+    def end_of(stage: int, replica: int) -> LinkEnd:
+        published = json.loads(store.get(f"sgr/end/{everyone.index(Worker(stage, replica))}").decode())
+        return LinkEnd(published["host"], published["gpu"], tuple(published["visible"]))
+
+    own_end = end_of(k, r)
+    remove_stale_ipc_dirs(Path(tempfile.gettempdir()))
+    folder = _private_folder()  # this rank's Unix sockets (shared-memory input links)
+    worker = None
     try:
+        in_endpoints = [link_endpoint(link_kind(cfg.transport, end_of(k - 1, s), own_end), folder, f"link{k}.{r}.{s}",
+                                      host) for s in sources]
+        spec = StageSpec(k, stages, cfg.to_dict(), in_endpoints, [], None, device, stage_threads(cfg, world, local_world),
+                         shape, resume=_resume_path(resume), start_step=start_step, keys=keys, replica=r, counts=counts)
+        worker = StageWorker(spec, ctx, group)
+        for source, endpoint in zip(sources, worker.in_endpoints):
+            store.set(f"sgr/in/{k}/{r}/{source}", endpoint)
+        out_endpoints, out_links = [], []
+        for target in targets:
+            out_endpoints.append(store.get(f"sgr/in/{k + 1}/{target}/{r}").decode())
+            consumer = end_of(k + 1, target)
+            kind = link_kind(cfg.transport, own_end, consumer)
+            # the check's consumer process runs here: on the next stage's GPU if this rank sees it, else on our own
+            check_on = f"cuda:{uuids.index(consumer.gpu)}" if consumer.gpu in uuids else device
+            out_links.append(checked_link(kind, device, check_on, {}))
+        worker.connect(out_endpoints, store.get("sgr/report").decode(), out_links)
+        watcher = None
+        if coordinator is not None:
+            watcher = threading.Thread(target=_coordinate, args=(coordinator, cfg.heartbeat_timeout), daemon=True)
+            watcher.start()
+        start = time.time()
         worker.run()
         if watcher is not None:
             watcher.join()
             return coordinator.finish(time.time() - start)
         return None
     finally:
-        worker.close()
+        if worker is not None:
+            worker.close()
+        shutil.rmtree(folder, ignore_errors=True)
         if coordinator is not None:
             coordinator.close()
         if authenticator is not None:

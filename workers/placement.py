@@ -17,6 +17,7 @@ from pipeline.config import ConfigError
 # Tensors a stage forwards as it got them: labels, and InfoPro's uint8 input images. They travel as frames (a CUDA
 # tensor received by IPC cannot be shared again) and stay on the host until a stage uses them.
 HOST_TENSORS = frozenset({"y", "image"})
+UNIX_SCHEME = "unix://"  # a link endpoint on a Unix seqpacket socket (workers/transport.UnixChannel)
 
 
 def stage_device(device: str, gpus: Sequence[int], stage: int, visible: int, local_rank: int | None = None) -> str:
@@ -49,7 +50,7 @@ def stage_device(device: str, gpus: Sequence[int], stage: int, visible: int, loc
 
 
 class LinkKind(str, Enum):
-    """How a link's tensors travel; the header always goes through the link's zmq socket."""
+    """How a link's tensors travel; the header goes through the link's channel (`link_endpoint` picks it)."""
 
     ZMQ = "zmq"  # raw zmq frames: any two processes, on any hosts
     SHARED_MEMORY = "shm"  # written into the producer's shared-memory slots: two processes on one host
@@ -78,6 +79,15 @@ def link_kind(transport: str, producer: LinkEnd, consumer: LinkEnd) -> LinkKind:
     if producer.gpu is not None and producer.gpu in consumer.visible:
         return LinkKind.CUDA_IPC
     return LinkKind.SHARED_MEMORY
+
+
+def link_endpoint(kind: LinkKind, folder: str, name: str, host: str | None = None) -> str:
+    """Where the consumer of a link of `kind` binds: a shared-memory link (one small header per message) on the Unix
+    socket `folder/name`, which needs no zmq I/O thread; any other on zmq, at `ipc://folder/name` when one launcher
+    spawned both ends (`host` None), else on tcp at `host` (a free port)."""
+    if kind is LinkKind.SHARED_MEMORY:
+        return f"{UNIX_SCHEME}{folder}/{name}"
+    return f"ipc://{folder}/{name}" if host is None else f"tcp://{host}:*"
 
 
 def host_id() -> str:

@@ -6,7 +6,8 @@ it tensors or take the real neighbour's place. Rank 0 draws a CURVE key pair for
 shares it through the torch.distributed store; every socket of the run encrypts with it, and
 a ZAP handler in each process admits only clients that prove they hold the run's secret key.
 A process that does not fails the handshake: it never becomes the peer and the run goes on.
-Spawned stages on one host use ipc:// sockets in a folder only the user can open, and need none.
+Spawned stages on one host use ipc:// sockets in a folder only the user can open, and need none;
+nor do shared-memory links (one host), whose unix:// sockets live in such a folder under torchrun too.
 """
 from __future__ import annotations
 

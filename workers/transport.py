@@ -1,14 +1,17 @@
 """How bytes move between processes: links between stages, and the records channel to the coordinator.
 
-A link joins one producer to one consumer. Its header (msgpack) always goes through a zmq PAIR
-socket (`ipc://` on one host, `tcp://` across hosts); its tensors travel as the link's kind
-says (`placement.link_kind` decides, once, in the launcher):
+A link joins one producer to one consumer. Its frames (a msgpack header, then any raw frames)
+travel through a channel its endpoint names: a zmq PAIR socket (`ipc://` on one host, `tcp://`
+across hosts), or a Unix seqpacket socket (`unix://`) for shared-memory links, whose messages
+are a header alone. Its tensors travel as the link's kind says (`placement.link_kind` decides,
+once, in the launcher):
 - `zmq`: one raw frame per tensor, sent without copies, received straight into tensors;
 - `shm`: written into shared-memory slots the producer owns; the header names slot and offset,
   and the consumer's tensors are views of the slot (no copy on receipt);
 - `cuda_ipc`: a device-memory handle in the header, for a stage's own GPU outputs only
   (`placement.travels_by_ipc`); the rest as frames.
-Nothing is ever pickled. Adding a kind is one Payload class and one line in PAYLOADS.
+Nothing is ever pickled. Adding a kind is one Payload class and one line in PAYLOADS; adding a channel, one
+class and one line in `open_channel`.
 
 Flow control is by credit: the producer may have at most `depth` unfinished training messages
 (sent, not yet declared `done` by the consumer) and, in a window of their own, at most `depth`
@@ -20,9 +23,12 @@ from __future__ import annotations
 
 import functools
 import itertools
+import math
 import mmap
 import os
+import select
 import shutil
+import socket
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -34,13 +40,16 @@ import torch
 import zmq
 
 from pipeline.lifeline import process_alive
-from workers.placement import HOST_TENSORS, LinkKind, ipc_device_index, travels_by_ipc
+from workers.placement import HOST_TENSORS, UNIX_SCHEME, LinkKind, ipc_device_index, travels_by_ipc
 from workers.security import RunKeys, secure
 
 LINGER_MS = 1000
 SHM_DIR = Path("/dev/shm")
 SEGMENT_PREFIX = "sgr-shm-"  # sgr-shm-{owner pid}-{n}: a sweep can tell whose segment it is
 ALIGN = 64  # bytes: every tensor in a slot starts on a cache line
+UNIX_PATH_MAX = 107  # bytes of a Unix socket's path (sun_path, less its terminating zero)
+MAX_DATAGRAM = 1 << 16  # bytes: a header on a unix:// link (a few hundred in practice)
+MAX_VIEWS = 64  # tensor layouts a segment remembers
 _SEGMENT_NUMBERS = itertools.count()  # one sequence per process: names stay unique across its links
 
 
@@ -172,6 +181,7 @@ class Segment:
 
     def __init__(self, name: str, size: int = 0, create: bool = False) -> None:
         self.name, self.path, self.linked = name, SHM_DIR / name, create
+        self.views: dict[tuple[int, torch.dtype, tuple[int, ...]], torch.Tensor] = {}
         if create:  # a name with this pid in it can only be left by a dead process that had the same pid
             self.path.unlink(missing_ok=True)
         fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_RDWR if create else os.O_RDWR, 0o600)
@@ -185,8 +195,15 @@ class Segment:
             os.close(fd)
 
     def tensor(self, offset: int, dtype: torch.dtype, shape: list[int] | torch.Size) -> torch.Tensor:
-        """A tensor over the segment's bytes from `offset` on (no copy)."""
-        return torch.frombuffer(self.map, dtype=dtype, count=torch.Size(shape).numel(), offset=offset).view(shape)
+        """A tensor over the segment's bytes from `offset` on (no copy; a new tensor object each time)."""
+        key = (offset, dtype, tuple(shape))
+        view = self.views.get(key)
+        if view is None:  # a link's messages repeat a few layouts: made once, each message's tensor is then one detach
+            if len(self.views) >= MAX_VIEWS:
+                self.views.clear()
+            view = self.views[key] = torch.frombuffer(self.map, dtype=dtype, count=math.prod(shape),
+                                                      offset=offset).view(shape)
+        return view.detach()
 
     def unlink(self) -> None:
         """Remove the segment's name (its memory stays while a process maps it); once is enough."""
@@ -211,13 +228,13 @@ class SharedMemoryPayload:
 
     def pack(self, seq: int, tensors: dict[str, torch.Tensor]) -> tuple[list[dict[str, Any]], list[Any]]:
         meta, offsets, end = [], [], 0
-        for name, t in tensors.items():
+        for t in tensors.values():
             offsets.append(end)
-            end += -(-t.numel() * t.element_size() // ALIGN) * ALIGN
+            end += -(-t.nbytes // ALIGN) * ALIGN
         slot = self._slot(end)
         segment = self.slots[slot]
         for (name, t), offset in zip(tensors.items(), offsets):
-            if t.numel():
+            if t.nbytes:
                 segment.tensor(offset, t.dtype, t.shape).copy_(t.detach())
             meta.append({**_entry(name, t), "shm": segment.name, "slot": slot, "offset": offset})
         self.busy[seq] = slot
@@ -315,7 +332,7 @@ def decode(frames: list[Any], device: torch.device | None = None, maps: SegmentM
         if "ipc" in entry:
             t = _open_cuda(entry)
         elif "shm" in entry:
-            if torch.Size(shape).numel() == 0:
+            if math.prod(shape) == 0:
                 t = torch.empty(shape, dtype=dtype)
             else:
                 t = maps.get(entry["slot"], entry["shm"]).tensor(entry["offset"], dtype, shape)
@@ -338,17 +355,157 @@ def _wait_readable(socket: zmq.Socket, timeout_ms: int) -> bool:
     return bool(socket.poll(timeout_ms, zmq.POLLIN))
 
 
-class Sender:
+# --- channels: how a link's frames travel between its two processes ---------------------------
+
+
+class ZmqChannel:
+    """A zmq PAIR socket: `ipc://` on one host, `tcp://` between hosts (CURVE with the run's keys)."""
+
+    def __init__(self, ctx: zmq.Context, endpoint: str, bind: bool, keys: RunKeys | None = None) -> None:
+        self.socket = ctx.socket(zmq.PAIR)
+        self.socket.setsockopt(zmq.LINGER, LINGER_MS)
+        secure(self.socket, keys, server=bind)
+        if bind:
+            self.socket.bind(endpoint)
+            endpoint = self.socket.getsockopt_string(zmq.LAST_ENDPOINT)  # the real port of tcp port '*'
+        else:
+            self.socket.connect(endpoint)  # zmq connects once the other end binds
+        self.endpoint = endpoint
+
+    def send(self, frames: list[Any]) -> None:
+        self.socket.send_multipart(frames, copy=False)
+
+    def poll(self, timeout_ms: int) -> bool:
+        """Whether a message arrives within `timeout_ms`."""
+        return _wait_readable(self.socket, timeout_ms)
+
+    def recv(self) -> list[Any]:
+        return self.socket.recv_multipart(copy=False)
+
+    def close(self) -> None:
+        self.socket.close()
+
+
+class UnixChannel:
+    """A Unix seqpacket socket (`unix://PATH`), one datagram per message: for links whose messages are a header
+    alone (shared memory). Without zmq's I/O threads a round trip takes about half as long.
+
+    The bound end accepts its one peer on first use; the connecting end retries until the bound end exists. The
+    socket lives in a folder only this user can open. A peer that ends closes the socket: `recv` raises EOFError.
+    """
+
+    def __init__(self, endpoint: str, bind: bool, timeout_s: float) -> None:
+        self.endpoint, self.path, self.timeout_s = endpoint, endpoint.removeprefix(UNIX_SCHEME), timeout_s
+        if len(os.fsencode(self.path)) > UNIX_PATH_MAX:
+            raise ValueError(f"the socket path {self.path} is longer than {UNIX_PATH_MAX} bytes; set TMPDIR shorter")
+        self.listener: socket.socket | None = None
+        self.peer: socket.socket | None = None
+        self.readable = select.poll()
+        self.buffer = bytearray(MAX_DATAGRAM)
+        if bind:
+            self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+            self.listener.bind(self.path)
+            self.listener.listen(1)
+
+    def _adopt(self, peer: socket.socket) -> None:
+        peer.settimeout(self.timeout_s)  # a send into a peer that stopped reading fails after this long
+        self.peer = peer
+        self.readable.register(peer, select.POLLIN)
+
+    def _connect(self) -> None:
+        """The connecting end, on first send: connect, retrying while the bound end does not exist yet."""
+        deadline = time.monotonic() + self.timeout_s
+        while True:
+            peer = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+            try:
+                peer.connect(self.path)
+                return self._adopt(peer)
+            except (FileNotFoundError, ConnectionRefusedError):
+                peer.close()
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"nothing listens at {self.path}") from None
+                time.sleep(0.01)
+
+    def send(self, frames: list[Any]) -> None:
+        if len(frames) != 1 or len(frames[0]) > MAX_DATAGRAM:
+            raise ValueError(f"a {UNIX_SCHEME} link carries one header of at most {MAX_DATAGRAM} bytes per message")
+        if self.peer is None:
+            if self.listener is not None:
+                raise RuntimeError(f"{self.endpoint}: the bound end sends only after it has received")
+            self._connect()
+        self.peer.send(frames[0])
+
+    def poll(self, timeout_ms: int) -> bool:
+        """Whether a message (or the peer's end) arrives within `timeout_ms`; the bound end first accepts its peer."""
+        if self.peer is None:
+            if self.listener is None:
+                return False  # nothing sent yet, so nothing can come back
+            start, arrival = time.monotonic(), select.poll()
+            arrival.register(self.listener, select.POLLIN)
+            if not arrival.poll(timeout_ms):
+                return False
+            self._adopt(self.listener.accept()[0])
+            timeout_ms = max(0, int(timeout_ms - 1000 * (time.monotonic() - start)))
+        return bool(self.readable.poll(timeout_ms))
+
+    def recv(self) -> list[Any]:
+        size = self.peer.recv_into(self.buffer)
+        if size == 0:
+            raise EOFError(f"{self.endpoint} was closed by its peer")
+        return [bytes(self.buffer[:size])]
+
+    def close(self) -> None:
+        for end in (self.peer, self.listener):
+            if end is not None:
+                end.close()
+        if self.listener is not None:
+            Path(self.path).unlink(missing_ok=True)
+
+
+def open_channel(ctx: zmq.Context, endpoint: str, bind: bool, timeout_s: float,
+                 keys: RunKeys | None = None) -> ZmqChannel | UnixChannel:
+    """The channel an endpoint names: `unix://PATH` a Unix socket, anything else (`ipc://`, `tcp://`) zmq."""
+    if endpoint.startswith(UNIX_SCHEME):
+        return UnixChannel(endpoint, bind, timeout_s)
+    return ZmqChannel(ctx, endpoint, bind, keys)
+
+
+# --- links: the two ends ---------------------------------------------------------------------
+
+
+class _LinkEnd:
+    """What both ends of a link share: the channel, and turning a silent or vanished peer into PeerLost."""
+
+    def __init__(self, channel: ZmqChannel | UnixChannel, timeout_s: float, peer: str) -> None:
+        self.channel, self.timeout_ms, self.peer = channel, int(timeout_s * 1000), peer
+
+    def _send(self, frames: list[Any]) -> None:
+        try:
+            self.channel.send(frames)
+        except OSError as err:  # a Unix link: the peer is gone (broken pipe, reset) or stopped reading (timeout)
+            raise PeerLost(f"cannot send to {self.peer} ({err.strerror or err}); it is dead or hung") from None
+
+    def _receive(self, silence: str) -> list[Any]:
+        """The next message's frames; PeerLost naming `silence` (what the peer failed to do) after the timeout."""
+        if not self.channel.poll(self.timeout_ms):
+            raise PeerLost(f"{self.peer} {silence} for {self.timeout_ms / 1000:.0f} s; it is dead or hung")
+        try:
+            return self.channel.recv()
+        except (EOFError, OSError):
+            raise PeerLost(f"{self.peer} has gone: it closed its end of the link") from None
+
+    def close(self) -> None:
+        self.channel.close()
+
+
+class Sender(_LinkEnd):
     """The producing end of a link: connects, sends, and waits for credit when a window is full."""
 
     def __init__(self, ctx: zmq.Context, endpoint: str, kind: LinkKind = LinkKind.ZMQ, depth: int = 2,
                  timeout_s: float = 120.0, peer: str = "the next stage", keys: RunKeys | None = None) -> None:
-        self.socket = ctx.socket(zmq.PAIR)
-        self.socket.setsockopt(zmq.LINGER, LINGER_MS)
-        secure(self.socket, keys, server=False)
-        self.socket.connect(endpoint)
+        super().__init__(open_channel(ctx, endpoint, False, timeout_s, keys), timeout_s, peer)
         self.kind, self.payload = kind, PAYLOADS[kind]()
-        self.depth, self.timeout_ms, self.peer = depth, int(timeout_s * 1000), peer
+        self.depth = depth
         self.seq = 0
         self.in_flight: OrderedDict[int, bool | None] = OrderedDict()  # seq -> training window? (None: a marker)
 
@@ -363,16 +520,13 @@ class Sender:
         while window is not None and sum(w is window for w in self.in_flight.values()) >= self.depth:
             self._wait_credit()
             waited = time.perf_counter() - start
-        frames = encode({**header, "seq": self.seq}, tensors, self.payload)
-        self.socket.send_multipart(frames, copy=False)
+        self._send(encode({**header, "seq": self.seq}, tensors, self.payload))
         self.in_flight[self.seq] = window
         self.seq += 1
         return waited
 
     def _wait_credit(self) -> None:
-        if not _wait_readable(self.socket, self.timeout_ms):
-            raise PeerLost(f"{self.peer} acknowledged nothing for {self.timeout_ms / 1000:.0f} s; it is dead or hung")
-        done = msgpack.unpackb(self.socket.recv(), raw=False)["done"]
+        done = msgpack.unpackb(self._receive("acknowledged nothing")[0], raw=False)["done"]
         self.in_flight.pop(done, None)
         self.payload.release(done)
 
@@ -382,39 +536,34 @@ class Sender:
             self._wait_credit()
 
     def close(self) -> None:
-        self.socket.close()
+        super().close()
         self.payload.close()
 
 
-class Receiver:
+class Receiver(_LinkEnd):
     """The consuming end of a link: binds, receives in order, and returns credit with `done`."""
 
     def __init__(self, ctx: zmq.Context, endpoint: str, timeout_s: float = 120.0,
                  device: torch.device | None = None, peer: str = "the previous stage",
                  keys: RunKeys | None = None) -> None:
-        self.socket = ctx.socket(zmq.PAIR)
-        self.socket.setsockopt(zmq.LINGER, LINGER_MS)
-        secure(self.socket, keys, server=True)
-        self.socket.bind(endpoint)
-        self.endpoint = self.socket.getsockopt_string(zmq.LAST_ENDPOINT)
-        self.timeout_ms, self.device, self.peer = int(timeout_s * 1000), device, peer
+        super().__init__(open_channel(ctx, endpoint, True, timeout_s, keys), timeout_s, peer)
+        self.endpoint = self.channel.endpoint
+        self.device = device
         self.maps = SegmentMaps()
 
     def recv(self) -> Message:
-        """The next message, or PeerLost if none arrives within the timeout."""
-        if not _wait_readable(self.socket, self.timeout_ms):
-            raise PeerLost(f"{self.peer} sent nothing for {self.timeout_ms / 1000:.0f} s; it is dead or hung")
-        return decode(self.socket.recv_multipart(copy=False), self.device, self.maps)
+        """The next message, or PeerLost if none arrives within the timeout (or the producer is gone)."""
+        return decode(self._receive("sent nothing"), self.device, self.maps)
 
     def done(self, message: Message) -> None:
         """Tell the producer this message is finished with (its tensors may be freed or overwritten): one credit back."""
         if self.device is not None and self.device.type == "cuda":
             torch.cuda.current_stream(self.device).synchronize()
         message.tensors.clear()
-        self.socket.send(msgpack.packb({"done": message.header["seq"]}))
+        self._send([msgpack.packb({"done": message.header["seq"]})])
 
     def close(self) -> None:
-        self.socket.close()
+        super().close()
         self.maps.by_slot.clear()
 
 

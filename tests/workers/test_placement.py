@@ -1,7 +1,8 @@
 import pytest
 
 from pipeline.config import ConfigError
-from workers.placement import LinkEnd, LinkKind, ipc_device_index, link_kind, stage_device, travels_by_ipc
+from workers.placement import (LinkEnd, LinkKind, ipc_device_index, link_endpoint, link_kind, stage_device,
+                               travels_by_ipc)
 
 # (device, gpus, visible GPUs, local rank or None when one launcher spawns every stage) -> device of stages 0, 1, 2
 PLACEMENT = [
@@ -55,6 +56,18 @@ HOST, OTHER = "node-a/boot-1", "node-b/boot-2"
 ])
 def test_the_link_kind_follows_where_the_two_ends_live(transport, producer, consumer, expected):
     assert link_kind(transport, producer, consumer) is expected
+
+
+@pytest.mark.parametrize("kind, host, expected", [
+    (LinkKind.SHARED_MEMORY, None, "unix:///run/sgr-x/link1.0.0"),  # headers only: a Unix socket, spawned or not
+    (LinkKind.SHARED_MEMORY, "10.0.0.1", "unix:///run/sgr-x/link1.0.0"),
+    (LinkKind.ZMQ, None, "ipc:///run/sgr-x/link1.0.0"),  # tensors as frames: zmq
+    (LinkKind.CUDA_IPC, None, "ipc:///run/sgr-x/link1.0.0"),
+    (LinkKind.ZMQ, "10.0.0.1", "tcp://10.0.0.1:*"),  # torchrun: another host may be the producer
+    (LinkKind.CUDA_IPC, "127.0.0.1", "tcp://127.0.0.1:*"),
+])
+def test_the_consumer_binds_where_its_link_kind_says(kind, host, expected):
+    assert link_endpoint(kind, "/run/sgr-x", "link1.0.0", host) == expected
 
 
 @pytest.mark.parametrize("name, is_cuda, numel, link_ipc, expected", [

@@ -18,12 +18,12 @@ def test_a_tcp_link_refuses_a_foreign_process_and_goes_on_with_its_own_peer():
         Sender(stranger_ctx, receiver.endpoint, timeout_s=1, keys=new_run_keys()),  # another run's keys
     ]
     for stranger in strangers:
-        stranger.socket.setsockopt(zmq.SNDTIMEO, 2000)
+        stranger.channel.socket.setsockopt(zmq.SNDTIMEO, 2000)
         try:
             stranger.send({"kind": "train", "step": 666}, {"x": torch.full((3,), 6.0)})
         except zmq.Again:
             pass  # never admitted: its message cannot even leave
-    assert not receiver.socket.poll(1500)  # nothing from a stranger reached the stage
+    assert not receiver.channel.poll(1500)  # nothing from a stranger reached the stage
     peer = Sender(ctx, receiver.endpoint, timeout_s=5, keys=keys)
     peer.send({"kind": "train", "step": 1}, {"x": torch.arange(4.0)})
     message = receiver.recv()

@@ -14,11 +14,14 @@ from workers.transport import (SEGMENT_PREFIX, SHM_DIR, PeerLost, Receiver, Send
                                decode, encode, named_segments, remove_segments)
 
 
-@pytest.fixture(params=[LinkKind.ZMQ, LinkKind.SHARED_MEMORY])
+@pytest.fixture(params=[(LinkKind.ZMQ, "ipc"), (LinkKind.SHARED_MEMORY, "unix"),
+                        (LinkKind.SHARED_MEMORY, "ipc")],  # the last: a CUDA IPC link the start-up check refused
+                ids=["zmq", "shm", "shm-over-zmq"])
 def link(tmp_path, request):
+    kind, scheme = request.param
     ctx = zmq.Context()
-    receiver = Receiver(ctx, f"ipc://{tmp_path}/link", timeout_s=5)
-    sender = Sender(ctx, f"ipc://{tmp_path}/link", request.param, depth=2, timeout_s=5)
+    receiver = Receiver(ctx, f"{scheme}://{tmp_path}/link", timeout_s=5)
+    sender = Sender(ctx, f"{scheme}://{tmp_path}/link", kind, depth=2, timeout_s=5)
     yield sender, receiver
     sender.close()
     receiver.close()
@@ -122,6 +125,77 @@ def test_a_peer_that_disappears_is_detected(tmp_path):
     ctx.term()
 
 
+def test_a_unix_link_waits_for_its_consumer_to_bind(tmp_path):
+    ctx = zmq.Context()
+    sender = Sender(ctx, f"unix://{tmp_path}/late", LinkKind.SHARED_MEMORY, timeout_s=5)
+    sent = threading.Thread(target=sender.send, args=({"n": 0}, {"x": torch.arange(3.0)}))
+    sent.start()  # nothing listens yet: the first send retries
+    time.sleep(0.3)
+    receiver = Receiver(ctx, f"unix://{tmp_path}/late", timeout_s=5)
+    sent.join(timeout=5)
+    message = receiver.recv()
+    assert torch.equal(message.tensors["x"], torch.arange(3.0))
+    receiver.done(message)
+    sender.drain()
+    sender.close()
+    receiver.close()
+    ctx.term()
+    assert not (tmp_path / "late").exists()  # the consumer removes its socket's name
+
+
+def test_a_unix_link_reports_a_silent_peer_after_the_timeout(tmp_path):
+    receiver = Receiver(None, f"unix://{tmp_path}/lonely", timeout_s=0.5, peer="stage 1")
+    start = time.time()
+    with pytest.raises(PeerLost, match="stage 1 sent nothing for 0 s|stage 1 sent nothing for 1 s"):
+        receiver.recv()  # nobody connected
+    sender = Sender(None, f"unix://{tmp_path}/lonely", LinkKind.SHARED_MEMORY, depth=1, timeout_s=0.5, peer="stage 2")
+    sender.send({"n": 0}, {"x": torch.ones(1)})
+    receiver.recv()  # connected, then silent: nothing more arrives, and no credit goes back
+    with pytest.raises(PeerLost, match="stage 1 sent nothing"):
+        receiver.recv()
+    with pytest.raises(PeerLost, match="acknowledged nothing"):
+        sender.send({"n": 1}, {"x": torch.ones(1)})
+    assert time.time() - start < 5
+    nobody = Sender(None, f"unix://{tmp_path}/nobody", LinkKind.SHARED_MEMORY, timeout_s=0.3, peer="stage 3")
+    with pytest.raises(PeerLost, match=r"cannot send to stage 3 \(nothing listens at .*/nobody\)"):
+        nobody.send({"n": 0}, {"x": torch.ones(1)})
+    for end in (sender, receiver, nobody):
+        end.close()
+    assert not own_segments()
+
+
+def test_a_unix_link_notices_at_once_that_its_peer_has_gone(tmp_path):
+    receiver = Receiver(None, f"unix://{tmp_path}/a", timeout_s=30, peer="stage 1")
+    sender = Sender(None, f"unix://{tmp_path}/a", LinkKind.SHARED_MEMORY, depth=1, timeout_s=30, peer="stage 2")
+    sender.send({"n": 0}, {"x": torch.ones(1)})
+    receiver.recv()
+    receiver.close()
+    start = time.time()
+    with pytest.raises(PeerLost, match="stage 2 has gone"):  # long before the 30 s timeout
+        sender.send({"n": 1}, {"x": torch.ones(1)})
+    sender.close()
+    receiver = Receiver(None, f"unix://{tmp_path}/b", timeout_s=30, peer="stage 1")
+    sender = Sender(None, f"unix://{tmp_path}/b", LinkKind.SHARED_MEMORY, depth=1, timeout_s=30, peer="stage 2")
+    sender.send({"n": 0}, {"x": torch.ones(1)})
+    receiver.done(receiver.recv())
+    sender.close()
+    with pytest.raises(PeerLost, match="stage 1 has gone"):
+        receiver.recv()
+    receiver.close()
+    assert time.time() - start < 5
+
+
+def test_a_unix_link_refuses_what_it_cannot_carry(tmp_path):
+    with pytest.raises(ValueError, match="longer than 107 bytes; set TMPDIR shorter"):
+        Receiver(None, f"unix://{tmp_path}/{'x' * 120}")
+    receiver = Receiver(None, f"unix://{tmp_path}/frames", timeout_s=5)
+    sender = Sender(None, f"unix://{tmp_path}/frames", LinkKind.ZMQ, timeout_s=5)  # tensors as frames
+    with pytest.raises(ValueError, match="carries one header of at most 65536 bytes"):
+        sender.send({"n": 0}, {"x": torch.ones(1)})
+    sender.close()
+    receiver.close()
+
+
 def test_tcp_transport(tmp_path):
     ctx = zmq.Context()
     receiver = Receiver(ctx, "tcp://127.0.0.1:*", timeout_s=5)
@@ -161,8 +235,8 @@ def test_evaluation_messages_and_markers_do_not_take_the_training_windows_credit
 
 def test_a_shared_memory_slot_is_reused_only_after_its_credit_and_grows_when_needed(tmp_path):
     ctx = zmq.Context()
-    receiver = Receiver(ctx, f"ipc://{tmp_path}/link", timeout_s=5)
-    sender = Sender(ctx, f"ipc://{tmp_path}/link", LinkKind.SHARED_MEMORY, depth=2, timeout_s=5)
+    receiver = Receiver(ctx, f"unix://{tmp_path}/link", timeout_s=5)
+    sender = Sender(ctx, f"unix://{tmp_path}/link", LinkKind.SHARED_MEMORY, depth=2, timeout_s=5)
     try:
         sender.send({"n": 0}, {"x": torch.zeros(1000)})
         sender.send({"n": 1}, {"x": torch.ones(1000)})
