@@ -13,6 +13,7 @@ import hashlib
 import json
 import multiprocessing as mp
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -28,7 +29,7 @@ import zmq
 
 from bench.common import markdown_table
 from pipeline.checkpoint import complete_checkpoints, complete_checkpoints_quiet, read_stage_file
-from workers.placement import LinkKind
+from workers.placement import LinkKind, link_endpoint
 from workers.transport import Receiver, Sender
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -121,7 +122,7 @@ def check_transport(device: str) -> str:
     """Three processes, producer -> middle -> consumer, checksums compared at the consumer."""
     kind = LinkKind.CUDA_IPC if device.startswith("cuda") else LinkKind.SHARED_MEMORY
     tmp = tempfile.mkdtemp(prefix="sgr-gpucheck-")
-    links = [f"ipc://{tmp}/a", f"ipc://{tmp}/b"]
+    links = [link_endpoint(kind, tmp, "a"), link_endpoint(kind, tmp, "b")]
     ctx = zmq.Context()
     receiver = Receiver(ctx, links[1], timeout_s=120, device=torch.device(device))
     spawn = mp.get_context("spawn")
@@ -146,6 +147,7 @@ def check_transport(device: str) -> str:
                 p.kill()
         receiver.close()
         ctx.destroy(linger=0)
+        shutil.rmtree(tmp, ignore_errors=True)
     bad = [p.exitcode for p in processes if p.exitcode != 0]
     if bad:
         raise CheckFailed(f"a transport process exited with {bad}")
@@ -303,19 +305,22 @@ def main(argv: list[str] | None = None) -> int:
     suite_ok = args.dry_run or (" passed" in args.suite and "failed" not in args.suite and "error" not in args.suite)
     rows, failed = [["pytest tests/gpu", "pass" if suite_ok else "FAIL", args.suite, "-"]], int(not suite_ok)
     signal.signal(signal.SIGTERM, _out_of_time)  # a check's subprocess.run kills its child on the way out
-    for i, (name, check) in enumerate(checks):
-        start, out_of_time = time.time(), False
-        try:
-            result, detail = "pass", check()
-        except (Exception, OutOfTime) as err:  # any failure is a row of the table; the table must print
-            result, detail = "FAIL", f"{type(err).__name__}: {err}".splitlines()[0][:200]
-            failed += 1
-            out_of_time = isinstance(err, OutOfTime)
-        rows.append([name, result, detail, f"{time.time() - start:.0f}"])
-        print(f"{name}: {result} ({detail})", file=sys.stderr, flush=True)
-        if out_of_time:
-            rows += [[later, "not run", "the time limit ran out before it", "-"] for later, _ in checks[i + 1:]]
-            break
+    try:
+        for i, (name, check) in enumerate(checks):
+            start, out_of_time = time.time(), False
+            try:
+                result, detail = "pass", check()
+            except (Exception, OutOfTime) as err:  # any failure is a row of the table; the table must print
+                result, detail = "FAIL", f"{type(err).__name__}: {err}".splitlines()[0][:200]
+                failed += 1
+                out_of_time = isinstance(err, OutOfTime)
+            rows.append([name, result, detail, f"{time.time() - start:.0f}"])
+            print(f"{name}: {result} ({detail})", file=sys.stderr, flush=True)
+            if out_of_time:
+                rows += [[later, "not run", "the time limit ran out before it", "-"] for later, _ in checks[i + 1:]]
+                break
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # the checks' runs and checkpoints
     where = "dry run on the CPU (CPU halves only)" if args.dry_run else torch.cuda.get_device_name(0)
     print(f"GPU check, {where}; torch {torch.__version__}")
     print(markdown_table(["check", "result", "detail", "s"], rows))
