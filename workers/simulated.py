@@ -14,7 +14,7 @@ from pipeline.step import StageStep, StepOutput, StepStats
 
 
 class SimulatedStep:
-    """Stands in for a StageStep: takes `ms` per training batch and passes a copy of its input on.
+    """Stands in for a StageStep: sleeps `ms` per training batch and passes a copy of its input on.
 
     A copy, because a stage sends only tensors it made: a CUDA tensor received by IPC cannot be shared again.
     """
@@ -26,22 +26,19 @@ class SimulatedStep:
 
     def train_step(self, x: torch.Tensor, delta_prev: torch.Tensor | None, y: torch.Tensor,
                    image: torch.Tensor | None = None) -> StepOutput:
-        """Hand x on (with a zero δ where the next stage needs one), the step taking `ms` in all: making its outputs
-        is part of a real step's compute, so the sleep is what is left of `ms` after that."""
-        start = time.perf_counter()
-        last = self.step.is_last
-        delta = torch.zeros_like(x) if self.step.send_delta and not last else None
-        out = None if last else x.clone()
-        time.sleep(max(0.0, self.seconds - (time.perf_counter() - start)))
+        """Sleep for the simulated compute, then hand x on (with a zero δ where the next stage needs one)."""
+        time.sleep(self.seconds)
         if self.step.average_gradients is not None:  # replicas: the collective a real step ends with, on zero gradients
             params = self.step.parameters()
             for param in params:
                 if param.grad is None:
                     param.grad = torch.zeros_like(param)
             self.step.average_gradients(params)
+        last = self.step.is_last
+        delta = torch.zeros_like(x) if self.step.send_delta and not last else None
         zero = torch.zeros(())
         stats = StepStats(loss=zero, sgr=zero, correct=torch.zeros((), dtype=torch.long), count=y.shape[0])
-        return StepOutput(out=out, delta=delta, stats=stats)
+        return StepOutput(out=None if last else x.clone(), delta=delta, stats=stats)
 
     def remember(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """A k-NN bank batch: no compute, a copy of x passes on."""
