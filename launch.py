@@ -480,14 +480,27 @@ class Terminated(KeyboardInterrupt):
     """SIGTERM, raised where the launcher is, so the same cleanup as Ctrl-C's runs (exit 143 instead of 130)."""
 
 
+def _raise(error: KeyboardInterrupt) -> None:
+    """Raise a Ctrl-C or SIGTERM where the launcher is, unless it is inside an interrupts_deferred block (then at
+    its end). Until pipeline.lifeline is imported (it brings torch) no such block can have started."""
+    lifeline = sys.modules.get("pipeline.lifeline")
+    if lifeline is None:
+        raise error
+    lifeline.raise_interrupt(error)
+
+
 def _terminate(signum: int, frame: object) -> None:
-    raise Terminated()
+    _raise(Terminated())
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    _raise(KeyboardInterrupt())
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if threading.current_thread() is threading.main_thread():  # Ctrl-C must stop the run even if SIGINT was inherited ignored
-        signal.signal(signal.SIGINT, signal.default_int_handler)
+        signal.signal(signal.SIGINT, _interrupt)
         signal.signal(signal.SIGTERM, _terminate)  # `kill`, a scheduler's preemption: stop the stages as Ctrl-C does
     try:
         if argv and argv[0] in TOOLS:

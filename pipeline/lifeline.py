@@ -1,4 +1,4 @@
-"""How a run's processes start, and how they end with the process they serve.
+"""How a run's processes start, how they end with the process they serve, and when Ctrl-C may stop them.
 
 Stages and loader processes are forked from one server process that imported PRELOAD once: a
 spawned process would import torch again (seconds, for each of K stages and each loader). They end
@@ -7,6 +7,7 @@ serve, since their parent is the server, and a forkserver lives as long as any p
 """
 from __future__ import annotations
 
+import contextlib
 import multiprocessing as mp
 import multiprocessing.forkserver
 import os
@@ -15,12 +16,15 @@ import signal
 import sys
 import threading
 import time
+from typing import Iterator
 
 POLL_S = 1.0  # where pidfd_open is missing (not Linux >= 5.3): how often to look
 # all that a stage or a loader process imports: the project's code with torch, and what torch and torchvision
 # import on first use (torch._dynamo, 2-3 s, on building an optimizer; torchvision for its models and transforms)
 PRELOAD = ["workers.stage", "torch._dynamo", "torchvision.transforms.v2.functional"]
 _started_by: int | None = None  # the process that started a server with its own sys.path (a fork inherits this)
+_deferring = 0  # how deep the main thread is in interrupts_deferred blocks
+_pending: list[BaseException] = []  # an interrupt that came inside one, raised where the outermost ends
 
 
 def forkserver() -> mp.context.ForkServerContext:
@@ -86,3 +90,27 @@ def process_alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
+
+
+def raise_interrupt(error: BaseException) -> None:
+    """A Ctrl-C or SIGTERM handler's work: raise `error` now, or where the interrupts_deferred block ends."""
+    if _deferring:
+        _pending[:] = _pending or [error]  # the first one counts
+        return
+    raise error
+
+
+@contextlib.contextmanager
+def interrupts_deferred() -> Iterator[None]:
+    """Ctrl-C and SIGTERM (raise_interrupt) wait until the block ends. An exception a signal handler raises inside
+    a lock or a queue that another thread shares (TensorBoard's writer) can leave that thread waiting for ever, and
+    the run's cleanup with it."""
+    global _deferring
+    _deferring += 1
+    try:
+        yield
+    finally:
+        _deferring -= 1
+        if not _deferring and _pending:
+            error = _pending.pop()
+            raise error

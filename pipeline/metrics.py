@@ -11,6 +11,7 @@ from typing import Any
 import torch
 
 from pipeline.checkpoint import disk_full
+from pipeline.lifeline import interrupts_deferred
 from pipeline.step import StepStats
 
 
@@ -110,22 +111,24 @@ class JsonlLog:
         self.board = _summary_writer(path.parent / "tensorboard") if tensorboard else None
 
     def write(self, record: dict[str, Any]) -> None:
-        try:
-            self.file.write(json.dumps(record) + "\n")
-            self.file.flush()
-        except OSError as err:
-            if err.errno == errno.ENOSPC:
-                raise disk_full(self.path) from None
-            raise
-        if self.board is not None:
-            for tag, value in _scalars(record):
-                self.board.add_scalar(tag, value, record["step"])
-            self.board.flush()
+        with interrupts_deferred():  # whole lines, and TensorBoard's writer thread never left waiting
+            try:
+                self.file.write(json.dumps(record) + "\n")
+                self.file.flush()
+            except OSError as err:
+                if err.errno == errno.ENOSPC:
+                    raise disk_full(self.path) from None
+                raise
+            if self.board is not None:
+                for tag, value in _scalars(record):
+                    self.board.add_scalar(tag, value, record["step"])
+                self.board.flush()
 
     def close(self) -> None:
-        self.file.close()
-        if self.board is not None:
-            self.board.close()
+        with interrupts_deferred():
+            self.file.close()
+            if self.board is not None:
+                self.board.close()
 
 
 def _summary_writer(log_dir: Path):

@@ -1,12 +1,17 @@
-"""exit_with: a process forked from a forkserver ends when the process it serves ends, SIGKILL included."""
+"""exit_with: a process forked from a forkserver ends when the process it serves ends, SIGKILL included; Ctrl-C
+waits for the end of an interrupts_deferred block."""
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-from pipeline.lifeline import adopt_environment, exit_with, forkserver, process_alive
+import pytest
+
+from pipeline.lifeline import (adopt_environment, exit_with, forkserver, interrupts_deferred, process_alive,
+                               raise_interrupt)
 
 ROOT = Path(__file__).parents[2]
 
@@ -76,3 +81,34 @@ def test_a_fork_sees_the_servers_old_environment_until_it_adopts_the_current_one
         child.start()
         child.join(timeout=60)
     assert [queue.get(timeout=10), queue.get(timeout=10)] == [None, "set after the server started"]
+
+
+def test_an_interrupt_inside_a_deferred_block_is_raised_where_the_block_ends():
+    done = []
+    with pytest.raises(KeyboardInterrupt, match="first"):
+        with interrupts_deferred():
+            with interrupts_deferred():
+                raise_interrupt(KeyboardInterrupt("first"))
+                raise_interrupt(KeyboardInterrupt("second"))  # a second signal adds nothing
+                done.append("inner")
+            done.append("outer")  # nested: only the outermost block's end raises
+    assert done == ["inner", "outer"]
+    with pytest.raises(KeyboardInterrupt, match="now"):
+        raise_interrupt(KeyboardInterrupt("now"))  # outside any block: at once
+    with interrupts_deferred():  # nothing pending any more
+        pass
+
+
+def test_ctrl_c_in_the_launcher_waits_for_the_metrics_line_it_is_writing(tmp_path):
+    """launch.py's SIGINT handler defers to interrupts_deferred: a real signal inside JsonlLog.write."""
+    script = ("import os, signal, sys\nsys.argv = ['launch.py']\nimport launch\n"
+              "from pipeline.metrics import JsonlLog\n"
+              "signal.signal(signal.SIGINT, launch._interrupt)\n"
+              f"log = JsonlLog(__import__('pathlib').Path({str(tmp_path / 'm.jsonl')!r}))\n"
+              "original, flushed = log.file.flush, []\n"
+              "def flush():\n    os.kill(os.getpid(), signal.SIGINT)\n    original()\n    flushed.append(1)\n"
+              "log.file.flush = flush\n"
+              "try:\n    log.write({'step': 1})\nexcept KeyboardInterrupt:\n    print(f'interrupted after {len(flushed)}')\n")
+    proc = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.stdout == "interrupted after 1\n", proc.stderr  # not inside the flush: after the whole write
+    assert (tmp_path / "m.jsonl").read_text() == '{"step": 1}\n'
