@@ -119,8 +119,16 @@ def _stress_middle(in_endpoint: str, out_endpoint: str, device: str, kind: LinkK
 
 
 def check_transport(device: str) -> str:
-    """Three processes, producer -> middle -> consumer, checksums compared at the consumer."""
-    kind = LinkKind.CUDA_IPC if device.startswith("cuda") else LinkKind.SHARED_MEMORY
+    """Three processes, producer -> middle -> consumer, checksums compared at the consumer: on a GPU over CUDA IPC
+    and over shared memory (what a link uses where the IPC check fails), on the CPU over shared memory."""
+    kinds = [LinkKind.CUDA_IPC, LinkKind.SHARED_MEMORY] if device.startswith("cuda") else [LinkKind.SHARED_MEMORY]
+    for kind in kinds:
+        _stress(device, kind)
+    return f"{STRESS_MESSAGES} messages x 10 tensors intact ({', '.join(kind.value for kind in kinds)})"
+
+
+def _stress(device: str, kind: LinkKind) -> None:
+    """One stress run over links of `kind`."""
     tmp = tempfile.mkdtemp(prefix="sgr-gpucheck-")
     links = [link_endpoint(kind, tmp, "a"), link_endpoint(kind, tmp, "b")]
     ctx = zmq.Context()
@@ -150,8 +158,7 @@ def check_transport(device: str) -> str:
         shutil.rmtree(tmp, ignore_errors=True)
     bad = [p.exitcode for p in processes if p.exitcode != 0]
     if bad:
-        raise CheckFailed(f"a transport process exited with {bad}")
-    return f"{STRESS_MESSAGES} messages x 10 tensors intact ({kind.value})"
+        raise CheckFailed(f"a {kind.value} transport process exited with {bad}")
 
 
 # --- runs of launch.py ----------------------------------------------------------------------------------------

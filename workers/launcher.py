@@ -231,26 +231,37 @@ def run_spawned(cfg: Config, stages: int, shape: DataShape, resume: Checkpoint |
 
 
 def _private_folder() -> str:
-    """A new folder for this process's sockets, only this user can open (mkdtemp: 0700), naming its maker so that
-    `remove_stale_ipc_dirs` can tell when it is stale."""
+    """A new folder for this process's sockets, only this user can open (mkdtemp: 0700), naming its maker (pid and
+    host name) so that `remove_stale_ipc_dirs` can tell when it is stale."""
     folder = tempfile.mkdtemp(prefix=IPC_PREFIX)
-    (Path(folder) / LAUNCHER_PID).write_text(str(os.getpid()))
+    (Path(folder) / LAUNCHER_PID).write_text(f"{os.getpid()} {socket.gethostname()}")
     return folder
 
 
-def remove_stale_ipc_dirs(root: Path) -> list[Path]:
-    """Delete the ipc folders of launchers that are gone: one killed with SIGKILL cannot remove its own.
+def folder_maker(folder: Path) -> tuple[int, str | None] | None:
+    """The pid and host name of the process that made an ipc folder (host None: a folder of an older version), or
+    None if the folder does not say (not one of ours, or still being made)."""
+    try:
+        pid, *host = (folder / LAUNCHER_PID).read_text().split()
+        return int(pid), host[0] if host else None
+    except (OSError, ValueError):
+        return None
 
-    A folder counts as stale only if it names its launcher (LAUNCHER_PID) and no process has that
-    pid; anything else under the prefix (a live run, a folder still being made) is left alone.
+
+def remove_stale_ipc_dirs(root: Path) -> list[Path]:
+    """Delete the ipc folders of launchers (or torchrun ranks) that are gone: one killed with SIGKILL cannot remove
+    its own.
+
+    A folder counts as stale only if it names its maker (LAUNCHER_PID), was made on this host, and no process has
+    that pid; anything else under the prefix (a live run, a folder still being made, one of another host sharing
+    this temp dir) is left alone.
     """
     removed = []
     for folder in root.glob(f"{IPC_PREFIX}*"):
-        try:
-            pid = int((folder / LAUNCHER_PID).read_text())
-        except (OSError, ValueError):
+        maker = folder_maker(folder)
+        if maker is None or maker[1] not in (None, socket.gethostname()):
             continue
-        if not process_alive(pid):
+        if not process_alive(maker[0]):
             shutil.rmtree(folder, ignore_errors=True)
             removed.append(folder)
     return removed
@@ -313,7 +324,8 @@ def run_torchrun(cfg: Config, stages: int, shape: DataShape, resume: Checkpoint 
         store.set("sgr/report", coordinator.endpoint)
     sources = senders_of(r, counts[k], counts[k - 1]) if k else []
     targets = receivers_of(r, counts[k], counts[k + 1]) if k + 1 < stages else []
-    # where each process lives, published first: both ends of a link then agree on its kind before the consumer binds
+    # where each process lives, published first, so that the consumer of a link binds where its kind says (a CUDA
+    # IPC link that the producer's start-up check turns into shared memory keeps its zmq channel: it works the same)
     store.set(f"sgr/end/{rank}", json.dumps(dataclasses.asdict(LinkEnd(host_id(), own_uuid, tuple(uuids)))))
 
     def end_of(stage: int, replica: int) -> LinkEnd:
@@ -352,9 +364,9 @@ def run_torchrun(cfg: Config, stages: int, shape: DataShape, resume: Checkpoint 
             return coordinator.finish(time.time() - start)
         return None
     finally:
+        shutil.rmtree(folder, ignore_errors=True)  # first: it cannot fail (the sockets' names go with it)
         if worker is not None:
             worker.close()
-        shutil.rmtree(folder, ignore_errors=True)
         if coordinator is not None:
             coordinator.close()
         if authenticator is not None:

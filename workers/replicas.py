@@ -13,19 +13,32 @@ Averaging the finished gradients after the step's backward, in buckets, is corre
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 from datetime import timedelta
-from typing import Callable, Iterable, Sequence
+from typing import Callable, Iterable, Iterator, Sequence
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
+
+from workers.transport import PeerLost
 
 BUCKET_BYTES = 32 * 2**20  # gradients are averaged in flat buckets of at most this size (one collective each)
 
 
 class ReplicasDiverged(RuntimeError):
     """The replicas of a stage no longer hold the same weights."""
+
+
+@contextlib.contextmanager
+def collective() -> Iterator[None]:
+    """Around one collective: its failure (a replica died, or hung past the group's timeout) is a lost peer, so the
+    launcher names the process that failed first, not the replicas it left in the collective."""
+    try:
+        yield
+    except RuntimeError as err:
+        raise PeerLost(f"a replica of this stage is gone or hung ({str(err).splitlines()[0][:200]})") from None
 
 
 def group_backend(gpus: Sequence[str | None]) -> str:
@@ -80,32 +93,39 @@ class ReplicaGroup:
     def average_gradients(self, params: list[nn.Parameter]) -> None:
         """Replace every gradient by its mean over the replicas (all-reduce of flat buckets)."""
         def mean(flat: torch.Tensor) -> None:
-            dist.all_reduce(flat, group=self.group)
+            with collective():
+                dist.all_reduce(flat, group=self.group)
             flat.div_(self.size)
 
         in_buckets([p.grad for p in params if p.grad is not None], mean)  # the same parameters have one everywhere
 
     def finish(self) -> None:
         """Wait until every replica is done: none tears the group down while a peer is still in a collective."""
-        dist.barrier(group=self.group)
+        with collective():
+            dist.barrier(group=self.group)
 
     def all_sum(self, values: list[float | int | torch.Tensor]) -> list[float]:
         """The sums over the replicas of a few numbers (in float64, on this device)."""
         flat = torch.stack([torch.as_tensor(v, dtype=torch.float64, device=self.device) for v in values])
-        dist.all_reduce(flat, group=self.group)
+        with collective():
+            dist.all_reduce(flat, group=self.group)
         return flat.tolist()
 
     def broadcast_buffers(self, modules: Iterable[nn.Module]) -> None:
         """Copy replica 0's buffers (BatchNorm's running statistics) to every replica, as DDP does (in buckets)."""
-        in_buckets([b for module in modules for b in module.buffers()],
-                   lambda flat: dist.broadcast(flat, src=self._global(0), group=self.group))
+        def from_first(flat: torch.Tensor) -> None:
+            with collective():
+                dist.broadcast(flat, src=self._global(0), group=self.group)
+
+        in_buckets([b for module in modules for b in module.buffers()], from_first)
 
     def check_same(self, modules: Iterable[nn.Module], what: str, step: int) -> None:
         """Stop the run, naming `what` and the step, if any replica's weights and buffers differ from replica 0's."""
         state = [t for module in modules for t in module.state_dict().values()]
         mine = torch.tensor([digest(state)], dtype=torch.int64, device=self.device)
         every = [torch.zeros_like(mine) for _ in range(self.size)]
-        dist.all_gather(every, mine, group=self.group)
+        with collective():
+            dist.all_gather(every, mine, group=self.group)
         differ = [r + 1 for r, d in enumerate(every) if not torch.equal(d, every[0])]
         if differ:
             raise ReplicasDiverged(f"{what}: replica(s) {differ} hold other weights than replica 1 after step {step} "

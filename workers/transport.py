@@ -392,6 +392,9 @@ class UnixChannel:
 
     The bound end accepts its one peer on first use; the connecting end retries until the bound end exists. The
     socket lives in a folder only this user can open. A peer that ends closes the socket: `recv` raises EOFError.
+    An end that closes with messages unread resets the connection, and the peer may see that before what was
+    queued for it: a link's last message (`stop`) is answered by its credit, which the sender drains, so neither
+    end closes with anything unread.
     """
 
     def __init__(self, endpoint: str, bind: bool, timeout_s: float) -> None:
@@ -417,6 +420,7 @@ class UnixChannel:
         deadline = time.monotonic() + self.timeout_s
         while True:
             peer = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+            peer.settimeout(self.timeout_s)
             try:
                 peer.connect(self.path)
                 return self._adopt(peer)
@@ -439,7 +443,7 @@ class UnixChannel:
         """Whether a message (or the peer's end) arrives within `timeout_ms`; the bound end first accepts its peer."""
         if self.peer is None:
             if self.listener is None:
-                return False  # nothing sent yet, so nothing can come back
+                raise RuntimeError(f"{self.endpoint}: the connecting end waits for an answer before it sent anything")
             start, arrival = time.monotonic(), select.poll()
             arrival.register(self.listener, select.POLLIN)
             if not arrival.poll(timeout_ms):

@@ -21,7 +21,7 @@ from pipeline.metrics import read_jsonl
 from pipeline.trainer import SequentialTrainer
 from tests.pipeline.test_data import write_image_folder
 from workers.coordinator import StageFailed
-from workers.launcher import remove_stale_ipc_dirs, run_spawned
+from workers.launcher import folder_maker, remove_stale_ipc_dirs, run_spawned
 from workers.transport import SEGMENT_PREFIX, named_segments
 
 ROOT = Path(__file__).parents[2]
@@ -378,14 +378,7 @@ def test_a_paused_launcher_does_not_declare_a_healthy_stage_hung(tmp_path):
 
 def launcher_ipc_dirs(pid: int) -> list[Path]:
     """The ipc folders under the temp dir that launcher `pid` made."""
-    found = []
-    for pid_file in Path(tempfile.gettempdir()).glob("sgr-*/launcher.pid"):
-        try:
-            if int(pid_file.read_text()) == pid:
-                found.append(pid_file.parent)
-        except (OSError, ValueError):
-            continue
-    return found
+    return [folder for folder in Path(tempfile.gettempdir()).glob("sgr-*") if (folder_maker(folder) or (0,))[0] == pid]
 
 
 def test_sigterm_stops_every_process_exits_143_and_leaves_no_ipc_folder(tmp_path):

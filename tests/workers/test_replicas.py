@@ -10,7 +10,8 @@ import torch.nn.functional as F
 
 from pipeline.step import StageStep
 from pipeline.syncbn import convert_sync_bn
-from workers.replicas import ReplicasDiverged, buckets, digest, group_backend, join_group
+from workers.replicas import ReplicaGroup, ReplicasDiverged, buckets, digest, group_backend, join_group
+from workers.transport import PeerLost
 from workers.routes import shard
 
 TOLERANCE = dict(rtol=1e-4, atol=1e-6)  # float32 sums in another order; measured differences are ~1e-7
@@ -158,3 +159,19 @@ def test_a_replica_with_other_weights_is_named(tmp_path):
     replicas = run_replicas(tmp_path, 2, sync_bn=True, diverge=True)
     for got in replicas:
         assert "stage 2: replica(s) [2] hold other weights than replica 1 after step 3" in got["verdict"]
+
+
+def test_a_failed_collective_is_a_lost_peer_so_the_launcher_blames_whoever_failed_first(monkeypatch):
+    def reset(*args, **kwargs):
+        raise RuntimeError("[gloo/transport/tcp/pair.cc:545] Read error: Connection reset by peer.\nmore detail")
+
+    for name in ("all_reduce", "barrier", "broadcast", "all_gather"):
+        monkeypatch.setattr(dist, name, reset)
+    group = ReplicaGroup(None, 2, 0, torch.device("cpu"))
+    layer = nn.Linear(2, 2)
+    layer.weight.grad, layer.bias.grad = torch.ones(2, 2), torch.ones(2)
+    lost = r"a replica of this stage is gone or hung \(\[gloo/.*Connection reset by peer\.\)$"
+    for call in (lambda: group.average_gradients(list(layer.parameters())), group.finish, lambda: group.all_sum([1.0]),
+                 lambda: group.broadcast_buffers([nn.BatchNorm1d(2)]), lambda: group.check_same([layer], "stage 2", 5)):
+        with pytest.raises(PeerLost, match=lost):
+            call()
