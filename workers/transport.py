@@ -390,8 +390,8 @@ class UnixChannel:
     """A Unix seqpacket socket (`unix://PATH`), one datagram per message: for links whose messages are a header
     alone (shared memory). Without zmq's I/O threads a round trip takes about half as long.
 
-    The bound end accepts its one peer on first use; the connecting end retries until the bound end exists. The
-    socket lives in a folder only this user can open. A peer that ends closes the socket: `recv` raises EOFError.
+    The bound end accepts its one peer on first use, then stops listening and removes the socket's name; the
+    connecting end retries until the bound end exists. The socket lives in a folder only this user can open. A peer that ends closes the socket: `recv` raises EOFError.
     An end that closes with messages unread resets the connection, and the peer may see that before what was
     queued for it: a link's last message (`stop`) is answered by its credit, which the sender drains, so neither
     end closes with anything unread.
@@ -449,6 +449,7 @@ class UnixChannel:
             if not arrival.poll(timeout_ms):
                 return False
             self._adopt(self.listener.accept()[0])
+            self._stop_listening()  # its one peer is here: the name goes, nobody else can connect
             timeout_ms = max(0, int(timeout_ms - 1000 * (time.monotonic() - start)))
         return bool(self.readable.poll(timeout_ms))
 
@@ -456,14 +457,18 @@ class UnixChannel:
         size = self.peer.recv_into(self.buffer)
         if size == 0:
             raise EOFError(f"{self.endpoint} was closed by its peer")
-        return [bytes(self.buffer[:size])]
+        return [self.buffer[:size]]  # a copy: the buffer takes the next message
+
+    def _stop_listening(self) -> None:
+        self.listener.close()
+        self.listener = None
+        Path(self.path).unlink(missing_ok=True)
 
     def close(self) -> None:
-        for end in (self.peer, self.listener):
-            if end is not None:
-                end.close()
+        if self.peer is not None:
+            self.peer.close()
         if self.listener is not None:
-            Path(self.path).unlink(missing_ok=True)
+            self._stop_listening()
 
 
 def open_channel(ctx: zmq.Context, endpoint: str, bind: bool, timeout_s: float,

@@ -135,12 +135,12 @@ def test_a_unix_link_waits_for_its_consumer_to_bind(tmp_path):
     sent.join(timeout=5)
     message = receiver.recv()
     assert torch.equal(message.tensors["x"], torch.arange(3.0))
+    assert not (tmp_path / "late").exists()  # its one peer connected: the name is gone
     receiver.done(message)
     sender.drain()
     sender.close()
     receiver.close()
     ctx.term()
-    assert not (tmp_path / "late").exists()  # the consumer removes its socket's name
 
 
 def test_a_unix_link_reports_a_silent_peer_after_the_timeout(tmp_path):
@@ -188,6 +188,9 @@ def test_a_unix_link_notices_at_once_that_its_peer_has_gone(tmp_path):
 def test_a_unix_link_refuses_what_it_cannot_carry(tmp_path):
     with pytest.raises(ValueError, match="longer than 107 bytes; set TMPDIR shorter"):
         Receiver(None, f"unix://{tmp_path}/{'x' * 120}")
+    unused = Receiver(None, f"unix://{tmp_path}/unused", timeout_s=5)
+    unused.close()
+    assert not (tmp_path / "unused").exists()  # never connected: close removes the name
     receiver = Receiver(None, f"unix://{tmp_path}/frames", timeout_s=5)
     sender = Sender(None, f"unix://{tmp_path}/frames", LinkKind.ZMQ, timeout_s=5)  # tensors as frames
     with pytest.raises(ValueError, match="carries one header of at most 65536 bytes"):
