@@ -528,7 +528,7 @@ def run_job(args: argparse.Namespace, held: contextlib.ExitStack) -> int:
     from pipeline.checkpoint import CheckpointError, DiskFull
     from pipeline.config import ConfigError
     from pipeline.data import DataError, data_shape, load_config_data, steps_per_epoch
-    from pipeline.lifeline import forkserver
+    from pipeline.lifeline import forkserver, temp_dir_error
     from pipeline.rundir import lock_run_dir
     from pipeline.stages import build_local_modules
     from pipeline.trainer import SequentialTrainer
@@ -538,6 +538,8 @@ def run_job(args: argparse.Namespace, held: contextlib.ExitStack) -> int:
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     try:
         cfg = build_config(args)
+        if (problem := temp_dir_error()) is not None:  # before the first forkserver or socket
+            raise ConfigError(problem)
         if cfg.schedule == "pipeline" and world_size == 1:
             forkserver()  # the stages' server starts importing now, while this process loads the data
         data = load_config_data(cfg)

@@ -14,10 +14,15 @@ import os
 import select
 import signal
 import sys
+import tempfile
 import threading
 import time
 from typing import Iterator
 
+UNIX_PATH_MAX = 107  # bytes of a Unix socket's path (sun_path, less its terminating zero)
+# the deepest socket under the temp folder: multiprocessing's forkserver at TEMP/pymp-XXXXXXXX/listener-XXXXXXXX
+# (the links' TEMP/sgr-XXXXXXXX/linkK.R.S are shorter), so the temp folder's own path may take the rest
+MAX_TEMP_DIR = UNIX_PATH_MAX - len("/pymp-XXXXXXXX/listener-XXXXXXXX")
 POLL_S = 1.0  # where pidfd_open is missing (not Linux >= 5.3): how often to look
 # all that a stage or a loader process imports: the project's code with torch, and what torch and torchvision
 # import on first use (torch._dynamo, 2-3 s, on building an optimizer; torchvision for its models and transforms)
@@ -81,11 +86,24 @@ def _watch(pid: int) -> None:
     os.kill(os.getpid(), signal.SIGTERM)
 
 
+def temp_dir_error() -> str | None:
+    """Why the temp folder cannot hold a run's Unix sockets (its path is too long), or None if it can."""
+    folder = tempfile.gettempdir()
+    length = len(os.fsencode(folder))
+    if length <= MAX_TEMP_DIR:
+        return None
+    return (f"the temp folder {folder} has a {length}-byte path, and the run's Unix sockets in it need one of at most "
+            f"{MAX_TEMP_DIR}; set TMPDIR to a shorter folder")
+
+
 def process_alive(pid: int) -> bool:
-    """Whether a process with this pid exists (someone else's counts)."""
+    """Whether a process with this pid exists (someone else's counts). A number no process can have (0, negative,
+    beyond the kernel's range: read from a file anyone could write) is no live process."""
+    if pid <= 0:
+        return False
     try:
         os.kill(pid, 0)
-    except ProcessLookupError:
+    except (ProcessLookupError, OverflowError):
         return False
     except PermissionError:
         return True

@@ -90,6 +90,17 @@ def test_cli_as_a_program(tmp_path):
     assert "[eval] step 8: test accuracy per head: M1" in proc.stdout
 
 
+def test_a_temp_folder_too_deep_for_unix_sockets_is_one_line_before_anything_starts(tmp_path):
+    deep = tmp_path / ("t" * max(1, 90 - len(str(tmp_path))))  # over 75 bytes: the forkserver's socket would not fit
+    deep.mkdir()
+    proc = subprocess.run([sys.executable, "launch.py", *DIGITS, "--out", str(tmp_path / "run")], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300, env={**os.environ, "TMPDIR": str(deep)})
+    assert proc.returncode == 2
+    assert proc.stderr == (f"error: the temp folder {deep} has a {len(str(deep))}-byte path, and the run's Unix "
+                           "sockets in it need one of at most 75; set TMPDIR to a shorter folder\n")
+    assert not list(deep.iterdir())  # nothing was started there
+
+
 def test_a_finished_run_exports_evaluates_plots_and_refuses_what_would_lose_it(tmp_path, capsys):
     out = tmp_path / "run"
     run = [*DIGITS, "--stages", "2", "--threads", "1", "--out", str(out), "--set", "train_subset=256"]

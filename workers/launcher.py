@@ -29,7 +29,7 @@ import zmq
 from pipeline.checkpoint import Checkpoint
 from pipeline.config import Config, ConfigError
 from pipeline.data import DataShape
-from pipeline.lifeline import forkserver, process_alive
+from pipeline.lifeline import forkserver, interrupts_deferred, process_alive
 from pipeline.plan import plan_replicas
 from workers.coordinator import Coordinator
 from workers.ipc_check import cuda_ipc_error
@@ -222,12 +222,13 @@ def run_spawned(cfg: Config, stages: int, shape: DataShape, resume: Checkpoint |
             p.join(timeout=60)
         return coordinator.finish(time.time() - start)
     finally:
-        _stop(processes)
-        remove_segments()  # a stage killed with SIGKILL cannot unlink its own
-        if coordinator is not None:
-            coordinator.close()
-        ctx.destroy(linger=0)  # closes whatever is still open: cleanup after Ctrl-C or a failure cannot block
-        shutil.rmtree(tmp, ignore_errors=True)
+        with interrupts_deferred():  # a second Ctrl-C or SIGTERM waits for the cleanup (a few seconds at most)
+            _stop(processes)
+            remove_segments()  # a stage killed with SIGKILL cannot unlink its own
+            if coordinator is not None:
+                coordinator.close()
+            ctx.destroy(linger=0)  # closes whatever is still open: cleanup after Ctrl-C or a failure cannot block
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _private_folder() -> str:

@@ -39,7 +39,7 @@ import msgpack
 import torch
 import zmq
 
-from pipeline.lifeline import process_alive
+from pipeline.lifeline import UNIX_PATH_MAX, process_alive
 from workers.placement import HOST_TENSORS, UNIX_SCHEME, LinkKind, ipc_device_index, travels_by_ipc
 from workers.security import RunKeys, secure
 
@@ -47,7 +47,6 @@ LINGER_MS = 1000
 SHM_DIR = Path("/dev/shm")
 SEGMENT_PREFIX = "sgr-shm-"  # sgr-shm-{owner pid}-{n}: a sweep can tell whose segment it is
 ALIGN = 64  # bytes: every tensor in a slot starts on a cache line
-UNIX_PATH_MAX = 107  # bytes of a Unix socket's path (sun_path, less its terminating zero)
 MAX_DATAGRAM = 1 << 16  # bytes: a header on a unix:// link (a few hundred in practice)
 MAX_VIEWS = 64  # tensor layouts a segment remembers
 _SEGMENT_NUMBERS = itertools.count()  # one sequence per process: names stay unique across its links

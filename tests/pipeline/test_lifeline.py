@@ -112,3 +112,9 @@ def test_ctrl_c_in_the_launcher_waits_for_the_metrics_line_it_is_writing(tmp_pat
     proc = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.stdout == "interrupted after 1\n", proc.stderr  # not inside the flush: after the whole write
     assert (tmp_path / "m.jsonl").read_text() == '{"step": 1}\n'
+
+
+@pytest.mark.parametrize("pid", [0, -1, 99_999_999_999, 2**64])
+def test_a_pid_no_process_can_have_is_not_alive(pid):
+    """Markers in /tmp and /dev/shm are anyone's to write: a wild number must not crash the sweep that reads them."""
+    assert not process_alive(pid)

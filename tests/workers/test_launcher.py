@@ -34,11 +34,11 @@ def test_only_the_ipc_folders_of_ended_processes_of_this_host_are_stale(tmp_path
     dead = 999_999_999  # above pid_max: no such process
     markers = {"sgr-dead": f"{dead} {socket.gethostname()}", "sgr-old": f"{dead}",  # an older launcher wrote the pid only
                "sgr-other-host": f"{dead} another-node", "sgr-alive": f"{os.getpid()} {socket.gethostname()}",
-               "sgr-unmarked": None, "sgr-garbled": "not a pid"}
+               "sgr-unmarked": None, "sgr-garbled": "not a pid", "sgr-huge": f"{2**64} {socket.gethostname()}"}
     for name, marker in markers.items():
         (tmp_path / name).mkdir()
         if marker is not None:
             (tmp_path / name / launcher.LAUNCHER_PID).write_text(marker)
-    assert sorted(p.name for p in launcher.remove_stale_ipc_dirs(tmp_path)) == ["sgr-dead", "sgr-old"]
+    assert sorted(p.name for p in launcher.remove_stale_ipc_dirs(tmp_path)) == ["sgr-dead", "sgr-huge", "sgr-old"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["sgr-alive", "sgr-garbled", "sgr-other-host", "sgr-unmarked"]
     assert launcher.folder_maker(tmp_path / "sgr-alive") == (os.getpid(), socket.gethostname())
