@@ -229,10 +229,10 @@ def main(argv: list[str] | None = None) -> dict:
         return "n/a (no CUDA)" if v is None else v
 
     lat, shm = targets["latency_vs_stage_step"], targets["shm_vs_memcpy_at_4MB_up"]
-    print(f"{args.threads} torch thread(s); tiny message ({TINY} B) round trip with its credit (µs; the bare ping-pongs "
-          "are the floors: zmq alone, a Unix socket alone)")
-    names = {"ipc": "zmq ipc", "tcp": "zmq tcp", "shm": "shared memory (header on a Unix socket)", "cuda_ipc": "CUDA IPC",
-             "bare_zmq": "bare pyzmq PAIR over ipc", "bare_unix": "bare Unix seqpacket"}
+    print(f"{args.threads} torch thread(s); tiny message ({TINY} B) round trip with its credit (µs; the bare "
+          "ping-pongs are the floors: zmq alone, a Unix socket alone)")
+    names = {"ipc": "zmq ipc", "tcp": "zmq tcp", "shm": "shared memory (header on a Unix socket)",
+             "cuda_ipc": "CUDA IPC", "bare_zmq": "bare pyzmq PAIR over ipc", "bare_unix": "bare Unix seqpacket"}
     print(markdown_table(["link", "median µs", "mean µs"],
                          [[names[link], latency_us[link], latency_mean_us[link]] for link in latency_us]))
     print(f"shared memory: median round trip <= {MAX_LATENCY_US:.0f} µs "

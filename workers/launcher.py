@@ -340,8 +340,9 @@ def run_torchrun(cfg: Config, stages: int, shape: DataShape, resume: Checkpoint 
     try:
         in_endpoints = [link_endpoint(link_kind(cfg.transport, end_of(k - 1, s), own_end), folder, f"link{k}.{r}.{s}",
                                       host) for s in sources]
-        spec = StageSpec(k, stages, cfg.to_dict(), in_endpoints, [], None, device, stage_threads(cfg, world, local_world),
-                         shape, resume=_resume_path(resume), start_step=start_step, keys=keys, replica=r, counts=counts)
+        spec = StageSpec(k, stages, cfg.to_dict(), in_endpoints, [], None, device,
+                         stage_threads(cfg, world, local_world), shape, resume=_resume_path(resume),
+                         start_step=start_step, keys=keys, replica=r, counts=counts)
         worker = StageWorker(spec, ctx, group)
         for source, endpoint in zip(sources, worker.in_endpoints):
             store.set(f"sgr/in/{k}/{r}/{source}", endpoint)

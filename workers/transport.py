@@ -390,7 +390,8 @@ class UnixChannel:
     alone (shared memory). Without zmq's I/O threads a round trip takes about half as long.
 
     The bound end accepts its one peer on first use, then stops listening and removes the socket's name; the
-    connecting end retries until the bound end exists. The socket lives in a folder only this user can open. A peer that ends closes the socket: `recv` raises EOFError.
+    connecting end retries until the bound end exists. The socket lives in a folder only this user can open. A
+    peer that ends closes the socket: `recv` raises EOFError.
     An end that closes with messages unread resets the connection, and the peer may see that before what was
     queued for it: a link's last message (`stop`) is answered by its credit, which the sender drains, so neither
     end closes with anything unread.

@@ -2,7 +2,6 @@
 waits for the end of an interrupts_deferred block."""
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -108,7 +107,8 @@ def test_ctrl_c_in_the_launcher_waits_for_the_metrics_line_it_is_writing(tmp_pat
               "original, flushed = log.file.flush, []\n"
               "def flush():\n    os.kill(os.getpid(), signal.SIGINT)\n    original()\n    flushed.append(1)\n"
               "log.file.flush = flush\n"
-              "try:\n    log.write({'step': 1})\nexcept KeyboardInterrupt:\n    print(f'interrupted after {len(flushed)}')\n")
+              "try:\n    log.write({'step': 1})\n"
+              "except KeyboardInterrupt:\n    print(f'interrupted after {len(flushed)}')\n")
     proc = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.stdout == "interrupted after 1\n", proc.stderr  # not inside the flush: after the whole write
     assert (tmp_path / "m.jsonl").read_text() == '{"step": 1}\n'

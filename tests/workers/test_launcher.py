@@ -32,7 +32,8 @@ def test_the_launcher_blames_the_cause_not_the_neighbours_that_lost_it(monkeypat
 
 def test_only_the_ipc_folders_of_ended_processes_of_this_host_are_stale(tmp_path):
     dead = 999_999_999  # above pid_max: no such process
-    markers = {"sgr-dead": f"{dead} {socket.gethostname()}", "sgr-old": f"{dead}",  # an older launcher wrote the pid only
+    markers = {"sgr-dead": f"{dead} {socket.gethostname()}",
+               "sgr-old": f"{dead}",  # an older launcher wrote the pid only
                "sgr-other-host": f"{dead} another-node", "sgr-alive": f"{os.getpid()} {socket.gethostname()}",
                "sgr-unmarked": None, "sgr-garbled": "not a pid", "sgr-huge": f"{2**64} {socket.gethostname()}"}
     for name, marker in markers.items():
