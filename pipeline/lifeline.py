@@ -28,7 +28,7 @@ POLL_S = 1.0  # where pidfd_open is missing (not Linux >= 5.3): how often to loo
 # import on first use (torch._dynamo, 2-3 s, on building an optimizer; torchvision for its models and transforms)
 PRELOAD = ["workers.stage", "torch._dynamo", "torchvision.transforms.v2.functional"]
 _started_by: int | None = None  # the process that started a server with its own sys.path (a fork inherits this)
-_deferring = 0  # how deep the main thread is in interrupts_deferred blocks
+_deferring = 0  # how deep the main thread is in interrupts_deferred blocks (other threads' do not count)
 _pending: list[BaseException] = []  # an interrupt that came inside one, raised where the outermost ends
 
 
@@ -122,8 +122,12 @@ def raise_interrupt(error: BaseException) -> None:
 def interrupts_deferred() -> Iterator[None]:
     """Ctrl-C and SIGTERM (raise_interrupt) wait until the block ends. An exception a signal handler raises inside
     a lock or a queue that another thread shares (TensorBoard's writer) can leave that thread waiting for ever, and
-    the run's cleanup with it."""
+    the run's cleanup with it. Only the main thread's blocks count: handlers run there, and an interrupt deferred
+    into another thread (torchrun's coordinator thread writes metrics) would end that thread, not the run."""
     global _deferring
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
     _deferring += 1
     try:
         yield

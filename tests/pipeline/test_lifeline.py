@@ -4,6 +4,7 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -96,6 +97,25 @@ def test_an_interrupt_inside_a_deferred_block_is_raised_where_the_block_ends():
         raise_interrupt(KeyboardInterrupt("now"))  # outside any block: at once
     with interrupts_deferred():  # nothing pending any more
         pass
+
+
+def test_another_threads_deferred_block_does_not_hold_back_the_main_threads_interrupt():
+    inside, leave = threading.Event(), threading.Event()
+
+    def write() -> None:  # as torchrun's coordinator thread writes metrics
+        with interrupts_deferred():
+            inside.set()
+            leave.wait(10)
+
+    writer = threading.Thread(target=write)
+    writer.start()
+    inside.wait(10)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            raise_interrupt(KeyboardInterrupt())  # the main thread's handler: raised here, at once
+    finally:
+        leave.set()
+        writer.join(10)
 
 
 def test_ctrl_c_in_the_launcher_waits_for_the_metrics_line_it_is_writing(tmp_path):
