@@ -327,13 +327,13 @@ def run_torchrun(cfg: Config, stages: int, shape: DataShape, resume: Checkpoint 
     targets = receivers_of(r, counts[k], counts[k + 1]) if k + 1 < stages else []
     # where each process lives, published first, so that the consumer of a link binds where its kind says (a CUDA
     # IPC link that the producer's start-up check turns into shared memory keeps its zmq channel: it works the same)
-    store.set(f"sgr/end/{rank}", json.dumps(dataclasses.asdict(LinkEnd(host_id(), own_uuid, tuple(uuids)))))
+    own_end = LinkEnd(host_id(), own_uuid, tuple(uuids))
+    store.set(f"sgr/end/{rank}", json.dumps(dataclasses.asdict(own_end)))
 
     def end_of(stage: int, replica: int) -> LinkEnd:
         published = json.loads(store.get(f"sgr/end/{everyone.index(Worker(stage, replica))}").decode())
         return LinkEnd(published["host"], published["gpu"], tuple(published["visible"]))
 
-    own_end = end_of(k, r)
     remove_stale_ipc_dirs(Path(tempfile.gettempdir()))
     folder = _private_folder()  # this rank's Unix sockets (shared-memory input links)
     worker = None
