@@ -528,7 +528,7 @@ def run_job(args: argparse.Namespace, held: contextlib.ExitStack) -> int:
     from pipeline.checkpoint import CheckpointError, DiskFull
     from pipeline.config import ConfigError
     from pipeline.data import DataError, data_shape, load_config_data, steps_per_epoch
-    from pipeline.lifeline import forkserver, temp_dir_error
+    from pipeline.lifeline import forkserver, remove_multiprocessing_temp_dir, temp_dir_error
     from pipeline.rundir import lock_run_dir
     from pipeline.stages import build_local_modules
     from pipeline.trainer import SequentialTrainer
@@ -589,6 +589,7 @@ def run_job(args: argparse.Namespace, held: contextlib.ExitStack) -> int:
         terminated = isinstance(err, Terminated)
         print(f"{'terminated' if terminated else 'interrupted'}: all stages stopped", file=sys.stderr, flush=True)
         sys.stdout.flush()
+        remove_multiprocessing_temp_dir()  # os._exit skips multiprocessing's own cleanup
         os._exit(143 if terminated else 130)  # the stages are stopped; no interrupted helper thread may hold up exit
     if result is not None:
         print(f"final test accuracy (last head): {100 * result['final_test_acc']:.2f}% in {result['seconds']:.0f} s; "

@@ -12,6 +12,7 @@ import multiprocessing as mp
 import multiprocessing.forkserver
 import os
 import select
+import shutil
 import signal
 import sys
 import tempfile
@@ -28,6 +29,7 @@ POLL_S = 1.0  # where pidfd_open is missing (not Linux >= 5.3): how often to loo
 # import on first use (torch._dynamo, 2-3 s, on building an optimizer; torchvision for its models and transforms)
 PRELOAD = ["workers.stage", "torch._dynamo", "torchvision.transforms.v2.functional"]
 _started_by: int | None = None  # the process that started a server with its own sys.path (a fork inherits this)
+_made_temp_dir: str | None = None  # the temp folder that process made for the server's socket, if it made one
 _deferring = 0  # how deep the main thread is in interrupts_deferred blocks (other threads' do not count)
 _pending: list[BaseException] = []  # an interrupt that came inside one, raised where the outermost ends
 
@@ -39,24 +41,50 @@ def forkserver() -> mp.context.ForkServerContext:
     that uses it: the launcher's for its stages, stage 1's own for its loaders. Forks inherit the
     environment the server started with (stages then apply the launcher's current one: StageSpec).
     """
-    global _started_by
+    global _started_by, _made_temp_dir
     context = mp.get_context("forkserver")
     context.set_forkserver_preload(PRELOAD)  # read when the server starts
     if _started_by != os.getpid():
         # Python 3.11's server imports PRELOAD before it takes this process's sys.path (3.12 takes it first):
         # started with sys.path as its PYTHONPATH, it imports the code this process runs, not an installed copy.
         # Done once, before this process's own threads could read the environment while it changes.
+        # SIGINT ignored while the server starts, which it inherits: a Ctrl-C in its seconds of importing PRELOAD
+        # would print its traceback (it ignores SIGINT only once PRELOAD is in). Its forks get the handler back
+        # (restore_interrupts).
         saved = os.environ.get("PYTHONPATH")
         os.environ["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
+        main_thread = threading.current_thread() is threading.main_thread()  # only it may set a handler
+        handler = signal.signal(signal.SIGINT, signal.SIG_IGN) if main_thread else None
+        inherited = _temp_dir()  # a fork of a server has its parent's (multiprocessing copies it to every child)
         try:
-            multiprocessing.forkserver.ensure_running()
+            multiprocessing.forkserver.ensure_running()  # its socket goes in the temp folder, made now if none
+            _made_temp_dir = _temp_dir() if inherited is None else None
         finally:
+            if main_thread:
+                signal.signal(signal.SIGINT, handler)
             if saved is None:
                 del os.environ["PYTHONPATH"]
             else:
                 os.environ["PYTHONPATH"] = saved
         _started_by = os.getpid()
     return context
+
+
+def restore_interrupts() -> None:
+    """In a fork of the server: Ctrl-C raises KeyboardInterrupt again (the server started with SIGINT ignored)."""
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
+def remove_multiprocessing_temp_dir() -> None:
+    """Remove the folder multiprocessing made for this process's forkserver socket, if this process made it:
+    multiprocessing removes it at a normal exit only, not after os._exit, and /tmp filled with them."""
+    if _made_temp_dir is not None and _started_by == os.getpid():
+        shutil.rmtree(_made_temp_dir, ignore_errors=True)
+
+
+def _temp_dir() -> str | None:
+    """multiprocessing's temp folder for this process (multiprocessing.util.get_temp_dir), None until one is made."""
+    return mp.current_process()._config.get("tempdir")
 
 
 def adopt_environment(environment: dict[str, str]) -> None:

@@ -34,7 +34,7 @@ from pipeline.checkpoint import (DiskFull, check_finite, checkpoint_dir, fingerp
 from pipeline.config import Config, from_dict, knn_bank_size, per_stage
 from pipeline.data import (DataError, DataShape, bank_batches, data_shape, eval_batches, load_config_data, probe_batch,
                            rows_of, to_device)
-from pipeline.lifeline import adopt_environment, exit_with
+from pipeline.lifeline import adopt_environment, exit_with, restore_interrupts
 from pipeline.metrics import ModuleMeter, topk_correct, train_records
 from pipeline.probe import InputDriftProbe
 from pipeline.schedule import run_epochs
@@ -445,6 +445,7 @@ def _end_on_sigterm(signum: int, _frame: Any) -> None:
 def stage_main(spec: StageSpec) -> None:
     """Entry point of a stage process: run the worker; report any error to the coordinator, then re-raise."""
     signal.signal(signal.SIGTERM, _end_on_sigterm)
+    restore_interrupts()
     if spec.environment is not None:  # before any CUDA call: CUDA_VISIBLE_DEVICES as the launcher sees it now
         adopt_environment(spec.environment)
     if spec.launcher_pid is not None:

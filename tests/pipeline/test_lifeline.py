@@ -138,3 +138,42 @@ def test_ctrl_c_in_the_launcher_waits_for_the_metrics_line_it_is_writing(tmp_pat
 def test_a_pid_no_process_can_have_is_not_alive(pid):
     """Markers in /tmp and /dev/shm are anyone's to write: a wild number must not crash the sweep that reads them."""
     assert not process_alive(pid)
+
+
+SERVER_SCRIPT = '''
+import multiprocessing.forkserver, os, signal, sys
+sys.path.insert(0, {root!r})
+from pipeline.lifeline import forkserver, restore_interrupts, remove_multiprocessing_temp_dir
+
+
+def interrupted() -> None:
+    restore_interrupts()
+    signal.raise_signal(signal.SIGINT)
+
+
+if __name__ == "__main__":
+    context = forkserver()
+    os.kill(multiprocessing.forkserver._forkserver._forkserver_pid, signal.SIGINT)  # a Ctrl-C while it imports
+    codes = []
+    for target in (signal.raise_signal, interrupted):
+        child = context.Process(target=target, args=(signal.SIGINT,) if target is signal.raise_signal else ())
+        child.start()
+        child.join()
+        codes.append(child.exitcode)
+    print(*codes)
+    remove_multiprocessing_temp_dir()
+    os._exit(0)  # as launch.py leaves after Ctrl-C: multiprocessing's own cleanup does not run
+'''
+
+
+def test_ctrl_c_while_the_forkserver_imports_is_ignored_and_its_forks_get_ctrl_c_back(tmp_path):
+    """The server starts with SIGINT ignored (no traceback from its preload); a fork that calls restore_interrupts
+    ends by KeyboardInterrupt (exit 1), one that does not ignores SIGINT (exit 0). The temp folder ends empty."""
+    (tmp_path / "serve.py").write_text(SERVER_SCRIPT.format(root=str(ROOT)))
+    temp = tmp_path / "t"
+    temp.mkdir()
+    proc = subprocess.run([sys.executable, "serve.py"], cwd=tmp_path, capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "TMPDIR": str(temp)})
+    assert proc.stdout == "0 1\n", proc.stderr
+    assert "KeyboardInterrupt" in proc.stderr and proc.stderr.count("Traceback") == 1  # the second fork's only
+    assert not list(temp.glob("pymp-*"))

@@ -200,13 +200,15 @@ def alive(pid: int) -> bool:
     return state != "Z"
 
 
-def start_long_run(tmp_path: Path, *extra: str) -> tuple[subprocess.Popen, list[int]]:
-    """A 3-stage run long enough to be interrupted; returns the launcher and its stage pids once they train."""
+def start_long_run(tmp_path: Path, *extra: str, temp: Path | None = None) -> tuple[subprocess.Popen, list[int]]:
+    """A 3-stage run long enough to be interrupted (with TMPDIR `temp` if given); returns the launcher and its stage
+    pids once they train."""
     run_dir = tmp_path / "long"
     proc = subprocess.Popen(
         [sys.executable, "launch.py", "--dataset", "digits", "--epochs", "50", "--batch-size", "16", "--threads", "1",
          "--no-progress", "--out", str(run_dir), "--set", "log_every=1", *extra],
         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+        env=None if temp is None else {**os.environ, "TMPDIR": str(temp)},
     )
     deadline = time.time() + 120
     while time.time() < deadline:
@@ -316,14 +318,27 @@ def test_a_hung_stage_is_detected_by_its_missing_heartbeat(tmp_path):
     assert_a_frozen_process_is_named(tmp_path, 1, "stage 2")
 
 
+def own_temp(tmp_path: Path) -> Path:
+    """A temp folder for one run alone: what the run leaves in it is seen."""
+    temp = tmp_path / "t"
+    temp.mkdir()
+    return temp
+
+
+def left_in_temp(temp: Path) -> list[str]:
+    """What a run left in its temp folder: ipc folders (sgr-*) and multiprocessing's (pymp-*)."""
+    return sorted(p.name for p in temp.iterdir() if p.name.startswith(("sgr-", "pymp-")))
+
+
 def test_ctrl_c_stops_every_process(tmp_path):
-    proc, stages = start_long_run(tmp_path)
+    proc, stages = start_long_run(tmp_path, temp=(temp := own_temp(tmp_path)))
     processes = [*stages, forkserver_of(proc.pid)]  # the forkserver too ends with the run
     os.killpg(proc.pid, signal.SIGINT)  # what a terminal's Ctrl-C does: the whole process group
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130 and "interrupted: all stages stopped" in err
     time.sleep(0.5)
     assert not any(alive(pid) for pid in processes) and not segments_left(stages)
+    assert not left_in_temp(temp)
 
 
 @pytest.mark.parametrize("transport", ["auto", "zmq"])  # one host: shared memory; zmq over tcp://
@@ -382,14 +397,14 @@ def launcher_ipc_dirs(pid: int) -> list[Path]:
 
 
 def test_sigterm_stops_every_process_exits_143_and_leaves_no_ipc_folder(tmp_path):
-    proc, stages = start_long_run(tmp_path)
+    proc, stages = start_long_run(tmp_path, temp=(temp := own_temp(tmp_path)))
     processes = [*stages, forkserver_of(proc.pid)]  # the forkserver too ends with the run
-    assert launcher_ipc_dirs(proc.pid)
+    assert left_in_temp(temp)
     proc.send_signal(signal.SIGTERM)  # the launcher only, as `kill` or a scheduler would
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 143 and "terminated: all stages stopped" in err
     time.sleep(0.5)
-    assert not any(alive(pid) for pid in processes) and not launcher_ipc_dirs(proc.pid) and not segments_left(stages)
+    assert not any(alive(pid) for pid in processes) and not left_in_temp(temp) and not segments_left(stages)
 
 
 def test_the_ipc_folder_of_a_launcher_killed_with_sigkill_is_removed_by_the_next_run(tmp_path):
