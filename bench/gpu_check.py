@@ -37,6 +37,7 @@ SMALL = ["--dataset", "digits", "--stages", "3", "--method", "sgr", "--batch-siz
          "--no-progress", "--set", "train_subset=384", "--set", "eval_every=6", "--set", "probe_size=64",
          "--set", "log_every=4"]  # the default job, reduced: 12 steps an epoch
 STRESS_MESSAGES = 300
+STOP_GRACE_S = 20  # a launcher stops its stages within a few seconds of SIGTERM
 
 
 class CheckFailed(AssertionError):
@@ -164,12 +165,30 @@ def _stress(device: str, kind: LinkKind) -> None:
 # --- runs of launch.py ----------------------------------------------------------------------------------------
 
 
+def run_child(command: list[str], timeout: float, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """subprocess.run, except that a time limit or OutOfTime stops the child as Ctrl-C would (SIGTERM to its session,
+    SIGKILL only if it is still there after STOP_GRACE_S): a launcher killed outright leaves its stages writing on
+    into the check's folder after that folder is removed."""
+    proc = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                            start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except BaseException:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.communicate(timeout=STOP_GRACE_S)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
+        raise
+    return subprocess.CompletedProcess(command, proc.returncode, out, err)
+
+
 def launch(*args: str, env: dict[str, str] | None = None, torchrun: int = 0, timeout: int = 300) -> subprocess.CompletedProcess:
     """Run launch.py (under torchrun with that many processes) and fail the check on a non-zero exit."""
     prefix = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(torchrun)] \
         if torchrun else [sys.executable]
-    proc = subprocess.run([*prefix, "launch.py", *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout,
-                          env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
+    proc = run_child([*prefix, "launch.py", *args], timeout, env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
     if proc.returncode != 0:
         raise CheckFailed(f"launch.py {' '.join(args[:6])} ... exited {proc.returncode}: "
                           f"{proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else ''}")
@@ -278,8 +297,7 @@ def check_plan_and_peaks(device: str, tmp: Path) -> str:
 def check_imagenet_bench(device: str, tmp: Path) -> str:
     """bench/imagenet_gpu.py at its check size (--smoke on the CPU): samples/s and memory per stage against BP."""
     size = "--check" if device.startswith("cuda") else "--smoke"
-    proc = subprocess.run([sys.executable, "bench/imagenet_gpu.py", size, "--out", str(tmp / "imagenet")], cwd=ROOT,
-                          capture_output=True, text=True, timeout=400)
+    proc = run_child([sys.executable, "bench/imagenet_gpu.py", size, "--out", str(tmp / "imagenet")], timeout=400)
     if proc.returncode != 0:
         raise CheckFailed(f"bench/imagenet_gpu.py exited {proc.returncode}: {proc.stderr.strip()[-300:]}")
     results = json.loads((tmp / "imagenet" / "results.json").read_text())
@@ -311,7 +329,7 @@ def main(argv: list[str] | None = None) -> int:
     ]
     suite_ok = args.dry_run or (" passed" in args.suite and "failed" not in args.suite and "error" not in args.suite)
     rows, failed = [["pytest tests/gpu", "pass" if suite_ok else "FAIL", args.suite, "-"]], int(not suite_ok)
-    signal.signal(signal.SIGTERM, _out_of_time)  # a check's subprocess.run kills its child on the way out
+    signal.signal(signal.SIGTERM, _out_of_time)  # a check's child is stopped on the way out (run_child)
     try:
         for i, (name, check) in enumerate(checks):
             start, out_of_time = time.time(), False

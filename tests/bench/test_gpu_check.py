@@ -1,6 +1,8 @@
 """scripts/gpu_check.sh: its arguments, and its dry run (the CPU half of every check, one table) on any machine."""
+import os
 import signal
 import subprocess
+import time
 from pathlib import Path
 
 import torch
@@ -35,11 +37,16 @@ def test_the_dry_run_passes_every_check_and_prints_one_table():
     assert "pipeline == sequential to the bit" in proc.stdout and "resumed == uninterrupted" in proc.stdout
 
 
-def test_a_time_limit_still_prints_the_table_of_what_finished():
+def test_a_time_limit_still_prints_the_table_of_what_finished(tmp_path):
+    temp = tmp_path / "t"  # its own temp folder: what the check leaves there is seen
+    temp.mkdir()
     proc = subprocess.Popen([".venv/bin/python", "bench/gpu_check.py", "--dry-run"], cwd=ROOT, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True, env={**os.environ, "TMPDIR": str(temp)})
     first = proc.stderr.readline()  # each check's line comes when it ends: the signal lands in the second check
     assert first.startswith("transport stress, 3 processes: pass"), first
+    deadline = time.time() + 120
+    while not list(temp.glob("*/launcher.pid")) and time.time() < deadline:  # its launch.py has started stages
+        time.sleep(0.05)
     proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 1, err[-2000:]
@@ -48,3 +55,7 @@ def test_a_time_limit_still_prints_the_table_of_what_finished():
     results = [row.split(" | ")[1] for row in table[2:]]
     assert results[:2] == ["pass", "pass"] and "OutOfTime: stopped by the time limit" in table[4]
     assert results[3:] == ["not run"] * (len(CHECKS) - 3)
+    # the launcher under way was stopped as Ctrl-C would stop it, so it cleaned up: no runs folder (its stages wrote
+    # nothing after the check removed it), no ipc folder (sgr-*), no forkserver socket folder (pymp-*)
+    left = sorted(p.name for p in temp.iterdir())
+    assert not [name for name in left if name.startswith(("sgr-", "pymp-"))], left
