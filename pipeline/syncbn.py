@@ -9,7 +9,7 @@ import contextlib
 import tempfile
 from datetime import timedelta
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Callable, ContextManager, Iterator
 
 import torch
 import torch.distributed as dist
@@ -17,18 +17,21 @@ import torch.distributed._functional_collectives as funcol
 import torch.nn as nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+Guard = Callable[[], ContextManager[object]]  # what each all-reduce runs inside
+
 
 class SyncBatchNorm(_BatchNorm):
     """BatchNorm whose training statistics cover the stage's whole batch, summed over its replicas.
 
-    Written with differentiable all-reduces (torch.distributed.nn), so it has a double backward:
-    torch.nn.SyncBatchNorm's fused backward has none, and SGR differentiates δ, which passes
-    through every BatchNorm of the module. Evaluation uses the running statistics, as BatchNorm does.
+    Written with differentiable all-reduces (_AllSum), so it has a double backward: torch.nn.SyncBatchNorm's
+    fused backward has none, and SGR differentiates δ, which passes through every BatchNorm of the module.
+    Evaluation uses the running statistics, as BatchNorm does. Each all-reduce, forward or backward, runs
+    inside `guard()`: the stage's turns a failed one (a replica gone) into the error it reports.
     """
 
-    def __init__(self, bn: _BatchNorm, group: dist.ProcessGroup | None) -> None:
+    def __init__(self, bn: _BatchNorm, group: dist.ProcessGroup | None, guard: Guard = contextlib.nullcontext) -> None:
         super().__init__(bn.num_features, bn.eps, bn.momentum, bn.affine, bn.track_running_stats)
-        self.group = group
+        self.group, self.guard = group, guard
         # the same parameter and buffer objects: the optimizer built on `bn` trains these; the state_dict keys stay
         self.weight, self.bias = bn.weight, bn.bias
         self.running_mean, self.running_var, self.num_batches_tracked = bn.running_mean, bn.running_var, bn.num_batches_tracked
@@ -44,11 +47,11 @@ class SyncBatchNorm(_BatchNorm):
         shape = [1, -1] + [1] * (x.dim() - 2)
         xf = x.float()
         count = xf.new_full((1,), float(xf.numel() // xf.shape[1]))  # filled on the device: torch.tensor([..]) syncs
-        sums = _all_sum(torch.cat([xf.sum(dims), count]), self.group)
+        sums = _AllSum.apply(torch.cat([xf.sum(dims), count]), self.group, self.guard)
         n = sums[-1].detach()
         mean = sums[:-1] / n
         centred = xf - mean.view(shape)
-        var = _all_sum(centred.square().sum(dims), self.group) / n
+        var = _AllSum.apply(centred.square().sum(dims), self.group, self.guard) / n
         out = centred * torch.rsqrt(var + self.eps).view(shape)
         if self.affine:
             out = out * self.weight.view(shape) + self.bias.view(shape)
@@ -61,17 +64,29 @@ class SyncBatchNorm(_BatchNorm):
         return out.to(x.dtype)
 
 
-def _all_sum(t: torch.Tensor, group: dist.ProcessGroup | None) -> torch.Tensor:
-    """The sum of `t` over the group's processes, differentiable (its backward is again an all-reduce)."""
-    return funcol.wait_tensor(funcol.all_reduce(t, "sum", group or dist.group.WORLD))
+class _AllSum(torch.autograd.Function):
+    """The sum of a tensor over the group's processes. Its backward is the same sum of the gradients, itself an
+    _AllSum, so a double backward works; every all-reduce runs inside `guard()`."""
+
+    @staticmethod
+    def forward(ctx: Any, t: torch.Tensor, group: dist.ProcessGroup | None, guard: Guard) -> torch.Tensor:
+        ctx.group, ctx.guard = group, guard
+        with guard():
+            return funcol.wait_tensor(funcol.all_reduce(t, "sum", group or dist.group.WORLD))
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+        return _AllSum.apply(grad, ctx.group, ctx.guard), None, None
 
 
-def convert_sync_bn(module: nn.Module, group: dist.ProcessGroup | None) -> nn.Module:
-    """`module` with every BatchNorm replaced by a SyncBatchNorm over `group` (same parameters and buffers)."""
+def convert_sync_bn(module: nn.Module, group: dist.ProcessGroup | None,
+                    guard: Guard = contextlib.nullcontext) -> nn.Module:
+    """`module` with every BatchNorm replaced by a SyncBatchNorm over `group` (same parameters and buffers), its
+    all-reduces run inside `guard()`."""
     if isinstance(module, _BatchNorm) and not isinstance(module, SyncBatchNorm):
-        return SyncBatchNorm(module, group)
+        return SyncBatchNorm(module, group, guard)
     for name, child in module.named_children():
-        setattr(module, name, convert_sync_bn(child, group))
+        setattr(module, name, convert_sync_bn(child, group, guard))
     return module
 
 

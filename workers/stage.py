@@ -44,7 +44,7 @@ from pipeline.syncbn import convert_sync_bn
 from workers.simulated import SimulatedStep
 from workers.messages import Kind, Record
 from workers.placement import LinkKind
-from workers.replicas import ReplicaGroup, ReplicasDiverged, group_backend, join_group
+from workers.replicas import ReplicaGroup, ReplicasDiverged, collective, group_backend, join_group
 from workers.routes import Worker, receivers_of, rows_to, senders_of, shard
 from workers.security import RunKeys
 from workers.trace import Tracer, now
@@ -197,8 +197,8 @@ class StageWorker:
             self.real_step.rng_seed += REPLICA_STREAMS * self.replica + self.spec.start_step
             self.real_step.rng_state = None
         if self.cfg.sync_bn:
-            convert_sync_bn(self.local.module, group.group)
-            convert_sync_bn(self.local.head, group.group)
+            convert_sync_bn(self.local.module, group.group, collective)  # a replica gone mid-step is a lost peer
+            convert_sync_bn(self.local.head, group.group, collective)
         return group
 
     @property

@@ -94,7 +94,9 @@ def test_a_checkpoint_resumes_under_another_replica_layout(tmp_path):
 def test_a_killed_replica_stops_the_run_within_ten_seconds_and_is_named(tmp_path):
     proc, pids = start_long_run(tmp_path, "--replicas", "[1,2,1]")
     assert len(pids) == 4  # stage 1, stage 2 replicas 1 and 2, stage 3
-    assert_a_killed_process_is_named(proc, pids, 2, "stage 2 replica 2")
+    err = assert_a_killed_process_is_named(proc, pids, 2, "stage 2 replica 2")
+    # replica 1, left in a SyncBatchNorm all-reduce or the gradients', says so in a line: no traceback
+    assert "Traceback" not in err, err
 
 
 def test_a_frozen_replica_is_named_by_its_missing_heartbeat(tmp_path):
