@@ -95,7 +95,7 @@ class Coordinator:
         record = msg["record"]
         self.timeline.append((time.perf_counter(), stage, record["step"], msg["busy"], msg["idle"]))
         self.writer.record(record)
-        self.last_step[stage] = record["step"]
+        self.last_step[stage] = max(self.last_step[stage], record["step"])  # a beat may have told a later one
         busy = msg["busy"] / max(1e-9, msg["busy"] + msg["idle"])
         self.latest[stage] = (f"S{stage + 1} {record['loss']:.3f}/{100 * record['acc']:.0f}% "
                               f"busy {100 * busy:.0f}% q{msg['queue']}")
@@ -117,7 +117,10 @@ class Coordinator:
             self._seal_checkpoint(msg["epoch"], msg["step"])
 
     def _on_beat(self, stage: int, msg: dict[str, Any]) -> None:
-        """Nothing beyond `last_seen`, which every record updates."""
+        """Beyond `last_seen`, which every record updates: the last step the process trained (train records come
+        every log_every steps, and from replica 0 only), so a failure names the step it came after."""
+        if msg["step"] is not None:  # None before its first step
+            self.last_step[stage] = max(self.last_step[stage], msg["step"])
 
     def _on_done(self, stage: int, msg: dict[str, Any]) -> None:
         self.done[msg.get("worker", stage)] = msg

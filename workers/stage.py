@@ -106,12 +106,13 @@ class Heartbeat(threading.Thread):
         super().__init__(name=f"heartbeat{rank + 1}", daemon=True)
         self.ctx, self.endpoint, self.rank, self.keys, self.worker = ctx, endpoint, rank, keys, worker
         self.stopped = threading.Event()
+        self.step: int | None = None  # the last step this process trained (set by its loop), sent with each beat
 
     def run(self) -> None:
         reporter = Reporter(self.ctx, self.endpoint, self.rank, self.keys, self.worker)  # zmq sockets belong to one thread each
         try:
             while not self.stopped.wait(self.PERIOD_S):
-                reporter.send({"kind": Record.BEAT})
+                reporter.send({"kind": Record.BEAT, "step": self.step})
         finally:
             reporter.close()
 
@@ -290,6 +291,7 @@ class StageWorker:
         start = now()
         image_here = to_device(image, self.device) if self.real_step.needs_image else None
         result = self.step.train_step(x, tensors.get("delta"), to_device(y, self.device), image_here)
+        self.heartbeat.step = header["step"]  # a failure's message then names the step within a beat
         self.meter.update(0, result.stats)
         end = now()
         self.busy += end - start

@@ -23,7 +23,7 @@ def test_a_pause_of_the_launcher_inside_its_wait_does_not_make_a_stage_hung(tmp_
     coordinator = Coordinator(Config(out=str(tmp_path / "run"), progress=False), 2, 10, ctx, "inproc://report")
     records = coordinator.records
     try:
-        coordinator.handle({"stage": 0, "kind": "beat"})
+        coordinator.handle({"stage": 0, "kind": "beat", "step": None})
         coordinator.records = LateCollector()
         coordinator.poll(100)
         assert coordinator.silent_stage(0.5) is None  # silent for 2.6 s, but we were the ones stopped
@@ -39,7 +39,7 @@ def test_a_long_wait_that_was_asked_for_is_not_a_pause(tmp_path):
     ctx = zmq.Context()
     coordinator = Coordinator(Config(out=str(tmp_path / "run"), progress=False), 2, 10, ctx, "inproc://report")
     try:
-        coordinator.handle({"stage": 1, "kind": "beat"})
+        coordinator.handle({"stage": 1, "kind": "beat", "step": 3})
         coordinator.poll(int(1000 * (PAUSE_S + 0.5)))  # nothing arrives; the wait ran its full length
         assert coordinator.silent_stage(1.0) == 1
     finally:
@@ -54,6 +54,20 @@ def test_every_record_kind_has_a_handler_and_an_unknown_kind_is_an_error(tmp_pat
         assert set(coordinator.handlers) == set(Record)
         with pytest.raises(ValueError, match="'bogus' is not a valid Record"):
             coordinator.handle({"stage": 0, "kind": "bogus"})
+    finally:
+        coordinator.close()
+        ctx.destroy(linger=0)
+
+
+def test_a_failure_names_the_last_step_a_heartbeat_told_not_only_the_last_logged_one(tmp_path):
+    ctx = zmq.Context()
+    coordinator = Coordinator(Config(out=str(tmp_path / "run"), progress=False), 2, 10, ctx, "inproc://report")
+    try:
+        coordinator.handle({"stage": 1, "kind": "beat", "step": None})  # before its first step
+        assert "stage 2 was killed by signal 9 after step 0;" in str(coordinator.failure(1, "was killed by signal 9"))
+        coordinator.handle({"stage": 1, "kind": "beat", "step": 17})
+        coordinator.handle({"stage": 1, "kind": "beat", "step": 15})  # a replica behind the one that told 17
+        assert "stage 2 was killed by signal 9 after step 17;" in str(coordinator.failure(1, "was killed by signal 9"))
     finally:
         coordinator.close()
         ctx.destroy(linger=0)
