@@ -321,6 +321,9 @@ def validate(cfg: Config) -> Config:
     need(cfg.transport in TRANSPORTS, f"transport must be one of {', '.join(TRANSPORTS)}, got {cfg.transport!r}")
     need(cfg.peer_timeout > 0, f"peer_timeout must be > 0 seconds, got {cfg.peer_timeout}")
     need(cfg.heartbeat_timeout > 0, f"heartbeat_timeout must be > 0 seconds, got {cfg.heartbeat_timeout}")
+    # a hung stage must be named by its missing heartbeat before a neighbour gives up waiting on it and is blamed
+    need(cfg.peer_timeout > cfg.heartbeat_timeout, f"peer_timeout ({cfg.peer_timeout:g} s) must be longer than "
+                                                   f"heartbeat_timeout ({cfg.heartbeat_timeout:g} s)")
     need(min(cfg.eval_every, cfg.checkpoint_every, cfg.probe_size) >= 0,
          "eval_every, checkpoint_every and probe_size must be >= 0 (0: every epoch / off)")
     need(cfg.keep_checkpoints >= 1, f"keep_checkpoints must be >= 1, got {cfg.keep_checkpoints}")

@@ -39,6 +39,7 @@ BARLOW = {"local_loss": "barlow_twins", "head": "projector", "last_head": "proje
         ({"lr": float("inf")}, "config key 'lr' must be a finite number, got inf"),
         ({"lam": float("inf")}, "config key 'lam' must be a finite number, got inf"),
         ({"peer_timeout": float("inf")}, "config key 'peer_timeout' must be a finite number"),
+        ({"peer_timeout": 10.0}, r"peer_timeout \(10 s\) must be longer than heartbeat_timeout \(20 s\)"),
         ({"lr": float("nan")}, "config key 'lr' must be a finite number, got nan"),
         ({"epochs": True}, "config key 'epochs' must be an integer, got True"),
         ({"threads": 1.5}, "config key 'threads' must be an integer, got 1.5"),
