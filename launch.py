@@ -23,6 +23,7 @@ from typing import Any
 
 DEFAULT_CONFIG = Path(__file__).parent / "configs" / "default.yaml"
 TOOLS = ("plot", "export", "evaluate", "trace")  # `launch.py TOOL RUN_DIR`
+PLAN_IGNORES = {"--epochs", "--out", "--lr", "--schedule", "--no-progress", "--fresh"}  # training flags a plan ignores
 
 # flag -> config key, for the flags that are plain overrides
 FLAG_KEYS = {
@@ -304,6 +305,9 @@ def run_plan(argv: list[str]) -> int:
     p.add_argument("--gpus", type=int, help="plan cuts and replica counts for this many devices")
     p.add_argument("--memory-cap", dest="memory_cap", type=float,
                    help="GiB per device (default: the GPU's memory; on the CPU, global BP's footprint)")
+    for action in p._actions:  # still taken (a training command line plans as it is), but not listed: no effect here
+        if set(action.option_strings) & PLAN_IGNORES:
+            action.help = argparse.SUPPRESS
     args = layout_args = p.parse_args(argv)
     try:
         cfg = build_config(args)

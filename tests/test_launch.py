@@ -368,6 +368,7 @@ def test_plan_and_models_have_help_of_their_own(capsys):
     printed = capsys.readouterr().out
     assert done.value.code == 0 and printed.startswith("usage: launch.py plan")
     assert "--gpus GPUS" in printed and "--memory-cap" in printed and "--stages STAGES" in printed
+    assert "--fresh" not in printed and "--epochs" not in printed  # training flags a plan takes but ignores
     assert launch.main(["models", "--help"]) == 0
     assert capsys.readouterr().out.startswith("usage: launch.py models")
     assert launch.main(["models", "extra"]) == 2
