@@ -605,4 +605,9 @@ def run_job(args: argparse.Namespace, held: contextlib.ExitStack) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    # the job is over and the process exits: a signal now (torchrun stopping every rank when one failed) would cut
+    # its cleanup short, and Python ends threads still inside torch calls by aborting the process (SIGABRT)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    sys.exit(code)

@@ -31,13 +31,13 @@ from pipeline.config import Config, ConfigError
 from pipeline.data import DataShape
 from pipeline.lifeline import forkserver, interrupts_deferred, process_alive
 from pipeline.plan import plan_replicas
-from workers.coordinator import Coordinator
+from workers.coordinator import Coordinator, StageFailed
 from workers.ipc_check import cuda_ipc_error
 from workers.placement import LinkEnd, LinkKind, host_id, link_endpoint, link_kind, stage_device
 from workers.replicas import ReplicaGroup, group_backend
 from workers.routes import Worker, check_batch, receivers_of, replica_counts, senders_of, workers
 from workers.security import STORE_KEY as SECURITY_STORE_KEY, RunKeys, new_run_keys, start_authenticator
-from workers.stage import StageSpec, StageWorker, stage_main
+from workers.stage import SAID_IN_ONE_LINE, StageSpec, StageWorker, report_error, stage_main
 from workers.transport import PeerLost, gpu_uuids, remove_segments
 
 STOP_GRACE_S = 3.0
@@ -336,7 +336,7 @@ def run_torchrun(cfg: Config, stages: int, shape: DataShape, resume: Checkpoint 
 
     remove_stale_ipc_dirs(Path(tempfile.gettempdir()))
     folder = _private_folder()  # this rank's Unix sockets (shared-memory input links)
-    worker = None
+    worker, spec, watcher, watching = None, None, None, threading.Event()
     try:
         in_endpoints = [link_endpoint(link_kind(cfg.transport, end_of(k - 1, s), own_end), folder, f"link{k}.{r}.{s}",
                                       host) for s in sources]
@@ -355,9 +355,10 @@ def run_torchrun(cfg: Config, stages: int, shape: DataShape, resume: Checkpoint 
             check_on = f"cuda:{uuids.index(consumer.gpu)}" if consumer.gpu in uuids else device
             out_links.append(checked_link(kind, device, check_on, {}))
         worker.connect(out_endpoints, store.get("sgr/report").decode(), out_links)
-        watcher = None
         if coordinator is not None:
-            watcher = threading.Thread(target=_coordinate, args=(coordinator, cfg.heartbeat_timeout), daemon=True)
+            watching.set()
+            watcher = threading.Thread(target=_coordinate, args=(coordinator, cfg.heartbeat_timeout, watching, folder),
+                                       daemon=True)
             watcher.start()
         start = time.time()
         worker.run()
@@ -365,8 +366,18 @@ def run_torchrun(cfg: Config, stages: int, shape: DataShape, resume: Checkpoint 
             watcher.join()
             return coordinator.finish(time.time() - start)
         return None
+    except Exception as err:  # as a spawned stage does (stage_main): report it; one line if the line says all
+        if spec is None:
+            raise
+        line = report_error(err, worker, spec, ctx)
+        if not isinstance(err, SAID_IN_ONE_LINE):
+            raise
+        raise StageFailed(f"{spec.name}: {line}") from None
     finally:
         shutil.rmtree(folder, ignore_errors=True)  # first: it cannot fail (the sockets' names go with it)
+        watching.clear()
+        if watcher is not None:  # stopped before its socket closes under it
+            watcher.join(timeout=5)
         if worker is not None:
             worker.close()
         if coordinator is not None:
@@ -397,14 +408,15 @@ def _replica_group(store: Any, counts: list[int], rank: int, own_uuid: str | Non
     return mine
 
 
-def _coordinate(coordinator: Coordinator, heartbeat_timeout: float) -> None:
-    """Rank 0's coordinator loop under torchrun: collect records; report a stage's error as soon as it arrives.
+def _coordinate(coordinator: Coordinator, heartbeat_timeout: float, watching: threading.Event, folder: Path) -> None:
+    """Rank 0's coordinator loop under torchrun, while `watching` is set: collect records; report a stage's error as
+    soon as it arrives.
 
     A failed stage exits by itself and torchrun stops the other ranks; a hung one cannot, so
-    rank 0 exits non-zero and torchrun tears the run down.
+    rank 0 exits non-zero (removing its `folder` first) and torchrun tears the run down.
     """
     reported: set[int] = set()
-    while not coordinator.finished:
+    while not coordinator.finished and watching.is_set():
         coordinator.poll(100)
         for stage in set(coordinator.errors) - reported:
             print(f"error: {coordinator.failure(stage, 'failed')}", file=sys.stderr, flush=True)
@@ -413,4 +425,5 @@ def _coordinate(coordinator: Coordinator, heartbeat_timeout: float) -> None:
         if silent is not None:
             print(f"error: {coordinator.failure(silent, f'sent no heartbeat for {heartbeat_timeout:.0f} s (hung)')}",
                   file=sys.stderr, flush=True)
+            shutil.rmtree(folder, ignore_errors=True)
             os._exit(1)

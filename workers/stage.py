@@ -437,6 +437,19 @@ def merge(messages: list[Message]) -> tuple[dict[str, Any], dict[str, torch.Tens
 SAID_IN_ONE_LINE = (DataError, FloatingPointError, DiskFull, ReplicasDiverged, PeerLost)
 
 
+def report_error(err: BaseException, worker: StageWorker | None, spec: StageSpec, ctx: zmq.Context) -> str:
+    """Send `err` to the coordinator as one line (through the worker's reporter, or a short-lived one if it failed
+    before connecting and the coordinator's endpoint is known); the line."""
+    line = f"{type(err).__name__}: {err}"
+    if worker is not None and worker.reporter is not None:
+        worker.reporter.send({"kind": Record.ERROR, "error": line})
+    elif spec.report_endpoint is not None:  # closed at once, so that ctx.term() cannot block
+        reporter = Reporter(ctx, spec.report_endpoint, spec.rank, spec.keys, spec.worker)
+        reporter.send({"kind": Record.ERROR, "error": line})
+        reporter.close()
+    return line
+
+
 def _end_on_sigterm(signum: int, _frame: Any) -> None:
     """SIGTERM (the launcher stopping the run, or `exit_with`): unlink this process's shared memory, then die of it."""
     remove_segments(os.getpid())
@@ -461,13 +474,7 @@ def stage_main(spec: StageSpec) -> None:
     except KeyboardInterrupt:
         pass
     except BaseException as err:
-        line = f"{type(err).__name__}: {err}"
-        if worker is not None and worker.reporter is not None:
-            worker.reporter.send({"kind": Record.ERROR, "error": line})
-        else:  # failed before connecting: a short-lived reporter, closed so that ctx.term() cannot block
-            reporter = Reporter(ctx, spec.report_endpoint, spec.rank, spec.keys, spec.worker)
-            reporter.send({"kind": Record.ERROR, "error": line})
-            reporter.close()
+        line = report_error(err, worker, spec, ctx)
         if not isinstance(err, SAID_IN_ONE_LINE):
             raise
         said = line

@@ -359,6 +359,30 @@ def test_torchrun_one_process_per_stage_equals_the_reference(tmp_path, transport
     assert_bit_identical(trainer, pipeline_states(out, 2))
 
 
+def test_under_torchrun_a_killed_rank_leaves_its_neighbours_one_line_each_and_no_traceback_of_ours(tmp_path):
+    run_dir = tmp_path / "long"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "3", "launch.py",
+         "--dataset", "digits", "--epochs", "50", "--batch-size", "16", "--threads", "1", "--no-progress",
+         "--out", str(run_dir), "--set", "log_every=1"],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"})
+    deadline = time.time() + 120
+    while not (run_dir / "metrics.jsonl").exists() or \
+            {r.get("module") for r in read_jsonl(run_dir / "metrics.jsonl")} < {1, 2, 3}:
+        assert proc.poll() is None and time.time() < deadline, proc.communicate()
+        time.sleep(0.2)
+    ranks = {int(dict(v.split("=", 1) for v in Path(f"/proc/{pid}/environ").read_text().split("\0") if "=" in v)
+                 ["LOCAL_RANK"]): pid for pid in children_of(proc.pid)}
+    os.kill(ranks[1], signal.SIGKILL)  # stage 2
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode != 0
+    assert "error: stage 3: PeerLost: stage 2 has gone: it closed its end of the link" in err, err[-3000:]
+    # no frame of the project's code: no rank's traceback, none from rank 0's coordinator thread or an exit cut short
+    assert str(ROOT / "workers") not in err and str(ROOT / "launch.py") not in err, err[-3000:]
+    assert "Exception in thread" not in err and "Exception ignored" not in err and "SIGABRT" not in err, err[-3000:]
+
+
 def test_torchrun_with_the_wrong_number_of_processes_is_refused(tmp_path):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "launch.py",
            "--stages", "3", "--dataset", "digits", "--no-progress", "--out", str(tmp_path / "x")]
