@@ -51,6 +51,7 @@ class Coordinator:
         self.errors: dict[int, str] = {}  # worker -> its error
         self.last_step = [start_step] * stages
         self.last_seen: dict[int, float] = {}  # worker -> when it last sent anything (from its `ready` on)
+        self.where: dict[int, tuple[str, int]] = {}  # worker -> (host id, pid), from its `ready`
         self.last_tick = self.paused_until = time.monotonic()
         self.fingerprint: dict[str, Any] = {}
         self.saved: dict[int, set[int]] = {}  # step -> stages that saved their part of its checkpoint
@@ -88,6 +89,7 @@ class Coordinator:
         self.handlers[Record(msg["kind"])](msg["stage"], msg)
 
     def _on_ready(self, stage: int, msg: dict[str, Any]) -> None:
+        self.where[msg.get("worker", stage)] = (msg["host"], msg["pid"])
         if stage == 0:
             self.fingerprint = msg["fingerprint"]
 

@@ -9,11 +9,13 @@
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import multiprocessing as mp
 import os
 import shutil
+import signal
 import socket
 import sys
 import tempfile
@@ -413,7 +415,9 @@ def _coordinate(coordinator: Coordinator, heartbeat_timeout: float, watching: th
     soon as it arrives.
 
     A failed stage exits by itself and torchrun stops the other ranks; a hung one cannot, so
-    rank 0 exits non-zero (removing its `folder` first) and torchrun tears the run down.
+    rank 0 exits non-zero (removing its `folder` first) and torchrun tears the run down. A hung
+    rank on this host is killed first: torchrun's SIGTERM cannot stop a frozen process, and it
+    would wait 30 s before its SIGKILL.
     """
     reported: set[int] = set()
     while not coordinator.finished and watching.is_set():
@@ -425,5 +429,10 @@ def _coordinate(coordinator: Coordinator, heartbeat_timeout: float, watching: th
         if silent is not None:
             print(f"error: {coordinator.failure(silent, f'sent no heartbeat for {heartbeat_timeout:.0f} s (hung)')}",
                   file=sys.stderr, flush=True)
+            host, pid = coordinator.where[silent]  # every process judged has sent its ready
+            if host == host_id():
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+                remove_segments(pid)
             shutil.rmtree(folder, ignore_errors=True)
             os._exit(1)

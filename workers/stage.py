@@ -43,7 +43,7 @@ from pipeline.step import StageStep
 from pipeline.syncbn import convert_sync_bn
 from workers.simulated import SimulatedStep
 from workers.messages import Kind, Record
-from workers.placement import LinkKind
+from workers.placement import LinkKind, host_id
 from workers.replicas import ReplicaGroup, ReplicasDiverged, collective, group_backend, join_group
 from workers.routes import Worker, receivers_of, rows_to, senders_of, shard
 from workers.security import RunKeys
@@ -222,7 +222,7 @@ class StageWorker:
     # --- the loop -----------------------------------------------------------------
 
     def run(self) -> None:
-        self.reporter.send({"kind": Record.READY, "pid": os.getpid(), "fingerprint": self.fingerprint})
+        self.reporter.send({"kind": Record.READY, "pid": os.getpid(), "host": host_id(), "fingerprint": self.fingerprint})
         self.heartbeat.start()
         if self.rank == 0:
             self._feed()

@@ -359,12 +359,14 @@ def test_torchrun_one_process_per_stage_equals_the_reference(tmp_path, transport
     assert_bit_identical(trainer, pipeline_states(out, 2))
 
 
-def test_under_torchrun_a_killed_rank_leaves_its_neighbours_one_line_each_and_no_traceback_of_ours(tmp_path):
+def start_torchrun_long_run(tmp_path: Path, *extra: str) -> tuple[subprocess.Popen, dict[int, int]]:
+    """start_long_run's run under `torchrun --nproc-per-node 3`; returns torchrun and its ranks' pids (by local rank)
+    once every stage has logged."""
     run_dir = tmp_path / "long"
     proc = subprocess.Popen(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "3", "launch.py",
          "--dataset", "digits", "--epochs", "50", "--batch-size", "16", "--threads", "1", "--no-progress",
-         "--out", str(run_dir), "--set", "log_every=1"],
+         "--out", str(run_dir), "--set", "log_every=1", *extra],
         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
         env={**os.environ, "OMP_NUM_THREADS": "1"})
     deadline = time.time() + 120
@@ -374,6 +376,11 @@ def test_under_torchrun_a_killed_rank_leaves_its_neighbours_one_line_each_and_no
         time.sleep(0.2)
     ranks = {int(dict(v.split("=", 1) for v in Path(f"/proc/{pid}/environ").read_text().split("\0") if "=" in v)
                  ["LOCAL_RANK"]): pid for pid in children_of(proc.pid)}
+    return proc, ranks
+
+
+def test_under_torchrun_a_killed_rank_leaves_its_neighbours_one_line_each_and_no_traceback_of_ours(tmp_path):
+    proc, ranks = start_torchrun_long_run(tmp_path)
     os.kill(ranks[1], signal.SIGKILL)  # stage 2
     _, err = proc.communicate(timeout=60)
     assert proc.returncode != 0
@@ -381,6 +388,18 @@ def test_under_torchrun_a_killed_rank_leaves_its_neighbours_one_line_each_and_no
     # no frame of the project's code: no rank's traceback, none from rank 0's coordinator thread or an exit cut short
     assert str(ROOT / "workers") not in err and str(ROOT / "launch.py") not in err, err[-3000:]
     assert "Exception in thread" not in err and "Exception ignored" not in err and "SIGABRT" not in err, err[-3000:]
+
+
+def test_under_torchrun_a_frozen_rank_is_named_and_killed_by_rank_0_without_waiting_for_torchrun(tmp_path):
+    proc, ranks = start_torchrun_long_run(tmp_path, "--set", "heartbeat_timeout=3")
+    frozen_at = time.time()
+    os.kill(ranks[1], signal.SIGSTOP)  # stage 2: alive but silent, deaf to torchrun's SIGTERM
+    _, err = proc.communicate(timeout=90)
+    assert time.time() - frozen_at < 20  # torchrun alone would have waited 30 s more to SIGKILL it
+    assert proc.returncode != 0
+    assert "error: stage 2 sent no heartbeat for 3 s (hung) after step" in err, err[-3000:]
+    time.sleep(0.5)
+    assert not any(alive(pid) for pid in ranks.values())
 
 
 def test_torchrun_with_the_wrong_number_of_processes_is_refused(tmp_path):
