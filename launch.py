@@ -23,7 +23,7 @@ from typing import Any
 
 DEFAULT_CONFIG = Path(__file__).parent / "configs" / "default.yaml"
 TOOLS = ("plot", "export", "evaluate", "trace")  # `launch.py TOOL RUN_DIR`
-PLAN_IGNORES = {"--epochs", "--out", "--lr", "--schedule", "--no-progress", "--fresh"}  # training flags a plan ignores
+PLAN_IGNORES = {"--epochs", "--lr", "--schedule", "--no-progress", "--fresh"}  # training flags a plan ignores
 
 # flag -> config key, for the flags that are plain overrides
 FLAG_KEYS = {
@@ -606,8 +606,9 @@ def run_job(args: argparse.Namespace, held: contextlib.ExitStack) -> int:
 
 if __name__ == "__main__":
     code = main()
-    # the job is over and the process exits: a signal now (torchrun stopping every rank when one failed) would cut
-    # its cleanup short, and Python ends threads still inside torch calls by aborting the process (SIGABRT)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        # a torchrun rank whose job is over: torchrun's SIGTERM (it stops every rank when one ends) would cut the
+        # exit's cleanup short, and Python ends threads still inside torch calls by aborting the process (SIGABRT)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
     sys.exit(code)

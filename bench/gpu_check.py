@@ -9,6 +9,7 @@ sessions that have a GPU. Several stages share the one GPU; the whole check take
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import multiprocessing as mp
@@ -174,11 +175,13 @@ def run_child(command: list[str], timeout: float, env: dict[str, str] | None = N
     try:
         out, err = proc.communicate(timeout=timeout)
     except BaseException:
-        os.killpg(proc.pid, signal.SIGTERM)
+        with contextlib.suppress(ProcessLookupError):  # it may have ended just before (OutOfTime must still rise)
+            os.killpg(proc.pid, signal.SIGTERM)
         try:
             proc.communicate(timeout=STOP_GRACE_S)
         except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
             proc.communicate()
         raise
     return subprocess.CompletedProcess(command, proc.returncode, out, err)

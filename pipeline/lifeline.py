@@ -60,7 +60,7 @@ def forkserver() -> mp.context.ForkServerContext:
             multiprocessing.forkserver.ensure_running()  # its socket goes in the temp folder, made now if none
             _made_temp_dir = _temp_dir() if inherited is None else None
         finally:
-            if main_thread:
+            if main_thread and handler is not None:  # None: one installed from C, which Python cannot put back
                 signal.signal(signal.SIGINT, handler)
             if saved is None:
                 del os.environ["PYTHONPATH"]

@@ -369,6 +369,11 @@ def run_torchrun(cfg: Config, stages: int, shape: DataShape, resume: Checkpoint 
             return coordinator.finish(time.time() - start)
         return None
     except Exception as err:  # as a spawned stage does (stage_main): report it; one line if the line says all
+        # this rank is ending with its error, and torchrun SIGTERMs every rank as soon as one ends: a Terminated
+        # raised during the cleanup below would replace the error's line (torchrun SIGKILLs a rank after 30 s)
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
         if spec is None:
             raise
         line = report_error(err, worker, spec, ctx)

@@ -37,9 +37,8 @@ def test_the_dry_run_passes_every_check_and_prints_one_table():
     assert "pipeline == sequential to the bit" in proc.stdout and "resumed == uninterrupted" in proc.stdout
 
 
-def test_a_time_limit_still_prints_the_table_of_what_finished(tmp_path):
-    temp = tmp_path / "t"  # its own temp folder: what the check leaves there is seen
-    temp.mkdir()
+def test_a_time_limit_still_prints_the_table_of_what_finished(own_temp):
+    temp = own_temp
     proc = subprocess.Popen([".venv/bin/python", "bench/gpu_check.py", "--dry-run"], cwd=ROOT, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, env={**os.environ, "TMPDIR": str(temp)})
     first = proc.stderr.readline()  # each check's line comes when it ends: the signal lands in the second check

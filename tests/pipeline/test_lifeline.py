@@ -166,14 +166,12 @@ if __name__ == "__main__":
 '''
 
 
-def test_ctrl_c_while_the_forkserver_imports_is_ignored_and_its_forks_get_ctrl_c_back(tmp_path):
+def test_ctrl_c_while_the_forkserver_imports_is_ignored_and_its_forks_get_ctrl_c_back(tmp_path, own_temp):
     """The server starts with SIGINT ignored (no traceback from its preload); a fork that calls restore_interrupts
     ends by KeyboardInterrupt (exit 1), one that does not ignores SIGINT (exit 0). The temp folder ends empty."""
     (tmp_path / "serve.py").write_text(SERVER_SCRIPT.format(root=str(ROOT)))
-    temp = tmp_path / "t"
-    temp.mkdir()
     proc = subprocess.run([sys.executable, "serve.py"], cwd=tmp_path, capture_output=True, text=True, timeout=120,
-                          env={**os.environ, "TMPDIR": str(temp)})
+                          env={**os.environ, "TMPDIR": str(own_temp)})
     assert proc.stdout == "0 1\n", proc.stderr
     assert "KeyboardInterrupt" in proc.stderr and proc.stderr.count("Traceback") == 1  # the second fork's only
-    assert not list(temp.glob("pymp-*"))
+    assert not list(own_temp.glob("pymp-*"))
