@@ -26,8 +26,9 @@ UNIX_PATH_MAX = 107  # bytes of a Unix socket's path (sun_path, less its termina
 MAX_TEMP_DIR = UNIX_PATH_MAX - len("/pymp-XXXXXXXX/listener-XXXXXXXX")
 POLL_S = 1.0  # where pidfd_open is missing (not Linux >= 5.3): how often to look
 # all that a stage or a loader process imports: the project's code with torch, and what torch and torchvision
-# import on first use (torch._dynamo, 2-3 s, on building an optimizer; torchvision for its models and transforms)
-PRELOAD = ["workers.stage", "torch._dynamo", "torchvision.transforms.v2.functional"]
+# import on first use (torch._dynamo, 2-3 s, on building an optimizer; torchvision for its models and transforms);
+# first, the module that makes the server ignore Ctrl-C while it imports the rest (workers: its package imports nothing)
+PRELOAD = ["workers.quiet_server", "workers.stage", "torch._dynamo", "torchvision.transforms.v2.functional"]
 _started_by: int | None = None  # the process that started a server with its own sys.path (a fork inherits this)
 _made_temp_dir: str | None = None  # the temp folder that process made for the server's socket, if it made one
 _deferring = 0  # how deep the main thread is in interrupts_deferred blocks (other threads' do not count)
@@ -48,20 +49,13 @@ def forkserver() -> mp.context.ForkServerContext:
         # Python 3.11's server imports PRELOAD before it takes this process's sys.path (3.12 takes it first):
         # started with sys.path as its PYTHONPATH, it imports the code this process runs, not an installed copy.
         # Done once, before this process's own threads could read the environment while it changes.
-        # SIGINT ignored while the server starts, which it inherits: a Ctrl-C in its seconds of importing PRELOAD
-        # would print its traceback (it ignores SIGINT only once PRELOAD is in). Its forks get the handler back
-        # (restore_interrupts).
         saved = os.environ.get("PYTHONPATH")
         os.environ["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
-        main_thread = threading.current_thread() is threading.main_thread()  # only it may set a handler
-        handler = signal.signal(signal.SIGINT, signal.SIG_IGN) if main_thread else None
         inherited = _temp_dir()  # a fork of a server has its parent's (multiprocessing copies it to every child)
         try:
             multiprocessing.forkserver.ensure_running()  # its socket goes in the temp folder, made now if none
             _made_temp_dir = _temp_dir() if inherited is None else None
         finally:
-            if main_thread and handler is not None:  # None: one installed from C, which Python cannot put back
-                signal.signal(signal.SIGINT, handler)
             if saved is None:
                 del os.environ["PYTHONPATH"]
             else:
@@ -71,7 +65,7 @@ def forkserver() -> mp.context.ForkServerContext:
 
 
 def restore_interrupts() -> None:
-    """In a fork of the server: Ctrl-C raises KeyboardInterrupt again (the server started with SIGINT ignored)."""
+    """In a fork of the server: Ctrl-C raises KeyboardInterrupt again (the server ignores it: quiet_server)."""
     signal.signal(signal.SIGINT, signal.default_int_handler)
 
 

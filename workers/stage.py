@@ -222,7 +222,8 @@ class StageWorker:
     # --- the loop -----------------------------------------------------------------
 
     def run(self) -> None:
-        self.reporter.send({"kind": Record.READY, "pid": os.getpid(), "host": host_id(), "fingerprint": self.fingerprint})
+        self.reporter.send({"kind": Record.READY, "pid": os.getpid(), "host": host_id(),
+                            "fingerprint": self.fingerprint})
         self.heartbeat.start()
         if self.rank == 0:
             self._feed()

@@ -141,7 +141,7 @@ def test_a_pid_no_process_can_have_is_not_alive(pid):
 
 
 SERVER_SCRIPT = '''
-import multiprocessing.forkserver, os, signal, sys
+import multiprocessing.forkserver, os, signal, sys, time
 sys.path.insert(0, {root!r})
 from pipeline.lifeline import forkserver, restore_interrupts, remove_multiprocessing_temp_dir
 
@@ -153,7 +153,10 @@ def interrupted() -> None:
 
 if __name__ == "__main__":
     context = forkserver()
-    os.kill(multiprocessing.forkserver._forkserver._forkserver_pid, signal.SIGINT)  # a Ctrl-C while it imports
+    server = multiprocessing.forkserver._forkserver._forkserver_pid
+    while "libtorch" not in open(f"/proc/{{server}}/maps").read():  # it is importing torch (PRELOAD)
+        time.sleep(0.01)
+    os.kill(server, signal.SIGINT)  # a Ctrl-C while it imports
     codes = []
     for target in (signal.raise_signal, interrupted):
         child = context.Process(target=target, args=(signal.SIGINT,) if target is signal.raise_signal else ())
@@ -167,8 +170,9 @@ if __name__ == "__main__":
 
 
 def test_ctrl_c_while_the_forkserver_imports_is_ignored_and_its_forks_get_ctrl_c_back(tmp_path, own_temp):
-    """The server starts with SIGINT ignored (no traceback from its preload); a fork that calls restore_interrupts
-    ends by KeyboardInterrupt (exit 1), one that does not ignores SIGINT (exit 0). The temp folder ends empty."""
+    """The server ignores SIGINT while it imports torch (no traceback from its preload); a fork that calls
+    restore_interrupts ends by KeyboardInterrupt (exit 1), one that does not ignores SIGINT (exit 0). The temp folder
+    ends empty."""
     (tmp_path / "serve.py").write_text(SERVER_SCRIPT.format(root=str(ROOT)))
     proc = subprocess.run([sys.executable, "serve.py"], cwd=tmp_path, capture_output=True, text=True, timeout=120,
                           env={**os.environ, "TMPDIR": str(own_temp)})
