@@ -278,7 +278,7 @@ class StageWorker:
             kind = Kind(header["kind"])
             handlers[kind](header, tensors)
             for receiver, message in zip(self.receivers, messages):
-                receiver.done(message, defer=True)  # the tensors are the producer's again once the device has run
+                receiver.done(message)  # the message's tensors are the producer's again
             if kind is Kind.STOP:
                 return
 

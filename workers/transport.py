@@ -30,10 +30,10 @@ import select
 import shutil
 import socket
 import time
-from collections import OrderedDict, deque
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Protocol
+from typing import Any
 
 import msgpack
 import torch
@@ -549,37 +549,8 @@ class Sender(_LinkEnd):
         self.payload.close()
 
 
-class Fence(Protocol):
-    """A point in a device's queue of work (torch.cuda.Event): passed once everything queued before it has run."""
-
-    def query(self) -> bool: ...
-
-    def synchronize(self) -> None: ...
-
-
-def device_fence(device: torch.device | None) -> Callable[[], Fence | None]:
-    """What a Receiver records when a message is done with: a CUDA event on its stream on a GPU; on the CPU nothing
-    (the work that used the tensors has run by then)."""
-    if device is None or device.type != "cuda":
-        return lambda: None
-
-    def record() -> Fence:
-        event = torch.cuda.Event()
-        event.record(torch.cuda.current_stream(device))
-        return event
-
-    return record
-
-
 class Receiver(_LinkEnd):
-    """The consuming end of a link: binds, receives in order, and returns credit with `done`.
-
-    A message's credit goes back once the device has finished with its tensors (on a GPU they may be the
-    producer's memory, by CUDA IPC, which the credit lets it reuse). `done` waits for that; `done(defer=True)`
-    records a fence and sends only the credits whose fence has passed, and `recv` waits for the others, oldest
-    first, only while no message is there to take: the host queues the next step while the device still runs
-    this one. A deferring consumer ends its link with a message without tensors (`stop`), whose `done` sends all.
-    """
+    """The consuming end of a link: binds, receives in order, and returns credit with `done`."""
 
     def __init__(self, ctx: zmq.Context, endpoint: str, timeout_s: float = 120.0,
                  device: torch.device | None = None, peer: str = "the previous stage",
@@ -588,47 +559,19 @@ class Receiver(_LinkEnd):
         self.endpoint = self.channel.endpoint
         self.device = device
         self.maps = SegmentMaps()
-        self.fence = device_fence(device)
-        # done with, credit not sent yet: (seq, its fence, its tensors, kept alive until the fence has passed)
-        self.finishing: deque[tuple[int, Fence | None, dict[str, torch.Tensor]]] = deque()
 
     def recv(self) -> Message:
         """The next message, or PeerLost if none arrives within the timeout (or the producer is gone)."""
-        self._send_passed_credits()
-        while self.finishing and not self.channel.poll(0):  # about to wait: the producer may be waiting for credit
-            self._send_oldest_credit()
         return decode(self._receive("sent nothing"), self.device, self.maps)
 
-    def done(self, message: Message, defer: bool = False) -> None:
-        """This message is finished with: its tensors may be freed or overwritten once the device has run the work
-        that reads them. Its credit goes back now (after that work), or with `defer` as soon as that work has run
-        (seen here, at the next `done`, or at a `recv`). A message without tensors (`stop`) sends every credit now."""
-        held = dict(message.tensors)
+    def done(self, message: Message) -> None:
+        """Tell the producer this message is finished with (its tensors may be freed or overwritten): one credit back."""
+        if self.device is not None and self.device.type == "cuda":
+            torch.cuda.current_stream(self.device).synchronize()
         message.tensors.clear()
-        self.finishing.append((message.header["seq"], self.fence() if held else None, held))
-        if defer and held:
-            self._send_passed_credits()
-        else:
-            while self.finishing:
-                self._send_oldest_credit()
-
-    def _send_passed_credits(self) -> None:
-        """Send, in order, the credits whose fence has passed; stop at the first that has not."""
-        while self.finishing and (self.finishing[0][1] is None or self.finishing[0][1].query()):
-            self._send_oldest_credit()
-
-    def _send_oldest_credit(self) -> None:
-        """Wait for the oldest finished message's fence, let its tensors go, and send its credit."""
-        seq, fence, _ = self.finishing.popleft()
-        if fence is not None:
-            fence.synchronize()
-        self._send([msgpack.packb({"done": seq})])
+        self._send([msgpack.packb({"done": message.header["seq"]})])
 
     def close(self) -> None:
-        for _, fence, _ in self.finishing:  # no device work may still read what the mappings below hold
-            if fence is not None:
-                fence.synchronize()
-        self.finishing.clear()
         super().close()
         self.maps.by_slot.clear()
 

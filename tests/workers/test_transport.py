@@ -109,62 +109,6 @@ def test_depth_bounds_unfinished_messages(link):
     assert [receiver.recv().header["n"] for _ in range(2)] == [1, 2]
 
 
-class FakeFence:
-    """A GPU's fence (workers.transport.Fence), passed when the test says, or when someone waits for it."""
-
-    def __init__(self) -> None:
-        self.passed = self.waited = False
-
-    def query(self) -> bool:
-        return self.passed
-
-    def synchronize(self) -> None:
-        self.waited = self.passed = True
-
-
-def test_a_deferred_credit_waits_for_the_device_and_the_host_waits_only_when_nothing_else_is_there(link):
-    sender, receiver = link
-    fences: list[FakeFence] = []
-    receiver.fence = lambda: fences.append(FakeFence()) or fences[-1]
-    sends = []
-
-    def send(n: int) -> threading.Thread:
-        thread = threading.Thread(target=lambda: sends.append(sender.send({"n": n}, {"x": torch.full((3,), n)})))
-        thread.start()
-        return thread
-
-    send(0).join()
-    send(1).join()
-    third = send(2)  # the window (depth 2) is full: it waits for a credit
-    receiver.done(receiver.recv(), defer=True)  # 0: its fence has not passed, so no credit yet
-    assert receiver.channel.poll(5000)  # 1 has arrived
-    second = receiver.recv()  # 1 was there: taken without waiting for 0's fence
-    time.sleep(0.3)
-    assert second.header["n"] == 1 and not fences[0].waited and third.is_alive()
-    fences[0].passed = True  # the device has finished with 0
-    receiver.done(second, defer=True)  # 0's credit goes now; 1's fence has not passed
-    third.join(timeout=5)
-    assert not third.is_alive() and not fences[1].waited
-    assert receiver.channel.poll(5000)  # 2 has arrived
-    third_message = receiver.recv()  # there: 1's fence still not waited for
-    assert third_message.header["n"] == 2 and not fences[1].waited
-    receiver.done(third_message, defer=True)
-    fourth = send(3)  # waits for 1's credit
-    fourth_message = receiver.recv()  # nothing was there: recv waited for 1's fence, and its credit went
-    assert fourth_message.header["n"] == 3 and fences[1].waited
-    receiver.done(fourth_message, defer=True)
-    fourth.join(timeout=5)
-    sender.send({"kind": "stop"})  # a marker: no tensors
-    receiver.done(receiver.recv(), defer=True)  # sends every credit, waiting for the fences
-    assert all(f.waited for f in fences[2:])
-    sender.drain()  # every credit came back
-    assert not sender.in_flight
-    sender.send({"n": 4}, {"x": torch.ones(3)})
-    receiver.done(receiver.recv())  # not deferred: the credit goes at once, after the device work
-    assert fences[-1].waited
-    sender.drain()
-
-
 def test_a_peer_that_disappears_is_detected(tmp_path):
     ctx = zmq.Context()
     receiver = Receiver(ctx, f"ipc://{tmp_path}/lonely", timeout_s=0.5, peer="stage 1")
