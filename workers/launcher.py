@@ -434,10 +434,10 @@ def _coordinate(coordinator: Coordinator, heartbeat_timeout: float, watching: th
         if silent is not None:
             print(f"error: {coordinator.failure(silent, f'sent no heartbeat for {heartbeat_timeout:.0f} s (hung)')}",
                   file=sys.stderr, flush=True)
-            host, pid = coordinator.where[silent]  # every process judged has sent its ready
-            if host == host_id():
+            where = coordinator.where.get(silent)  # (host, pid) from its ready, which a beat (another socket) may pass
+            if where is not None and where[0] == host_id():
                 with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGKILL)
-                remove_segments(pid)
+                    os.kill(where[1], signal.SIGKILL)
+                remove_segments(where[1])
             shutil.rmtree(folder, ignore_errors=True)
             os._exit(1)
