@@ -200,23 +200,27 @@ def alive(pid: int) -> bool:
     return state != "Z"
 
 
-def start_long_run(tmp_path: Path, *extra: str, temp: Path | None = None) -> tuple[subprocess.Popen, list[int]]:
-    """A 3-stage run long enough to be interrupted (with TMPDIR `temp` if given); returns the launcher and its stage
-    pids once they train."""
-    run_dir = tmp_path / "long"
-    proc = subprocess.Popen(
-        [sys.executable, "launch.py", "--dataset", "digits", "--epochs", "50", "--batch-size", "16", "--threads", "1",
-         "--no-progress", "--out", str(run_dir), "--set", "log_every=1", *extra],
-        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
-        env=None if temp is None else {**os.environ, "TMPDIR": str(temp)},
-    )
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        metrics = run_dir / "metrics.jsonl"
-        if metrics.exists() and {r.get("module") for r in read_jsonl(metrics)} >= {1, 2, 3}:
-            break
-        assert proc.poll() is None, proc.communicate()
+# a 3-stage run long enough to be interrupted (its run directory: `--out` follows)
+LONG_RUN = ["launch.py", "--dataset", "digits", "--epochs", "50", "--batch-size", "16", "--threads", "1",
+            "--no-progress", "--set", "log_every=1"]
+
+
+def start_logging_run(command: list[str], run_dir: Path, env: dict[str, str] | None = None) -> subprocess.Popen:
+    """Start `command` (LONG_RUN or its torchrun form) in a session of its own; return it once every stage logged."""
+    proc = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True, env=env)
+    metrics, deadline = run_dir / "metrics.jsonl", time.time() + 120
+    while not metrics.exists() or {r.get("module") for r in read_jsonl(metrics)} < {1, 2, 3}:
+        assert proc.poll() is None and time.time() < deadline, proc.communicate()
         time.sleep(0.2)
+    return proc
+
+
+def start_long_run(tmp_path: Path, *extra: str, temp: Path | None = None) -> tuple[subprocess.Popen, list[int]]:
+    """LONG_RUN (with TMPDIR `temp` if given); returns the launcher and its stage pids once they train."""
+    run_dir = tmp_path / "long"
+    proc = start_logging_run([sys.executable, *LONG_RUN, "--out", str(run_dir), *extra], run_dir,
+                             None if temp is None else {**os.environ, "TMPDIR": str(temp)})
     stages = stage_pids(proc.pid)
     assert all(maps_shared_memory(pid) for pid in stages)  # CPU stages on one host: shared-memory links
     return proc, stages
@@ -353,20 +357,12 @@ def test_torchrun_one_process_per_stage_equals_the_reference(tmp_path, transport
 
 
 def start_torchrun_long_run(tmp_path: Path, *extra: str) -> tuple[subprocess.Popen, dict[int, int]]:
-    """start_long_run's run under `torchrun --nproc-per-node 3`; returns torchrun and its ranks' pids (by local rank)
-    once every stage has logged."""
+    """LONG_RUN under `torchrun --nproc-per-node 3`; returns torchrun and its ranks' pids (by local rank) once every
+    stage has logged."""
     run_dir = tmp_path / "long"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "3", "launch.py",
-         "--dataset", "digits", "--epochs", "50", "--batch-size", "16", "--threads", "1", "--no-progress",
-         "--out", str(run_dir), "--set", "log_every=1", *extra],
-        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
-        env={**os.environ, "OMP_NUM_THREADS": "1"})
-    deadline = time.time() + 120
-    while not (run_dir / "metrics.jsonl").exists() or \
-            {r.get("module") for r in read_jsonl(run_dir / "metrics.jsonl")} < {1, 2, 3}:
-        assert proc.poll() is None and time.time() < deadline, proc.communicate()
-        time.sleep(0.2)
+    proc = start_logging_run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "3",
+                              *LONG_RUN, "--out", str(run_dir), *extra], run_dir,
+                             {**os.environ, "OMP_NUM_THREADS": "1"})
     ranks = {int(dict(v.split("=", 1) for v in Path(f"/proc/{pid}/environ").read_text().split("\0") if "=" in v)
                  ["LOCAL_RANK"]): pid for pid in children_of(proc.pid)}
     return proc, ranks
