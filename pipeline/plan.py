@@ -26,8 +26,8 @@ import torch
 from pipeline.config import Config, ConfigError, views_per_image
 from pipeline.models import Network
 from pipeline.splits import module_ranges
-from pipeline.stages import (build_net, build_stage_step, check_layout, local_module, module_cuts, unit_outputs,
-                             wire_dtype)
+from pipeline.stages import (build_net, build_stage_step, check_layout, configure_torch, local_module, module_cuts,
+                             unit_outputs, wire_dtype)
 from pipeline.step import StageStep, StepOutput
 from pipeline.syncbn import convert_sync_bn, single_process_group
 
@@ -272,6 +272,7 @@ class Profiler:
                 convert_sync_bn(unit, None)
         self.net, self.in_channels, self.num_classes, self.n = net, in_channels, num_classes, len(net.units)
         self.device = torch.device(cfg.device)
+        configure_torch(cfg, self.device)  # the kernels the run will use (TF32 or not, deterministic or not)
         self.outputs = unit_outputs(net, in_channels, input_size)
         for unit in net.units:
             unit.to(self.device)

@@ -245,9 +245,15 @@ def configure_torch(cfg: Config, device: torch.device | None = None) -> None:
     `deterministic`: only deterministic kernels (an op without one raises, naming itself), and the
     cuBLAS workspace that makes matrix products repeat to the bit. Needed for a GPU pipeline to
     equal the sequential reference to the bit; on the CPU the kernels already are deterministic.
+    The cuBLAS setting is read once, at a process's first matrix product: a process that already
+    ran one (a notebook, a test session) must set CUBLAS_WORKSPACE_CONFIG itself.
+    `tf32`: whether fp32 convolutions and matrix products on a GPU may use TF32; off, they are
+    IEEE fp32 as on the CPU (PyTorch's own default lets cuDNN's convolutions use TF32).
     A `device` cuda:N becomes the current GPU: work that names no index (pinned memory, a new
     stream, a CUDA context) then lands on N, not on GPU 0.
     """
+    torch.backends.cudnn.allow_tf32 = cfg.tf32  # the legacy switches: after fp32_precision was set, reading them raises
+    torch.backends.cuda.matmul.allow_tf32 = cfg.tf32
     if cfg.deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True)

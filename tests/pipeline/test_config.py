@@ -31,6 +31,8 @@ BARLOW = {"local_loss": "barlow_twins", "head": "projector", "last_head": "proje
         ({"head": "own"}, "head must be conv_linear, etf, token_linear or projector"),
         ({"sgr_reduction": "sum"}, "sgr_reduction must be mean or sample"),
         ({"device": "tpu"}, "device must be cpu, cuda or cuda:N"),
+        ({"device": "cuda:00"}, "device must be cpu, cuda or cuda:N"),  # a string the launcher would match to no GPU
+        ({"tf32": "yes"}, "'tf32' must be true or false"),
         ({"optimizer": "lamb"}, "optimizer must be one of sgd, adamw"),
         ({"amp": "fp16"}, "amp must be one of fp32, bf16"),
         ({"lr": None}, "config key 'lr' needs a value, got null"),

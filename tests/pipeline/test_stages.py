@@ -1,3 +1,5 @@
+import os
+
 import pytest
 import torch
 
@@ -39,6 +41,19 @@ def test_configure_torch_makes_an_indexed_gpu_the_current_one_and_leaves_the_res
     for device in (None, torch.device("cpu"), torch.device("cuda"), torch.device("cuda:1")):
         configure_torch(Config(), device)
     assert chosen == [torch.device("cuda:1")]  # pinned memory and new streams then land on GPU 1, not GPU 0
+
+
+
+@pytest.mark.parametrize("tf32", [False, True])
+def test_configure_torch_lets_gpu_convolutions_and_matrix_products_use_tf32_only_when_asked(tf32):
+    configure_torch(Config(tf32=not tf32))
+    configure_torch(Config(tf32=tf32))
+    assert torch.backends.cudnn.allow_tf32 is tf32 and torch.backends.cuda.matmul.allow_tf32 is tf32
+
+
+def test_the_test_session_fixes_the_cublas_workspace_before_any_test_runs_a_matrix_product():
+    # the two settings cuBLAS repeats to the bit with; it reads them once per process (tests/conftest.py)
+    assert os.environ.get("CUBLAS_WORKSPACE_CONFIG") in (":4096:8", ":16:8")
 
 
 def test_model_args_another_model_takes_are_named_with_the_ones_this_model_takes():
