@@ -97,8 +97,10 @@ def build_config(args: argparse.Namespace):
     if args.no_progress:
         overrides["progress"] = False
     cfg = validate(from_dict(overrides, base=load_yaml(args.config or DEFAULT_CONFIG), source="command line"))
-    if not args.resume:
+    if args.resume is None:
         return cfg
+    if not args.resume.strip():
+        raise ConfigError("--resume needs a run directory (or latest: the config's out directory)")
     if args.fresh:
         raise ConfigError("--resume continues a run and --fresh starts one over: give one of them")
     run_dir = Path(cfg.out if args.resume == "latest" else args.resume)
@@ -120,6 +122,7 @@ def find_resume(args: argparse.Namespace, cfg, data, steps_per_run: int):
     import warnings
 
     from pipeline.checkpoint import CheckpointError, fingerprint, latest_checkpoint
+    from pipeline.metrics import read_jsonl
     from pipeline.rundir import clear_outputs
     from pipeline.stages import split_cuts
 
@@ -134,6 +137,12 @@ def find_resume(args: argparse.Namespace, cfg, data, steps_per_run: int):
         return None
     if cfg.method == "greedy":
         raise CheckpointError("greedy runs cannot be resumed (modules train one after another); start it again")
+    records = run_dir / "metrics.jsonl"  # cut back to the checkpoint when the run starts: it must read
+    if records.exists():
+        try:
+            read_jsonl(records)
+        except (OSError, ValueError) as err:
+            raise CheckpointError(f"{err}; repair it or move it away, then resume") from None
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         expected = fingerprint(cfg, split_cuts(cfg, data.in_channels, data.num_classes, data.input_size))
@@ -203,8 +212,6 @@ def run_tool(argv: list[str]) -> int:
     except (ConfigError, DataError, CheckpointError, ExportError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    import pickle
-
     import torch
 
     from pipeline.checkpoint import save_atomic
@@ -218,13 +225,15 @@ def run_tool(argv: list[str]) -> int:
             exported = exported_model(cfg, data, checkpoint)
         else:
             _, steps = restore_steps(cfg, data, checkpoint, device)
-    except (pickle.UnpicklingError, EOFError, RuntimeError, KeyError, OSError) as err:  # one checksums cannot catch
-        print(f"error: checkpoint {checkpoint.path} cannot be loaded ({type(err).__name__}: {str(err).splitlines()[0]})",
-              file=sys.stderr)
+    except CheckpointError as err:  # loads, but is not this network's state: one the checksums cannot catch
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except OSError as err:
+        print(f"error: checkpoint {checkpoint.path} cannot be read ({err.strerror or err})", file=sys.stderr)
         return 2
     if args.tool == "export":
         try:
-            save_atomic(exported, path)
+            save_atomic(exported, path, fix="free some space or choose another --to")
         except (OSError, RuntimeError) as err:  # a full disk is DiskFull's own line
             print(f"error: {err if isinstance(err, DiskFull) else f'cannot write {path} ({err})'}", file=sys.stderr)
             return 1
@@ -236,6 +245,10 @@ def run_tool(argv: list[str]) -> int:
         scores = evaluate(steps, data, cfg.eval_batch_size, device, knn_bank_size(cfg))
     except DataError as err:  # an image of the test set (or the k-NN bank) that will not decode
         print(f"error: {err}", file=sys.stderr)
+        return 1
+    except OSError as err:  # the probe's records go into the run directory
+        print(f"error: cannot write the linear probe's records in {run_dir} ({err.strerror or err}); the run "
+              "directory must be writable for --linear-probe", file=sys.stderr)
         return 1
     print(format_eval(checkpoint.step, scores["test_acc"], knn=barlow_twins_losses(cfg)))
     return 0
@@ -321,6 +334,8 @@ def run_plan(argv: list[str]) -> int:
         if layout_args.gpus is not None and layout_args.gpus < cfg.stages:
             raise ConfigError(f"--gpus {layout_args.gpus} is fewer than the {cfg.stages} stages; give at least {cfg.stages}")
         cap = layout_args.memory_cap
+        if cap is not None and layout_args.gpus is None:
+            raise ConfigError("--memory-cap caps the devices of --gpus G: give --gpus too")
         if cap is not None and not (math.isfinite(cap) and cap > 0):  # before the profiling pass, not after it
             raise ConfigError(f"--memory-cap must be a positive number of GiB, got {cap}")
         data = load_config_data(cfg)
@@ -589,6 +604,9 @@ def run_job(args: argparse.Namespace, held: contextlib.ExitStack) -> int:
     except (StageFailed, FloatingPointError, DiskFull, DataError) as err:  # DataError: an image that will not decode
         print(f"error: {err}", file=sys.stderr, flush=True)
         return 1
+    except OSError as err:  # a file of the run directory that cannot be written (write_text_atomic names it)
+        print(f"error: {err.strerror or err}", file=sys.stderr, flush=True)
+        return 1
     except KeyboardInterrupt as err:
         terminated = isinstance(err, Terminated)
         print(f"{'terminated' if terminated else 'interrupted'}: all stages stopped", file=sys.stderr, flush=True)
@@ -600,7 +618,11 @@ def run_job(args: argparse.Namespace, held: contextlib.ExitStack) -> int:
               f"records in {cfg.out}/metrics.jsonl", flush=True)
         from pipeline.plots import plot_run
 
-        plot_run(Path(cfg.out))
+        try:
+            plot_run(Path(cfg.out))
+        except OSError as err:  # the run itself is saved: only its pictures are missing
+            print(f"warning: plots not written ({err.strerror or err}); make them with `launch.py plot {cfg.out}`",
+                  file=sys.stderr, flush=True)
     return 0
 
 

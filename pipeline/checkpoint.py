@@ -16,6 +16,7 @@ import errno
 import hashlib
 import json
 import os
+import pickle
 import shutil
 import warnings
 from dataclasses import dataclass
@@ -53,12 +54,14 @@ class DiskFull(OSError):
     """A write that ran out of disk space; the message names the file and the space it needs."""
 
 
-def disk_full(path: Path, needed: int | None = None) -> DiskFull:
+RESUME_AFTER_DISK_FULL = "free some space (or choose another --out) and resume"
+
+
+def disk_full(path: Path, needed: int | None = None, fix: str = RESUME_AFTER_DISK_FULL) -> DiskFull:
     """The one-line error for a write to `path` that found no space left (`needed`: bytes it would have taken)."""
     free = shutil.disk_usage(path.parent if path.parent.exists() else ".").free
     need = f", about {needed / 2**20:.1f} MiB needed" if needed else ""
-    return DiskFull(f"disk full writing {path}: {free / 2**20:.1f} MiB free{need}; free some space (or choose "
-                    "another --out) and resume")
+    return DiskFull(f"disk full writing {path}: {free / 2**20:.1f} MiB free{need}; {fix}")
 
 
 def tensor_bytes(obj: Any) -> int:
@@ -72,11 +75,11 @@ def tensor_bytes(obj: Any) -> int:
     return 0
 
 
-def save_atomic(obj: Any, path: Path) -> None:
+def save_atomic(obj: Any, path: Path, fix: str = RESUME_AFTER_DISK_FULL) -> None:
     """torch.save to a temporary file, fsync, then rename: a reader never sees a torn file.
 
     A full disk is one line naming the file and the space it needs (torch.save itself reports
-    it as `unexpected pos`); the temporary file is removed, the previous checkpoints stay.
+    it as `unexpected pos`) and `fix`; the temporary file is removed, the previous checkpoints stay.
     """
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(path.suffix + ".tmp")
@@ -89,9 +92,26 @@ def save_atomic(obj: Any, path: Path) -> None:
         tmp.unlink(missing_ok=True)
         needed = tensor_bytes(obj)
         if getattr(err, "errno", None) == errno.ENOSPC or shutil.disk_usage(path.parent).free < needed:
-            raise disk_full(path, needed) from None
+            raise disk_full(path, needed, fix) from None
         raise
     os.replace(tmp, path)
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write a small text file of a run through a temporary file and a rename: a full disk leaves the old file whole
+    and is one line (DiskFull); any other failure to write is an OSError naming the file."""
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        with open(tmp, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as err:
+        tmp.unlink(missing_ok=True)
+        if err.errno == errno.ENOSPC:
+            raise disk_full(path, len(text.encode())) from None
+        raise OSError(err.errno, f"cannot write {path}: {err.strerror}") from None
 
 
 def stage_state(step: StageStep, device: torch.device, probe_input: torch.Tensor | None = None) -> dict[str, Any]:
@@ -131,14 +151,31 @@ def read_stage_file(path: Path) -> dict[str, Any]:
 
 
 def load_stage_state(step: StageStep, path: Path, device: torch.device) -> torch.Tensor | None:
-    """Restore a stage file into a freshly built StageStep on `device`; returns the probe input (on `device`)."""
-    state = read_stage_file(path)
-    step.load_state_dict(state)
-    torch.set_rng_state(state["rng_cpu"])
-    if "rng_cuda" in state and device.type == "cuda":
-        torch.cuda.set_rng_state(state["rng_cuda"], device)
-    probe_input = state["probe_input"]
-    return None if probe_input is None else probe_input.to(device)
+    """Restore a stage file into a freshly built StageStep on `device`; returns the probe input (on `device`).
+
+    A file that loads but does not hold this module's state (its checksums pass, so it was written so, or the
+    run's config.yaml was edited) is a CheckpointError naming the file and the first thing that did not fit.
+    """
+    try:
+        state = read_stage_file(path)
+        step.load_state_dict(state)
+        torch.set_rng_state(state["rng_cpu"])
+        if "rng_cuda" in state and device.type == "cuda":
+            torch.cuda.set_rng_state(state["rng_cuda"], device)
+        probe_input = state["probe_input"]
+        return None if probe_input is None else probe_input.to(device)
+    except (pickle.UnpicklingError, EOFError, RuntimeError, ValueError, TypeError, KeyError, IndexError,
+            AttributeError) as err:
+        raise CheckpointError(f"{path} does not hold this module's state ({gist(err)}); resume, export or evaluate "
+                              "with the config the run was trained with, or from another checkpoint") from None
+
+
+def gist(err: BaseException, limit: int = 200) -> str:
+    """An error's type and its first informative line (torch's load_state_dict error starts with a heading)."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    informative = [line for line in lines if not line.endswith(":")] or lines
+    text = informative[0] if informative else ""
+    return f"{type(err).__name__}: {text[:limit]}" if text else type(err).__name__
 
 
 def checkpoint_dir(run_dir: Path, step: int) -> Path:
@@ -148,10 +185,12 @@ def checkpoint_dir(run_dir: Path, step: int) -> Path:
 def fingerprint(cfg: Config, cuts: list[int]) -> dict[str, Any]:
     """What a checkpoint's weights depend on: a resumed run must match it exactly."""
     run = {"model": cfg.model, "model_args": cfg.model_args, "cuts": list(cuts), "stages": len(cuts) + 1,
-           "method": cfg.method, "dataset": cfg.dataset, "train_subset": cfg.train_subset, "head": cfg.head,
-           "last_head": cfg.last_head, "batch_size": cfg.batch_size, "optimizer": cfg.optimizer}
-    if cfg.local_loss == "barlow_twins":  # (only then: older runs' fingerprints stay valid) its projectors' shapes
-        run.update(local_loss=cfg.local_loss, projector_width=cfg.projector_width)
+           "method": cfg.method, "dataset": cfg.dataset, "image_size": cfg.image_size,
+           "train_subset": cfg.train_subset, "head": cfg.head, "head_width": cfg.head_width, "last_head": cfg.last_head,
+           "local_loss": cfg.local_loss, "batch_size": cfg.batch_size, "optimizer": cfg.optimizer,
+           "probe_size": cfg.probe_size}  # the ΔL_k probe's batch is in the checkpoint
+    if cfg.local_loss == "barlow_twins":  # its projectors' shapes
+        run.update(projector_width=cfg.projector_width)
     return run
 
 
@@ -247,13 +286,17 @@ def complete_checkpoints(run_dir: Path) -> list[Checkpoint]:
 
 def newest_good_checkpoint(run_dir: Path) -> Checkpoint:
     """The newest complete checkpoint whose files match their checksums; each one that fails is warned about."""
+    why = ""
     for checkpoint in reversed(complete_checkpoints(run_dir)):
         problem = verify(checkpoint)
         if not problem:
             return checkpoint
         warnings.warn(f"skipping checkpoint {checkpoint.path}: {problem}", stacklevel=2)
-    raise CheckpointError(f"{run_dir} has no complete, uncorrupted checkpoint; train it again from the start "
-                          "(without --resume)")
+        why = why or f"{checkpoint.path.name}: {problem}"
+    if not why:  # no complete one: the newest torn folder says why
+        why = next((f"{path.name}: {reason}" for path, found, reason in reversed(_scan(run_dir)) if found is None), "")
+    raise CheckpointError(f"{run_dir} has no complete, uncorrupted checkpoint" + (f" (newest: {why})" if why else "")
+                          + "; start the run over: its command with --fresh in place of --resume")
 
 
 RESUME_FIX = "resume with the run's own config or start a new run with a different --out"

@@ -165,6 +165,8 @@ def _coerce(name: str, value: Any) -> Any:
         raise ConfigError(f"config key '{name}' must be {kind}, got {value!r}")
     if isinstance(default, float) and isinstance(value, int):
         value = float(value)
+    if isinstance(default, float) and isinstance(value, str) and SCIENTIFIC.fullmatch(value.strip()):
+        value = float(value)  # YAML 1.1 (PyYAML) reads 1e-3 as a string: it wants 1.0e-3
     if isinstance(default, (int, float, str, dict, list)) and not isinstance(value, type(default)):
         raise ConfigError(f"config key '{name}' must be {kind}, got {value!r}")
     if isinstance(value, float) and not math.isfinite(value):
@@ -176,6 +178,7 @@ def _coerce(name: str, value: Any) -> Any:
 
 
 INT_LISTS = ("gpus", "lr_milestones")
+SCIENTIFIC = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
 KIND_NAMES = {int: "an integer", float: "a number", str: "a string", dict: "a mapping", list: "a list"}
 
 
@@ -305,6 +308,8 @@ def validate(cfg: Config) -> Config:
     need(cfg.profile_batch >= 2, f"profile_batch must be >= 2 (BatchNorm needs it), got {cfg.profile_batch}")
     need(cfg.epochs >= 1, f"epochs must be >= 1, got {cfg.epochs}")
     need(cfg.image_size >= 8, f"image_size must be >= 8 pixels, got {cfg.image_size}")
+    need(cfg.out.strip() != "", "out is empty: give the run directory, e.g. --out runs/my-run")
+    need(cfg.head_width >= 0, f"head_width must be >= 0 (0: the module's channels), got {cfg.head_width}")
     bad_args = {k: v for k, v in cfg.model_args.items() if _has_non_positive_int(v)}
     need(not bad_args, f"model_args {bad_args}: sizes and counts must be >= 1")
     need(cfg.batch_size >= 2, f"batch_size must be >= 2 (BatchNorm needs it), got {cfg.batch_size}")

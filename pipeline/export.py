@@ -61,11 +61,16 @@ def export_path(run_dir: Path, to: str | None) -> Path:
     target, own = path.resolve(), run_dir.resolve()
     if path.is_dir():
         raise ExportError(f"--to {path} is a folder; name a file, e.g. {path / 'model.pt'}")
-    kept = [own / name for name in ("config.yaml", *RUN_OUTPUTS) if name != "model.pt"]  # export's own file may go
-    if any(target == p or p in target.parents for p in kept):
-        raise ExportError(f"--to {path} would overwrite the run's own {target.relative_to(own)}; name another file")
+    if path.exists() and not path.is_file():  # the rename of save_atomic would replace a device or socket by a file
+        raise ExportError(f"--to {path} is not a regular file (a device or a socket); name a file")
+    for run in (run for run in target.parents if (run / "config.yaml").is_file()):  # this run, or another one
+        kept = [run / name for name in ("config.yaml", *RUN_OUTPUTS) if name != "model.pt"]  # export's own may go
+        if any(target == p or p in target.parents for p in kept):
+            whose = "the run's own" if run == own else f"the run {run}'s"
+            raise ExportError(f"--to {path} would overwrite {whose} {target.relative_to(run)}; name another file")
     if not target.parent.is_dir():
-        raise ExportError(f"--to {path}: the folder {path.parent} does not exist; create it or name another file")
+        kind = "is a file, not a folder" if target.parent.exists() else "does not exist"
+        raise ExportError(f"--to {path}: the folder {path.parent} {kind}; create it or name another file")
     if not os.access(target.parent, os.W_OK):
         raise ExportError(f"--to {path}: the folder {path.parent} is not writable; name another file")
     return path

@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from pipeline.checkpoint import disk_full
+from pipeline.checkpoint import disk_full, write_text_atomic
 from pipeline.lifeline import interrupts_deferred
 from pipeline.step import StepStats
 
@@ -156,7 +156,7 @@ def truncate_after(path: Path, step: int) -> None:
         if path.read_bytes()[-1:] not in (b"", b"\n"):  # the last record has no newline: its write was cut short
             print(f"warning: {path}: dropped a torn last line (a write cut short)", file=sys.stderr, flush=True)
         kept = [r for r in read_jsonl(path) if r.get("step", 0) <= step]
-        path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        write_text_atomic(path, "".join(json.dumps(r) + "\n" for r in kept))
 
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:

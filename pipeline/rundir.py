@@ -17,7 +17,7 @@ from typing import IO, Any
 
 import yaml
 
-from pipeline.checkpoint import CheckpointError, checkpoint_dir, prune, write_manifest
+from pipeline.checkpoint import CheckpointError, checkpoint_dir, prune, write_manifest, write_text_atomic
 from pipeline.config import Config
 from pipeline.metrics import JsonlLog, truncate_after
 
@@ -53,7 +53,12 @@ def lock_run_dir(run_dir: Path) -> IO[str]:
 
 
 def clear_outputs(run_dir: Path) -> None:
-    """Remove what an earlier run left in `run_dir` (RUN_OUTPUTS)."""
+    """Remove what an earlier run left in `run_dir` (RUN_OUTPUTS); refused in a folder that is not a run's (no
+    config.yaml), where files of those names are someone else's."""
+    found = [name for name in RUN_OUTPUTS if (Path(run_dir) / name).exists()]
+    if found and not (Path(run_dir) / "config.yaml").is_file():
+        raise CheckpointError(f"--fresh deletes a run's outputs, but {run_dir} is not a run directory (no config.yaml) "
+                              f"and holds {', '.join(found)}: choose another --out")
     for name in RUN_OUTPUTS:
         path = Path(run_dir) / name
         if path.is_dir() and not path.is_symlink():
@@ -69,7 +74,7 @@ class RunWriter:
     def __init__(self, cfg: Config, run_dir: Path, start_step: int = 0) -> None:
         self.cfg, self.run_dir = cfg, Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        (self.run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        write_text_atomic(self.run_dir / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
         truncate_after(self.run_dir / "metrics.jsonl", start_step)  # records a dead run wrote after its checkpoint
         self.log = JsonlLog(self.run_dir / "metrics.jsonl", cfg.tensorboard)
 
@@ -83,7 +88,7 @@ class RunWriter:
         prune(self.run_dir, self.cfg.keep_checkpoints)
 
     def summary(self, result: dict[str, Any]) -> None:
-        (self.run_dir / "summary.json").write_text(json.dumps(result, indent=1))
+        write_text_atomic(self.run_dir / "summary.json", json.dumps(result, indent=1))
 
     def close(self) -> None:
         self.log.close()

@@ -1,3 +1,4 @@
+import hashlib
 import json
 import os
 import shutil
@@ -225,6 +226,9 @@ def test_bf16_on_a_gpu_without_it_is_one_line(tmp_path, capsys, monkeypatch):
     (["--stages", "2", "--set", "split=[true]"], "error: split must be a name"),
     (["--seed", str(2**62)], f"error: seed must be in 0..{2**32 - 1}, got {2**62}"),
     (["--resume", "latest", "--fresh"], "error: --resume continues a run and --fresh starts one over: give one"),
+    (["--resume", ""], "error: --resume needs a run directory"),  # an unset shell variable: not the default job
+    (["--out", ""], "error: out is empty: give the run directory"),  # not the current folder
+    (["--set", "head_width=-3"], "error: head_width must be >= 0"),
 ])
 def test_bad_values_on_the_command_line_are_one_line_and_exit_2(tmp_path, capsys, argv, message):
     assert launch.main([*DIGITS, "--out", str(tmp_path / "run"), *argv]) == 2
@@ -265,6 +269,7 @@ def test_a_second_launcher_on_a_live_run_directory_is_refused_and_deletes_nothin
     held = lock_run_dir(run_dir)  # what a running launcher holds
     (run_dir / "checkpoints" / "step00000004").mkdir(parents=True)
     (run_dir / "metrics.jsonl").write_text('{"event": "train", "step": 4}\n')
+    (run_dir / "config.yaml").write_text("dataset: digits\n")
     for extra in ([], ["--fresh"]):
         assert launch.main([*DIGITS, "--out", str(run_dir), *extra]) == 2
         assert capsys.readouterr().err == (f"error: {run_dir} is in use by another run (pid {os.getpid()}); wait for "
@@ -305,8 +310,9 @@ def test_a_corrupted_newest_checkpoint_is_skipped_and_the_resumed_run_ends_as_an
         (run_dir / "checkpoints" / f"step{step:08d}" / "manifest.json").write_text("{}")
     shutil.rmtree(run_dir / "checkpoints" / "step00000004")
     assert launch.main(["--resume", str(run_dir), "--no-progress"]) == 2
-    no_checkpoint = f"error: {run_dir} has no complete, uncorrupted checkpoint; train it again from the start " \
-                    "(without --resume)\n"
+    no_checkpoint = f"error: {run_dir} has no complete, uncorrupted checkpoint (newest: step00000003: the " \
+                    "manifest's step is None, not a positive integer); start the run over: its command with --fresh " \
+                    "in place of --resume\n"
     assert capsys.readouterr().err.endswith(no_checkpoint)
     for tool in ("evaluate", "export"):  # the tools refuse it in one line too
         assert launch.main([tool, str(run_dir)]) == 2
@@ -360,6 +366,72 @@ def test_the_tools_on_a_run_that_logged_nothing_or_a_damaged_one_are_one_line(tm
     (run_dir / "trace.json").mkdir()
     assert launch.main(["trace", str(run_dir)]) == 2
     assert capsys.readouterr().err == f"error: cannot read {run_dir / 'trace.json'} (Is a directory)\n"
+
+
+def test_what_would_damage_a_saved_run_or_another_folder_is_one_line_and_changes_nothing(tmp_path, capsys):
+    out, other = tmp_path / "run", tmp_path / "other"
+    run = [*DIGITS, "--stages", "2", "--threads", "1", "--out", str(out), "--schedule", "sequential",
+           "--set", "train_subset=128"]
+    out.mkdir()
+    (out / "plots").write_text("a file where the plots go")
+    assert launch.main(run) == 0  # trained and saved: only the pictures are missing, and it says so
+    assert "warning: plots not written" in capsys.readouterr().err
+    (out / "plots").unlink()
+    config, step = (out / "config.yaml").read_text(), out / "checkpoints" / "step00000004"
+    for change, key in ((["--set", "probe_size=64"], "probe_size"), (["--set", "head_width=8"], "head_width"),
+                        (["--set", "local_loss=infopro"], "local_loss")):  # shapes a checkpoint holds
+        assert launch.main(["--resume", str(out), "--epochs", "2", *change]) == 2
+        err = capsys.readouterr().err
+        assert f"was trained with {key}=" in err and err.count("\n") == 1, err
+    assert (out / "config.yaml").read_text() == config  # refused before the run wrote anything
+
+    other.mkdir()  # another run's checkpoint, a device-like file, a file taken for a folder
+    shutil.copytree(out / "checkpoints", other / "checkpoints")
+    (other / "config.yaml").write_text(config)
+    os.mkfifo(tmp_path / "fifo")
+    for to, message in ((other / "checkpoints" / step.name / "stage1.pt",
+                         f"would overwrite the run {other}'s checkpoints/{step.name}/stage1.pt"),
+                        (tmp_path / "fifo", "is not a regular file"),
+                        (tmp_path / "fifo" / "m.pt", f"the folder {tmp_path / 'fifo'} is a file, not a folder")):
+        assert launch.main(["export", str(out), "--to", str(to)]) == 2
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1, err
+    assert (tmp_path / "fifo").is_fifo()
+
+    mine = tmp_path / "mine"  # --fresh in a folder that is not a run's
+    (mine / "plots").mkdir(parents=True)
+    (mine / "model.pt").write_text("someone's model")
+    assert launch.main([*DIGITS, "--out", str(mine), "--fresh"]) == 2
+    assert "is not a run directory (no config.yaml) and holds plots, model.pt" in capsys.readouterr().err
+    assert (mine / "model.pt").read_text() == "someone's model" and (mine / "plots").is_dir()
+
+    records = (out / "metrics.jsonl").read_text()
+    (out / "metrics.jsonl").write_text(records + "not json\n")  # a damaged record log
+    assert launch.main(["--resume", str(out), "--epochs", "2"]) == 2
+    assert "is not JSON; the file was edited or damaged; repair it or move it away, then resume" in \
+        capsys.readouterr().err
+    (out / "metrics.jsonl").write_text(records)
+
+    stage1 = step / "stage1.pt"  # a file that passes its checksum but is not the module's state
+    torch.save({"module": torch.zeros(3)}, stage1)
+    manifest = json.loads((step / "manifest.json").read_text())
+    manifest["files"]["stage1.pt"] = {"bytes": stage1.stat().st_size, "sha256": hashlib.sha256(stage1.read_bytes())
+                                      .hexdigest()}
+    (step / "manifest.json").write_text(json.dumps(manifest))
+    for argv in (["evaluate", str(out)], ["--resume", str(out), "--epochs", "2"]):
+        assert launch.main(argv) == 2
+        err = capsys.readouterr().err
+        assert f"error: {stage1} does not hold this module's state (" in err and err.count("\n") == 1, err
+
+
+def test_a_file_of_the_run_that_cannot_be_written_is_one_line_and_keeps_the_checkpoints(tmp_path, capsys):
+    out = tmp_path / "run"
+    (out / "summary.json").mkdir(parents=True)  # written last, after the final checkpoint
+    run = [*DIGITS, "--stages", "2", "--threads", "1", "--out", str(out), "--schedule", "sequential",
+           "--set", "train_subset=128"]
+    assert launch.main(run) == 1
+    assert capsys.readouterr().err == f"error: cannot write {out / 'summary.json'}: Is a directory\n"
+    assert (out / "checkpoints" / "step00000004" / "manifest.json").is_file()
 
 
 def test_plan_and_models_have_help_of_their_own(capsys):

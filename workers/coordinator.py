@@ -165,7 +165,9 @@ class Coordinator:
         stage = self.workers[worker].stage
         error = self.errors.get(worker)
         detail = f": {error}" if error else ""
-        if self.last_checkpoint is not None:
+        if error and error.startswith("CheckpointError:"):  # the checkpoint it was to resume from is the problem
+            resume = ""
+        elif self.last_checkpoint is not None:
             resume = f"; checkpoint of step {self.last_checkpoint} kept: resume with --resume {self.run_dir}"
         else:
             resume = "; no checkpoint yet"

@@ -13,6 +13,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from pipeline.checkpoint import write_text_atomic
+
 SPANS = ("input", "train", "credit", "send", "eval", "checkpoint")  # waiting to receive, a training step,
 # waiting for the next stage's credit, sending, an evaluation batch or the probe, saving a checkpoint
 BUSY = ("train", "eval", "checkpoint")
@@ -49,7 +51,7 @@ def chrome_trace(spans_by_stage: dict[int, list[list[Any]]]) -> dict[str, Any]:
 
 
 def write_trace(path: Path, spans_by_stage: dict[int, list[list[Any]]]) -> None:
-    path.write_text(json.dumps(chrome_trace(spans_by_stage)))
+    write_text_atomic(path, json.dumps(chrome_trace(spans_by_stage)))
 
 
 def summarize(trace: dict[str, Any]) -> list[dict[str, float]]:

@@ -1,5 +1,7 @@
+import errno
 import hashlib
 import json
+import os
 import random
 import re
 import warnings
@@ -7,8 +9,9 @@ import warnings
 import pytest
 import torch
 
-from pipeline.checkpoint import (CheckpointError, check_finite, checkpoint_dir, complete_checkpoints, fingerprint,
-                                 latest_checkpoint, load_stage_state, prune, save_atomic, stage_state, write_manifest)
+from pipeline.checkpoint import (CheckpointError, DiskFull, check_finite, checkpoint_dir, complete_checkpoints,
+                                 fingerprint, gist, latest_checkpoint, load_stage_state, prune, save_atomic, stage_state,
+                                 write_manifest, write_text_atomic)
 from pipeline.config import Config
 from pipeline.stages import build_local_modules, build_stage_steps
 
@@ -198,3 +201,35 @@ def test_a_full_disk_while_saving_is_one_line_naming_the_file_and_the_space(tmp_
     assert str(err.value) == (f"disk full writing {path}: 0.0 MiB free, about 1.0 MiB needed; free some space "
                               "(or choose another --out) and resume")
     assert not path.exists() and not path.with_suffix(".pt.tmp").exists()
+
+
+def test_a_full_disk_while_rewriting_a_small_file_of_the_run_keeps_the_old_one(tmp_path, monkeypatch):
+    path = tmp_path / "config.yaml"
+    write_text_atomic(path, "lr: 0.1\n")
+    monkeypatch.setattr(os, "fsync", lambda fd: (_ for _ in ()).throw(OSError(errno.ENOSPC, "No space left on device")))
+    with pytest.raises(DiskFull, match=f"disk full writing {path}"):
+        write_text_atomic(path, "lr: 0.2\n")
+    assert path.read_text() == "lr: 0.1\n" and [p.name for p in tmp_path.iterdir()] == ["config.yaml"]
+    monkeypatch.undo()
+    (tmp_path / "summary.json").mkdir()
+    with pytest.raises(OSError, match=f"cannot write {tmp_path / 'summary.json'}: Is a directory"):
+        write_text_atomic(tmp_path / "summary.json", "{}")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.yaml", "summary.json"]  # no .tmp left
+
+
+def test_a_stage_file_that_loads_but_is_not_the_modules_state_is_a_checkpoint_error_naming_it(tmp_path):
+    cfg = Config(dataset="digits", model="resnet8", stages=2)
+    steps = build_stage_steps(cfg, build_local_modules(cfg, 1, 10, 8), steps_per_epoch=4)
+    for k, state in enumerate(({"module": torch.zeros(3)}, torch.zeros(3), [1, 2])):
+        torch.save(state, tmp_path / f"bad{k}.pt")
+        with pytest.raises(CheckpointError, match=rf"{tmp_path / f'bad{k}.pt'} does not hold this module's state \("):
+            load_stage_state(steps[0], tmp_path / f"bad{k}.pt", torch.device("cpu"))
+    torch.save({**stage_state(steps[1], torch.device("cpu"))}, tmp_path / "stage2.pt")
+    with pytest.raises(CheckpointError, match=r"\(RuntimeError: (size mismatch|Missing key|Unexpected key)"):
+        load_stage_state(steps[0], tmp_path / "stage2.pt", torch.device("cpu"))  # another module's state
+
+
+def test_gist_skips_a_heading_line_and_keeps_the_type():
+    assert gist(RuntimeError("Error(s) in loading state_dict for Sequential:\n\tsize mismatch for 0.weight")) == \
+        "RuntimeError: size mismatch for 0.weight"
+    assert gist(KeyError("rng_cpu")) == "KeyError: 'rng_cpu'" and gist(EOFError()) == "EOFError"

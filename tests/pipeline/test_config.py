@@ -121,3 +121,12 @@ def test_cuda_without_a_gpu_is_refused(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(ConfigError, match="no CUDA GPU is visible; use --device cpu"):
         validate(Config(device="cuda"))
+
+
+def test_numbers_in_scientific_notation_are_numbers_though_yaml_1_1_reads_them_as_text():
+    cfg = from_dict({"lr": "1e-3", "weight_decay": "5E-4", "lam": "+2.5e1"})
+    assert (cfg.lr, cfg.weight_decay, cfg.lam) == (0.001, 0.0005, 25.0)
+    with pytest.raises(ConfigError, match="config key 'lr' must be a number, got '1e-3x'"):
+        from_dict({"lr": "1e-3x"})
+    with pytest.raises(ConfigError, match="config key 'epochs' must be an integer, got '1e1'"):
+        from_dict({"epochs": "1e1"})  # only where a float is declared

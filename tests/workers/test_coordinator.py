@@ -71,3 +71,19 @@ def test_a_failure_names_the_last_step_a_heartbeat_told_not_only_the_last_logged
     finally:
         coordinator.close()
         ctx.destroy(linger=0)
+
+
+def test_a_stage_that_could_not_load_its_checkpoint_is_not_told_to_resume_from_it(tmp_path):
+    ctx = zmq.Context()
+    coordinator = Coordinator(Config(out=str(tmp_path / "run"), progress=False), 2, 10, ctx, "inproc://report",
+                              start_step=4)
+    try:
+        coordinator.handle({"stage": 1, "kind": "error", "error": "CheckpointError: stage2.pt does not hold ..."})
+        failure = str(coordinator.failure(1, "exited with code 1"))
+        assert failure.endswith("CheckpointError: stage2.pt does not hold ...") and "--resume" not in failure
+        coordinator.handle({"stage": 1, "kind": "error", "error": "DataError: a bad image"})
+        assert str(coordinator.failure(1, "exited with code 1")).endswith("kept: resume with --resume " +
+                                                                          str(tmp_path / "run"))
+    finally:
+        coordinator.close()
+        ctx.destroy(linger=0)
