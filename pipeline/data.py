@@ -222,19 +222,45 @@ class _ArrayUnpickler(pickle.Unpickler):
 
     def find_class(self, module: str, name: str):
         if (module, name) not in self.ALLOWED:
-            raise DataError(f"refusing to unpickle {module}.{name}: not a CIFAR python batch")
+            raise pickle.UnpicklingError(f"refusing to unpickle {module}.{name}")
         return super().find_class(module, name)
 
 
+def _not_a_cifar_batch(path: Path, why: str) -> DataError:
+    return DataError(f"{path} is not a CIFAR python batch ({why}); download the dataset again")
+
+
 def _read_cifar_batch(path: Path, label_key: bytes) -> tuple[torch.Tensor, torch.Tensor]:
+    """One batch file's images (N×3×32×32 uint8) and labels; anything else in the file is a DataError naming it."""
     if not path.is_file():
         raise DataError(
             f"CIFAR file {path} not found; download the python version from "
             "https://www.cs.toronto.edu/~kriz/cifar.html and set data_dir to the folder that holds it"
         )
-    batch = _ArrayUnpickler(io.BytesIO(path.read_bytes()), encoding="bytes").load()
-    data = np.asarray(batch[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32)
-    return torch.from_numpy(data.copy()), torch.tensor(batch[label_key], dtype=torch.long)
+    raw = path.read_bytes()  # outside the try: a file-system error is not a damaged batch
+    try:
+        batch = _ArrayUnpickler(io.BytesIO(raw), encoding="bytes").load()
+    except Exception as err:  # damaged bytes can raise almost any exception from pickle (its docs say so)
+        why = " ".join(str(err).split())  # one line: some of pickle's messages span two
+        raise _not_a_cifar_batch(path, f"{type(err).__name__}: {why}" if why else type(err).__name__) from None
+    if not isinstance(batch, dict):
+        raise _not_a_cifar_batch(path, f"it holds a {type(batch).__name__}, not a dict")
+    for key in (b"data", label_key):
+        if key not in batch:
+            raise _not_a_cifar_batch(path, f"it has no {key!r} entry")
+    data, labels = batch[b"data"], batch[label_key]
+    if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.size % 3072:
+        what = f"{data.dtype} array of shape {data.shape}" if isinstance(data, np.ndarray) else type(data).__name__
+        raise _not_a_cifar_batch(path, f"its b'data' is a {what}, not rows of 3×32×32 = 3072 bytes")
+    if isinstance(labels, np.ndarray) and labels.ndim == 1 and labels.dtype.kind in "iu":
+        labels = labels.tolist()
+    # ints only: torch.tensor would truncate floats to labels, and fail on ints beyond int64
+    if not isinstance(labels, list) or not all(type(v) is int and -2**63 <= v < 2**63 for v in labels):
+        raise _not_a_cifar_batch(path, f"its {label_key!r} is not a list of integers")
+    images = data.reshape(-1, 3, 32, 32)
+    if len(images) != len(labels):
+        raise _not_a_cifar_batch(path, f"it has {len(images)} images but {len(labels)} labels")
+    return torch.from_numpy(images.copy()), torch.tensor(labels, dtype=torch.long)
 
 
 def load_cifar(data_dir: str | None, num_classes: int) -> ImageData:
@@ -440,7 +466,20 @@ def load_data(dataset: str, data_dir: str | None = None, image_size: int = 32, t
         data = synthetic_data(image_size)
     else:
         raise DataError(f"unknown dataset {dataset!r}; use one of {', '.join(DATASETS)}")
+    _check_labels(data, dataset)
     return data.subset(train_subset) if train_subset else data
+
+
+def _check_labels(data: Data, dataset: str) -> None:
+    """Every label must be a class in [0, num_classes): a bad one would otherwise pass until training step 1, and fail
+    there inside a stage process with an index error that does not name the data."""
+    for part, y in (("train", data.train_y), ("test", data.test_y)):
+        bad = torch.nonzero((y < 0) | (y >= data.num_classes))
+        if len(bad):
+            i = int(bad[0])
+            raise DataError(f"the {dataset} {part} set has label {int(y[i])} at index {i}, but its classes are "
+                            f"0..{data.num_classes - 1}; its label files are damaged or from another dataset: "
+                            "download the dataset again")
 
 
 def load_config_data(cfg: Config) -> Data:

@@ -111,6 +111,53 @@ def test_cifar_reader_refuses_pickles_that_are_not_arrays(tmp_path):
         load_data("cifar10", str(tmp_path))
 
 
+def cifar_batch(n=6, **entries):
+    """The bytes of a CIFAR-10 batch of n images, with `entries` replacing or (None) removing its own."""
+    batch = {b"data": np.zeros((n, 3072), dtype=np.uint8), b"labels": [0] * n}
+    batch.update({key.encode(): value for key, value in entries.items()})
+    return pickle.dumps({k: v for k, v in batch.items() if v is not None}, protocol=2)
+
+
+@pytest.mark.parametrize("content,why", [
+    (b"", "(EOFError: Ran out of input)"),
+    (b"\x00 garbage, not a pickle", "(UnpicklingError: invalid load key, '\\x00'.)"),
+    (cifar_batch()[:-40], "(EOFError: Ran out of input)"),
+    (cifar_batch(data=None), "(it has no b'data' entry)"),
+    (cifar_batch(labels=None), "(it has no b'labels' entry)"),
+    (cifar_batch(data=np.zeros((6, 3000), dtype=np.uint8)),
+     "(its b'data' is a uint8 array of shape (6, 3000), not rows of 3×32×32 = 3072 bytes)"),
+    (cifar_batch(labels=[0.5] * 6), "(its b'labels' is not a list of integers)"),
+    (cifar_batch(labels=[0] * 5), "(it has 6 images but 5 labels)"),
+    (pickle.dumps([np.zeros((6, 3072), dtype=np.uint8), [0] * 6], protocol=2), "(it holds a list, not a dict)"),
+], ids=["zero_bytes", "garbage", "truncated", "no_data", "no_labels", "wrong_size", "float_labels", "short_labels",
+        "a_list"])
+def test_a_damaged_cifar_batch_is_named_in_one_line(tmp_path, content, why):
+    folder = write_cifar_fixture(tmp_path, 10)
+    (folder / "data_batch_2").write_bytes(content)
+    with pytest.raises(DataError) as err:
+        load_data("cifar10", str(tmp_path))
+    assert str(err.value) == f"{folder / 'data_batch_2'} is not a CIFAR python batch {why}; download the dataset again"
+
+
+@pytest.mark.parametrize("label", [99, -1])
+def test_a_cifar_label_outside_the_classes_is_refused_at_load(tmp_path, label):
+    folder = write_cifar_fixture(tmp_path, 10)
+    (folder / "test_batch").write_bytes(cifar_batch(4, labels=[3, 1, label, 7]))
+    with pytest.raises(DataError) as err:
+        load_data("cifar10", str(tmp_path))
+    assert str(err.value) == (f"the cifar10 test set has label {label} at index 2, but its classes are 0..9; its label "
+                              "files are damaged or from another dataset: download the dataset again")
+
+
+def test_a_fashion_mnist_label_outside_the_classes_is_refused_at_load(tmp_path):
+    write_fashion_fixture(tmp_path)
+    labels = np.arange(40) % 10
+    labels[13] = 200
+    write_idx(tmp_path / "train-labels-idx1-ubyte", labels, gz=True)
+    with pytest.raises(DataError, match=r"^the fashion_mnist train set has label 200 at index 13, but its classes"):
+        load_data("fashion_mnist", str(tmp_path), train_subset=5)  # checked before the subset drops it
+
+
 def test_missing_cifar_says_where_to_get_it(tmp_path):
     with pytest.raises(DataError, match="cs.toronto.edu"):
         load_data("cifar10", str(tmp_path))
