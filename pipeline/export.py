@@ -72,6 +72,8 @@ def export_path(run_dir: Path, to: str | None) -> Path:
         kind = "is a file, not a folder" if target.parent.exists() else "does not exist"
         raise ExportError(f"--to {path}: the folder {path.parent} {kind}; create it or name another file")
     if not os.access(target.parent, os.W_OK):
+        if to is None:
+            raise ExportError(f"the run directory {run_dir} is not writable; export elsewhere with --to FILE")
         raise ExportError(f"--to {path}: the folder {path.parent} is not writable; name another file")
     return path
 
