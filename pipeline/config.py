@@ -195,6 +195,8 @@ def from_dict(values: dict[str, Any], base: Config | None = None, source: str = 
 def load_yaml(path: str | Path) -> Config:
     """Load a YAML run config."""
     path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"config file {path} is a folder, not a file; give a YAML file (e.g. configs/default.yaml)")
     if not path.is_file():
         raise ConfigError(f"config file {path} not found; pick one from configs/ (e.g. configs/default.yaml)")
     try:

@@ -130,3 +130,8 @@ def test_numbers_in_scientific_notation_are_numbers_though_yaml_1_1_reads_them_a
         from_dict({"lr": "1e-3x"})
     with pytest.raises(ConfigError, match="config key 'epochs' must be an integer, got '1e1'"):
         from_dict({"epochs": "1e1"})  # only where a float is declared
+
+
+def test_a_config_path_that_is_a_folder_says_so(tmp_path):
+    with pytest.raises(ConfigError, match=f"config file {tmp_path} is a folder, not a file"):
+        load_yaml(tmp_path)
