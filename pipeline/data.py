@@ -237,7 +237,10 @@ def _read_cifar_batch(path: Path, label_key: bytes) -> tuple[torch.Tensor, torch
             f"CIFAR file {path} not found; download the python version from "
             "https://www.cs.toronto.edu/~kriz/cifar.html and set data_dir to the folder that holds it"
         )
-    raw = path.read_bytes()  # outside the try: a file-system error is not a damaged batch
+    try:
+        raw = path.read_bytes()
+    except OSError as err:  # a file-system error, not a damaged batch
+        raise DataError(f"cannot read CIFAR file {path} ({err.strerror}); check its permissions") from None
     try:
         batch = _ArrayUnpickler(io.BytesIO(raw), encoding="bytes").load()
     except Exception as err:  # damaged bytes can raise almost any exception from pickle (its docs say so)

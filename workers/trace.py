@@ -66,8 +66,8 @@ def summarize(trace: dict[str, Any]) -> list[dict[str, float]]:
             raise ValueError(f"a {e['name']!r} span has ts {e['ts']!r} and dur {e['dur']!r}, which are not times")
     start = min(e["ts"] for e in spans)
     wall = max(e["ts"] + e["dur"] for e in spans) - start
-    if wall <= 0:
-        raise ValueError("its spans cover no time")
+    if not 0 < wall < math.inf:  # ts + dur can overflow to inf in a hand-edited file
+        raise ValueError(f"its spans cover {wall} µs, not a positive length of time")
     rows = []
     for stage in sorted({e["tid"] for e in spans}):
         total = {name: 0 for name in SPANS}

@@ -1,5 +1,6 @@
 import gzip
 import pickle
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -137,6 +138,20 @@ def test_a_damaged_cifar_batch_is_named_in_one_line(tmp_path, content, why):
     with pytest.raises(DataError) as err:
         load_data("cifar10", str(tmp_path))
     assert str(err.value) == f"{folder / 'data_batch_2'} is not a CIFAR python batch {why}; download the dataset again"
+
+
+def test_an_unreadable_cifar_batch_is_named_in_one_line(tmp_path, monkeypatch):
+    folder = write_cifar_fixture(tmp_path, 10)
+    read_bytes = Path.read_bytes
+
+    def refuse(path: Path) -> bytes:  # as chmod 000 would (the tests may run as root, whom chmod does not stop)
+        if path.name == "data_batch_2":
+            raise PermissionError(13, "Permission denied")
+        return read_bytes(path)
+
+    monkeypatch.setattr(Path, "read_bytes", refuse)
+    with pytest.raises(DataError, match=f"^cannot read CIFAR file {folder / 'data_batch_2'} \\(Permission denied\\)"):
+        load_data("cifar10", str(tmp_path))
 
 
 @pytest.mark.parametrize("label", [99, -1])

@@ -33,7 +33,8 @@ def test_a_disabled_tracer_records_nothing():
 
 
 @pytest.mark.parametrize("ts,dur,message", [
-    (0, 0, "its spans cover no time"),
+    (0, 0, "its spans cover 0 µs, not a positive length of time"),
+    (1e308, 1e308, "its spans cover inf µs"),  # finite each, but their sum is not
     (0, -5, "a 'train' span has ts 0 and dur -5, which are not times"),
     (float("nan"), 5, "which are not times"),
     (0, "5", "which are not times"),
