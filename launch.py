@@ -167,7 +167,7 @@ def run_tool(argv: list[str]) -> int:
     from pipeline.config import ConfigError, barlow_twins_losses, knn_bank_size, load_yaml, validate
     from pipeline.data import DataError, load_config_data
     from pipeline.export import ExportError, export_path
-    from pipeline.stages import split_cuts
+    from pipeline.stages import configure_torch, split_cuts
 
     run_dir = Path(args.run_dir)
     if not (run_dir / "config.yaml").exists():
@@ -220,6 +220,7 @@ def run_tool(argv: list[str]) -> int:
     from pipeline.trainer import evaluate
 
     device = torch.device(device_name)
+    configure_torch(cfg, device)  # the run's kernels: TF32 or not, deterministic or not
     try:
         if args.tool == "export":
             exported = exported_model(cfg, data, checkpoint)
@@ -243,10 +244,12 @@ def run_tool(argv: list[str]) -> int:
         if args.linear_probe:
             return run_linear_probe(cfg, data, checkpoint, steps, run_dir, args.probe_epochs, device)
         scores = evaluate(steps, data, cfg.eval_batch_size, device, knn_bank_size(cfg))
-    except DataError as err:  # an image of the test set (or the k-NN bank) that will not decode
+    except (DataError, DiskFull) as err:  # an image of the test set (or the k-NN bank) that will not decode
         print(f"error: {err}", file=sys.stderr)
         return 1
-    except OSError as err:  # the probe's records go into the run directory
+    except OSError as err:  # only the probe writes: its records go into the run directory
+        if not args.linear_probe:
+            raise
         print(f"error: cannot write the linear probe's records in {run_dir} ({err.strerror or err}); the run "
               "directory must be writable for --linear-probe", file=sys.stderr)
         return 1
@@ -544,7 +547,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def run_job(args: argparse.Namespace, held: contextlib.ExitStack) -> int:
     """Train the job `args` describe (sequential, spawned or torchrun); the exit code. `held` keeps the run's lock."""
-    from pipeline.checkpoint import CheckpointError, DiskFull
+    from pipeline.checkpoint import CheckpointError, DiskFull, RunFileError
     from pipeline.config import ConfigError
     from pipeline.data import DataError, data_shape, load_config_data, steps_per_epoch
     from pipeline.lifeline import forkserver, remove_multiprocessing_temp_dir, temp_dir_error
@@ -604,8 +607,8 @@ def run_job(args: argparse.Namespace, held: contextlib.ExitStack) -> int:
     except (StageFailed, FloatingPointError, DiskFull, DataError) as err:  # DataError: an image that will not decode
         print(f"error: {err}", file=sys.stderr, flush=True)
         return 1
-    except OSError as err:  # a file of the run directory that cannot be written (write_text_atomic names it)
-        print(f"error: {err.strerror or err}", file=sys.stderr, flush=True)
+    except RunFileError as err:  # a file of the run directory that cannot be written (write_text_atomic names it)
+        print(f"error: {err.strerror}", file=sys.stderr, flush=True)
         return 1
     except KeyboardInterrupt as err:
         terminated = isinstance(err, Terminated)

@@ -54,6 +54,10 @@ class DiskFull(OSError):
     """A write that ran out of disk space; the message names the file and the space it needs."""
 
 
+class RunFileError(OSError):
+    """A file of a run that could not be written for another reason; the message names it."""
+
+
 RESUME_AFTER_DISK_FULL = "free some space (or choose another --out) and resume"
 
 
@@ -97,9 +101,10 @@ def save_atomic(obj: Any, path: Path, fix: str = RESUME_AFTER_DISK_FULL) -> None
     os.replace(tmp, path)
 
 
-def write_text_atomic(path: Path, text: str) -> None:
+def write_text_atomic(path: Path, text: str, fix: str = RESUME_AFTER_DISK_FULL) -> None:
     """Write a small text file of a run through a temporary file and a rename: a full disk leaves the old file whole
-    and is one line (DiskFull); any other failure to write is an OSError naming the file."""
+    and is one line (DiskFull, with `fix`); any other failure to write is a RunFileError naming the file."""
+    path = Path(os.path.realpath(path))  # a symlinked file (to shared storage) stays one: its target is replaced
     tmp = path.with_name(path.name + ".tmp")
     try:
         with open(tmp, "w") as f:
@@ -110,8 +115,8 @@ def write_text_atomic(path: Path, text: str) -> None:
     except OSError as err:
         tmp.unlink(missing_ok=True)
         if err.errno == errno.ENOSPC:
-            raise disk_full(path, len(text.encode())) from None
-        raise OSError(err.errno, f"cannot write {path}: {err.strerror}") from None
+            raise disk_full(path, len(text.encode()), fix) from None
+        raise RunFileError(err.errno, f"cannot write {path}: {err.strerror}") from None
 
 
 def stage_state(step: StageStep, device: torch.device, probe_input: torch.Tensor | None = None) -> dict[str, Any]:
@@ -158,12 +163,16 @@ def load_stage_state(step: StageStep, path: Path, device: torch.device) -> torch
     """
     try:
         state = read_stage_file(path)
+        if not isinstance(state, dict):
+            raise TypeError(f"it holds a {type(state).__name__}, not a dict of states")
         step.load_state_dict(state)
         torch.set_rng_state(state["rng_cpu"])
         if "rng_cuda" in state and device.type == "cuda":
             torch.cuda.set_rng_state(state["rng_cuda"], device)
         probe_input = state["probe_input"]
         return None if probe_input is None else probe_input.to(device)
+    except torch.OutOfMemoryError:  # the file may be fine: the device is full
+        raise
     except (pickle.UnpicklingError, EOFError, RuntimeError, ValueError, TypeError, KeyError, IndexError,
             AttributeError) as err:
         raise CheckpointError(f"{path} does not hold this module's state ({gist(err)}); resume, export or evaluate "
@@ -185,10 +194,16 @@ def checkpoint_dir(run_dir: Path, step: int) -> Path:
 def fingerprint(cfg: Config, cuts: list[int]) -> dict[str, Any]:
     """What a checkpoint's weights depend on: a resumed run must match it exactly."""
     run = {"model": cfg.model, "model_args": cfg.model_args, "cuts": list(cuts), "stages": len(cuts) + 1,
-           "method": cfg.method, "dataset": cfg.dataset, "image_size": cfg.image_size,
-           "train_subset": cfg.train_subset, "head": cfg.head, "head_width": cfg.head_width, "last_head": cfg.last_head,
-           "local_loss": cfg.local_loss, "batch_size": cfg.batch_size, "optimizer": cfg.optimizer,
-           "probe_size": cfg.probe_size}  # the ΔL_k probe's batch is in the checkpoint
+           "method": cfg.method, "dataset": cfg.dataset, "train_subset": cfg.train_subset, "head": cfg.head,
+           "last_head": cfg.last_head, "local_loss": cfg.local_loss, "batch_size": cfg.batch_size,
+           "optimizer": cfg.optimizer}
+    # the keys below only where they shape what is stored: a key only one side has is not compared (latest_checkpoint)
+    if cfg.dataset in ("imagefolder", "synthetic"):  # the others have their own image size
+        run.update(image_size=cfg.image_size)
+    if "conv_linear" in (cfg.head, cfg.last_head):
+        run.update(head_width=cfg.head_width)
+    if cfg.probe_size:  # the ΔL_k probe's batch is in the checkpoint; a probe turned on or off resumes
+        run.update(probe_size=cfg.probe_size)
     if cfg.local_loss == "barlow_twins":  # its projectors' shapes
         run.update(projector_width=cfg.projector_width)
     return run
@@ -211,12 +226,7 @@ def write_manifest(path: Path, step: int, epoch: int, run_fingerprint: dict[str,
         file = path / f"stage{k + 1}.pt"
         files[file.name] = {"bytes": file.stat().st_size, "sha256": file_digest(file)}
     manifest = {"step": step, "epoch": epoch, "fingerprint": run_fingerprint, "files": files, "test_acc": test_acc}
-    tmp = path / (MANIFEST + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(manifest, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path / MANIFEST)
+    write_text_atomic(path / MANIFEST, json.dumps(manifest, indent=1))
 
 
 def manifest_problem(path: Path, manifest: Any) -> str:
@@ -296,7 +306,7 @@ def newest_good_checkpoint(run_dir: Path) -> Checkpoint:
     if not why:  # no complete one: the newest torn folder says why
         why = next((f"{path.name}: {reason}" for path, found, reason in reversed(_scan(run_dir)) if found is None), "")
     raise CheckpointError(f"{run_dir} has no complete, uncorrupted checkpoint" + (f" (newest: {why})" if why else "")
-                          + "; start the run over: its command with --fresh in place of --resume")
+                          + "; start the run over (its training command, with --fresh)")
 
 
 RESUME_FIX = "resume with the run's own config or start a new run with a different --out"

@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from pipeline.checkpoint import Checkpoint
+from pipeline.checkpoint import Checkpoint, write_text_atomic
 from pipeline.config import Config
 from pipeline.data import Data, bank_batches, eval_batches, to_device
 from pipeline.heads import Pool
@@ -94,5 +94,5 @@ def probe_checkpoint(cfg: Config, data: Data, checkpoint: Checkpoint, steps: lis
     finally:
         log.close()
     result = {"step": checkpoint.step, "test_acc": accuracy, "epochs": epochs}
-    (run_dir / "linear_probe.json").write_text(json.dumps(result) + "\n")
+    write_text_atomic(run_dir / "linear_probe.json", json.dumps(result) + "\n")
     return accuracy

@@ -88,7 +88,8 @@ class RunWriter:
         prune(self.run_dir, self.cfg.keep_checkpoints)
 
     def summary(self, result: dict[str, Any]) -> None:
-        write_text_atomic(self.run_dir / "summary.json", json.dumps(result, indent=1))
+        write_text_atomic(self.run_dir / "summary.json", json.dumps(result, indent=1),
+                          fix=f"free some space; the run's checkpoints are saved (`launch.py evaluate {self.run_dir}`)")
 
     def close(self) -> None:
         self.log.close()

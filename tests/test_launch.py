@@ -311,8 +311,8 @@ def test_a_corrupted_newest_checkpoint_is_skipped_and_the_resumed_run_ends_as_an
     shutil.rmtree(run_dir / "checkpoints" / "step00000004")
     assert launch.main(["--resume", str(run_dir), "--no-progress"]) == 2
     no_checkpoint = f"error: {run_dir} has no complete, uncorrupted checkpoint (newest: step00000003: the " \
-                    "manifest's step is None, not a positive integer); start the run over: its command with --fresh " \
-                    "in place of --resume\n"
+                    "manifest's step is None, not a positive integer); start the run over (its training command, " \
+                    "with --fresh)\n"
     assert capsys.readouterr().err.endswith(no_checkpoint)
     for tool in ("evaluate", "export"):  # the tools refuse it in one line too
         assert launch.main([tool, str(run_dir)]) == 2

@@ -9,9 +9,9 @@ import warnings
 import pytest
 import torch
 
-from pipeline.checkpoint import (CheckpointError, DiskFull, check_finite, checkpoint_dir, complete_checkpoints,
-                                 fingerprint, gist, latest_checkpoint, load_stage_state, prune, save_atomic, stage_state,
-                                 write_manifest, write_text_atomic)
+from pipeline.checkpoint import (CheckpointError, DiskFull, RunFileError, check_finite, checkpoint_dir,
+                                 complete_checkpoints, fingerprint, gist, latest_checkpoint, load_stage_state, prune,
+                                 save_atomic, stage_state, write_manifest, write_text_atomic)
 from pipeline.config import Config
 from pipeline.stages import build_local_modules, build_stage_steps
 
@@ -212,7 +212,7 @@ def test_a_full_disk_while_rewriting_a_small_file_of_the_run_keeps_the_old_one(t
     assert path.read_text() == "lr: 0.1\n" and [p.name for p in tmp_path.iterdir()] == ["config.yaml"]
     monkeypatch.undo()
     (tmp_path / "summary.json").mkdir()
-    with pytest.raises(OSError, match=f"cannot write {tmp_path / 'summary.json'}: Is a directory"):
+    with pytest.raises(RunFileError, match=f"cannot write {tmp_path / 'summary.json'}: Is a directory"):
         write_text_atomic(tmp_path / "summary.json", "{}")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["config.yaml", "summary.json"]  # no .tmp left
 
@@ -233,3 +233,18 @@ def test_gist_skips_a_heading_line_and_keeps_the_type():
     assert gist(RuntimeError("Error(s) in loading state_dict for Sequential:\n\tsize mismatch for 0.weight")) == \
         "RuntimeError: size mismatch for 0.weight"
     assert gist(KeyError("rng_cpu")) == "KeyError: 'rng_cpu'" and gist(EOFError()) == "EOFError"
+
+
+def test_a_symlinked_file_of_the_run_stays_a_link_when_rewritten(tmp_path):
+    (tmp_path / "shared").mkdir()
+    (tmp_path / "shared" / "metrics.jsonl").write_text("old\n")
+    (tmp_path / "metrics.jsonl").symlink_to(tmp_path / "shared" / "metrics.jsonl")
+    write_text_atomic(tmp_path / "metrics.jsonl", "new\n")
+    assert (tmp_path / "metrics.jsonl").is_symlink() and (tmp_path / "shared" / "metrics.jsonl").read_text() == "new\n"
+
+
+def test_the_fingerprint_holds_a_size_only_where_it_shapes_what_is_stored():
+    plain = fingerprint(Config(dataset="digits", head="etf", probe_size=0), [2, 3])
+    assert not {"image_size", "head_width", "probe_size", "projector_width"} & set(plain)
+    shaped = fingerprint(Config(dataset="synthetic", head="conv_linear", probe_size=64), [2, 3])
+    assert (shaped["image_size"], shaped["head_width"], shaped["probe_size"]) == (32, 0, 64)

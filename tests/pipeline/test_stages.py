@@ -43,7 +43,6 @@ def test_configure_torch_makes_an_indexed_gpu_the_current_one_and_leaves_the_res
     assert chosen == [torch.device("cuda:1")]  # pinned memory and new streams then land on GPU 1, not GPU 0
 
 
-
 @pytest.mark.parametrize("tf32", [False, True])
 def test_configure_torch_lets_gpu_convolutions_and_matrix_products_use_tf32_only_when_asked(tf32):
     configure_torch(Config(tf32=not tf32))
