@@ -149,6 +149,8 @@ def _coerce(name: str, value: Any) -> Any:
     if name == "replicas" and value == "auto":
         return value
     if name in UNIONS:
+        if float in UNIONS[name] and isinstance(value, (str, list)):  # scientific notation, as for scalars below
+            value = ([_number(v) for v in value] if isinstance(value, list) else _number(value))
         items = _values(value)
         element = UNIONS[name][:-1]  # int, or float (ints allowed)
         if isinstance(value, bool) or not items or not all(isinstance(v, element) and not isinstance(v, bool) for v in items):
@@ -165,8 +167,10 @@ def _coerce(name: str, value: Any) -> Any:
         raise ConfigError(f"config key '{name}' must be {kind}, got {value!r}")
     if isinstance(default, float) and isinstance(value, int):
         value = float(value)
-    if isinstance(default, float) and isinstance(value, str) and SCIENTIFIC.fullmatch(value.strip()):
-        value = float(value)  # YAML 1.1 (PyYAML) reads 1e-3 as a string: it wants 1.0e-3
+    if isinstance(default, float):
+        value = _number(value)
+    if "list[float]" in declared and isinstance(value, list):
+        value = [_number(v) for v in value]
     if isinstance(default, (int, float, str, dict, list)) and not isinstance(value, type(default)):
         raise ConfigError(f"config key '{name}' must be {kind}, got {value!r}")
     if isinstance(value, float) and not math.isfinite(value):
@@ -175,6 +179,11 @@ def _coerce(name: str, value: Any) -> Any:
             isinstance(v, int) and not isinstance(v, bool) for v in value):
         raise ConfigError(f"config key '{name}' must be a list of integers, got {value!r}")
     return value
+
+
+def _number(value: Any) -> Any:
+    """A string in scientific notation as the float it is (YAML 1.1, PyYAML's, reads 1e-3 as text: it wants 1.0e-3)."""
+    return float(value) if isinstance(value, str) and SCIENTIFIC.fullmatch(value.strip()) else value
 
 
 INT_LISTS = ("gpus", "lr_milestones")

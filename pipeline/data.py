@@ -240,9 +240,11 @@ def _read_cifar_batch(path: Path, label_key: bytes) -> tuple[torch.Tensor, torch
     try:
         raw = path.read_bytes()
     except OSError as err:  # a file-system error, not a damaged batch
-        raise DataError(f"cannot read CIFAR file {path} ({err.strerror}); check its permissions") from None
+        raise DataError(f"cannot read CIFAR file {path} ({err.strerror}); check the file and its permissions") from None
     try:
         batch = _ArrayUnpickler(io.BytesIO(raw), encoding="bytes").load()
+    except MemoryError:  # the machine's, not the file's
+        raise
     except Exception as err:  # damaged bytes can raise almost any exception from pickle (its docs say so)
         why = " ".join(str(err).split())  # one line: some of pickle's messages span two
         raise _not_a_cifar_batch(path, f"{type(err).__name__}: {why}" if why else type(err).__name__) from None

@@ -11,7 +11,7 @@ import torch.nn as nn
 from pipeline.checkpoint import Checkpoint, load_stage_state
 from pipeline.config import Config, from_dict
 from pipeline.data import Data, steps_per_epoch
-from pipeline.rundir import RUN_OUTPUTS
+from pipeline.rundir import RUN_OUTPUTS, is_run_dir
 from pipeline.stages import LocalModule, build_local_modules, build_stage_steps
 from pipeline.step import StageStep
 
@@ -63,7 +63,7 @@ def export_path(run_dir: Path, to: str | None) -> Path:
         raise ExportError(f"--to {path} is a folder; name a file, e.g. {path / 'model.pt'}")
     if path.exists() and not path.is_file():  # the rename of save_atomic would replace a device or socket by a file
         raise ExportError(f"--to {path} is not a regular file (a device or a socket); name a file")
-    for run in (run for run in target.parents if (run / "config.yaml").is_file()):  # this run, or another one
+    for run in (run for run in target.parents if is_run_dir(run)):  # this run, or another one
         kept = [run / name for name in ("config.yaml", *RUN_OUTPUTS) if name != "model.pt"]  # export's own may go
         if any(target == p or p in target.parents for p in kept):
             whose = "the run's own" if run == own else f"the run {run}'s"

@@ -52,6 +52,11 @@ def lock_run_dir(run_dir: Path) -> IO[str]:
     return handle
 
 
+def is_run_dir(path: Path) -> bool:
+    """Whether `path` is a run's directory: its config.yaml, and the lock or a checkpoint folder a run leaves."""
+    return (path / "config.yaml").is_file() and ((path / LOCK_FILE).exists() or any((path / "checkpoints").glob("step*")))
+
+
 def clear_outputs(run_dir: Path) -> None:
     """Remove what an earlier run left in `run_dir` (RUN_OUTPUTS); refused in a folder that is not a run's (no
     config.yaml), where files of those names are someone else's."""

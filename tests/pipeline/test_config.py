@@ -126,6 +126,8 @@ def test_cuda_without_a_gpu_is_refused(monkeypatch):
 def test_numbers_in_scientific_notation_are_numbers_though_yaml_1_1_reads_them_as_text():
     cfg = from_dict({"lr": "1e-3", "weight_decay": "5E-4", "lam": "+2.5e1"})
     assert (cfg.lr, cfg.weight_decay, cfg.lam) == (0.001, 0.0005, 25.0)
+    assert from_dict({"infopro_lambdas": ["1e-3", 1.0], "simulate_step_ms": ["2e1", 5]}).infopro_lambdas == [0.001, 1.0]
+    assert from_dict({"simulate_step_ms": ["2e1", 5]}).simulate_step_ms == [20.0, 5]
     with pytest.raises(ConfigError, match="config key 'lr' must be a number, got '1e-3x'"):
         from_dict({"lr": "1e-3x"})
     with pytest.raises(ConfigError, match="config key 'epochs' must be an integer, got '1e1'"):
