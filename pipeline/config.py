@@ -90,7 +90,7 @@ class Config:
     amp: str = "fp32"  # fp32 | bf16: each module's forward and losses under bfloat16 autocast (gradients, SGR fp32)
     wire_fp32: bool = False  # amp bf16: pass activations and δ between modules in fp32 instead of bf16
     deterministic: bool = False  # deterministic kernels (torch.use_deterministic_algorithms): GPU runs repeat to the bit
-    tf32: bool = False  # GPU: let fp32 convolutions and matrix products use TF32 (faster; a 10-bit mantissa, not fp32's 23)
+    tf32: bool = False  # GPU: fp32 convolutions and matrix products may use TF32 (faster; 10-bit mantissa, not 23)
     channels_last: bool = False  # conv nets: keep feature maps NHWC in memory (faster convolutions on GPUs)
     schedule: str = "pipeline"  # pipeline: one process per module; sequential: the single-process reference
     depth: int = 2  # pipeline: messages a stage may send ahead of the next stage's progress
@@ -349,7 +349,8 @@ def validate(cfg: Config) -> Config:
     need(cfg.allreduce_gbps >= 0, f"allreduce_gbps must be >= 0 (0: the planner leaves the all-reduce out), "
                                   f"got {cfg.allreduce_gbps}")
     need(cfg.checksum_every >= 0, f"checksum_every must be >= 0 (0: never), got {cfg.checksum_every}")
-    need(re.fullmatch(r"cpu|cuda(:(0|[1-9]\d*))?", cfg.device) is not None, f"device must be cpu, cuda or cuda:N, got {cfg.device!r}")
+    need(re.fullmatch(r"cpu|cuda(:(0|[1-9]\d*))?", cfg.device) is not None,
+         f"device must be cpu, cuda or cuda:N, got {cfg.device!r}")
     need(cfg.threads >= 0 and cfg.log_every >= 1, "threads must be >= 0 and log_every >= 1")
     if cfg.device.startswith("cuda"):
         import torch

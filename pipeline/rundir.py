@@ -54,7 +54,8 @@ def lock_run_dir(run_dir: Path) -> IO[str]:
 
 def is_run_dir(path: Path) -> bool:
     """Whether `path` is a run's directory: its config.yaml, and the lock or a checkpoint folder a run leaves."""
-    return (path / "config.yaml").is_file() and ((path / LOCK_FILE).exists() or any((path / "checkpoints").glob("step*")))
+    left = (path / LOCK_FILE).exists() or any((path / "checkpoints").glob("step*"))
+    return (path / "config.yaml").is_file() and left
 
 
 def clear_outputs(run_dir: Path) -> None:
