@@ -244,7 +244,7 @@ def run_tool(argv: list[str]) -> int:
         if args.linear_probe:
             return run_linear_probe(cfg, data, checkpoint, steps, run_dir, args.probe_epochs, device)
         scores = evaluate(steps, data, cfg.eval_batch_size, device, knn_bank_size(cfg))
-    except (DataError, DiskFull) as err:  # an image of the test set (or the k-NN bank) that will not decode
+    except (DataError, DiskFull) as err:  # an image that will not decode; the probe's records on a full disk
         print(f"error: {err}", file=sys.stderr)
         return 1
     except OSError as err:  # only the probe writes: its records go into the run directory
