@@ -13,8 +13,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-from pipeline.checkpoint import write_text_atomic
-
 SPANS = ("input", "train", "credit", "send", "eval", "checkpoint")  # waiting to receive, a training step,
 # waiting for the next stage's credit, sending, an evaluation batch or the probe, saving a checkpoint
 BUSY = ("train", "eval", "checkpoint")
@@ -51,6 +49,9 @@ def chrome_trace(spans_by_stage: dict[int, list[list[Any]]]) -> dict[str, Any]:
 
 
 def write_trace(path: Path, spans_by_stage: dict[int, list[list[Any]]]) -> None:
+    # imported here: the pipeline package imports torch, which `launch.py trace` (this module's reader) never needs
+    from pipeline.checkpoint import write_text_atomic
+
     write_text_atomic(path, json.dumps(chrome_trace(spans_by_stage)))
 
 
