@@ -146,11 +146,11 @@ def _coerce(name: str, value: Any) -> Any:
         raise ConfigError(f"config key '{name}' needs a value, got null (leave the key out for its default {default!r})")
     if default is None:
         return value
+    if "float" in declared:  # a float, or floats in a list: scientific notation is a number (see _number)
+        value = [_number(v) for v in value] if isinstance(value, list) else _number(value)
     if name == "replicas" and value == "auto":
         return value
     if name in UNIONS:
-        if float in UNIONS[name] and isinstance(value, (str, list)):  # scientific notation, as for scalars below
-            value = ([_number(v) for v in value] if isinstance(value, list) else _number(value))
         items = _values(value)
         element = UNIONS[name][:-1]  # int, or float (ints allowed)
         if isinstance(value, bool) or not items or not all(isinstance(v, element) and not isinstance(v, bool) for v in items):
@@ -167,10 +167,6 @@ def _coerce(name: str, value: Any) -> Any:
         raise ConfigError(f"config key '{name}' must be {kind}, got {value!r}")
     if isinstance(default, float) and isinstance(value, int):
         value = float(value)
-    if isinstance(default, float):
-        value = _number(value)
-    if "list[float]" in declared and isinstance(value, list):
-        value = [_number(v) for v in value]
     if isinstance(default, (int, float, str, dict, list)) and not isinstance(value, type(default)):
         raise ConfigError(f"config key '{name}' must be {kind}, got {value!r}")
     if isinstance(value, float) and not math.isfinite(value):
