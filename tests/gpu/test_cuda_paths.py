@@ -20,7 +20,7 @@ from pipeline.checkpoint import load_stage_state, save_atomic, stage_state
 from pipeline.config import Config
 from pipeline.data import eval_batches, load_data, steps_per_epoch, train_batches
 from pipeline.schedule import run_epochs
-from pipeline.stages import build_local_modules, build_stage_steps
+from pipeline.stages import build_local_modules, build_stage_steps, configure_torch
 from pipeline.syncbn import convert_sync_bn
 from workers.ipc_check import cuda_ipc_error
 from workers.placement import LinkKind
@@ -195,3 +195,13 @@ def test_barlow_twins_views_and_knn_bank_run_through_a_gpu_pipeline_as_in_the_re
     assert_bit_identical(trainer, [{part: {k: v.to("cuda:0") for k, v in state[part].items()}
                                     for part in ("module", "head")} for state in pipeline_states(Path(cfg.out), 3)])
     assert eval_records(Path(cfg.out)) == eval_records(tmp_path / "reference")
+
+
+def test_an_fp32_run_convolves_in_ieee_fp32_on_the_gpu():
+    g = torch.Generator().manual_seed(0)
+    x, w = torch.randn(8, 64, 16, 16, generator=g), torch.randn(64, 64, 3, 3, generator=g)
+    configure_torch(Config(), CUDA)  # tf32: false, the default (PyTorch's own lets cuDNN convolve in TF32)
+    out = nn.functional.conv2d(x.to(CUDA), w.to(CUDA)).cpu().double()
+    exact = nn.functional.conv2d(x.double(), w.double())
+    error = float((out - exact).abs().max() / exact.abs().max())
+    assert error < 1e-5, error  # fp32 sums of 576 products; TF32's 10-bit mantissa gives about 1e-3
