@@ -121,9 +121,8 @@ def find_resume(args: argparse.Namespace, cfg, data, steps_per_run: int):
     """The checkpoint to continue from (None for a fresh run), or a one-line error; torn ones are warned about."""
     import warnings
 
-    from pipeline.checkpoint import CheckpointError, fingerprint, latest_checkpoint
-    from pipeline.metrics import read_jsonl
-    from pipeline.rundir import clear_outputs
+    from pipeline.checkpoint import CheckpointError
+    from pipeline.rundir import clear_outputs, resume_checkpoint
     from pipeline.stages import split_cuts
 
     run_dir = Path(cfg.out)
@@ -137,16 +136,9 @@ def find_resume(args: argparse.Namespace, cfg, data, steps_per_run: int):
         return None
     if cfg.method == "greedy":
         raise CheckpointError("greedy runs cannot be resumed (modules train one after another); start it again")
-    records = run_dir / "metrics.jsonl"  # cut back to the checkpoint when the run starts: it must read
-    if records.exists():
-        try:
-            read_jsonl(records)
-        except (OSError, ValueError) as err:
-            raise CheckpointError(f"{err}; repair it or move it away, then resume") from None
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        expected = fingerprint(cfg, split_cuts(cfg, data.in_channels, data.num_classes, data.input_size))
-        checkpoint = latest_checkpoint(run_dir, expected)
+        checkpoint = resume_checkpoint(cfg, split_cuts(cfg, data.in_channels, data.num_classes, data.input_size))
     for w in caught:
         print(f"warning: {w.message}", file=sys.stderr)
     if checkpoint.step >= steps_per_run:

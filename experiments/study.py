@@ -6,14 +6,16 @@ A study YAML holds `base` (a config file path, relative to the study file, or in
 `arms` (name -> config overrides), `seeds` and optionally `out` (default runs/study/<name>) and
 `linear_probe` (epochs: each run's last module is then also scored by a linear probe, as
 `launch.py evaluate RUN_DIR --linear-probe` does; the table gains a column).
-Run i of arm a lands in OUT/a/seed<s>/; a run whose summary.json exists is skipped, so an
-interrupted study continues where it stopped. The final table (mean ± std over seeds of
+Run i of arm a lands in OUT/a/seed<s>/; a run whose summary.json exists is skipped and an
+interrupted one resumes from its newest checkpoint, so an interrupted study continues where it
+stopped (each run's folder is locked while it trains: two studies cannot write one run). The final table (mean ± std over seeds of
 the last head's test accuracy) is printed last and written to OUT/results.md and
 OUT/results.json; OUT/plots/ gets accuracy, SGR-term and ΔL_k curves per arm.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
 import sys
@@ -24,8 +26,12 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from pipeline.checkpoint import (Checkpoint, CheckpointError, DiskFull, RunFileError,  # noqa: E402
+                                 complete_checkpoints_quiet, write_text_atomic)
 from pipeline.config import Config, ConfigError, from_dict, load_yaml, validate  # noqa: E402
+from pipeline.data import DataError  # noqa: E402
 from pipeline.metrics import read_jsonl  # noqa: E402
+from pipeline.rundir import clear_outputs, lock_run_dir, resume_checkpoint  # noqa: E402
 
 
 def load_study(path: Path) -> dict[str, Any]:
@@ -60,7 +66,6 @@ def run_study(study: dict[str, Any], out: Path) -> list[dict[str, Any]]:
     """Train every arm × seed not yet finished (no summary.json), then return one result row per arm."""
     from pipeline.data import load_config_data
     from pipeline.plan import resolve_auto_split
-    from pipeline.trainer import SequentialTrainer
 
     datasets: dict[tuple, Any] = {}
     for arm, overrides in study["arms"].items():
@@ -81,15 +86,39 @@ def run_study(study: dict[str, Any], out: Path) -> list[dict[str, Any]]:
             if not trained:
                 print(f"[study] {arm} seed {seed}: training -> {run_dir}", flush=True)
                 try:
-                    SequentialTrainer(cfg, data, run_dir).run()
+                    train_run(cfg, data, run_dir)
                 except FloatingPointError as err:  # a diverged arm is a result too: recorded, and the study goes on
                     print(f"[study] {arm} seed {seed}: diverged: {err}", flush=True)
-                    (run_dir / "summary.json").write_text(json.dumps({"final_test_acc": None, "diverged": str(err)}))
+                    write_text_atomic(run_dir / "summary.json", json.dumps({"final_test_acc": None, "diverged": str(err)}))
                     continue
             if not probed:
                 print(f"[study] {arm} seed {seed}: linear probe", flush=True)
                 probe_run(cfg, data, run_dir, study["linear_probe"])
     return collect(study, out)
+
+
+def train_run(cfg: Config, data: Any, run_dir: Path) -> None:
+    """Train one run of the study under its run directory's lock; an interrupted run continues from its checkpoint."""
+    from pipeline.trainer import SequentialTrainer
+
+    with contextlib.closing(lock_run_dir(run_dir)):  # a second study writing this folder is refused
+        SequentialTrainer(cfg, data, run_dir, resume=interrupted_at(cfg, data, run_dir)).run()
+
+
+def interrupted_at(cfg: Config, data: Any, run_dir: Path) -> Checkpoint | None:
+    """The checkpoint an interrupted run of this arm continues from, or None (train from the start, after clearing
+    what the run left): none saved, a greedy run (not resumable), or a run killed after its last one."""
+    from pipeline.data import steps_per_epoch
+    from pipeline.stages import split_cuts
+
+    if complete_checkpoints_quiet(run_dir) and cfg.method != "greedy":
+        fix = f"delete {run_dir} to train this run from the start"
+        checkpoint = resume_checkpoint(cfg, split_cuts(cfg, data.in_channels, data.num_classes, data.input_size), fix)
+        if checkpoint.step < steps_per_epoch(data, cfg.batch_size) * cfg.epochs:
+            print(f"[study] resuming {run_dir} from step {checkpoint.step}", flush=True)
+            return checkpoint
+    clear_outputs(run_dir)
+    return None
 
 
 def probe_run(cfg: Config, data: Any, run_dir: Path, epochs: int) -> float:
@@ -213,17 +242,24 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("study", help="study YAML (base, arms, seeds, out)")
     p.add_argument("--out", help="output directory (default: the study's `out`)")
     args = p.parse_args(argv)
+    again = "free some space and run the study again (finished runs are skipped, an interrupted one resumes)"
     try:
         study = load_study(Path(args.study))
         out = Path(args.out or study["out"])
         rows = run_study(study, out)
-    except ConfigError as err:
+        plot_study(study, out)
+        table = format_table(rows)
+        write_text_atomic(out / "results.md", f"# {Path(args.study).name}\n\n{table}\n", fix=again)
+        write_text_atomic(out / "results.json", json.dumps(rows, indent=1), fix=again)
+    except (ConfigError, CheckpointError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    plot_study(study, out)
-    table = format_table(rows)
-    (out / "results.md").write_text(f"# {Path(args.study).name}\n\n{table}\n")
-    (out / "results.json").write_text(json.dumps(rows, indent=1))
+    except (DiskFull, DataError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    except RunFileError as err:  # write_text_atomic names the file
+        print(f"error: {err.strerror}", file=sys.stderr)
+        return 1
     print(table)
     return 0
 

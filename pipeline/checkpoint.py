@@ -294,8 +294,12 @@ def complete_checkpoints(run_dir: Path) -> list[Checkpoint]:
     return found
 
 
-def newest_good_checkpoint(run_dir: Path) -> Checkpoint:
-    """The newest complete checkpoint whose files match their checksums; each one that fails is warned about."""
+START_OVER = "start the run over (its training command, with --fresh)"
+
+
+def newest_good_checkpoint(run_dir: Path, start_over: str = START_OVER) -> Checkpoint:
+    """The newest complete checkpoint whose files match their checksums; each one that fails is warned about (none
+    left: CheckpointError ending in `start_over`)."""
     why = ""
     for checkpoint in reversed(complete_checkpoints(run_dir)):
         problem = verify(checkpoint)
@@ -306,16 +310,17 @@ def newest_good_checkpoint(run_dir: Path) -> Checkpoint:
     if not why:  # no complete one: the newest torn folder says why
         why = next((f"{path.name}: {reason}" for path, found, reason in reversed(_scan(run_dir)) if found is None), "")
     raise CheckpointError(f"{run_dir} has no complete, uncorrupted checkpoint" + (f" (newest: {why})" if why else "")
-                          + "; start the run over (its training command, with --fresh)")
+                          + f"; {start_over}")
 
 
 RESUME_FIX = "resume with the run's own config or start a new run with a different --out"
 
 
-def latest_checkpoint(run_dir: Path, expected: dict[str, Any], fix: str = RESUME_FIX) -> Checkpoint:
+def latest_checkpoint(run_dir: Path, expected: dict[str, Any], fix: str = RESUME_FIX,
+                      start_over: str = START_OVER) -> Checkpoint:
     """The newest good checkpoint of `run_dir`, refused (with `fix` in the message) if it was trained with a
     different model or split than `expected` says (keys a manifest predates are not compared)."""
-    latest = newest_good_checkpoint(run_dir)
+    latest = newest_good_checkpoint(run_dir, start_over)
     saved = latest.manifest["fingerprint"]
     differ = [key for key in expected if key in saved and saved[key] != expected[key]]
     if differ:

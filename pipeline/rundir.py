@@ -17,9 +17,10 @@ from typing import IO, Any
 
 import yaml
 
-from pipeline.checkpoint import CheckpointError, checkpoint_dir, prune, write_manifest, write_text_atomic
+from pipeline.checkpoint import (Checkpoint, CheckpointError, checkpoint_dir, fingerprint, latest_checkpoint, prune,
+                                 write_manifest, write_text_atomic)
 from pipeline.config import Config
-from pipeline.metrics import JsonlLog, truncate_after
+from pipeline.metrics import JsonlLog, read_jsonl, truncate_after
 
 LOCK_FILE = ".lock"
 # what a run and the tools on it leave in its directory besides config.yaml and the lock: `--fresh` removes all of it,
@@ -71,6 +72,21 @@ def clear_outputs(run_dir: Path) -> None:
             shutil.rmtree(path, ignore_errors=True)
         else:
             path.unlink(missing_ok=True)
+
+
+def resume_checkpoint(cfg: Config, cuts: list[int], fix: str | None = None) -> Checkpoint:
+    """The checkpoint the run in `cfg.out` continues from: its newest good one, trained with this model and split
+    (else CheckpointError, ending in `fix` if given). metrics.jsonl must read: a resumed run cuts it back to that step."""
+    run_dir = Path(cfg.out)
+    records = run_dir / "metrics.jsonl"
+    if records.exists():
+        try:
+            read_jsonl(records)
+        except (OSError, ValueError) as err:
+            raise CheckpointError(f"{err}; " + (fix or "repair it or move it away, then resume")) from None
+    if fix is None:
+        return latest_checkpoint(run_dir, fingerprint(cfg, cuts))
+    return latest_checkpoint(run_dir, fingerprint(cfg, cuts), fix, start_over=fix)
 
 
 class RunWriter:
