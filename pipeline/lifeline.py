@@ -88,15 +88,17 @@ def adopt_environment(environment: dict[str, str]) -> None:
     os.environ.update(environment)
 
 
-def exit_with(pid: int, _worker_id: int | None = None) -> None:
-    """From now on, SIGTERM this process as soon as process `pid` has ended (a daemon thread watches it).
+def exit_with(pid: int, _worker_id: int | None = None, *, its_temp_dir: bool = False) -> None:
+    """From now on, SIGTERM this process as soon as process `pid` has ended (a daemon thread watches it); with
+    `its_temp_dir`, first remove the multiprocessing temp folder inherited from `pid`, which a `pid` killed with
+    SIGKILL left behind (its forkserver's socket; it has ended, so none of its own cleanup can still use it).
 
     Also a DataLoader `worker_init_fn` (as `functools.partial(exit_with, pid)`): the worker id is ignored.
     """
-    threading.Thread(target=_watch, args=(pid,), name=f"exit-with-{pid}", daemon=True).start()
+    threading.Thread(target=_watch, args=(pid, its_temp_dir), name=f"exit-with-{pid}", daemon=True).start()
 
 
-def _watch(pid: int) -> None:
+def _watch(pid: int, its_temp_dir: bool) -> None:
     try:
         fd = os.pidfd_open(pid)
         select.select([fd], [], [])  # readable once the process has ended
@@ -105,6 +107,8 @@ def _watch(pid: int) -> None:
     except (AttributeError, OSError):
         while process_alive(pid):
             time.sleep(POLL_S)
+    if its_temp_dir and (folder := _temp_dir()) is not None:
+        shutil.rmtree(folder, ignore_errors=True)
     os.kill(os.getpid(), signal.SIGTERM)
 
 

@@ -465,7 +465,7 @@ def stage_main(spec: StageSpec) -> None:
     if spec.environment is not None:  # before any CUDA call: CUDA_VISIBLE_DEVICES as the launcher sees it now
         adopt_environment(spec.environment)
     if spec.launcher_pid is not None:
-        exit_with(spec.launcher_pid)  # a launcher killed with SIGKILL cannot stop its stages itself
+        exit_with(spec.launcher_pid, its_temp_dir=True)  # a launcher killed with SIGKILL cannot stop its stages itself
     ctx = zmq.Context()
     worker, said = None, None
     try:

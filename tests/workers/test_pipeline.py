@@ -424,9 +424,9 @@ def test_a_paused_launcher_does_not_declare_a_healthy_stage_hung(tmp_path):
     assert proc.returncode == 130 and "hung" not in err
 
 
-def launcher_ipc_dirs(pid: int) -> list[Path]:
-    """The ipc folders under the temp dir that launcher `pid` made."""
-    return [folder for folder in Path(tempfile.gettempdir()).glob("sgr-*") if (folder_maker(folder) or (0,))[0] == pid]
+def launcher_ipc_dirs(pid: int, temp: Path) -> list[Path]:
+    """The ipc folders under the temp folder `temp` that launcher `pid` made."""
+    return [folder for folder in temp.glob("sgr-*") if (folder_maker(folder) or (0,))[0] == pid]
 
 
 def test_sigterm_stops_every_process_exits_143_and_leaves_no_ipc_folder(tmp_path, own_temp):
@@ -440,10 +440,11 @@ def test_sigterm_stops_every_process_exits_143_and_leaves_no_ipc_folder(tmp_path
     assert not any(alive(pid) for pid in processes) and not left_in_temp(own_temp) and not segments_left(stages)
 
 
-def test_the_ipc_folder_of_a_launcher_killed_with_sigkill_is_removed_by_the_next_run(tmp_path):
-    proc, stages = start_long_run(tmp_path)
+def test_the_ipc_folder_of_a_launcher_killed_with_sigkill_is_removed_by_the_next_run(tmp_path, own_temp):
+    proc, stages = start_long_run(tmp_path, temp=own_temp)
     processes = [*stages, forkserver_of(proc.pid)]  # the forkserver too ends with the run
-    left = launcher_ipc_dirs(proc.pid)
+    left = launcher_ipc_dirs(proc.pid, own_temp)
+    assert any(name.startswith("pymp-") for name in left_in_temp(own_temp))
     os.kill(proc.pid, signal.SIGKILL)  # no cleanup can run; the stages die with their parent
     proc.communicate(timeout=30)
     deadline = time.time() + 15
@@ -451,5 +452,6 @@ def test_the_ipc_folder_of_a_launcher_killed_with_sigkill_is_removed_by_the_next
         time.sleep(0.1)
     assert not any(alive(pid) for pid in processes) and all(d.is_dir() for d in left) and left
     assert not segments_left(stages)  # each stage unlinked its own on the SIGTERM its lifeline sent it
-    assert remove_stale_ipc_dirs(Path(tempfile.gettempdir())) == left  # what the next launcher does first
+    assert not any(name.startswith("pymp-") for name in left_in_temp(own_temp))  # removed by the stages' lifeline
+    assert remove_stale_ipc_dirs(own_temp) == left  # what the next launcher does first
     assert not any(d.exists() for d in left)
