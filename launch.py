@@ -117,8 +117,9 @@ def build_config(args: argparse.Namespace):
     return validate(from_dict({**overrides, "out": str(run_dir)}, base=base, source="command line"))
 
 
-def find_resume(args: argparse.Namespace, cfg, data, steps_per_run: int):
-    """The checkpoint to continue from (None for a fresh run), or a one-line error; torn ones are warned about."""
+def find_resume(args: argparse.Namespace, cfg, data, steps_per_run: int, rank: int):
+    """The checkpoint to continue from (None for a fresh run), or a one-line error; torn ones are warned about.
+    `rank`: this torchrun rank (0 when spawned), as rank 0 alone clears a run for --fresh."""
     import warnings
 
     from pipeline.checkpoint import CheckpointError
@@ -131,7 +132,7 @@ def find_resume(args: argparse.Namespace, cfg, data, steps_per_run: int):
         if held and not args.fresh:
             raise CheckpointError(f"{run_dir} holds checkpoints of an earlier run: continue it with --resume "
                                   f"{run_dir}, start over with --fresh (deletes that run), or choose another --out")
-        if args.fresh and int(os.environ.get("RANK", "0")) == 0:  # the rank that holds the run directory's lock
+        if args.fresh and rank == 0:  # the rank that holds the run directory's lock
             clear_outputs(run_dir)
         return None
     if cfg.method == "greedy":
@@ -418,7 +419,7 @@ def print_layout(cfg, plan, gpus: int, memory_cap_gib: float | None) -> int:
     return 0
 
 
-def plan_auto_split(cfg, data, world_size: int):
+def plan_auto_split(cfg, data, world):
     """Resolve `split: auto` into cut points (and its plan) before any stage starts.
 
     The profiling pass runs in a child process, so no CUDA context or cached memory stays with
@@ -432,24 +433,25 @@ def plan_auto_split(cfg, data, world_size: int):
     if cfg.split != "auto" or cfg.method == "bp":
         return cfg, None
     device = cfg.device
-    if world_size > 1:  # this rank's own stage device
-        device = rank_device(cfg, int(os.environ.get("RANK", "0")))
+    if world.size > 1:  # this rank's own stage device
+        device = rank_device(cfg, world)
     with mp.get_context("spawn").Pool(1) as pool:
         _, plan = pool.apply(resolve_auto_split, (dataclasses.replace(cfg, device=device), data.in_channels,
                                                   data.num_classes, data.input_size))
     return dataclasses.replace(cfg, split=plan.cuts), plan
 
 
-def rank_device(cfg, rank: int) -> str:
+def rank_device(cfg, world) -> str:
     """The device of the stage this torchrun rank runs (workers.placement.stage_device with its local rank)."""
     from workers.launcher import visible_gpus
     from workers.placement import stage_device
 
-    return stage_device(cfg.device, cfg.gpus, rank, visible_gpus(cfg), int(os.environ.get("LOCAL_RANK", "0")))
+    return stage_device(cfg.device, cfg.gpus, world.rank, visible_gpus(cfg), world.local_rank)
 
 
-def check_topology(cfg, stages: int, world_size: int) -> None:
-    """Refuse pipeline set-ups that cannot run, before any process starts."""
+def check_topology(cfg, stages: int, world) -> None:
+    """Refuse pipeline set-ups that cannot run, before any process starts (`world`: torchrun's processes)."""
+    world_size = world.size
     from pipeline.bpfree import NEEDS_OUTPUT_ERROR
     from pipeline.config import ConfigError
     from workers.routes import check_batch, replica_counts
@@ -483,7 +485,7 @@ def check_topology(cfg, stages: int, world_size: int) -> None:
         raise ConfigError("--schedule sequential runs in one process; start it with python, not torchrun")
     if cfg.schedule == "pipeline" and cfg.device.startswith("cuda"):  # every stage's GPU exists (one-line error if not)
         if world_size > 1:
-            rank_device(cfg, int(os.environ.get("RANK", "0")))
+            rank_device(cfg, world)
         else:
             from workers.launcher import spawned_devices
 
@@ -548,9 +550,11 @@ def run_job(args: argparse.Namespace, held: contextlib.ExitStack) -> int:
     from pipeline.trainer import SequentialTrainer
     from workers.coordinator import StageFailed
     from workers.launcher import auto_replicas, run_spawned, run_torchrun, visible_gpus
+    from workers.placement import torchrun_world
 
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
     try:
+        world = torchrun_world(os.environ)  # before anything waits on the other ranks: a bad variable is one line
+        world_size = world.size
         cfg = build_config(args)
         if (problem := temp_dir_error()) is not None:  # before the first forkserver or socket
             raise ConfigError(problem)
@@ -560,8 +564,8 @@ def run_job(args: argparse.Namespace, held: contextlib.ExitStack) -> int:
         steps = steps_per_epoch(data, cfg.batch_size)
         if steps < 1:
             raise ConfigError(f"the training set has {len(data.train_y)} samples, fewer than batch_size={cfg.batch_size}")
-        cfg, plan = plan_auto_split(cfg, data, world_size)
-        if plan is not None and int(os.environ.get("RANK", "0")) == 0:
+        cfg, plan = plan_auto_split(cfg, data, world)
+        if plan is not None and world.rank == 0:
             print(f"split auto: cuts {plan.cuts}, largest stage {plan.largest / 2**20:.1f} MB of global BP's "
                   f"{plan.global_bp.total / 2**20:.1f} MB (see `launch.py plan`)", flush=True)
         stages = len(build_local_modules(cfg, data.in_channels, data.num_classes, data.input_size))
@@ -572,14 +576,14 @@ def run_job(args: argparse.Namespace, held: contextlib.ExitStack) -> int:
             print(f"replicas auto: {cfg.replicas} " + (f"(planned for {gpus} GPUs)" if gpus > stages else
                                                        "(one per stage: no more GPUs than stages to spread over)"),
                   flush=True)
-        check_topology(cfg, stages, world_size)
-        if int(os.environ.get("RANK", "0")) == 0:  # a second launcher on this directory is refused while we run
+        check_topology(cfg, stages, world)
+        if world.rank == 0:  # a second launcher on this directory is refused while we run
             held.enter_context(lock_run_dir(Path(cfg.out)))
-        resume = find_resume(args, cfg, data, steps * cfg.epochs)  # every torchrun rank finds the same one
+        resume = find_resume(args, cfg, data, steps * cfg.epochs, world.rank)  # every torchrun rank finds the same one
     except (ConfigError, DataError, CheckpointError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    is_reporter = int(os.environ.get("RANK", "0")) == 0
+    is_reporter = world.rank == 0
     if is_reporter:
         print(f"{cfg.method} | {cfg.model} | K={stages} | λ={cfg.lam} | {cfg.schedule} | {cfg.dataset} "
               f"({len(data.train_y)} train / {len(data.test_y)} test) | {cfg.epochs} epochs | run dir {cfg.out}",
@@ -623,7 +627,7 @@ def run_job(args: argparse.Namespace, held: contextlib.ExitStack) -> int:
 
 if __name__ == "__main__":
     code = main()
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+    if os.environ.get("WORLD_SIZE", "1") != "1":  # a torchrun rank (or a malformed WORLD_SIZE, refused: harmless)
         # a torchrun rank whose job is over: torchrun's SIGTERM (it stops every rank when one ends) would cut the
         # exit's cleanup short, and Python ends threads still inside torch calls by aborting the process (SIGABRT)
         signal.signal(signal.SIGINT, signal.SIG_IGN)

@@ -262,7 +262,7 @@ def test_a_binary_config_file_is_one_line(tmp_path, capsys):
     assert capsys.readouterr().err == f"error: config file {tmp_path / 'bin.yaml'} is not text (binary bytes); give a YAML file\n"
 
 
-def test_a_second_launcher_on_a_live_run_directory_is_refused_and_deletes_nothing(tmp_path, capsys):
+def test_a_second_launcher_on_a_live_run_directory_is_refused_and_deletes_nothing(tmp_path, capsys, monkeypatch):
     from pipeline.rundir import lock_run_dir
 
     run_dir = tmp_path / "run"
@@ -270,10 +270,14 @@ def test_a_second_launcher_on_a_live_run_directory_is_refused_and_deletes_nothin
     (run_dir / "checkpoints" / "step00000004").mkdir(parents=True)
     (run_dir / "metrics.jsonl").write_text('{"event": "train", "step": 4}\n')
     (run_dir / "config.yaml").write_text("dataset: digits\n")
-    for extra in ([], ["--fresh"]):
-        assert launch.main([*DIGITS, "--out", str(run_dir), *extra]) == 2
-        assert capsys.readouterr().err == (f"error: {run_dir} is in use by another run (pid {os.getpid()}); wait for "
-                                           "it to end, stop it, or choose another --out\n")
+    for stray_rank in (False, True):  # RANK alone (no WORLD_SIZE > 1) is not torchrun's: it once skipped the lock
+        if stray_rank:
+            monkeypatch.setenv("RANK", "1")
+        for extra in ([], ["--fresh"]):
+            assert launch.main([*DIGITS, "--out", str(run_dir), *extra]) == 2
+            assert capsys.readouterr().err == (f"error: {run_dir} is in use by another run (pid {os.getpid()}); wait "
+                                               "for it to end, stop it, or choose another --out\n")
+    monkeypatch.delenv("RANK")
     assert (run_dir / "checkpoints" / "step00000004").is_dir()
     assert (run_dir / "metrics.jsonl").read_text() == '{"event": "train", "step": 4}\n'
     held.close()  # the first run ends: the directory is free again
@@ -461,3 +465,43 @@ def test_a_corrupt_image_ends_the_run_with_one_line_naming_it(tmp_path, capfd, s
     assert lines[-1].startswith("error: ") and f"cannot decode image {broken} (" in lines[-1]
     assert len(lines) <= (1 if schedule == "sequential" else 2) and "Traceback" not in "".join(lines), lines
     assert all(line.startswith("stage 1: DataError: cannot decode image") for line in lines[:-1])
+
+
+@pytest.mark.parametrize("environment,message", [
+    ({"WORLD_SIZE": "abc"}, "WORLD_SIZE='abc' is not an integer"),
+    ({"WORLD_SIZE": "3", "RANK": "5"}, "WORLD_SIZE=3 needs a RANK from 0 to 2, got 5"),
+    ({"WORLD_SIZE": "3", "RANK": "0"}, "WORLD_SIZE=3 without MASTER_ADDR and MASTER_PORT"),
+])
+def test_torchrun_variables_set_by_hand_that_cannot_work_are_one_line(tmp_path, capsys, monkeypatch, environment,
+                                                                      message):
+    for name, value in environment.items():
+        monkeypatch.setenv(name, value)
+    assert launch.main([*DIGITS, "--out", str(tmp_path / "run")]) == 2
+    assert capsys.readouterr().err == (f"error: {message}; start the run with torchrun (which sets these variables), "
+                                       "or unset WORLD_SIZE to let launch.py spawn it\n")
+    assert not (tmp_path / "run").exists()  # refused before the run directory was made
+
+
+def test_a_rank_waiting_for_torchrun_peers_that_never_come_stops_on_sigterm(tmp_path):
+    """torch's rendezvous waits in C++, where Python's handlers never run: SIGTERM once did nothing for 30 minutes."""
+    import signal
+    import socket
+    import time
+
+    with socket.socket() as probe:  # a free port for the rendezvous that no other rank will join
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    env = {**os.environ, "WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
+           "MASTER_PORT": str(port)}
+    proc = subprocess.Popen([sys.executable, "launch.py", *DIGITS, "--stages", "2", "--out", str(tmp_path / "run")],
+                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert "run dir" in proc.stdout.readline()  # rank 0's header: next, it waits for rank 1
+        time.sleep(2)
+        assert proc.poll() is None
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=10)
+    finally:
+        proc.kill()
+        proc.communicate()
+    assert proc.returncode == -signal.SIGTERM

@@ -23,7 +23,7 @@ import threading
 import time
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 import zmq
@@ -35,7 +35,7 @@ from pipeline.lifeline import forkserver, interrupts_deferred, process_alive
 from pipeline.plan import plan_replicas
 from workers.coordinator import Coordinator, StageFailed
 from workers.ipc_check import cuda_ipc_error
-from workers.placement import LinkEnd, LinkKind, host_id, link_endpoint, link_kind, stage_device
+from workers.placement import LinkEnd, LinkKind, host_id, link_endpoint, link_kind, stage_device, torchrun_world
 from workers.replicas import ReplicaGroup, group_backend
 from workers.routes import Worker, check_batch, receivers_of, replica_counts, senders_of, workers
 from workers.security import STORE_KEY as SECURITY_STORE_KEY, RunKeys, new_run_keys, start_authenticator
@@ -274,18 +274,35 @@ def _resume_path(resume: Checkpoint | None) -> str | None:
     return str(resume.path) if resume is not None else None
 
 
+@contextlib.contextmanager
+def _signals_default() -> Iterator[None]:
+    """Ctrl-C and SIGTERM end the process at once inside the block: torch's rendezvous waits for the other ranks in
+    C++, where Python's handlers never run, so a rank whose peers never come would ignore both (nothing to clean
+    up yet: no stage, socket or segment exists; the kernel drops the run directory's lock)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    saved = {sig: signal.signal(sig, signal.SIG_DFL) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in saved.items():
+            signal.signal(sig, handler)
+
+
 def run_torchrun(cfg: Config, stages: int, shape: DataShape, resume: Checkpoint | None = None) -> dict[str, Any] | None:
     """This torchrun process's stage (or replica of one); rank 0 also coordinates and returns the result (others
     return None). Ranks map to (stage, replica) in routes.workers order, stage by stage: torchrun numbers the ranks
     of a node consecutively, so a stage's replicas share a node (and its fast links) where the counts allow."""
     import torch.distributed as dist
 
-    dist.init_process_group("gloo")  # the default timeout: ranks may arrive minutes apart (data, split: auto)
+    with _signals_default():
+        dist.init_process_group("gloo")  # the default timeout: ranks may arrive minutes apart (data, split: auto)
     remove_segments()  # shared memory left by the stages of a run killed before their first credit
     store = dist.distributed_c10d._get_default_store()
     rank, world = dist.get_rank(), dist.get_world_size()
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", str(world)))
+    own = torchrun_world(os.environ)  # checked by launch.py before it came here
+    local_rank, local_world = own.local_rank, own.local_size
     single_node = local_world == world
     host = "127.0.0.1" if single_node else os.environ.get("SGR_HOST", socket.gethostbyname(socket.gethostname()))
     visible = visible_gpus(cfg)

@@ -10,7 +10,7 @@ import socket
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
-from typing import Sequence
+from typing import Mapping, Sequence
 
 from pipeline.config import ConfigError
 
@@ -18,6 +18,48 @@ from pipeline.config import ConfigError
 # tensor received by IPC cannot be shared again) and stay on the host until a stage uses them.
 HOST_TENSORS = frozenset({"y", "image"})
 UNIX_SCHEME = "unix://"  # a link endpoint on a Unix seqpacket socket (workers/transport.UnixChannel)
+
+
+TORCHRUN_FIX = "start the run with torchrun (which sets these variables), or unset WORLD_SIZE to let launch.py spawn it"
+
+
+@dataclass(frozen=True)
+class World:
+    """This process's place among the processes torchrun started; size 1: not under torchrun (launch.py spawns)."""
+    size: int = 1
+    rank: int = 0
+    local_rank: int = 0
+    local_size: int = 1
+
+
+def torchrun_world(environ: Mapping[str, str]) -> World:
+    """The world torchrun's variables describe. Only WORLD_SIZE > 1 means torchrun: a stray RANK alone is ignored.
+    A malformed or inconsistent variable is a one-line ConfigError, before torch's rendezvous could wait on it."""
+    def number(name: str, default: int | None = None) -> int | None:
+        value = environ.get(name)
+        if value is None:
+            return default
+        try:
+            return int(value)
+        except ValueError:
+            raise ConfigError(f"{name}={value!r} is not an integer; {TORCHRUN_FIX}") from None
+
+    size = number("WORLD_SIZE", 1)
+    if size < 1:
+        raise ConfigError(f"WORLD_SIZE={size} is not a number of processes; {TORCHRUN_FIX}")
+    if size == 1:
+        return World()
+    rank = number("RANK")
+    if rank is None or not 0 <= rank < size:
+        raise ConfigError(f"WORLD_SIZE={size} needs a RANK from 0 to {size - 1}, got {rank}; {TORCHRUN_FIX}")
+    missing = [name for name in ("MASTER_ADDR", "MASTER_PORT") if not environ.get(name)]
+    if missing:
+        raise ConfigError(f"WORLD_SIZE={size} without {' and '.join(missing)}; {TORCHRUN_FIX}")
+    local_size, local_rank = number("LOCAL_WORLD_SIZE", size), number("LOCAL_RANK", 0)
+    if not 1 <= local_size <= size or not 0 <= local_rank < local_size:
+        raise ConfigError(f"LOCAL_RANK={local_rank} of LOCAL_WORLD_SIZE={local_size} does not fit WORLD_SIZE={size}; "
+                          f"{TORCHRUN_FIX}")
+    return World(size, rank, local_rank, local_size)
 
 
 def stage_device(device: str, gpus: Sequence[int], stage: int, visible: int, local_rank: int | None = None) -> str:

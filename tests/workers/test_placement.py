@@ -1,8 +1,8 @@
 import pytest
 
 from pipeline.config import ConfigError
-from workers.placement import (LinkEnd, LinkKind, ipc_device_index, link_endpoint, link_kind, stage_device,
-                               travels_by_ipc)
+from workers.placement import (LinkEnd, LinkKind, World, ipc_device_index, link_endpoint, link_kind, stage_device,
+                               torchrun_world, travels_by_ipc)
 
 # (device, gpus, visible GPUs, local rank or None when one launcher spawns every stage) -> device of stages 0, 1, 2
 PLACEMENT = [
@@ -95,3 +95,33 @@ def test_an_ipc_handle_opens_under_this_processes_index_of_its_gpu(gpu, visible,
 def test_an_ipc_handle_of_a_gpu_this_process_cannot_see_is_one_line():
     with pytest.raises(RuntimeError, match=r"GPU-z arrived, but this process sees only \['GPU-a'\]; run with --set tr"):
         ipc_device_index("GPU-z", ("GPU-a",))
+
+
+TORCHRUN = {"MASTER_ADDR": "10.0.0.1", "MASTER_PORT": "29500"}
+
+
+@pytest.mark.parametrize("environ,world", [
+    ({}, World()),
+    ({"RANK": "1"}, World()),  # a stray RANK without torchrun's WORLD_SIZE is not a rank
+    ({"WORLD_SIZE": "1", "RANK": "0"}, World()),
+    ({"WORLD_SIZE": "8", "RANK": "5", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "4", **TORCHRUN}, World(8, 5, 1, 4)),
+    ({"WORLD_SIZE": "3", "RANK": "2", **TORCHRUN}, World(3, 2, 0, 3)),  # one node: LOCAL_WORLD_SIZE defaults to all
+])
+def test_torchrun_world_reads_torchruns_variables(environ, world):
+    assert torchrun_world(environ) == world
+
+
+@pytest.mark.parametrize("environ,message", [
+    ({"WORLD_SIZE": "two"}, "WORLD_SIZE='two' is not an integer"),
+    ({"WORLD_SIZE": "-1"}, "WORLD_SIZE=-1 is not a number of processes"),
+    ({"WORLD_SIZE": "3", **TORCHRUN}, "WORLD_SIZE=3 needs a RANK from 0 to 2, got None"),
+    ({"WORLD_SIZE": "3", "RANK": "3", **TORCHRUN}, "WORLD_SIZE=3 needs a RANK from 0 to 2, got 3"),
+    ({"WORLD_SIZE": "3", "RANK": "x", **TORCHRUN}, "RANK='x' is not an integer"),
+    ({"WORLD_SIZE": "3", "RANK": "0", "MASTER_ADDR": "a"}, "WORLD_SIZE=3 without MASTER_PORT"),
+    ({"WORLD_SIZE": "3", "RANK": "0", "LOCAL_RANK": "3", **TORCHRUN}, "LOCAL_RANK=3 of LOCAL_WORLD_SIZE=3 does not fit"),
+    ({"WORLD_SIZE": "3", "RANK": "0", "LOCAL_WORLD_SIZE": "4", **TORCHRUN}, "LOCAL_RANK=0 of LOCAL_WORLD_SIZE=4"),
+])
+def test_torchrun_variables_that_cannot_work_are_one_line(environ, message):
+    with pytest.raises(ConfigError, match="^" + message.replace("(", r"\(")) as raised:
+        torchrun_world(environ)
+    assert raised.value.args[0].endswith("or unset WORLD_SIZE to let launch.py spawn it")
