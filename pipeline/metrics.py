@@ -4,13 +4,14 @@ from __future__ import annotations
 import errno
 import json
 import math
+import os
 import sys
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from pipeline.checkpoint import disk_full, write_text_atomic
+from pipeline.checkpoint import RunFileError, disk_full, write_text_atomic
 from pipeline.lifeline import interrupts_deferred
 from pipeline.step import StepStats
 
@@ -111,22 +112,39 @@ class JsonlLog:
         self.board = _summary_writer(path.parent / "tensorboard") if tensorboard else None
 
     def write(self, record: dict[str, Any]) -> None:
+        """Append `record`; a full disk is DiskFull, any other failure (the file deleted or moved away with its run
+        folder, a read-only or failing disk) a RunFileError naming the file: the run stops instead of logging
+        into a file no one can read."""
         with interrupts_deferred():  # whole lines, and TensorBoard's writer thread never left waiting
+            if not self._still_at_its_path():
+                raise RunFileError(errno.ENOENT, f"cannot write {self.path}: it was deleted or moved during the run "
+                                                 "(with its run folder?); the run stops here")
             try:
                 self.file.write(json.dumps(record) + "\n")
                 self.file.flush()
             except OSError as err:
                 if err.errno == errno.ENOSPC:
                     raise disk_full(self.path) from None
-                raise
+                raise RunFileError(err.errno, f"cannot write {self.path}: {err.strerror}") from None
             if self.board is not None:
                 for tag, value in _scalars(record):
                     self.board.add_scalar(tag, value, record["step"])
                 self.board.flush()
 
+    def _still_at_its_path(self) -> bool:
+        """Whether the open file is still the one at `path` (not deleted, not moved away)."""
+        try:
+            at_path, opened = os.stat(self.path), os.fstat(self.file.fileno())
+        except FileNotFoundError:
+            return False
+        return (at_path.st_dev, at_path.st_ino) == (opened.st_dev, opened.st_ino)
+
     def close(self) -> None:
         with interrupts_deferred():
-            self.file.close()
+            try:
+                self.file.close()
+            except OSError:  # the lines of a write that failed, flushed again: that write has said why
+                pass
             if self.board is not None:
                 self.board.close()
 

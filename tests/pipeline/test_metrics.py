@@ -1,10 +1,33 @@
+import errno
 import math
+import shutil
 
 import pytest
 import torch
 
+from pipeline.checkpoint import RunFileError
 from pipeline.metrics import JsonlLog, ModuleMeter, eval_record, read_jsonl, train_records, truncate_after
 from pipeline.step import StepStats
+
+
+class FailingFile:
+    """A run's log file on a disk that fails every flush with `error` (a full disk, a read-only one), at close too."""
+
+    def __init__(self, file, error: OSError) -> None:
+        self.file, self.error = file, error
+
+    def write(self, text: str) -> None:
+        pass
+
+    def flush(self) -> None:
+        raise self.error
+
+    def fileno(self) -> int:
+        return self.file.fileno()
+
+    def close(self) -> None:
+        self.file.close()
+        self.flush()
 
 
 def stats(loss: float) -> StepStats:
@@ -82,16 +105,36 @@ def test_a_torn_last_line_is_dropped_with_a_warning_and_the_log_goes_on(tmp_path
 
 
 def test_a_full_disk_while_logging_is_one_line(tmp_path, monkeypatch):
-    import errno
-
     from pipeline.checkpoint import DiskFull
 
     log = JsonlLog(tmp_path / "metrics.jsonl")
-
-    class FullFile:
-        def write(self, text):
-            raise OSError(errno.ENOSPC, "No space left on device")
-
-    monkeypatch.setattr(log, "file", FullFile())
+    monkeypatch.setattr(log, "file", FailingFile(log.file, OSError(errno.ENOSPC, "No space left on device")))
     with pytest.raises(DiskFull, match=f"disk full writing {tmp_path / 'metrics.jsonl'}: .* MiB free; free some space"):
         log.write(eval_record(0, 5, [0.5], [0.9], [None]))
+
+
+@pytest.mark.parametrize("how", ["deleted", "moved", "its folder deleted"])
+def test_a_log_whose_file_is_gone_stops_the_run_naming_it(tmp_path, how):
+    run_dir = tmp_path / "run"
+    log = JsonlLog(run_dir / "metrics.jsonl")
+    log.write(eval_record(0, 5, [0.5], [0.9], [None]))
+    if how == "deleted":
+        (run_dir / "metrics.jsonl").unlink()
+    elif how == "moved":
+        (run_dir / "metrics.jsonl").rename(tmp_path / "elsewhere.jsonl")
+        (run_dir / "metrics.jsonl").write_text("")  # a new file under the name is not the run's log either
+    else:
+        shutil.rmtree(run_dir)
+    with pytest.raises(RunFileError) as raised:
+        log.write(eval_record(0, 10, [0.5], [0.9], [None]))
+    assert raised.value.strerror.startswith(f"cannot write {run_dir / 'metrics.jsonl'}: it was deleted or moved")
+    log.close()
+
+
+def test_a_log_that_cannot_be_written_is_a_run_file_error_and_closes_quietly(tmp_path):
+    log = JsonlLog(tmp_path / "metrics.jsonl")
+    log.file = FailingFile(log.file, PermissionError(errno.EPERM, "Operation not permitted"))  # chattr +i, say
+    with pytest.raises(RunFileError) as raised:
+        log.write(eval_record(0, 5, [0.5], [0.9], [None]))
+    assert raised.value.strerror == f"cannot write {tmp_path / 'metrics.jsonl'}: Operation not permitted"
+    log.close()  # its buffered line fails again: said already, not a second traceback
