@@ -12,6 +12,7 @@ trainer (one process writes them all).
 """
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import json
@@ -55,7 +56,10 @@ class DiskFull(OSError):
 
 
 class RunFileError(OSError):
-    """A file of a run that could not be written for another reason; the message names it."""
+    """A file of a run that could not be written for another reason; the message (strerror) names it."""
+
+    def __str__(self) -> str:
+        return self.strerror  # the one line, without OSError's "[Errno N]"
 
 
 RESUME_AFTER_DISK_FULL = "free some space (or choose another --out) and resume"
@@ -83,22 +87,27 @@ def save_atomic(obj: Any, path: Path, fix: str = RESUME_AFTER_DISK_FULL) -> None
     """torch.save to a temporary file, fsync, then rename: a reader never sees a torn file.
 
     A full disk is one line naming the file and the space it needs (torch.save itself reports
-    it as `unexpected pos`) and `fix`; the temporary file is removed, the previous checkpoints stay.
+    it as `unexpected pos`) and `fix`; any other failure to write (a read-only folder, say) a RunFileError naming
+    the file. The temporary file is removed, the previous checkpoints stay.
     """
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(path.suffix + ".tmp")
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
         with open(tmp, "wb") as f:
             torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())
+        os.replace(tmp, path)
     except (OSError, RuntimeError) as err:
-        tmp.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # the folder may refuse this too
+            tmp.unlink(missing_ok=True)
         needed = tensor_bytes(obj)
-        if getattr(err, "errno", None) == errno.ENOSPC or shutil.disk_usage(path.parent).free < needed:
+        if getattr(err, "errno", None) == errno.ENOSPC or (path.parent.is_dir() and
+                                                          shutil.disk_usage(path.parent).free < needed):
             raise disk_full(path, needed, fix) from None
+        if isinstance(err, OSError):
+            raise RunFileError(err.errno, f"cannot write {path}: {err.strerror}") from None
         raise
-    os.replace(tmp, path)
 
 
 def write_text_atomic(path: Path, text: str, fix: str = RESUME_AFTER_DISK_FULL) -> None:

@@ -29,8 +29,8 @@ import torch
 import torch.distributed as dist
 import zmq
 
-from pipeline.checkpoint import (CheckpointError, DiskFull, check_finite, checkpoint_dir, fingerprint, load_stage_state,
-                                 save_atomic, stage_state)
+from pipeline.checkpoint import (CheckpointError, DiskFull, RunFileError, check_finite, checkpoint_dir, fingerprint,
+                                 load_stage_state, save_atomic, stage_state)
 from pipeline.config import Config, from_dict, knn_bank_size, per_stage
 from pipeline.data import (DataError, DataShape, bank_batches, data_shape, eval_batches, load_config_data, probe_batch,
                            rows_of, to_device)
@@ -433,9 +433,9 @@ def merge(messages: list[Message]) -> tuple[dict[str, Any], dict[str, torch.Tens
     return header, tensors
 
 
-# errors whose message says all (bad data, a NaN, a full disk, replicas that diverged, a lost neighbour): reported,
-# then exit 1 without a traceback; anything else is a bug, and its traceback is printed
-SAID_IN_ONE_LINE = (DataError, FloatingPointError, DiskFull, ReplicasDiverged, PeerLost, CheckpointError)
+# errors whose message says all (bad data, a NaN, a full disk, a file that cannot be written, replicas that diverged,
+# a lost neighbour): reported, then exit 1 without a traceback; anything else is a bug, and its traceback is printed
+SAID_IN_ONE_LINE = (DataError, FloatingPointError, DiskFull, RunFileError, ReplicasDiverged, PeerLost, CheckpointError)
 
 
 def report_error(err: BaseException, worker: StageWorker | None, spec: StageSpec, ctx: zmq.Context) -> str:

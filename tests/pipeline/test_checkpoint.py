@@ -203,6 +203,22 @@ def test_a_full_disk_while_saving_is_one_line_naming_the_file_and_the_space(tmp_
     assert not path.exists() and not path.with_suffix(".pt.tmp").exists()
 
 
+def test_a_checkpoint_folder_that_cannot_be_made_or_written_is_one_line_naming_the_file(tmp_path, monkeypatch):
+    import pipeline.checkpoint as checkpoint_module
+
+    path = tmp_path / "step00000004" / "stage1.pt"
+    refuse = PermissionError(errno.EPERM, "Operation not permitted")  # a read-only or immutable run folder
+    monkeypatch.setattr(checkpoint_module.Path, "mkdir", lambda *args, **kwargs: (_ for _ in ()).throw(refuse))
+    with pytest.raises(checkpoint_module.RunFileError) as err:
+        save_atomic({"w": torch.zeros(4)}, path)
+    assert str(err.value) == f"cannot write {path}: Operation not permitted"
+    monkeypatch.undo()
+    monkeypatch.setattr(os, "replace", lambda *args: (_ for _ in ()).throw(refuse))
+    with pytest.raises(checkpoint_module.RunFileError, match=f"^cannot write {path}: Operation not permitted$"):
+        save_atomic({"w": torch.zeros(4)}, path)
+    assert not path.exists() and not path.with_suffix(".pt.tmp").exists()
+
+
 def test_a_full_disk_while_rewriting_a_small_file_of_the_run_keeps_the_old_one(tmp_path, monkeypatch):
     path = tmp_path / "config.yaml"
     write_text_atomic(path, "lr: 0.1\n")
