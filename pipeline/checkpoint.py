@@ -342,15 +342,19 @@ def latest_checkpoint(run_dir: Path, expected: dict[str, Any], fix: str = RESUME
 def prune(run_dir: Path, keep_last: int) -> None:
     """Keep the newest `keep_last` complete checkpoints and the best by test accuracy.
 
-    Folders without a manifest are never deleted here: one may be a checkpoint still being
-    written; resume skips them with a warning.
+    A folder without a readable manifest is deleted only when a newer complete checkpoint exists: checkpoints are
+    sealed in step order, so it is one a run died while saving, never one still being written.
     """
-    complete = complete_checkpoints_quiet(run_dir)
+    scanned = _scan(run_dir)
+    complete = [c for _, c, _ in scanned if c is not None]
     scored = [c for c in complete if c.manifest.get("test_acc") is not None]
     best = max(scored, key=lambda c: c.manifest["test_acc"]).path if scored else None
     for c in complete[: max(0, len(complete) - keep_last)]:
         if c.path != best:
             shutil.rmtree(c.path, ignore_errors=True)
+    for path, checkpoint, _ in scanned:
+        if checkpoint is None and complete and path.name < complete[-1].path.name:
+            shutil.rmtree(path, ignore_errors=True)
 
 
 def complete_checkpoints_quiet(run_dir: Path) -> list[Checkpoint]:
