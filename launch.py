@@ -513,11 +513,17 @@ def _interrupt(signum: int, frame: object) -> None:
     _raise(KeyboardInterrupt())
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    if threading.current_thread() is threading.main_thread():  # Ctrl-C must stop the run even if SIGINT was inherited ignored
+def stop_on_signals() -> None:
+    """From now on Ctrl-C raises KeyboardInterrupt and SIGTERM Terminated where this process is (deferred out of
+    interrupts_deferred blocks), also where SIGINT was inherited ignored; in the main thread only (signals go there)."""
+    if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGINT, _interrupt)
         signal.signal(signal.SIGTERM, _terminate)  # `kill`, a scheduler's preemption: stop the stages as Ctrl-C does
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    stop_on_signals()
     try:
         if argv and argv[0] in TOOLS:
             return run_tool(argv)

@@ -20,15 +20,14 @@ import json
 import statistics
 import sys
 from pathlib import Path
-from typing import Any
-
-import yaml
+from typing import Any, Callable
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from launch import Terminated, stop_on_signals  # noqa: E402
 from pipeline.checkpoint import (Checkpoint, CheckpointError, DiskFull, RunFileError,  # noqa: E402
                                  complete_checkpoints_quiet, write_text_atomic)
-from pipeline.config import Config, ConfigError, from_dict, load_yaml, validate  # noqa: E402
+from pipeline.config import Config, ConfigError, from_dict, load_yaml, read_yaml_mapping, validate  # noqa: E402
 from pipeline.data import DataError  # noqa: E402
 from pipeline.metrics import read_jsonl  # noqa: E402
 from pipeline.rundir import clear_outputs, lock_run_dir, resume_checkpoint  # noqa: E402
@@ -36,64 +35,110 @@ from pipeline.rundir import clear_outputs, lock_run_dir, resume_checkpoint  # no
 
 def load_study(path: Path) -> dict[str, Any]:
     """The study YAML with `base` resolved to a Config; one-line ConfigError on a malformed study."""
-    study = yaml.safe_load(path.read_text()) or {}
-    if not isinstance(study.get("arms"), dict) or not study["arms"]:
+    study = read_yaml_mapping(path, "study file", "experiments/table3.yaml")
+    arms = study.get("arms")
+    if not isinstance(arms, dict) or not arms:
         raise ConfigError(f"{path}: a study needs `arms`, a mapping of arm name -> config overrides")
+    for arm, overrides in arms.items():
+        if overrides is not None and not isinstance(overrides, dict):
+            raise ConfigError(f"{path}: arm {arm!r} must map config keys to values (or be empty), got {overrides!r}")
     probe = study.get("linear_probe", 0)
     if isinstance(probe, bool) or not isinstance(probe, int) or probe < 0:
         raise ConfigError(f"{path}: `linear_probe` must be a number of epochs (0: no probe), got {probe!r}")
-    if not isinstance(study.get("seeds", [0]), list):
-        raise ConfigError(f"{path}: `seeds` must be a list of integers, e.g. [0, 1, 2]")
+    seeds = study.get("seeds", [0])
+    if not isinstance(seeds, list) or not seeds or len(set(map(str, seeds))) < len(seeds):
+        raise ConfigError(f"{path}: `seeds` must be a list of distinct integers, e.g. [0, 1, 2], got {seeds!r}")
+    if not isinstance(study.get("out", ""), str):
+        raise ConfigError(f"{path}: `out` must be a folder path, got {study['out']!r}")
     base = study.get("base", {})
     if isinstance(base, str):
         candidate = path.parent / base
         study["base"] = load_yaml(candidate if candidate.is_file() else base)
-    else:
+    elif isinstance(base, dict):
         study["base"] = from_dict(base, source=f"{path} base")
+    else:
+        raise ConfigError(f"{path}: `base` must be a config file's path or a mapping of config keys, got {base!r}")
     study.setdefault("seeds", [0])
     study.setdefault("linear_probe", 0)
     study.setdefault("out", f"runs/study/{path.stem}")
     return study
 
 
-def arm_config(base: Config, overrides: dict[str, Any], seed: int, run_dir: Path) -> Config:
+def arm_config(base: Config, arm: str, overrides: dict[str, Any] | None, seed: Any, run_dir: Path) -> Config:
     """The validated config of one run: base, the arm's overrides, the seed, the run dir; sequential, no progress bar."""
     values = {**(overrides or {}), "seed": seed, "out": str(run_dir), "schedule": "sequential", "progress": False}
-    return validate(from_dict(values, base=base, source="study arm"))
+    try:
+        return validate(from_dict(values, base=base, source=f"arm {arm}"))
+    except ConfigError as err:
+        raise ConfigError(f"arm {arm}, seed {seed}: {err}") from None
+
+
+def changed_settings(cfg: Config, run_dir: Path) -> str:
+    """How the arm's config now differs from the one its run in `run_dir` was trained with ('' if not, or if the run
+    left no config.yaml); keys `auto` in the arm are resolved at training, and are not compared."""
+    path = run_dir / "config.yaml"
+    if not path.exists():
+        return ""
+    saved = read_run_file(path, lambda p: read_yaml_mapping(p, "run config"))
+    differ = [key for key, value in cfg.to_dict().items() if value != "auto" and saved.get(key, value) != value]
+    return ", ".join(f"{key}={saved[key]!r} (now {getattr(cfg, key)!r})" for key in differ)
+
+
+def read_run_file(path: Path, read: Callable[[Path], Any]) -> Any:
+    """`read(path)` of a file a study's run wrote; a missing or damaged one is a one-line ConfigError."""
+    try:
+        return read(path)
+    except (OSError, ValueError, KeyError, TypeError, ConfigError) as err:
+        raise ConfigError(f"{path} cannot be read ({err}); delete {path.parent} to train that run again") from None
+
+
+def read_summary(run_dir: Path) -> dict[str, Any]:
+    """A run's summary.json: its final test accuracy (None: it diverged), seconds."""
+    def parse(path: Path) -> dict[str, Any]:
+        summary = json.loads(path.read_text())  # a KeyError, TypeError or ValueError below: not a run's summary
+        if summary["final_test_acc"] is not None:  # None: the run diverged
+            summary.update(final_test_acc=float(summary["final_test_acc"]), seconds=float(summary["seconds"]))
+        return summary
+    return read_run_file(run_dir / "summary.json", parse)
 
 
 def run_study(study: dict[str, Any], out: Path) -> list[dict[str, Any]]:
-    """Train every arm × seed not yet finished (no summary.json), then return one result row per arm."""
+    """Train every arm × seed not yet finished (no summary.json), then return one result row per arm. Every run's
+    config is built, and compared with what an earlier study trained in its folder, before any run trains."""
     from pipeline.data import load_config_data
     from pipeline.plan import resolve_auto_split
 
+    runs = [(arm, seed, out / arm / f"seed{seed}") for arm in study["arms"] for seed in study["seeds"]]
+    configs = {run_dir: arm_config(study["base"], arm, study["arms"][arm], seed, run_dir) for arm, seed, run_dir in runs}
+    for arm, seed, run_dir in runs:
+        if changed := changed_settings(configs[run_dir], run_dir):
+            raise ConfigError(f"arm {arm}, seed {seed}: {run_dir} was trained with {changed}; restore the arm's "
+                              f"settings, or delete {run_dir} to train it with the new ones")
     datasets: dict[tuple, Any] = {}
-    for arm, overrides in study["arms"].items():
-        for seed in study["seeds"]:
-            run_dir = out / arm / f"seed{seed}"
-            cfg = arm_config(study["base"], overrides, seed, run_dir)
-            trained = (run_dir / "summary.json").exists()
-            diverged = trained and "diverged" in json.loads((run_dir / "summary.json").read_text())
-            probed = not study["linear_probe"] or diverged or (run_dir / "linear_probe.json").exists()
-            if trained and probed:
-                print(f"[study] {arm} seed {seed}: done before, skipped", flush=True)
+    for arm, seed, run_dir in runs:
+        cfg = configs[run_dir]
+        trained = (run_dir / "summary.json").exists()
+        diverged = trained and read_summary(run_dir)["final_test_acc"] is None
+        probed = not study["linear_probe"] or diverged or (run_dir / "linear_probe.json").exists()
+        if trained and probed:
+            print(f"[study] {arm} seed {seed}: done before, skipped", flush=True)
+            continue
+        key = (cfg.dataset, cfg.data_dir, cfg.image_size, cfg.train_subset)
+        if key not in datasets:
+            datasets[key] = load_config_data(cfg)
+        data = datasets[key]
+        cfg, _ = resolve_auto_split(cfg, data.in_channels, data.num_classes, data.input_size)
+        if not trained:
+            print(f"[study] {arm} seed {seed}: training -> {run_dir}", flush=True)
+            try:
+                train_run(cfg, data, run_dir)
+            except FloatingPointError as err:  # a diverged arm is a result too: recorded, and the study goes on
+                print(f"[study] {arm} seed {seed}: diverged: {err}", flush=True)
+                write_text_atomic(run_dir / "summary.json", json.dumps({"final_test_acc": None, "diverged": str(err)}))
                 continue
-            key = (cfg.dataset, cfg.data_dir, cfg.image_size, cfg.train_subset)
-            if key not in datasets:
-                datasets[key] = load_config_data(cfg)
-            data = datasets[key]
-            cfg, _ = resolve_auto_split(cfg, data.in_channels, data.num_classes, data.input_size)
-            if not trained:
-                print(f"[study] {arm} seed {seed}: training -> {run_dir}", flush=True)
-                try:
-                    train_run(cfg, data, run_dir)
-                except FloatingPointError as err:  # a diverged arm is a result too: recorded, and the study goes on
-                    print(f"[study] {arm} seed {seed}: diverged: {err}", flush=True)
-                    write_text_atomic(run_dir / "summary.json", json.dumps({"final_test_acc": None, "diverged": str(err)}))
-                    continue
-            if not probed:
-                print(f"[study] {arm} seed {seed}: linear probe", flush=True)
-                probe_run(cfg, data, run_dir, study["linear_probe"])
+        if not probed:
+            print(f"[study] {arm} seed {seed}: linear probe", flush=True)
+            probe_run(cfg, data, run_dir, study["linear_probe"])
     return collect(study, out)
 
 
@@ -146,15 +191,16 @@ def collect(study: dict[str, Any], out: Path) -> list[dict[str, Any]]:
         accs, sgrs, seconds, probes = [], [], [], []
         for seed in study["seeds"]:
             run_dir = out / arm / f"seed{seed}"
-            summary = json.loads((run_dir / "summary.json").read_text())
+            summary = read_summary(run_dir)
             if summary["final_test_acc"] is None:
                 continue
             accs.append(100 * summary["final_test_acc"])
             seconds.append(summary["seconds"])
-            _, sgr = sgr_curve(read_jsonl(run_dir / "metrics.jsonl"))
+            _, sgr = sgr_curve(read_run_file(run_dir / "metrics.jsonl", read_jsonl))
             sgrs.append(sgr[-1] if sgr else 0.0)
             if (run_dir / "linear_probe.json").exists():
-                probes.append(100 * json.loads((run_dir / "linear_probe.json").read_text())["test_acc"])
+                probe = read_run_file(run_dir / "linear_probe.json", lambda p: float(json.loads(p.read_text())["test_acc"]))
+                probes.append(100 * probe)
         mean, std = mean_std(accs) if accs else (float("nan"), float("nan"))
         rows.append({"arm": arm, "overrides": study["arms"][arm], "seeds": study["seeds"], "test_acc": accs,
                      "diverged": len(study["seeds"]) - len(accs), "mean": mean, "std": std,
@@ -200,8 +246,8 @@ def plot_study(study: dict[str, Any], out: Path) -> list[Path]:
 
     plot_dir = out / "plots"
     plot_dir.mkdir(parents=True, exist_ok=True)
-    runs = {arm: [read_jsonl(out / arm / f"seed{s}" / "metrics.jsonl") for s in study["seeds"]
-                  if json.loads((out / arm / f"seed{s}" / "summary.json").read_text())["final_test_acc"] is not None]
+    runs = {arm: [read_run_file(out / arm / f"seed{s}" / "metrics.jsonl", read_jsonl) for s in study["seeds"]
+                  if read_summary(out / arm / f"seed{s}")["final_test_acc"] is not None]
             for arm in study["arms"]}
     figures = {name: plt.subplots(figsize=(6, 4)) for name in ("accuracy", "sgr", "delta_loss")}
     for arm, records in runs.items():
@@ -228,7 +274,7 @@ def plot_study(study: dict[str, Any], out: Path) -> list[Path]:
             ax.set_yscale("log")
         if name == "delta_loss":
             ax.axhline(0, color="gray", lw=0.5)
-        if ax.lines:
+        if ax.get_legend_handles_labels()[0]:  # an arm's curve (a bare zero line has no label)
             ax.legend()
         fig.tight_layout()
         fig.savefig(plot_dir / f"{name}.png", dpi=100)
@@ -243,6 +289,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", help="output directory (default: the study's `out`)")
     args = p.parse_args(argv)
     again = "free some space and run the study again (finished runs are skipped, an interrupted one resumes)"
+    stop_on_signals()
     try:
         study = load_study(Path(args.study))
         out = Path(args.out or study["out"])
@@ -258,8 +305,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 1
     except RunFileError as err:  # write_text_atomic names the file
-        print(f"error: {err.strerror}", file=sys.stderr)
+        print(f"error: {err}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt as err:  # Ctrl-C, or SIGTERM (Terminated): the checkpoints saved so far are kept
+        print(f"{'terminated' if isinstance(err, Terminated) else 'interrupted'}: run the study again to continue "
+              "(finished runs are skipped, the interrupted one resumes from its newest checkpoint)", file=sys.stderr)
+        return 143 if isinstance(err, Terminated) else 130
     print(table)
     return 0
 

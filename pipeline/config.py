@@ -199,20 +199,28 @@ def from_dict(values: dict[str, Any], base: Config | None = None, source: str = 
 
 def load_yaml(path: str | Path) -> Config:
     """Load a YAML run config."""
+    return from_dict(read_yaml_mapping(path), source=str(path))
+
+
+def read_yaml_mapping(path: str | Path, kind: str = "config file", example: str = "configs/default.yaml") -> dict:
+    """The key: value mapping of a YAML file (a `kind` such as a config or a study file); one-line ConfigError for a
+    folder, a missing, binary or malformed file, or one that holds no mapping."""
     path = Path(path)
     if path.is_dir():
-        raise ConfigError(f"config file {path} is a folder, not a file; give a YAML file (e.g. configs/default.yaml)")
+        raise ConfigError(f"{kind} {path} is a folder, not a file; give a YAML file (e.g. {example})")
     if not path.is_file():
-        raise ConfigError(f"config file {path} not found; pick one from configs/ (e.g. configs/default.yaml)")
+        raise ConfigError(f"{kind} {path} not found; pick one from {Path(example).parent}/ (e.g. {example})")
     try:
         values = yaml.safe_load(path.read_text()) or {}
     except UnicodeDecodeError:
-        raise ConfigError(f"config file {path} is not text (binary bytes); give a YAML file") from None
+        raise ConfigError(f"{kind} {path} is not text (binary bytes); give a YAML file") from None
     except yaml.YAMLError as err:
-        raise ConfigError(f"config file {path} is not valid YAML: {str(err).splitlines()[0]}") from None
+        raise ConfigError(f"{kind} {path} is not valid YAML: {str(err).splitlines()[0]}") from None
+    except OSError as err:
+        raise ConfigError(f"{kind} {path} cannot be read: {err.strerror}") from None
     if not isinstance(values, dict):
-        raise ConfigError(f"config file {path} must be a mapping of key: value")
-    return from_dict(values, source=str(path))
+        raise ConfigError(f"{kind} {path} must be a mapping of key: value")
+    return values
 
 
 def parse_override(text: str) -> tuple[str, Any]:

@@ -2,9 +2,13 @@
 an interrupted one."""
 import json
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
+
+import pytest
 
 from pipeline.rundir import lock_run_dir
 
@@ -102,18 +106,68 @@ def test_an_interrupted_run_resumes_from_its_checkpoint_to_the_same_result(tmp_p
     assert json.loads((run_dir / "summary.json").read_text())["final_test_acc"] == finished["final_test_acc"]
 
 
-def test_an_interrupted_run_of_a_changed_arm_and_a_run_in_use_are_one_line(tmp_path):
+def test_a_changed_arm_a_damaged_summary_and_a_run_in_use_are_one_line_and_train_nothing(tmp_path):
     study, out = tmp_path / "one.yaml", tmp_path / "out"
     study.write_text(ONE_RUN)
     run(study, out)
     run_dir = out / "sgr" / "seed0"
-    (run_dir / "summary.json").unlink()
-    held = lock_run_dir(run_dir)  # what a second study on the same folder holds
+    summary = (run_dir / "summary.json").read_text()
+    study.write_text(ONE_RUN.replace("lam: 1.0", "lam: 100.0"))  # its table row would show lam=100 for a lam=1 run
+    error = run(study, out, expect=2)
+    assert error == (f"error: arm sgr, seed 0: {run_dir} was trained with lam=1.0 (now 100.0); restore the arm's "
+                     f"settings, or delete {run_dir} to train it with the new ones\n")
+    study.write_text(ONE_RUN)
+    for damaged in ("{", "{}", "[]"):
+        (run_dir / "summary.json").write_text(damaged)
+        error = run(study, out, expect=2)
+        assert error.startswith(f"error: {run_dir / 'summary.json'} cannot be read (") and len(error.splitlines()) == 1
+        assert error.endswith(f"); delete {run_dir} to train that run again\n")
+    (run_dir / "summary.json").unlink()  # interrupted after its last checkpoint, in use by another study
+    held = lock_run_dir(run_dir)
     try:
         assert f"{run_dir} is in use by another run" in run(study, out, expect=2)
     finally:
         held.close()
-    study.write_text(ONE_RUN.replace("split: per_block", "split: [1]"))
-    error = run(study, out, expect=2)
-    assert len(error.strip().splitlines()) == 1 and f"delete {run_dir} to train this run from the start" in error
-    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir())  # nothing of the interrupted run deleted
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir())  # nothing of the run deleted
+    (run_dir / "summary.json").write_text(summary)
+    assert "done before, skipped" in run(study, out)
+
+
+@pytest.mark.parametrize("text,message", [
+    (None, "study file {path} not found; pick one from experiments/ (e.g. experiments/table3.yaml)"),
+    ("arms: [", "study file {path} is not valid YAML: "),
+    ("- 1\n- 2\n", "study file {path} must be a mapping of key: value"),
+    ("arms: {a: [1, 2]}\n", "{path}: arm 'a' must map config keys to values (or be empty), got [1, 2]"),
+    ("arms: {a: {lam: 1}}\nbase: [1, 2]\n", "{path}: `base` must be a config file's path or a mapping"),
+    ("arms: {a: {lam: 1}}\nout: 5\n", "{path}: `out` must be a folder path, got 5"),
+    ("arms: {a: {lam: 1}}\nseeds: []\n", "{path}: `seeds` must be a list of distinct integers, e.g. [0, 1, 2], got []"),
+    ("arms: {a: {lam: 1}}\nseeds: [1, 1]\n", "{path}: `seeds` must be a list of distinct integers"),
+    ("arms: {a: {lam: x}}\n", "arm a, seed 0: "),
+])
+def test_a_malformed_study_file_is_one_line(tmp_path, text, message):
+    path = tmp_path / "bad.yaml"
+    if text is not None:
+        path.write_text(text)
+    done = subprocess.run([sys.executable, "experiments/study.py", str(path), "--out", str(tmp_path / "out")], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and len(done.stderr.splitlines()) == 1, done.stderr
+    assert done.stderr.startswith("error: " + message.format(path=path))
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("sig,code,word", [(signal.SIGINT, 130, "interrupted"), (signal.SIGTERM, 143, "terminated")])
+def test_ctrl_c_or_sigterm_stops_a_study_in_one_line(tmp_path, sig, code, word):
+    study = tmp_path / "long.yaml"
+    study.write_text(ONE_RUN.replace("epochs: 2", "epochs: 50"))
+    proc = subprocess.Popen([sys.executable, "experiments/study.py", str(study), "--out", str(tmp_path / "out")],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert "training ->" in proc.stdout.readline()
+        time.sleep(3)
+        proc.send_signal(sig)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == code
+    assert err == (f"{word}: run the study again to continue (finished runs are skipped, the interrupted one resumes "
+                   "from its newest checkpoint)\n")
