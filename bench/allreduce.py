@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from bench.common import markdown_table, meta, parse, parser, size_of, write_results
+from bench.common import at_least, markdown_table, meta, parse, parser, size_of, write_results
 from workers.replicas import group_backend, join_group
 
 MB = 1 << 20
@@ -57,7 +57,7 @@ def worker(rank: int, processes: int, store: str, sizes_mb: list[int], reps: int
 def main(argv: list[str] | None = None) -> dict:
     """Time the all-reduce at each size; print the table last."""
     p = parser("allreduce", "bus bandwidth of the replicas' gradient all-reduce", threads=1)
-    p.add_argument("--processes", type=int, default=2, help="replicas in the group (default: %(default)s)")
+    p.add_argument("--processes", type=at_least(1), default=2, help="replicas in the group (default: %(default)s)")
     args = parse(p, argv)
     sizes_mb, reps = SIZES[size_of(args)]
     with tempfile.TemporaryDirectory() as folder, mp.Manager() as manager:

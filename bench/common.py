@@ -12,7 +12,7 @@ import platform
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Iterable
 
 import torch
 
@@ -29,6 +29,28 @@ from workers.simulated import SimulatedStep
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def at_least(least: int) -> Callable[[str], int]:
+    """An argparse type: an integer >= `least` (anything else is argparse's one-line usage error)."""
+    def number(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if value < least:
+            raise argparse.ArgumentTypeError(f"must be at least {least}, got {value}")
+        return value
+    return number
+
+
+def names_of(text: str, known: Iterable[str], what: str) -> list[str]:
+    """A comma-separated list of names from `known` (argparse's type for --models and --methods)."""
+    names, known = text.split(","), sorted(set(known))
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown {what} {', '.join(unknown)}; choose from {', '.join(known)}")
+    return names
+
+
 def parser(name: str, description: str, threads: int | None = None) -> argparse.ArgumentParser:
     """The arguments every benchmark takes: --quick, --smoke, --out and --threads."""
     p = argparse.ArgumentParser(prog=f"bench/{name}.py", description=description)
@@ -36,7 +58,7 @@ def parser(name: str, description: str, threads: int | None = None) -> argparse.
     size.add_argument("--quick", action="store_true", help="a few minutes on a 2-core CPU")
     size.add_argument("--smoke", action="store_true", help="the smallest size, seconds (used by tests)")
     p.add_argument("--out", default=str(ROOT / "runs" / "bench" / name), help="folder for results.json and plots")
-    p.add_argument("--threads", type=int, default=threads or os.cpu_count() or 1,
+    p.add_argument("--threads", type=at_least(1), default=threads or os.cpu_count() or 1,
                    help="torch threads of the single-process measurements (default: %(default)s)")
     return p
 

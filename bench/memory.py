@@ -26,8 +26,8 @@ import torch
 from pipeline.config import Config
 from pipeline.data import pixels, stats_on, train_batches
 from pipeline.plan import ModuleMemory, plan_split, step_memory
-from bench.common import (bench_config, bench_data, build_steps, markdown_table, meta, parse, parser, size_of,
-                          unit_spans, write_results)
+from bench.common import (bench_config, bench_data, build_steps, markdown_table, meta, names_of, parse, parser,
+                          size_of, unit_spans, write_results)
 
 MB = 1 << 20
 SIZES = {  # model, batch, the paper's splits (name, K), K of the balanced splits, batch of the profiling pass
@@ -101,8 +101,11 @@ def imagenet_rows(size: str, threads: int, models: list[str] | None = None,
 def main(argv: list[str] | None = None) -> dict:
     """Measure global BP, the paper's splits and the planned splits (at full size also the ImageNet models); print the tables last."""
     p = parser("memory", "bytes kept per stage for one training step, against global BP")
-    p.add_argument("--models", help="comma-separated ImageNet models to plan at full size (default: all of Table 5)")
-    p.add_argument("--methods", help="comma-separated methods (sgr, infopro) of those plans (default: both)")
+    full = IMAGENET["full"]
+    p.add_argument("--models", type=lambda text: names_of(text, (row[0] for row in full), "model"),
+                   help="comma-separated ImageNet models to plan at full size (default: all of Table 5)")
+    p.add_argument("--methods", type=lambda text: names_of(text, (row[5] for row in full), "method"),
+                   help="comma-separated methods (sgr, infopro) of those plans (default: both)")
     args = parse(p, argv)
     size = size_of(args)
     model, batch, paper, balanced, profile_batch = SIZES[size]
@@ -129,8 +132,7 @@ def main(argv: list[str] | None = None) -> dict:
                         "planned_largest_bytes": predicted, "global_bp_bytes": bp["total"],
                         "saving": 1 - largest / bp["total"]})
         stages += [{"split": name, "method": method, "K": k, **s} for s in measured]
-    imagenet = imagenet_rows(size, args.threads, args.models.split(",") if args.models else None,
-                             args.methods.split(",") if args.methods else None)
+    imagenet = imagenet_rows(size, args.threads, args.models, args.methods)
     results = {"meta": meta(args), "model": model, "batch_size": batch, "device": device, "global_bp": bp,
                "module_bytes": {f"{a}-{b - 1}": m.total for (a, b), m in plan.table.items()},
                "stages": stages, "imagenet": imagenet, "rows": summary}

@@ -23,7 +23,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as `python b
 
 from pipeline.data import steps_per_epoch
 from pipeline.plan import best_layout
-from bench.common import bench_config, bench_data, markdown_table, meta, parse, parser, run_pipeline, size_of, write_results
+from bench.common import (at_least, bench_config, bench_data, markdown_table, meta, parse, parser, run_pipeline,
+                          size_of, write_results)
 
 STAGE_MS = [10.0, 30.0, 30.0]
 LAYOUTS = [[1, 1, 1], [1, 3, 3]]
@@ -34,7 +35,8 @@ TARGET = 0.9  # of the ideal speed-up
 def main(argv: list[str] | None = None) -> dict:
     """Time each layout's steady state; print the table last."""
     p = parser("replicas", "replicated stages with sleeping stages", threads=1)
-    p.add_argument("--gpus", type=int, default=5, help="processes the planner's row may use (default: %(default)s)")
+    p.add_argument("--gpus", type=at_least(len(STAGE_MS)), default=5,
+                   help="processes the planner's row may use, one per stage at least (default: %(default)s)")
     args = parse(p, argv)
     scales, warmup = SIZES[size_of(args)]
     # 96 rows split evenly over 1, 2 and 3 replicas; 32×32 synthetic images, so a message is 1.2 MB (and its δ)

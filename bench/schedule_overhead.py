@@ -17,7 +17,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as `python bench/schedule_overhead.py`
 
 from pipeline.data import steps_per_epoch
-from bench.common import (bench_config, bench_data, markdown_table, meta, one_process, parse, parser, pyplot,
+from bench.common import (at_least, bench_config, bench_data, markdown_table, meta, one_process, parse, parser, pyplot,
                           run_pipeline, size_of, write_results)
 
 SIZES = {  # stages K, delays ms, seconds of steady state to time, warm-up epochs
@@ -31,7 +31,7 @@ TARGET_MS, TARGET = 20.0, 0.95
 def main(argv: list[str] | None = None) -> dict:
     """Measure simulated pipelines against the same stages in sequence; print the table last."""
     p = parser("schedule_overhead", "pipeline schedule overhead with sleeping stages", threads=1)
-    p.add_argument("--depth", type=int, default=2, help="messages a stage may send ahead (config key depth)")
+    p.add_argument("--depth", type=at_least(1), default=2, help="messages a stage may send ahead (config key depth)")
     args = parse(p, argv)
     splits, delays, window_s, warmup = SIZES[size_of(args)]
     base = bench_config(threads=args.threads, depth=args.depth, out=str(Path(args.out) / "run"))

@@ -8,8 +8,8 @@ A study YAML holds `base` (a config file path, relative to the study file, or in
 `launch.py evaluate RUN_DIR --linear-probe` does; the table gains a column).
 Run i of arm a lands in OUT/a/seed<s>/; a run whose summary.json exists is skipped and an
 interrupted one resumes from its newest checkpoint, so an interrupted study continues where it
-stopped (each run's folder is locked while it trains: two studies cannot write one run). The final table (mean ± std over seeds of
-the last head's test accuracy) is printed last and written to OUT/results.md and
+stopped (each run's folder is locked while it trains: two studies cannot write one run). The final
+table (mean ± std over seeds of the last head's test accuracy) is printed last and written to OUT/results.md and
 OUT/results.json; OUT/plots/ gets accuracy, SGR-term and ΔL_k curves per arm.
 """
 from __future__ import annotations
@@ -109,7 +109,8 @@ def run_study(study: dict[str, Any], out: Path) -> list[dict[str, Any]]:
     from pipeline.plan import resolve_auto_split
 
     runs = [(arm, seed, out / arm / f"seed{seed}") for arm in study["arms"] for seed in study["seeds"]]
-    configs = {run_dir: arm_config(study["base"], arm, study["arms"][arm], seed, run_dir) for arm, seed, run_dir in runs}
+    configs = {run_dir: arm_config(study["base"], arm, study["arms"][arm], seed, run_dir)
+               for arm, seed, run_dir in runs}
     for arm, seed, run_dir in runs:
         if changed := changed_settings(configs[run_dir], run_dir):
             raise ConfigError(f"arm {arm}, seed {seed}: {run_dir} was trained with {changed}; restore the arm's "
@@ -199,8 +200,8 @@ def collect(study: dict[str, Any], out: Path) -> list[dict[str, Any]]:
             _, sgr = sgr_curve(read_run_file(run_dir / "metrics.jsonl", read_jsonl))
             sgrs.append(sgr[-1] if sgr else 0.0)
             if (run_dir / "linear_probe.json").exists():
-                probe = read_run_file(run_dir / "linear_probe.json", lambda p: float(json.loads(p.read_text())["test_acc"]))
-                probes.append(100 * probe)
+                probe = read_run_file(run_dir / "linear_probe.json", lambda p: json.loads(p.read_text())["test_acc"])
+                probes.append(100 * float(probe))
         mean, std = mean_std(accs) if accs else (float("nan"), float("nan"))
         rows.append({"arm": arm, "overrides": study["arms"][arm], "seeds": study["seeds"], "test_acc": accs,
                      "diverged": len(study["seeds"]) - len(accs), "mean": mean, "std": std,

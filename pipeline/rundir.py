@@ -76,7 +76,8 @@ def clear_outputs(run_dir: Path) -> None:
 
 def resume_checkpoint(cfg: Config, cuts: list[int], fix: str | None = None) -> Checkpoint:
     """The checkpoint the run in `cfg.out` continues from: its newest good one, trained with this model and split
-    (else CheckpointError, ending in `fix` if given). metrics.jsonl must read: a resumed run cuts it back to that step."""
+    (else CheckpointError, ending in `fix` if given). metrics.jsonl must read: a resumed run cuts it back to that
+    step."""
     run_dir = Path(cfg.out)
     records = run_dir / "metrics.jsonl"
     if records.exists():

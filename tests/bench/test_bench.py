@@ -37,3 +37,19 @@ def test_script_runs_at_its_smallest_size(tmp_path, name):
         assert (out / PLOTS[name]).stat().st_size > 0
     if name == "transport":  # every link's round trip, and the bare zmq floor they are read against
         assert all(results["latency_us"][link] > 0 for link in ("ipc", "tcp", "shm", "bare_zmq"))
+
+
+@pytest.mark.parametrize("name,flags,message", [
+    ("throughput", ["--threads", "-1"], "argument --threads: must be at least 1, got -1"),
+    ("sgr_overhead", ["--threads", "0"], "argument --threads: must be at least 1, got 0"),
+    ("schedule_overhead", ["--depth", "0"], "argument --depth: must be at least 1, got 0"),
+    ("replicas", ["--gpus", "2"], "argument --gpus: must be at least 3, got 2"),  # one process per stage at least
+    ("allreduce", ["--processes", "x"], "argument --processes: 'x' is not an integer"),
+    ("memory", ["--models", "tv_resnet50,foo"], "argument --models: unknown model foo; choose from swin_s, swin_t,"),
+    ("memory", ["--methods", "bar"], "argument --methods: unknown method bar; choose from infopro, sgr"),
+])
+def test_nonsense_arguments_are_a_usage_line(tmp_path, name, flags, message):
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / f"{name}.py"), "--smoke", *flags, "--out",
+                           str(tmp_path)], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and f"bench/{name}.py: error: {message}" in proc.stderr.splitlines()[-1]
+    assert not (tmp_path / "results.json").exists()

@@ -118,7 +118,7 @@ def test_torchrun_world_reads_torchruns_variables(environ, world):
     ({"WORLD_SIZE": "3", "RANK": "3", **TORCHRUN}, "WORLD_SIZE=3 needs a RANK from 0 to 2, got 3"),
     ({"WORLD_SIZE": "3", "RANK": "x", **TORCHRUN}, "RANK='x' is not an integer"),
     ({"WORLD_SIZE": "3", "RANK": "0", "MASTER_ADDR": "a"}, "WORLD_SIZE=3 without MASTER_PORT"),
-    ({"WORLD_SIZE": "3", "RANK": "0", "LOCAL_RANK": "3", **TORCHRUN}, "LOCAL_RANK=3 of LOCAL_WORLD_SIZE=3 does not fit"),
+    ({"WORLD_SIZE": "3", "RANK": "0", "LOCAL_RANK": "3", **TORCHRUN}, "LOCAL_RANK=3 of LOCAL_WORLD_SIZE=3 does not"),
     ({"WORLD_SIZE": "3", "RANK": "0", "LOCAL_WORLD_SIZE": "4", **TORCHRUN}, "LOCAL_RANK=0 of LOCAL_WORLD_SIZE=4"),
 ])
 def test_torchrun_variables_that_cannot_work_are_one_line(environ, message):
