@@ -433,6 +433,10 @@ def merge(messages: list[Message]) -> tuple[dict[str, Any], dict[str, torch.Tens
     return header, tensors
 
 
+class Interrupted(Exception):
+    """A stage stopped by SIGINT, as its one-line report says."""
+
+
 # errors whose message says all (bad data, a NaN, a full disk, a file that cannot be written, replicas that diverged,
 # a lost neighbour): reported, then exit 1 without a traceback; anything else is a bug, and its traceback is printed
 SAID_IN_ONE_LINE = (DataError, FloatingPointError, DiskFull, RunFileError, ReplicasDiverged, PeerLost, CheckpointError)
@@ -467,13 +471,16 @@ def stage_main(spec: StageSpec) -> None:
     if spec.launcher_pid is not None:
         exit_with(spec.launcher_pid, its_temp_dir=True)  # a launcher killed with SIGKILL cannot stop its stages itself
     ctx = zmq.Context()
-    worker, said = None, None
+    worker, said, interrupted = None, None, False
     try:
         worker = StageWorker(spec, ctx)
         worker.connect(spec.out_endpoints, spec.report_endpoint, spec.out_links)
         worker.run()
     except KeyboardInterrupt:
-        pass
+        # Ctrl-C in the terminal reached the launcher too, which stops the run; a SIGINT sent to this process alone is
+        # reported, so that the launcher names it at once instead of waiting for a record that never comes
+        report_error(Interrupted("stopped by SIGINT (Ctrl-C)"), worker, spec, ctx)
+        interrupted = True
     except BaseException as err:
         line = report_error(err, worker, spec, ctx)
         if not isinstance(err, SAID_IN_ONE_LINE):
@@ -486,3 +493,5 @@ def stage_main(spec: StageSpec) -> None:
     if said is not None:  # its line, in case the record did not reach the launcher; a traceback would add nothing
         print(f"{spec.name}: {said}", file=sys.stderr, flush=True)
         sys.exit(1)
+    if interrupted:
+        sys.exit(130)

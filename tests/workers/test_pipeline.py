@@ -306,6 +306,20 @@ def test_a_killed_stage_stops_the_whole_run_within_ten_seconds_and_the_run_resum
     assert f"resuming {tmp_path / 'long'} from step {kept.step}" in resumed.stdout
 
 
+def test_a_stage_sent_sigint_alone_is_named_within_ten_seconds(tmp_path):
+    """Not the terminal's Ctrl-C (the whole group, the launcher too): one stage's SIGINT once left the launcher
+    waiting 30 s for a record the stage never sent, then blaming no one in particular."""
+    proc, stages = start_long_run(tmp_path)
+    interrupted_at = time.time()
+    os.kill(stages[1], signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert time.time() - interrupted_at < 10
+    assert proc.returncode == 1
+    assert "error: stage 2 exited with code 130 after step" in err and "Interrupted: stopped by SIGINT (Ctrl-C)" in err
+    time.sleep(0.5)
+    assert not any(alive(pid) for pid in stages) and not segments_left(stages)
+
+
 def assert_a_frozen_process_is_named(tmp_path: Path, victim: int, name: str, *extra: str) -> None:
     """SIGSTOP process `victim` (in spawn order) of a long run with heartbeat_timeout 3: the launcher exits 1 naming
     it as hung, and no process or shared-memory segment is left."""
