@@ -193,15 +193,8 @@ def run_tool(argv: list[str]) -> int:
             device_name = validate(dataclasses.replace(cfg, device=args.device)).device
         path = export_path(run_dir, args.to) if args.tool == "export" else None
         data = load_config_data(cfg)
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            # the checkpoint must be of the config the tool rebuilds the network from (config.yaml may have been edited)
-            checkpoint = latest_checkpoint(run_dir, fingerprint(cfg, split_cuts(cfg, data.in_channels, data.num_classes,
-                                                                                  data.input_size)),
-                                           fix=f"{run_dir / 'config.yaml'} is not the config it was trained with; "
-                                               "put that one back")
-        for w in caught:
-            print(f"warning: {w.message}", file=sys.stderr)
+        # the checkpoint must be of the config the tool rebuilds the network from (config.yaml may have been edited)
+        expected = fingerprint(cfg, split_cuts(cfg, data.in_channels, data.num_classes, data.input_size))
     except (ConfigError, DataError, CheckpointError, ExportError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -214,17 +207,29 @@ def run_tool(argv: list[str]) -> int:
 
     device = torch.device(device_name)
     configure_torch(cfg, device)  # the run's kernels: TF32 or not, deterministic or not
-    try:
-        if args.tool == "export":
-            exported = exported_model(cfg, data, checkpoint)
-        else:
-            _, steps = restore_steps(cfg, data, checkpoint, device)
-    except CheckpointError as err:  # loads, but is not this network's state: one the checksums cannot catch
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    except OSError as err:
-        print(f"error: checkpoint {checkpoint.path} cannot be read ({err.strerror or err})", file=sys.stderr)
-        return 2
+    for attempt in range(3):  # a live run may prune the checkpoint picked before it is read: then pick again
+        checkpoint = None
+        try:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                checkpoint = latest_checkpoint(run_dir, expected, fix=f"{run_dir / 'config.yaml'} is not the config "
+                                                                      "it was trained with; put that one back")
+            if args.tool == "export":
+                exported = exported_model(cfg, data, checkpoint)
+            else:
+                _, steps = restore_steps(cfg, data, checkpoint, device)
+        except CheckpointError as err:  # none good, or one that loads but is not this network's state
+            print(f"error: {err}", file=sys.stderr)
+            return 2
+        except OSError as err:
+            where = run_dir / "checkpoints" if checkpoint is None else checkpoint.path
+            if where.exists() or attempt == 2:
+                print(f"error: checkpoint {where} cannot be read ({err.strerror or err})", file=sys.stderr)
+                return 2
+            continue
+        for w in caught:
+            print(f"warning: {w.message}", file=sys.stderr)
+        break
     if args.tool == "export":
         try:
             save_atomic(exported, path, fix="free some space or choose another --to")

@@ -266,7 +266,7 @@ def _read(path: Path) -> tuple[Checkpoint | None, str]:
     try:
         manifest = json.loads((path / MANIFEST).read_text())
     except (OSError, ValueError):
-        return None, "no readable manifest (interrupted while saving)"
+        return None, "no readable manifest (still being written, or interrupted while saving)"
     problem = manifest_problem(path, manifest)
     if problem:
         return None, problem

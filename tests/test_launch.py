@@ -262,6 +262,26 @@ def test_a_binary_config_file_is_one_line(tmp_path, capsys):
     assert capsys.readouterr().err == f"error: config file {tmp_path / 'bin.yaml'} is not text (binary bytes); give a YAML file\n"
 
 
+def test_evaluate_picks_again_when_a_live_run_prunes_the_checkpoint_it_picked(tmp_path, capsys, monkeypatch):
+    import pipeline.export
+
+    out = tmp_path / "run"
+    assert launch.main([*DIGITS, "--schedule", "sequential", "--threads", "1", "--out", str(out), "--set",
+                        "train_subset=256", "--set", "checkpoint_every=4"]) == 0
+    picked, restore = [], pipeline.export.restore_steps
+
+    def pruned_under_it(cfg, data, checkpoint, device):  # the live run's prune, between the pick and the read
+        picked.append(checkpoint.step)
+        if len(picked) == 1:
+            shutil.rmtree(checkpoint.path)
+        return restore(cfg, data, checkpoint, device)
+
+    monkeypatch.setattr(pipeline.export, "restore_steps", pruned_under_it)
+    capsys.readouterr()
+    assert launch.main(["evaluate", str(out)]) == 0
+    assert picked == [8, 4] and "[eval] step 4:" in capsys.readouterr().out
+
+
 def test_a_second_launcher_on_a_live_run_directory_is_refused_and_deletes_nothing(tmp_path, capsys, monkeypatch):
     from pipeline.rundir import lock_run_dir
 
