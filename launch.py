@@ -286,7 +286,10 @@ def print_trace(run_dir: Path) -> int:
     try:
         rows = summarize(json.loads(path.read_text()))
     except FileNotFoundError:
-        print(f"error: {path} does not exist; run the pipeline with --set trace=true to record one", file=sys.stderr)
+        traced = "trace: true" in (run_dir / "config.yaml").read_text().splitlines()
+        how = ("a traced run writes it when it ends normally: this one ended early (resume it to its end) or its "
+               "trace was removed" if traced else "run the pipeline with --set trace=true to record one")
+        print(f"error: {path} does not exist; {how}", file=sys.stderr)
         return 2
     except OSError as err:
         print(f"error: cannot read {path} ({err.strerror})", file=sys.stderr)
@@ -552,7 +555,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def run_job(args: argparse.Namespace, held: contextlib.ExitStack) -> int:
     """Train the job `args` describe (sequential, spawned or torchrun); the exit code. `held` keeps the run's lock."""
-    from pipeline.checkpoint import CheckpointError, DiskFull, RunFileError
+    from pipeline.checkpoint import CheckpointError, DiskFull, RunFileError, complete_checkpoints_quiet
     from pipeline.config import ConfigError
     from pipeline.data import DataError, data_shape, load_config_data, steps_per_epoch
     from pipeline.lifeline import forkserver, remove_multiprocessing_temp_dir, temp_dir_error
@@ -619,7 +622,10 @@ def run_job(args: argparse.Namespace, held: contextlib.ExitStack) -> int:
         return 1
     except KeyboardInterrupt as err:
         terminated = isinstance(err, Terminated)
-        print(f"{'terminated' if terminated else 'interrupted'}: all stages stopped", file=sys.stderr, flush=True)
+        kept = complete_checkpoints_quiet(Path(cfg.out))
+        resume = f"checkpoint of step {kept[-1].step} kept: resume with --resume {cfg.out}" if kept else "no checkpoint yet"
+        print(f"{'terminated' if terminated else 'interrupted'}: all stages stopped; {resume}", file=sys.stderr,
+              flush=True)
         sys.stdout.flush()
         remove_multiprocessing_temp_dir()  # os._exit skips multiprocessing's own cleanup
         os._exit(143 if terminated else 130)  # the stages are stopped; no interrupted helper thread may hold up exit

@@ -3,6 +3,7 @@ import dataclasses
 import glob
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -262,8 +263,14 @@ def test_a_traced_run_writes_a_chrome_trace_that_agrees_with_the_summary(tmp_pat
     missing = subprocess.run([sys.executable, "launch.py", "trace", cfg.out], cwd=ROOT, capture_output=True, text=True,
                              timeout=60)
     assert missing.returncode == 2
-    assert missing.stderr == (f"error: {Path(cfg.out) / 'trace.json'} does not exist; run the pipeline with "
-                              "--set trace=true to record one\n")
+    assert missing.stderr == (f"error: {Path(cfg.out) / 'trace.json'} does not exist; a traced run writes it when it "
+                              "ends normally: this one ended early (resume it to its end) or its trace was removed\n")
+    (Path(cfg.out) / "config.yaml").write_text((Path(cfg.out) / "config.yaml").read_text().replace("trace: true",
+                                                                                                 "trace: false"))
+    untraced = subprocess.run([sys.executable, "launch.py", "trace", cfg.out], cwd=ROOT, capture_output=True,
+                              text=True, timeout=60)
+    assert untraced.stderr == (f"error: {Path(cfg.out) / 'trace.json'} does not exist; run the pipeline with "
+                               "--set trace=true to record one\n")
 
 
 def forkserver_of(launcher: int) -> int:
@@ -449,7 +456,9 @@ def test_sigterm_stops_every_process_exits_143_and_leaves_no_ipc_folder(tmp_path
     assert left_in_temp(own_temp)
     proc.send_signal(signal.SIGTERM)  # the launcher only, as `kill` or a scheduler would
     _, err = proc.communicate(timeout=60)
-    assert proc.returncode == 143 and "terminated: all stages stopped" in err
+    assert proc.returncode == 143
+    assert re.search(r"^terminated: all stages stopped; (checkpoint of step \d+ kept: resume with --resume "
+                     f"{re.escape(str(tmp_path / 'long'))}|no checkpoint yet)$", err, re.M), err
     time.sleep(0.5)
     assert not any(alive(pid) for pid in processes) and not left_in_temp(own_temp) and not segments_left(stages)
 
