@@ -156,7 +156,7 @@ def run_tool(argv: list[str]) -> int:
         return 2
     import warnings
 
-    from pipeline.checkpoint import CheckpointError, DiskFull, fingerprint, latest_checkpoint
+    from pipeline.checkpoint import CheckpointError, DiskFull, RunFileError, fingerprint, latest_checkpoint
     from pipeline.config import ConfigError, barlow_twins_losses, knn_bank_size, load_yaml, validate
     from pipeline.data import DataError, load_config_data
     from pipeline.export import ExportError, export_path
@@ -221,9 +221,9 @@ def run_tool(argv: list[str]) -> int:
         except CheckpointError as err:  # none good, or one that loads but is not this network's state
             print(f"error: {err}", file=sys.stderr)
             return 2
-        except OSError as err:
-            where = run_dir / "checkpoints" if checkpoint is None else checkpoint.path
-            if where.exists() or attempt == 2:
+        except OSError as err:  # FileNotFoundError: pruned while it was verified or read (a folder half deleted)
+            if not isinstance(err, FileNotFoundError) or attempt == 2:
+                where = err.filename or (run_dir / "checkpoints" if checkpoint is None else checkpoint.path)
                 print(f"error: checkpoint {where} cannot be read ({err.strerror or err})", file=sys.stderr)
                 return 2
             continue
@@ -234,7 +234,8 @@ def run_tool(argv: list[str]) -> int:
         try:
             save_atomic(exported, path, fix="free some space or choose another --to")
         except (OSError, RuntimeError) as err:  # a full disk is DiskFull's own line
-            print(f"error: {err if isinstance(err, DiskFull) else f'cannot write {path} ({err})'}", file=sys.stderr)
+            said = isinstance(err, (DiskFull, RunFileError))  # their line names the file
+            print(f"error: {err if said else f'cannot write {path} ({err})'}", file=sys.stderr)
             return 1
         print(f"exported step {checkpoint.step} to {path}; load it with pipeline.export.load_exported({str(path)!r})")
         return 0
@@ -248,8 +249,9 @@ def run_tool(argv: list[str]) -> int:
     except OSError as err:  # only the probe writes: its records go into the run directory
         if not args.linear_probe:
             raise
-        print(f"error: cannot write the linear probe's records in {run_dir} ({err.strerror or err}); the run "
-              "directory must be writable for --linear-probe", file=sys.stderr)
+        what = err if isinstance(err, RunFileError) else (  # a RunFileError's line names the file
+            f"cannot write the linear probe's records in {run_dir} ({err.strerror or err})")
+        print(f"error: {what}; the run directory must be writable for --linear-probe", file=sys.stderr)
         return 1
     print(format_eval(checkpoint.step, scores["test_acc"], knn=barlow_twins_losses(cfg)))
     return 0
@@ -286,7 +288,13 @@ def print_trace(run_dir: Path) -> int:
     try:
         rows = summarize(json.loads(path.read_text()))
     except FileNotFoundError:
-        traced = "trace: true" in (run_dir / "config.yaml").read_text().splitlines()
+        from pipeline.config import ConfigError, load_yaml
+
+        try:
+            cfg = load_yaml(run_dir / "config.yaml")
+            traced = cfg.trace and cfg.schedule == "pipeline"  # the sequential trainer records no trace
+        except ConfigError:
+            traced = False
         how = ("a traced run writes it when it ends normally: this one ended early (resume it to its end) or its "
                "trace was removed" if traced else "run the pipeline with --set trace=true to record one")
         print(f"error: {path} does not exist; {how}", file=sys.stderr)
@@ -622,9 +630,13 @@ def run_job(args: argparse.Namespace, held: contextlib.ExitStack) -> int:
         return 1
     except KeyboardInterrupt as err:
         terminated = isinstance(err, Terminated)
-        kept = complete_checkpoints_quiet(Path(cfg.out))
-        resume = f"checkpoint of step {kept[-1].step} kept: resume with --resume {cfg.out}" if kept else "no checkpoint yet"
-        print(f"{'terminated' if terminated else 'interrupted'}: all stages stopped; {resume}", file=sys.stderr,
+        resume = ""
+        if world.rank == 0:  # the rank whose coordinator sealed the checkpoints (other nodes may not see them)
+            with contextlib.suppress(OSError, KeyboardInterrupt):  # a second Ctrl-C here only drops the suffix
+                kept = complete_checkpoints_quiet(Path(cfg.out))
+                resume = (f"; checkpoint of step {kept[-1].step} kept: resume with --resume {cfg.out}" if kept
+                          else "; no checkpoint yet")
+        print(f"{'terminated' if terminated else 'interrupted'}: all stages stopped{resume}", file=sys.stderr,
               flush=True)
         sys.stdout.flush()
         remove_multiprocessing_temp_dir()  # os._exit skips multiprocessing's own cleanup

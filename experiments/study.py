@@ -53,9 +53,10 @@ def load_study(path: Path) -> dict[str, Any]:
     base = study.get("base", {})
     if isinstance(base, str):
         candidate = path.parent / base
-        study["base"] = load_yaml(candidate if candidate.is_file() else base)
+        base_file = candidate if candidate.is_file() else base
+        study["base"], study["base_keys"] = load_yaml(base_file), set(read_yaml_mapping(base_file))
     elif isinstance(base, dict):
-        study["base"] = from_dict(base, source=f"{path} base")
+        study["base"], study["base_keys"] = from_dict(base, source=f"{path} base"), set(base)
     else:
         raise ConfigError(f"{path}: `base` must be a config file's path or a mapping of config keys, got {base!r}")
     study.setdefault("seeds", [0])
@@ -73,15 +74,17 @@ def arm_config(base: Config, arm: str, overrides: dict[str, Any] | None, seed: A
         raise ConfigError(f"arm {arm}, seed {seed}: {err}") from None
 
 
-def changed_settings(cfg: Config, run_dir: Path) -> str:
-    """How the arm's config now differs from the one its run in `run_dir` was trained with ('' if not, or if the run
-    left no config.yaml); keys `auto` in the arm are resolved at training, and are not compared."""
+def changed_settings(cfg: Config, run_dir: Path, keys: set[str]) -> str:
+    """How the study's own settings (`keys`: those its base and the arm set) differ from the ones the run in `run_dir`
+    was trained with ('' if none, or if the run kept nothing: no summary, no checkpoint); keys `auto` in the arm are
+    resolved at training, and are not compared."""
     path = run_dir / "config.yaml"
-    if not path.exists():
+    if not path.exists() or not ((run_dir / "summary.json").exists() or complete_checkpoints_quiet(run_dir)):
         return ""
     saved = read_run_file(path, lambda p: read_yaml_mapping(p, "run config"))
-    differ = [key for key, value in cfg.to_dict().items() if value != "auto" and saved.get(key, value) != value]
-    return ", ".join(f"{key}={saved[key]!r} (now {getattr(cfg, key)!r})" for key in differ)
+    now = cfg.to_dict()
+    differ = [key for key in sorted(keys & now.keys()) if now[key] != "auto" and saved.get(key, now[key]) != now[key]]
+    return ", ".join(f"{key}={saved[key]!r} (now {now[key]!r})" for key in differ)
 
 
 def read_run_file(path: Path, read: Callable[[Path], Any]) -> Any:
@@ -112,7 +115,7 @@ def run_study(study: dict[str, Any], out: Path) -> list[dict[str, Any]]:
     configs = {run_dir: arm_config(study["base"], arm, study["arms"][arm], seed, run_dir)
                for arm, seed, run_dir in runs}
     for arm, seed, run_dir in runs:
-        if changed := changed_settings(configs[run_dir], run_dir):
+        if changed := changed_settings(configs[run_dir], run_dir, study["base_keys"] | set(study["arms"][arm] or {})):
             raise ConfigError(f"arm {arm}, seed {seed}: {run_dir} was trained with {changed}; restore the arm's "
                               f"settings, or delete {run_dir} to train it with the new ones")
     datasets: dict[tuple, Any] = {}
@@ -200,8 +203,8 @@ def collect(study: dict[str, Any], out: Path) -> list[dict[str, Any]]:
             _, sgr = sgr_curve(read_run_file(run_dir / "metrics.jsonl", read_jsonl))
             sgrs.append(sgr[-1] if sgr else 0.0)
             if (run_dir / "linear_probe.json").exists():
-                probe = read_run_file(run_dir / "linear_probe.json", lambda p: json.loads(p.read_text())["test_acc"])
-                probes.append(100 * float(probe))
+                probes.append(100 * read_run_file(run_dir / "linear_probe.json",
+                                                  lambda p: float(json.loads(p.read_text())["test_acc"])))
         mean, std = mean_std(accs) if accs else (float("nan"), float("nan"))
         rows.append({"arm": arm, "overrides": study["arms"][arm], "seeds": study["seeds"], "test_acc": accs,
                      "diverged": len(study["seeds"]) - len(accs), "mean": mean, "std": std,
@@ -302,10 +305,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, CheckpointError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    except (DiskFull, DataError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
-    except RunFileError as err:  # write_text_atomic names the file
+    except (DiskFull, DataError, RunFileError) as err:  # each names its file
         print(f"error: {err}", file=sys.stderr)
         return 1
     except KeyboardInterrupt as err:  # Ctrl-C, or SIGTERM (Terminated): the checkpoints saved so far are kept

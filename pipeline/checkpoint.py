@@ -18,6 +18,7 @@ import hashlib
 import json
 import os
 import pickle
+import re
 import shutil
 import warnings
 from dataclasses import dataclass
@@ -59,7 +60,7 @@ class RunFileError(OSError):
     """A file of a run that could not be written for another reason; the message (strerror) names it."""
 
     def __str__(self) -> str:
-        return self.strerror  # the one line, without OSError's "[Errno N]"
+        return self.strerror or super().__str__()  # the one line, without OSError's "[Errno N]"
 
 
 RESUME_AFTER_DISK_FULL = "free some space (or choose another --out) and resume"
@@ -339,11 +340,12 @@ def latest_checkpoint(run_dir: Path, expected: dict[str, Any], fix: str = RESUME
     return latest
 
 
-def prune(run_dir: Path, keep_last: int) -> None:
+def prune(run_dir: Path, keep_last: int, sealed: int | None = None) -> None:
     """Keep the newest `keep_last` complete checkpoints and the best by test accuracy.
 
-    A folder without a readable manifest is deleted only when a newer complete checkpoint exists: checkpoints are
-    sealed in step order, so it is one a run died while saving, never one still being written.
+    With `sealed` (the step whose checkpoint was just sealed), also delete the folders a run left while it died
+    saving: a step folder without a manifest, older than `sealed`. Checkpoints are sealed in step order, so such a
+    folder is never one still being written (a newer one may be: it is left alone).
     """
     scanned = _scan(run_dir)
     complete = [c for _, c, _ in scanned if c is not None]
@@ -352,8 +354,11 @@ def prune(run_dir: Path, keep_last: int) -> None:
     for c in complete[: max(0, len(complete) - keep_last)]:
         if c.path != best:
             shutil.rmtree(c.path, ignore_errors=True)
+    if sealed is None:
+        return
     for path, checkpoint, _ in scanned:
-        if checkpoint is None and complete and path.name < complete[-1].path.name:
+        torn = re.fullmatch(r"step(\d{8})", path.name) and not (path / MANIFEST).exists()
+        if checkpoint is None and torn and int(path.name[4:]) < sealed:
             shutil.rmtree(path, ignore_errors=True)
 
 

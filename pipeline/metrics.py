@@ -109,6 +109,7 @@ class JsonlLog:
         path.parent.mkdir(parents=True, exist_ok=True)
         self.path = path
         self.file = path.open("a")
+        self.failed = False  # a write failed: its line is still in the file's buffer
         self.board = _summary_writer(path.parent / "tensorboard") if tensorboard else None
 
     def write(self, record: dict[str, Any]) -> None:
@@ -116,13 +117,16 @@ class JsonlLog:
         folder, a read-only or failing disk) a RunFileError naming the file: the run stops instead of logging
         into a file no one can read."""
         with interrupts_deferred():  # whole lines, and TensorBoard's writer thread never left waiting
-            if not self._still_at_its_path():
-                raise RunFileError(errno.ENOENT, f"cannot write {self.path}: it was deleted or moved during the run "
-                                                 "(with its run folder?); the run stops here")
             try:
+                if not self._still_at_its_path():
+                    raise RunFileError(errno.ENOENT, f"cannot write {self.path}: it was deleted or moved during the "
+                                                     "run (with its run folder?); the run stops here")
                 self.file.write(json.dumps(record) + "\n")
                 self.file.flush()
+            except RunFileError:
+                raise
             except OSError as err:
+                self.failed = True
                 if err.errno == errno.ENOSPC:
                     raise disk_full(self.path) from None
                 raise RunFileError(err.errno, f"cannot write {self.path}: {err.strerror}") from None
@@ -137,14 +141,17 @@ class JsonlLog:
             at_path, opened = os.stat(self.path), os.fstat(self.file.fileno())
         except FileNotFoundError:
             return False
+        except OSError as err:  # its folder no longer searchable, or replaced by a file
+            raise RunFileError(err.errno, f"cannot write {self.path}: {err.strerror}") from None
         return (at_path.st_dev, at_path.st_ino) == (opened.st_dev, opened.st_ino)
 
     def close(self) -> None:
         with interrupts_deferred():
             try:
                 self.file.close()
-            except OSError:  # the lines of a write that failed, flushed again: that write has said why
-                pass
+            except OSError:
+                if not self.failed:  # else: the line of a write that failed, flushed again; that write said why
+                    raise
             if self.board is not None:
                 self.board.close()
 

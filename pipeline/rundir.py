@@ -108,7 +108,7 @@ class RunWriter:
     def seal(self, step: int, epoch: int, fingerprint: dict[str, Any], stages: int, test_acc: float | None) -> None:
         """Every stage file of step `step` is on disk: write its manifest (which makes it a checkpoint), prune old ones."""
         write_manifest(checkpoint_dir(self.run_dir, step), step, epoch, fingerprint, stages, test_acc)
-        prune(self.run_dir, self.cfg.keep_checkpoints)
+        prune(self.run_dir, self.cfg.keep_checkpoints, sealed=step)
 
     def summary(self, result: dict[str, Any]) -> None:
         write_text_atomic(self.run_dir / "summary.json", json.dumps(result, indent=1),

@@ -520,8 +520,8 @@ def test_a_rank_waiting_for_torchrun_peers_that_never_come_stops_on_sigterm(tmp_
         time.sleep(2)
         assert proc.poll() is None
         proc.send_signal(signal.SIGTERM)
-        proc.wait(timeout=10)
+        proc.wait(timeout=10)  # it never returned before
     finally:
         proc.kill()
         proc.communicate()
-    assert proc.returncode == -signal.SIGTERM
+    assert proc.returncode in (-signal.SIGTERM, 143)  # 143: a slow start got it before the rendezvous began

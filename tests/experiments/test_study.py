@@ -109,7 +109,9 @@ def test_an_interrupted_run_resumes_from_its_checkpoint_to_the_same_result(tmp_p
 def test_a_changed_arm_a_damaged_summary_and_a_run_in_use_are_one_line_and_train_nothing(tmp_path):
     study, out = tmp_path / "one.yaml", tmp_path / "out"
     study.write_text(ONE_RUN)
-    run(study, out)
+    run(study, tmp_path / "first")
+    (tmp_path / "first").rename(out)  # a study folder moved: its runs' config.yaml name the old `out`
+    assert "done before, skipped" in run(study, out)
     run_dir = out / "sgr" / "seed0"
     summary = (run_dir / "summary.json").read_text()
     study.write_text(ONE_RUN.replace("lam: 1.0", "lam: 100.0"))  # its table row would show lam=100 for a lam=1 run

@@ -4,6 +4,7 @@ import json
 import os
 import random
 import re
+import shutil
 import warnings
 
 import pytest
@@ -66,13 +67,20 @@ def test_a_key_a_manifest_predates_is_not_compared_and_one_it_holds_is(tmp_path)
 def test_prune_keeps_the_newest_and_the_best(tmp_path):
     for step, acc in ((10, 0.5), (20, 0.9), (30, 0.6), (40, 0.7), (50, None)):
         fake_checkpoint(tmp_path, step, test_acc=acc)
-    for torn_step in (35, 60):
+    for torn_step in (35, 45, 60):
         (fake_checkpoint(tmp_path, torn_step) / "manifest.json").unlink()
+    shutil.copytree(tmp_path / "checkpoints" / "step00000010", tmp_path / "checkpoints" / "step00000010.keep")
     prune(tmp_path, keep_last=2)
     left = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
-    # best (0.9) + newest two; a folder without a manifest newer than every complete one may be one being written:
-    # left alone; an older one is what a run that died while saving left (checkpoints are sealed in step order)
-    assert left == ["step00000020", "step00000040", "step00000050", "step00000060"]
+    # best (0.9) + newest two; folders without a manifest are left alone, and so is a user's copy
+    assert left == ["step00000010.keep", "step00000020", "step00000035", "step00000040", "step00000045",
+                    "step00000050", "step00000060"]
+    prune(tmp_path, keep_last=2, sealed=40)  # at the seal of step 40 (a resumed run's, say: 50 is newer already)
+    left = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
+    # a torn folder older than the step just sealed is what a run that died while saving left (checkpoints are
+    # sealed in step order); a newer one may be one being written
+    assert left == ["step00000010.keep", "step00000020", "step00000040", "step00000045", "step00000050",
+                    "step00000060"]
 
 
 def test_manifest_is_written_last_and_lists_sizes_and_checksums(tmp_path):
