@@ -32,8 +32,11 @@ def main(argv: list[str] | None = None) -> dict:
     """Measure simulated pipelines against the same stages in sequence; print the table last."""
     p = parser("schedule_overhead", "pipeline schedule overhead with sleeping stages", threads=1)
     p.add_argument("--depth", type=at_least(1), default=2, help="messages a stage may send ahead (config key depth)")
+    p.add_argument("--stages", type=at_least(2), nargs="+", help="only these K (default: the size's)")
+    p.add_argument("--delays", type=float, nargs="+", help="only these stage delays in ms (default: the size's)")
     args = parse(p, argv)
     splits, delays, window_s, warmup = SIZES[size_of(args)]
+    splits, delays = args.stages or splits, args.delays or delays
     base = bench_config(threads=args.threads, depth=args.depth, out=str(Path(args.out) / "run"))
     spe = steps_per_epoch(bench_data(base), base.batch_size)
     rows = []
