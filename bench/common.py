@@ -107,8 +107,12 @@ def stage_inputs(steps: list[StageStep], x: torch.Tensor, y: torch.Tensor) -> li
 def stage_step_seconds(steps: list[StageStep], x: torch.Tensor, y: torch.Tensor, reps: int) -> list[float]:
     """Median seconds of each module's train_step on its own input for one batch (one process)."""
     inputs = stage_inputs(steps, x, y)
-    return [median_seconds(lambda s=step, i=inp: s.train_step(i[0], i[1], y), reps)
-            for step, inp in zip(steps, inputs)]
+
+    def one_step(step: StageStep, inp: tuple[torch.Tensor, torch.Tensor | None]) -> None:
+        step.train_step(inp[0], inp[1], y)
+        if x.device.type == "cuda":  # kernels run asynchronously: time them, not their launches
+            torch.cuda.synchronize(x.device)
+    return [median_seconds(lambda s=step, i=inp: one_step(s, i), reps) for step, inp in zip(steps, inputs)]
 
 
 def one_process(cfg: Config, warmup: int, epochs: int) -> float:
