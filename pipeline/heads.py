@@ -6,6 +6,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from pipeline.models import PoolLinear
+from pipeline.syncbn import PlainBatchNorm
 
 
 class ConvLinearHead(nn.Module):
@@ -107,14 +108,15 @@ class Pool(nn.Module):
 
 class ProjectorHead(nn.Module):
     """Barlow Twins' projector: pooled features, then three bias-free linear layers of `width`, BatchNorm and ReLU
-    after the first two (the paper's 8192-8192-8192 for ResNet-50)."""
+    after the first two (the paper's 8192-8192-8192 for ResNet-50). The BatchNorm is syncbn.PlainBatchNorm: SGR's
+    double backward through it repeats to the bit on a GPU."""
 
     def __init__(self, channels: int, width: int, layout: str) -> None:
         super().__init__()
         self.pool = Pool(layout)
         self.mlp = nn.Sequential(
-            nn.Linear(channels, width, bias=False), nn.BatchNorm1d(width), nn.ReLU(),
-            nn.Linear(width, width, bias=False), nn.BatchNorm1d(width), nn.ReLU(),
+            nn.Linear(channels, width, bias=False), PlainBatchNorm(width), nn.ReLU(),
+            nn.Linear(width, width, bias=False), PlainBatchNorm(width), nn.ReLU(),
             nn.Linear(width, width, bias=False))
 
     def forward(self, x):

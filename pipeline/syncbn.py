@@ -1,6 +1,7 @@
-"""BatchNorm over a process group: training statistics summed over the replicas of a stage.
+"""BatchNorm written in plain tensor ops, alone or over a process group (training statistics summed over the
+replicas of a stage).
 
-A layer, so it lives with the models; the process group comes from workers/replicas.py, or from
+Layers, so they live with the models; the process group comes from workers/replicas.py, or from
 `single_process_group` when the planner measures what a replicated stage keeps for backward.
 """
 from __future__ import annotations
@@ -20,25 +21,27 @@ from torch.nn.modules.batchnorm import _BatchNorm
 Guard = Callable[[], ContextManager[object]]  # what each all-reduce runs inside
 
 
-class SyncBatchNorm(_BatchNorm):
-    """BatchNorm whose training statistics cover the stage's whole batch, summed over its replicas.
+class PlainBatchNorm(_BatchNorm):
+    """BatchNorm whose training pass is plain tensor ops (sums, products), so its double backward is theirs.
 
-    Written with differentiable all-reduces (_AllSum), so it has a double backward: torch.nn.SyncBatchNorm's
-    fused backward has none, and SGR differentiates δ, which passes through every BatchNorm of the module.
-    Evaluation uses the running statistics, as BatchNorm does. Each all-reduce, forward or backward, runs
-    inside `guard()`: the stage's turns a failed one (a replica gone) into the error it reports.
+    SGR differentiates δ, which passes through every BatchNorm of a module. On a GPU the double backward of
+    BatchNorm1d's fused kernel differs from run to run (measured on an H200 with deterministic algorithms on: the
+    gradients of a projector head differed in every bit-compare; torch does not flag it), so the projector heads
+    use this one. Same parameters, buffers and running-statistics update as BatchNorm; evaluation uses the running
+    statistics, as BatchNorm does.
     """
 
-    def __init__(self, bn: _BatchNorm, group: dist.ProcessGroup | None, guard: Guard = contextlib.nullcontext) -> None:
-        super().__init__(bn.num_features, bn.eps, bn.momentum, bn.affine, bn.track_running_stats)
-        self.group, self.guard = group, guard
-        # the same parameter and buffer objects: the optimizer built on `bn` trains these; the state_dict keys stay
-        self.weight, self.bias = bn.weight, bn.bias
-        self.running_mean, self.running_var, self.num_batches_tracked = bn.running_mean, bn.running_var, bn.num_batches_tracked
+    def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1, affine: bool = True,
+                 track_running_stats: bool = True) -> None:
+        super().__init__(num_features, eps, momentum, affine, track_running_stats)
 
     def _check_input_dim(self, x: torch.Tensor) -> None:
         if x.dim() < 2:
             raise ValueError(f"expected an input of at least 2 dimensions, got {x.dim()}")
+
+    def total(self, t: torch.Tensor) -> torch.Tensor:
+        """A per-channel sum of this process's rows, as the statistics need it (SyncBatchNorm: over the group)."""
+        return t
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training:
@@ -47,11 +50,11 @@ class SyncBatchNorm(_BatchNorm):
         shape = [1, -1] + [1] * (x.dim() - 2)
         xf = x.float()
         count = xf.new_full((1,), float(xf.numel() // xf.shape[1]))  # filled on the device: torch.tensor([..]) syncs
-        sums = _AllSum.apply(torch.cat([xf.sum(dims), count]), self.group, self.guard)
+        sums = self.total(torch.cat([xf.sum(dims), count]))
         n = sums[-1].detach()
         mean = sums[:-1] / n
         centred = xf - mean.view(shape)
-        var = _AllSum.apply(centred.square().sum(dims), self.group, self.guard) / n
+        var = self.total(centred.square().sum(dims)) / n
         out = centred * torch.rsqrt(var + self.eps).view(shape)
         if self.affine:
             out = out * self.weight.view(shape) + self.bias.view(shape)
@@ -62,6 +65,25 @@ class SyncBatchNorm(_BatchNorm):
                 self.running_mean.lerp_(mean.detach(), factor)
                 self.running_var.lerp_(var.detach() * n / (n - 1), factor)
         return out.to(x.dtype)
+
+
+class SyncBatchNorm(PlainBatchNorm):
+    """BatchNorm whose training statistics cover the stage's whole batch, summed over its replicas.
+
+    Written with differentiable all-reduces (_AllSum), so it has a double backward: torch.nn.SyncBatchNorm's
+    fused backward has none. Each all-reduce, forward or backward, runs inside `guard()`: the stage's turns a
+    failed one (a replica gone) into the error it reports.
+    """
+
+    def __init__(self, bn: _BatchNorm, group: dist.ProcessGroup | None, guard: Guard = contextlib.nullcontext) -> None:
+        super().__init__(bn.num_features, bn.eps, bn.momentum, bn.affine, bn.track_running_stats)
+        self.group, self.guard = group, guard
+        # the same parameter and buffer objects: the optimizer built on `bn` trains these; the state_dict keys stay
+        self.weight, self.bias = bn.weight, bn.bias
+        self.running_mean, self.running_var, self.num_batches_tracked = bn.running_mean, bn.running_var, bn.num_batches_tracked
+
+    def total(self, t: torch.Tensor) -> torch.Tensor:
+        return _AllSum.apply(t, self.group, self.guard)
 
 
 class _AllSum(torch.autograd.Function):

@@ -19,7 +19,10 @@ from bench.gpu_check import STRESS_MESSAGES, check_transport, written_late
 from pipeline.checkpoint import load_stage_state, save_atomic, stage_state
 from pipeline.config import Config
 from pipeline.data import eval_batches, load_data, steps_per_epoch, train_batches
+from pipeline.heads import build_head
+from pipeline.losses import barlow_twins_loss
 from pipeline.schedule import run_epochs
+from pipeline.sgr import sgr_term
 from pipeline.stages import build_local_modules, build_stage_steps, configure_torch
 from pipeline.syncbn import convert_sync_bn
 from workers.ipc_check import cuda_ipc_error
@@ -178,8 +181,7 @@ def test_infopro_images_travel_through_a_gpu_pipeline_as_in_the_reference(tmp_pa
                        decoder_upsampling="nearest")
     run_pipeline(cfg)
     trainer, _ = reference(dataclasses.replace(cfg, device="cuda:0"), tmp_path)
-    assert_bit_identical(trainer, [{part: {k: v.to("cuda:0") for k, v in state[part].items()}
-                                    for part in ("module", "head")} for state in pipeline_states(Path(cfg.out), 3)])
+    assert_bit_identical(trainer, pipeline_states(Path(cfg.out), 3))  # compared on the host
 
 
 def test_barlow_twins_views_and_knn_bank_run_through_a_gpu_pipeline_as_in_the_reference(tmp_path):
@@ -192,8 +194,7 @@ def test_barlow_twins_views_and_knn_bank_run_through_a_gpu_pipeline_as_in_the_re
                        knn_bank=96, knn_k=5)
     run_pipeline(cfg)
     trainer, _ = reference(dataclasses.replace(cfg, device="cuda:0"), tmp_path)
-    assert_bit_identical(trainer, [{part: {k: v.to("cuda:0") for k, v in state[part].items()}
-                                    for part in ("module", "head")} for state in pipeline_states(Path(cfg.out), 3)])
+    assert_bit_identical(trainer, pipeline_states(Path(cfg.out), 3))  # compared on the host
     assert eval_records(Path(cfg.out)) == eval_records(tmp_path / "reference")
 
 
@@ -205,3 +206,24 @@ def test_an_fp32_run_convolves_in_ieee_fp32_on_the_gpu():
     exact = nn.functional.conv2d(x.double(), w.double())
     error = float((out - exact).abs().max() / exact.abs().max())
     assert error < 1e-5, error  # fp32 sums of 576 products; TF32's 10-bit mantissa gives about 1e-3
+
+
+def _sgr_gradients_through_a_projector() -> list[torch.Tensor]:
+    """One SGR update's gradients for a conv and a Barlow Twins projector head on the GPU, from fixed seeds."""
+    torch.manual_seed(0)
+    conv = nn.Conv2d(8, 16, 3, padding=1).to(CUDA)
+    head = build_head("projector", 16, 10, width=16).to(CUDA)
+    x = torch.randn(64, 8, 6, 6, device=CUDA, requires_grad=True)
+    delta_prev = torch.randn(64, 8, 6, 6, device=CUDA)
+    loss = barlow_twins_loss(*head(conv(x)).chunk(2), 0.005)
+    (delta_now,) = torch.autograd.grad(loss, x, create_graph=True)
+    (loss + 50.0 * sgr_term(delta_now, delta_prev)).backward()
+    return [p.grad for p in [*conv.parameters(), *head.parameters()]]
+
+
+def test_sgr_through_a_projector_head_repeats_to_the_bit_on_the_gpu():
+    """nn.BatchNorm1d's double backward differed from run to run on an H200 (deterministic algorithms on, and
+    torch did not flag it); the projector's PlainBatchNorm is plain tensor ops, whose kernels repeat."""
+    configure_torch(Config(deterministic=True), CUDA)
+    first, second = _sgr_gradients_through_a_projector(), _sgr_gradients_through_a_projector()
+    assert all(torch.equal(a, b) for a, b in zip(first, second))

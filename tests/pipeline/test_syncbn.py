@@ -1,0 +1,60 @@
+"""PlainBatchNorm: BatchNorm's training pass in plain tensor ops, first and second derivatives included."""
+import pytest
+import torch
+import torch.nn as nn
+
+from pipeline.heads import build_head
+from pipeline.syncbn import PlainBatchNorm
+
+
+def _pair(momentum: float | None, dims: int) -> tuple[nn.Module, PlainBatchNorm]:
+    torch.manual_seed(0)
+    reference = (nn.BatchNorm1d if dims == 2 else nn.BatchNorm2d)(6, momentum=momentum)
+    with torch.no_grad():
+        reference.weight.uniform_(0.5, 1.5)
+        reference.bias.uniform_(-0.5, 0.5)
+    plain = PlainBatchNorm(6, momentum=momentum)
+    plain.load_state_dict(reference.state_dict())
+    return reference, plain
+
+
+@pytest.mark.parametrize("momentum", [0.1, None])
+@pytest.mark.parametrize("dims", [2, 4])
+def test_the_training_pass_and_running_statistics_equal_torch_batchnorm(momentum, dims):
+    reference, plain = _pair(momentum, dims)
+    assert plain.state_dict().keys() == reference.state_dict().keys()  # checkpoints load either way
+    shape = (16, 6) if dims == 2 else (8, 6, 3, 3)
+    for step in range(3):
+        x = torch.randn(*shape, generator=torch.Generator().manual_seed(step)) * 3 + 1
+        torch.testing.assert_close(plain(x), reference(x), rtol=1e-5, atol=1e-5)
+    for name, value in reference.state_dict().items():
+        torch.testing.assert_close(plain.state_dict()[name], value, rtol=1e-5, atol=1e-6, msg=name)
+    plain.load_state_dict(reference.state_dict())
+    plain.eval(), reference.eval()
+    x = torch.randn(*shape)
+    assert torch.equal(plain(x), reference(x))  # evaluation is BatchNorm's own, on the running statistics
+
+
+def test_its_double_backward_equals_torch_batchnorms():
+    """What SGR takes through every BatchNorm: the gradient of an input-gradient's norm w.r.t. the weights."""
+    grads = []
+    for bn in _pair(0.1, 2):
+        x = torch.randn(16, 6, generator=torch.Generator().manual_seed(1), requires_grad=True)
+        (dx,) = torch.autograd.grad(bn(x).pow(3).sum(), x, create_graph=True)
+        grads.append(torch.autograd.grad(dx.pow(2).sum(), [bn.weight, bn.bias]))
+    for mine, theirs in zip(*grads):
+        torch.testing.assert_close(mine, theirs, rtol=1e-5, atol=2e-4)  # the weights' are ~1e3, the biases' ~0
+
+
+def test_a_bf16_input_is_normalised_in_fp32_and_returned_in_bf16():
+    _, plain = _pair(0.1, 2)
+    x = torch.randn(16, 6) * 100 + 1000  # bf16 statistics of such a column would round the mean away
+    out = plain(x.bfloat16())
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), plain.train()(x.bfloat16().float()), rtol=1e-2, atol=1e-2)
+
+
+def test_the_projector_head_normalises_with_plain_batchnorm():
+    head = build_head("projector", 8, 10, width=16)
+    norms = [m for m in head.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    assert len(norms) == 2 and all(isinstance(m, PlainBatchNorm) for m in norms)
