@@ -295,7 +295,7 @@ def print_trace(run_dir: Path) -> int:
             traced = cfg.trace and cfg.schedule == "pipeline"  # the sequential trainer records no trace
         except ConfigError:
             traced = False
-        how = ("a traced run writes it when it ends normally: this one ended early (resume it to its end) or its "
+        how = ("a traced run writes it when it ends, also when it fails: this one's launcher was killed, or its "
                "trace was removed" if traced else "run the pipeline with --set trace=true to record one")
         print(f"error: {path} does not exist; {how}", file=sys.stderr)
         return 2

@@ -8,6 +8,7 @@ error, and is told apart by its index among the run's processes (`worker`, route
 """
 from __future__ import annotations
 
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -60,6 +61,8 @@ class Coordinator:
         self.evals: dict[int, dict[int, dict[str, Any]]] = {}  # step -> stage -> its head's evaluation
         self.result: dict[str, Any] = {}
         self.timeline: list[tuple[float, int, int, float, float]] = []  # train reports: (arrival, stage, step, busy s, idle s)
+        self.spans: dict[int, list[list[Any]]] = {}  # stage -> its replica 0's trace spans so far (trace: true)
+        self.trace_written = False
         self.handlers = {Record.READY: self._on_ready, Record.TRAIN: self._on_train, Record.EVAL: self._on_eval,
                          Record.SAVED: self._on_saved, Record.BEAT: self._on_beat, Record.DONE: self._on_done,
                          Record.ERROR: self._on_error}
@@ -93,7 +96,13 @@ class Coordinator:
         if stage == 0:
             self.fingerprint = msg["fingerprint"]
 
+    def _keep_spans(self, stage: int, msg: dict[str, Any]) -> None:
+        """The trace spans a record brings (train reports, `done`, `error`): one row per stage, its replica 0's."""
+        if msg.get("trace") and self.workers[msg.get("worker", stage)].replica == 0:
+            self.spans.setdefault(stage, []).extend(msg["trace"])
+
     def _on_train(self, stage: int, msg: dict[str, Any]) -> None:
+        self._keep_spans(stage, msg)
         record = msg["record"]
         self.timeline.append((time.perf_counter(), stage, record["step"], msg["busy"], msg["idle"]))
         self.writer.record(record)
@@ -125,9 +134,11 @@ class Coordinator:
             self.last_step[stage] = max(self.last_step[stage], msg["step"])
 
     def _on_done(self, stage: int, msg: dict[str, Any]) -> None:
+        self._keep_spans(stage, msg)
         self.done[msg.get("worker", stage)] = msg
 
     def _on_error(self, stage: int, msg: dict[str, Any]) -> None:
+        self._keep_spans(stage, msg)
         self.errors[msg.get("worker", stage)] = msg["error"]
 
     def _seal_checkpoint(self, epoch: int, step: int) -> None:
@@ -187,11 +198,19 @@ class Coordinator:
                   "peak_memory_kind": "cuda_max_allocated" if self.cfg.device.startswith("cuda") else "cpu_max_rss",
                   "links": [ds[0]["link"] for ds in done][:-1], "replicas": self.counts}
         self.writer.summary(result)
-        if self.cfg.trace:  # one row per stage: replica 0's spans
-            write_trace(self.run_dir / "trace.json", {k: ds[0]["trace"] for k, ds in enumerate(done)})
+        if self.cfg.trace:
+            write_trace(self.run_dir / "trace.json", self.spans)
+            self.trace_written = True
         return {**result, "timeline": self.timeline}
 
     def close(self) -> None:
+        """Close the live view, the run's files and the records' socket; a traced run that did not finish writes the
+        spans that had arrived (a failure to write them is a warning: the run's own error is what the user needs)."""
         self.bar.close()
+        if self.cfg.trace and not self.trace_written and self.spans:
+            try:
+                write_trace(self.run_dir / "trace.json", self.spans)
+            except OSError as err:  # RunFileError, DiskFull too
+                print(f"warning: the trace of this run could not be written: {err}", file=sys.stderr)
         self.writer.close()
         self.records.close()

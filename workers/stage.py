@@ -235,7 +235,7 @@ class StageWorker:
             self.group.finish()
         self.reporter.send({"kind": Record.DONE, "busy": self.busy, "idle": self.idle, "peak_memory": self.peak_memory(),
                             "link": self.senders[0].kind.value if self.senders else None,
-                            "trace": self.trace.spans if self.trace.enabled else None})
+                            "trace": self.trace.take()})
 
     def peak_memory(self) -> int:
         """This stage's peak memory in bytes: allocated on its GPU, or the process's resident set on the CPU."""
@@ -308,7 +308,7 @@ class StageWorker:
             for record in train_records(self.meter, header["epoch"], header["step"], [lr]) if self.lead else ():
                 queue = sum(len(sender.in_flight) for sender in self.senders)  # sent, not yet done downstream
                 self.reporter.send({"kind": Record.TRAIN, "record": record, "busy": self.busy, "idle": self.idle,
-                                    "queue": queue})
+                                    "queue": queue, "trace": self.trace.take()})
             self.meter.reset()
 
     def _keep_replicas_equal(self, step: int) -> None:
@@ -447,7 +447,7 @@ def report_error(err: BaseException, worker: StageWorker | None, spec: StageSpec
     before connecting and the coordinator's endpoint is known); the line."""
     line = f"{type(err).__name__}: {err}"
     if worker is not None and worker.reporter is not None:
-        worker.reporter.send({"kind": Record.ERROR, "error": line})
+        worker.reporter.send({"kind": Record.ERROR, "error": line, "trace": worker.trace.take()})
     elif spec.report_endpoint is not None:  # closed at once, so that ctx.term() cannot block
         reporter = Reporter(ctx, spec.report_endpoint, spec.rank, spec.keys, spec.worker)
         reporter.send({"kind": Record.ERROR, "error": line})

@@ -1,9 +1,11 @@
 """A trace of the schedule (`trace: true`): when each stage trained, waited and sent, as one Chrome-trace file.
 
 Every stage records spans on the host's monotonic clock (comparable between processes on one
-host); they travel to the coordinator with the stage's `done` record, which writes
-RUN_DIR/trace.json (open it in https://ui.perfetto.dev or chrome://tracing: one row per stage).
-`launch.py trace RUN_DIR` prints where each stage's time went.
+host); they travel to the coordinator with the stage's train reports and its `done` or `error`
+record, and the coordinator writes RUN_DIR/trace.json when the run ends, a failed one too (then
+with what had arrived: a stage killed outright loses the spans since its last report). Open it in
+https://ui.perfetto.dev or chrome://tracing: one row per stage. `launch.py trace RUN_DIR` prints
+where each stage's time went.
 """
 from __future__ import annotations
 
@@ -30,6 +32,13 @@ class Tracer:
         if self.enabled:
             start, end = round(start_s * 1e6), round(end_s * 1e6)  # rounded alike: spans that follow never overlap
             self.spans.append([name, start, end - start, step])
+
+    def take(self) -> list[list[Any]] | None:
+        """The spans recorded since the last take, handed over (None when disabled)."""
+        if not self.enabled:
+            return None
+        spans, self.spans = self.spans, []
+        return spans
 
 
 def now() -> float:

@@ -264,7 +264,7 @@ def test_a_traced_run_writes_a_chrome_trace_that_agrees_with_the_summary(tmp_pat
                              timeout=60)
     assert missing.returncode == 2
     assert missing.stderr == (f"error: {Path(cfg.out) / 'trace.json'} does not exist; a traced run writes it when it "
-                              "ends normally: this one ended early (resume it to its end) or its trace was removed\n")
+                              "ends, also when it fails: this one's launcher was killed, or its trace was removed\n")
     (Path(cfg.out) / "config.yaml").write_text((Path(cfg.out) / "config.yaml").read_text().replace("trace: true",
                                                                                                  "trace: false"))
     untraced = subprocess.run([sys.executable, "launch.py", "trace", cfg.out], cwd=ROOT, capture_output=True,
@@ -325,6 +325,27 @@ def test_a_stage_sent_sigint_alone_is_named_within_ten_seconds(tmp_path):
     assert "error: stage 2 exited with code 130 after step" in err and "Interrupted: stopped by SIGINT (Ctrl-C)" in err
     time.sleep(0.5)
     assert not any(alive(pid) for pid in stages) and not segments_left(stages)
+
+
+def test_a_traced_run_that_fails_keeps_the_trace_of_what_ran(tmp_path):
+    """Spans travel with each train report and the error record, so a failed run still shows where stages waited."""
+    proc, stages = start_long_run(tmp_path, "--set", "trace=true")
+    run_dir = tmp_path / "long"
+    while len(read_jsonl(run_dir / "metrics.jsonl")) < 12:  # a few steps reported by every stage
+        time.sleep(0.1)
+    os.kill(stages[1], signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 1 and "error: stage 2 exited with code 130" in err
+    trace = json.loads((run_dir / "trace.json").read_text())
+    spans = [e for e in trace["traceEvents"] if e["ph"] == "X"]
+    for stage in range(3):
+        mine = sorted((e for e in spans if e["tid"] == stage), key=lambda e: e["ts"])
+        assert sum(e["name"] == "train" for e in mine) >= 3, stage
+        assert all(a["ts"] + a["dur"] <= b["ts"] for a, b in zip(mine, mine[1:]))
+    shown = subprocess.run([sys.executable, "launch.py", "trace", str(run_dir)], cwd=ROOT, capture_output=True,
+                           text=True, timeout=60)
+    assert shown.returncode == 0 and [row.split(" | ")[0] for row in shown.stdout.strip().splitlines()[3:]] == \
+        ["| 1", "| 2", "| 3"]
 
 
 def assert_a_frozen_process_is_named(tmp_path: Path, victim: int, name: str, *extra: str) -> None:
