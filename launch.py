@@ -120,9 +120,7 @@ def build_config(args: argparse.Namespace):
 def find_resume(args: argparse.Namespace, cfg, data, steps_per_run: int, rank: int):
     """The checkpoint to continue from (None for a fresh run), or a one-line error; torn ones are warned about.
     `rank`: this torchrun rank (0 when spawned), as rank 0 alone clears a run for --fresh."""
-    import warnings
-
-    from pipeline.checkpoint import CheckpointError
+    from pipeline.checkpoint import CheckpointError, warnings_printed
     from pipeline.rundir import clear_outputs, resume_checkpoint
     from pipeline.stages import split_cuts
 
@@ -137,11 +135,8 @@ def find_resume(args: argparse.Namespace, cfg, data, steps_per_run: int, rank: i
         return None
     if cfg.method == "greedy":
         raise CheckpointError("greedy runs cannot be resumed (modules train one after another); start it again")
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
+    with warnings_printed():
         checkpoint = resume_checkpoint(cfg, split_cuts(cfg, data.in_channels, data.num_classes, data.input_size))
-    for w in caught:
-        print(f"warning: {w.message}", file=sys.stderr)
     if checkpoint.step >= steps_per_run:
         raise CheckpointError(f"{run_dir} already finished at step {checkpoint.step}; raise --epochs to train further")
     print(f"resuming {run_dir} from step {checkpoint.step}", flush=True)
@@ -154,9 +149,8 @@ def run_tool(argv: list[str]) -> int:
     if args.tool == "evaluate" and args.linear_probe and args.probe_epochs < 1:  # before any data or checkpoint is read
         print(f"error: --probe-epochs must be >= 1, got {args.probe_epochs}", file=sys.stderr)
         return 2
-    import warnings
-
-    from pipeline.checkpoint import CheckpointError, DiskFull, RunFileError, fingerprint, latest_checkpoint
+    from pipeline.checkpoint import (CheckpointError, DiskFull, RunFileError, fingerprint, latest_checkpoint,
+                                     warnings_printed)
     from pipeline.config import ConfigError, barlow_twins_losses, knn_bank_size, load_yaml, validate
     from pipeline.data import DataError, load_config_data
     from pipeline.export import ExportError, export_path
@@ -210,14 +204,13 @@ def run_tool(argv: list[str]) -> int:
     for attempt in range(3):  # a live run may prune the checkpoint picked before it is read: then pick again
         checkpoint = None
         try:
-            with warnings.catch_warnings(record=True) as caught:
-                warnings.simplefilter("always")
+            with warnings_printed():
                 checkpoint = latest_checkpoint(run_dir, expected, fix=f"{run_dir / 'config.yaml'} is not the config "
                                                                       "it was trained with; put that one back")
-            if args.tool == "export":
-                exported = exported_model(cfg, data, checkpoint)
-            else:
-                _, steps = restore_steps(cfg, data, checkpoint, device)
+                if args.tool == "export":
+                    exported = exported_model(cfg, data, checkpoint)
+                else:
+                    _, steps = restore_steps(cfg, data, checkpoint, device)
         except CheckpointError as err:  # none good, or one that loads but is not this network's state
             print(f"error: {err}", file=sys.stderr)
             return 2
@@ -227,8 +220,6 @@ def run_tool(argv: list[str]) -> int:
                 print(f"error: checkpoint {where} cannot be read ({err.strerror or err})", file=sys.stderr)
                 return 2
             continue
-        for w in caught:
-            print(f"warning: {w.message}", file=sys.stderr)
         break
     if args.tool == "export":
         try:

@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from launch import Terminated, stop_on_signals  # noqa: E402
 from pipeline.checkpoint import (Checkpoint, CheckpointError, DiskFull, RunFileError,  # noqa: E402
-                                 complete_checkpoints_quiet, write_text_atomic)
+                                 complete_checkpoints_quiet, warnings_printed, write_text_atomic)
 from pipeline.config import Config, ConfigError, from_dict, load_yaml, read_yaml_mapping, validate  # noqa: E402
 from pipeline.data import DataError  # noqa: E402
 from pipeline.metrics import read_jsonl  # noqa: E402
@@ -162,7 +162,8 @@ def interrupted_at(cfg: Config, data: Any, run_dir: Path) -> Checkpoint | None:
 
     if complete_checkpoints_quiet(run_dir) and cfg.method != "greedy":
         fix = f"delete {run_dir} to train this run from the start"
-        checkpoint = resume_checkpoint(cfg, split_cuts(cfg, data.in_channels, data.num_classes, data.input_size), fix)
+        with warnings_printed():  # a torn checkpoint skipped: one line, as launch.py prints it
+            checkpoint = resume_checkpoint(cfg, split_cuts(cfg, data.in_channels, data.num_classes, data.input_size), fix)
         if checkpoint.step < steps_per_epoch(data, cfg.batch_size) * cfg.epochs:
             print(f"[study] resuming {run_dir} from step {checkpoint.step}", flush=True)
             return checkpoint

@@ -20,10 +20,11 @@ import os
 import pickle
 import re
 import shutil
+import sys
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 
@@ -302,6 +303,17 @@ def complete_checkpoints(run_dir: Path) -> list[Checkpoint]:
         else:
             found.append(checkpoint)
     return found
+
+
+@contextlib.contextmanager
+def warnings_printed() -> Iterator[None]:
+    """Run the block; if it succeeds, print each warning it raised (a checkpoint skipped, and why) as one
+    `warning: ...` line on stderr, as the command-line tools print errors."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        yield
+    for w in caught:
+        print(f"warning: {w.message}", file=sys.stderr)
 
 
 START_OVER = "start the run over (its training command, with --fresh)"

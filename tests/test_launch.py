@@ -324,7 +324,7 @@ def test_a_corrupted_newest_checkpoint_is_skipped_and_the_resumed_run_ends_as_an
     capsys.readouterr()
     assert launch.main(["--resume", str(run_dir), "--no-progress"]) == 0
     out, err = capsys.readouterr()
-    assert "step00000003: stage2.pt does not match its SHA-256 in the manifest" in err
+    assert f"warning: skipping checkpoint {stage2.parent}: stage2.pt does not match its SHA-256 in the manifest" in err
     assert f"resuming {run_dir} from step 2" in out
     for k, state in final.items():
         resumed = torch.load(run_dir / "checkpoints" / "step00000004" / f"stage{k}.pt", weights_only=True)

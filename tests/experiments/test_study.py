@@ -106,6 +106,28 @@ def test_an_interrupted_run_resumes_from_its_checkpoint_to_the_same_result(tmp_p
     assert json.loads((run_dir / "summary.json").read_text())["final_test_acc"] == finished["final_test_acc"]
 
 
+def test_a_corrupted_checkpoint_skipped_on_resume_is_one_warning_line(tmp_path):
+    study, out = tmp_path / "one.yaml", tmp_path / "out"
+    study.write_text(ONE_RUN)
+    run(study, out)
+    run_dir = out / "sgr" / "seed0"
+    finished = json.loads((run_dir / "summary.json").read_text())
+    (run_dir / "summary.json").unlink()  # killed after step 20's checkpoint, whose file then rotted
+    for later in [c for c in (run_dir / "checkpoints").iterdir() if int(c.name.removeprefix("step")) > 20]:
+        shutil.rmtree(later)
+    rotten = sorted((run_dir / "checkpoints" / "step00000020").glob("stage*.pt"))[0]
+    data = bytearray(rotten.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    rotten.write_bytes(bytes(data))
+    done = subprocess.run([sys.executable, "experiments/study.py", str(study), "--out", str(out)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert f"warning: skipping checkpoint {rotten.parent}: {rotten.name} does not match its SHA-256" in done.stderr
+    assert "UserWarning" not in done.stderr and "warnings.warn" not in done.stderr
+    assert f"resuming {run_dir} from step 10" in done.stdout
+    assert json.loads((run_dir / "summary.json").read_text())["final_test_acc"] == finished["final_test_acc"]
+
+
 def test_a_changed_arm_a_damaged_summary_and_a_run_in_use_are_one_line_and_train_nothing(tmp_path):
     study, out = tmp_path / "one.yaml", tmp_path / "out"
     study.write_text(ONE_RUN)
