@@ -108,8 +108,8 @@ class Pool(nn.Module):
 
 class ProjectorHead(nn.Module):
     """Barlow Twins' projector: pooled features, then three bias-free linear layers of `width`, BatchNorm and ReLU
-    after the first two (the paper's 8192-8192-8192 for ResNet-50). The BatchNorm is syncbn.PlainBatchNorm: SGR's
-    double backward through it repeats to the bit on a GPU."""
+    after the first two (the paper's 8192-8192-8192 for ResNet-50). The BatchNorm is syncbn.PlainBatchNorm, whose
+    double backward (SGR's) is plain ops: BatchNorm1d's fused one does not repeat on a GPU."""
 
     def __init__(self, channels: int, width: int, layout: str) -> None:
         super().__init__()

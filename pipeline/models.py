@@ -11,6 +11,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
+from pipeline.syncbn import PlainBatchNorm
+
 
 @dataclass
 class Network:
@@ -129,7 +131,7 @@ class DenseLayer(nn.Module):
     def __init__(self, d_in: int, d_out: int, norm: bool = True) -> None:
         super().__init__()
         self.fc = nn.Linear(d_in, d_out)
-        self.norm: nn.Module = nn.BatchNorm1d(d_out) if norm else nn.Identity()
+        self.norm: nn.Module = PlainBatchNorm(d_out) if norm else nn.Identity()  # SGR's double backward repeats
 
     def activate(self, pre: torch.Tensor) -> torch.Tensor:
         """The nonlinearity on the pre-activation fc(x): BatchNorm (if any) and ReLU."""

@@ -26,14 +26,12 @@ class PlainBatchNorm(_BatchNorm):
 
     SGR differentiates δ, which passes through every BatchNorm of a module. On a GPU the double backward of
     BatchNorm1d's fused kernel differs from run to run (measured on an H200 with deterministic algorithms on: the
-    gradients of a projector head differed in every bit-compare; torch does not flag it), so the projector heads
-    use this one. Same parameters, buffers and running-statistics update as BatchNorm; evaluation uses the running
-    statistics, as BatchNorm does.
+    gradients of a projector head differed in every bit-compare; torch does not flag it), so the layers that
+    normalise (N, C) features use this one (projector heads, the MLP's DenseLayer). Plain ops repeated to the bit
+    there; this class's own GPU test has not run yet. It keeps more for backward than the fused kernel (the input
+    in fp32, centred and normalised). Same parameters, buffers and running-statistics update as BatchNorm;
+    evaluation uses the running statistics, as BatchNorm does. Statistics in fp32 (fp64 for fp64 inputs).
     """
-
-    def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1, affine: bool = True,
-                 track_running_stats: bool = True) -> None:
-        super().__init__(num_features, eps, momentum, affine, track_running_stats)
 
     def _check_input_dim(self, x: torch.Tensor) -> None:
         if x.dim() < 2:
@@ -48,7 +46,7 @@ class PlainBatchNorm(_BatchNorm):
             return super().forward(x)
         dims = [0, *range(2, x.dim())]
         shape = [1, -1] + [1] * (x.dim() - 2)
-        xf = x.float()
+        xf = x.to(torch.promote_types(x.dtype, torch.float32))
         count = xf.new_full((1,), float(xf.numel() // xf.shape[1]))  # filled on the device: torch.tensor([..]) syncs
         sums = self.total(torch.cat([xf.sum(dims), count]))
         n = sums[-1].detach()
@@ -62,8 +60,8 @@ class PlainBatchNorm(_BatchNorm):
             with torch.no_grad():
                 self.num_batches_tracked.add_(1)
                 factor = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
-                self.running_mean.lerp_(mean.detach(), factor)
-                self.running_var.lerp_(var.detach() * n / (n - 1), factor)
+                self.running_mean.lerp_(mean.detach().to(self.running_mean.dtype), factor)
+                self.running_var.lerp_((var.detach() * n / (n - 1)).to(self.running_var.dtype), factor)
         return out.to(x.dtype)
 
 
@@ -80,7 +78,8 @@ class SyncBatchNorm(PlainBatchNorm):
         self.group, self.guard = group, guard
         # the same parameter and buffer objects: the optimizer built on `bn` trains these; the state_dict keys stay
         self.weight, self.bias = bn.weight, bn.bias
-        self.running_mean, self.running_var, self.num_batches_tracked = bn.running_mean, bn.running_var, bn.num_batches_tracked
+        self.running_mean, self.running_var = bn.running_mean, bn.running_var
+        self.num_batches_tracked = bn.num_batches_tracked
 
     def total(self, t: torch.Tensor) -> torch.Tensor:
         return _AllSum.apply(t, self.group, self.guard)

@@ -4,6 +4,7 @@ import torch
 import torch.nn as nn
 
 from pipeline.heads import build_head
+from pipeline.models import DenseLayer
 from pipeline.syncbn import PlainBatchNorm
 
 
@@ -54,7 +55,17 @@ def test_a_bf16_input_is_normalised_in_fp32_and_returned_in_bf16():
     torch.testing.assert_close(out.float(), plain.train()(x.bfloat16().float()), rtol=1e-2, atol=1e-2)
 
 
-def test_the_projector_head_normalises_with_plain_batchnorm():
-    head = build_head("projector", 8, 10, width=16)
-    norms = [m for m in head.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    assert len(norms) == 2 and all(isinstance(m, PlainBatchNorm) for m in norms)
+def test_an_fp64_input_keeps_fp64_statistics():
+    reference, plain = _pair(0.1, 2)
+    reference.double(), plain.double()
+    x = torch.randn(16, 6, dtype=torch.float64)
+    torch.testing.assert_close(plain(x), reference(x))
+    assert plain(x).dtype == plain.running_var.dtype == torch.float64
+
+
+def test_the_layers_that_normalise_features_use_plain_batchnorm():
+    """The projector head and the MLP's DenseLayer: BatchNorm on (N, C) features, where the fused kernel's double
+    backward was measured not to repeat on a GPU."""
+    for layer, count in ((build_head("projector", 8, 10, width=16), 2), (DenseLayer(8, 16), 1)):
+        norms = [m for m in layer.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+        assert len(norms) == count and all(isinstance(m, PlainBatchNorm) for m in norms)
