@@ -207,10 +207,10 @@ def run_tool(argv: list[str]) -> int:
             with warnings_printed():
                 checkpoint = latest_checkpoint(run_dir, expected, fix=f"{run_dir / 'config.yaml'} is not the config "
                                                                       "it was trained with; put that one back")
-                if args.tool == "export":
-                    exported = exported_model(cfg, data, checkpoint)
-                else:
-                    _, steps = restore_steps(cfg, data, checkpoint, device)
+            if args.tool == "export":
+                exported = exported_model(cfg, data, checkpoint)
+            else:
+                _, steps = restore_steps(cfg, data, checkpoint, device)
         except CheckpointError as err:  # none good, or one that loads but is not this network's state
             print(f"error: {err}", file=sys.stderr)
             return 2
@@ -273,11 +273,13 @@ def print_trace(run_dir: Path) -> int:
     """`launch.py trace RUN_DIR`: per stage, busy / waiting for input / waiting for credit / other, in % of wall time."""
     import json
 
-    from workers.trace import summarize
+    from workers.trace import is_complete, summarize
 
     path = run_dir / "trace.json"
     try:
-        rows = summarize(json.loads(path.read_text()))
+        trace = json.loads(path.read_text())
+        rows = summarize(trace)
+        complete = is_complete(trace)
     except FileNotFoundError:
         from pipeline.config import ConfigError, load_yaml
 
@@ -286,8 +288,9 @@ def print_trace(run_dir: Path) -> int:
             traced = cfg.trace and cfg.schedule == "pipeline"  # the sequential trainer records no trace
         except ConfigError:
             traced = False
-        how = ("a traced run writes it when it ends, also when it fails: this one's launcher was killed, or its "
-               "trace was removed" if traced else "run the pipeline with --set trace=true to record one")
+        how = ("a traced run writes it when it ends, also when it fails: this one is still running, failed before "
+               "its stages reported, had its launcher killed, or its trace was removed" if traced
+               else "run the pipeline with --set trace=true to record one")
         print(f"error: {path} does not exist; {how}", file=sys.stderr)
         return 2
     except OSError as err:
@@ -300,6 +303,9 @@ def print_trace(run_dir: Path) -> int:
         print(f"error: {path} holds no spans", file=sys.stderr)
         return 2
     print(f"{path}: {rows[0]['wall_s']:.2f} s traced; % of that wall time (open the file in https://ui.perfetto.dev)")
+    if not complete:
+        print("the run did not finish: these are the spans that reached the launcher (each stage's up to its last "
+              "train report, a failed stage's up to its error)")
     print("| stage | busy | of which training | waiting for input | waiting for credit | other |")
     print("|---|---|---|---|---|---|")
     for r in rows:

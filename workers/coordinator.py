@@ -97,8 +97,8 @@ class Coordinator:
             self.fingerprint = msg["fingerprint"]
 
     def _keep_spans(self, stage: int, msg: dict[str, Any]) -> None:
-        """The trace spans a record brings (train reports, `done`, `error`): one row per stage, its replica 0's."""
-        if msg.get("trace") and self.workers[msg.get("worker", stage)].replica == 0:
+        """The trace spans a record brings (train reports, `done`, `error`; only replica 0 of a stage traces)."""
+        if msg.get("trace"):
             self.spans.setdefault(stage, []).extend(msg["trace"])
 
     def _on_train(self, stage: int, msg: dict[str, Any]) -> None:
@@ -203,14 +203,24 @@ class Coordinator:
             self.trace_written = True
         return {**result, "timeline": self.timeline}
 
+    def save_partial_trace(self) -> None:
+        """A traced run that will not finish: write the spans that have arrived, marked incomplete (once; nothing if
+        none came). A failure to write them is a warning: the run's own error is what the user needs."""
+        if not self.cfg.trace or self.trace_written or not self.spans:
+            return
+        self.trace_written = True
+        try:
+            # a copy (atomic under the GIL): under torchrun the watcher thread may still be adding spans
+            write_trace(self.run_dir / "trace.json", dict(self.spans), complete=False)
+        except OSError as err:  # RunFileError, DiskFull too
+            print(f"warning: the trace of this run could not be written: {err}", file=sys.stderr)
+
     def close(self) -> None:
-        """Close the live view, the run's files and the records' socket; a traced run that did not finish writes the
-        spans that had arrived (a failure to write them is a warning: the run's own error is what the user needs)."""
-        self.bar.close()
-        if self.cfg.trace and not self.trace_written and self.spans:
-            try:
-                write_trace(self.run_dir / "trace.json", self.spans)
-            except OSError as err:  # RunFileError, DiskFull too
-                print(f"warning: the trace of this run could not be written: {err}", file=sys.stderr)
-        self.writer.close()
-        self.records.close()
+        """Save a traced run's partial trace if it did not finish, then close the live view, the run's files and the
+        records' socket."""
+        try:
+            self.save_partial_trace()
+        finally:
+            self.bar.close()
+            self.writer.close()
+            self.records.close()

@@ -456,5 +456,6 @@ def _coordinate(coordinator: Coordinator, heartbeat_timeout: float, watching: th
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(where[1], signal.SIGKILL)
                 remove_segments(where[1])
+            coordinator.save_partial_trace()  # os._exit skips the cleanup that would write it
             shutil.rmtree(folder, ignore_errors=True)
             os._exit(1)

@@ -176,7 +176,7 @@ class StageWorker:
         self.reporter: Reporter | None = None
         self.meter = ModuleMeter(1, first_module=self.rank)
         self.busy = self.idle = 0.0
-        self.trace = Tracer(self.cfg.trace)
+        self.trace = Tracer(self.cfg.trace and self.lead)  # one row per stage in the trace: replica 0's
         self.eval_counts: list[torch.Tensor | int] = [0, 0, 0]  # correct top-1, top-5 (on the device), samples
 
     def _join_replicas(self, group: ReplicaGroup | None) -> ReplicaGroup | None:

@@ -46,22 +46,28 @@ def now() -> float:
     return time.perf_counter()
 
 
-def chrome_trace(spans_by_stage: dict[int, list[list[Any]]]) -> dict[str, Any]:
-    """The Chrome trace-event JSON of every stage's spans: complete events, one thread (row) per stage."""
+def chrome_trace(spans_by_stage: dict[int, list[list[Any]]], complete: bool = True) -> dict[str, Any]:
+    """The Chrome trace-event JSON of every stage's spans: complete events, one thread (row) per stage; `otherData`
+    says whether the run finished (a failed run's trace holds the spans that had reached the coordinator)."""
     events: list[dict[str, Any]] = []
     for stage, spans in sorted(spans_by_stage.items()):
         events.append({"name": "thread_name", "ph": "M", "pid": 0, "tid": stage, "args": {"name": f"stage {stage + 1}"}})
         for name, start, duration, step in spans:
             events.append({"name": name, "cat": name, "ph": "X", "pid": 0, "tid": stage, "ts": start, "dur": duration,
                            "args": {} if step is None else {"step": step}})
-    return {"traceEvents": events, "displayTimeUnit": "ms"}
+    return {"traceEvents": events, "displayTimeUnit": "ms", "otherData": {"complete": complete}}
 
 
-def write_trace(path: Path, spans_by_stage: dict[int, list[list[Any]]]) -> None:
+def write_trace(path: Path, spans_by_stage: dict[int, list[list[Any]]], complete: bool = True) -> None:
     # imported here: the pipeline package imports torch, which `launch.py trace` (this module's reader) never needs
     from pipeline.checkpoint import write_text_atomic
 
-    write_text_atomic(path, json.dumps(chrome_trace(spans_by_stage)))
+    write_text_atomic(path, json.dumps(chrome_trace(spans_by_stage, complete)))
+
+
+def is_complete(trace: dict[str, Any]) -> bool:
+    """Whether the traced run finished (traces written before this mark was kept count as finished)."""
+    return bool(trace.get("otherData", {}).get("complete", True))
 
 
 def summarize(trace: dict[str, Any]) -> list[dict[str, float]]:

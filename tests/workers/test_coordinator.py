@@ -1,4 +1,5 @@
-"""The coordinator's judgement of hung stages, without stage processes."""
+"""The coordinator's judgement of hung stages, and the trace it writes, without stage processes."""
+import json
 import time
 
 import pytest
@@ -7,6 +8,7 @@ import zmq
 from pipeline.config import Config
 from workers.coordinator import PAUSE_S, Coordinator
 from workers.messages import Record
+from workers.trace import is_complete
 
 
 class LateCollector:
@@ -87,3 +89,43 @@ def test_a_stage_that_could_not_load_its_checkpoint_is_not_told_to_resume_from_i
     finally:
         coordinator.close()
         ctx.destroy(linger=0)
+
+
+def test_a_traced_run_that_ends_unfinished_writes_the_spans_that_arrived_marked_incomplete(tmp_path):
+    ctx = zmq.Context()
+    cfg = Config(out=str(tmp_path / "run"), progress=False, trace=True)
+    coordinator = Coordinator(cfg, 2, 10, ctx, "inproc://report")
+    trace_file = tmp_path / "run" / "trace.json"
+    try:
+        coordinator.save_partial_trace()
+        assert not trace_file.exists()  # no span arrived: nothing to show, and an older trace is left alone
+        coordinator.handle({"stage": 0, "kind": "error", "error": "PeerLost: ...", "trace": [["train", 10, 5, 1]]})
+        coordinator.handle({"stage": 1, "kind": "beat", "step": 1})  # records without spans add nothing
+        coordinator.save_partial_trace()
+        written = json.loads(trace_file.read_text())
+        assert not is_complete(written) and [e["tid"] for e in written["traceEvents"] if e["ph"] == "X"] == [0]
+        trace_file.unlink()
+    finally:
+        coordinator.close()  # written once: close() does not write it again
+        ctx.destroy(linger=0)
+    assert not trace_file.exists()
+
+
+def test_a_finished_traced_run_is_marked_complete_and_close_leaves_it(tmp_path):
+    ctx = zmq.Context()
+    cfg = Config(out=str(tmp_path / "run"), progress=False, trace=True, tensorboard=False)
+    coordinator = Coordinator(cfg, 1, 10, ctx, "inproc://report")
+    record = {"event": "train", "epoch": 0, "step": 2, "module": 1, "loss": 1.0, "acc": 0.5, "lr": 0.1}
+    try:
+        coordinator.handle({"stage": 0, "kind": "train", "record": record, "busy": 1.0, "idle": 0.0, "queue": 0,
+                            "trace": [["train", 10, 5, 1], ["train", 20, 5, 2]]})
+        coordinator.handle({"stage": 0, "kind": "done", "busy": 1.0, "idle": 0.0, "peak_memory": 1, "link": None,
+                            "trace": [["eval", 30, 5, 2]]})
+        coordinator.finish(1.0)
+    finally:
+        coordinator.close()
+        ctx.destroy(linger=0)
+    written = json.loads((tmp_path / "run" / "trace.json").read_text())
+    assert is_complete(written)
+    assert [(e["name"], e["ts"]) for e in written["traceEvents"] if e["ph"] == "X"] == \
+        [("train", 10), ("train", 20), ("eval", 30)]  # the train reports' spans, then the done record's, in order

@@ -264,7 +264,8 @@ def test_a_traced_run_writes_a_chrome_trace_that_agrees_with_the_summary(tmp_pat
                              timeout=60)
     assert missing.returncode == 2
     assert missing.stderr == (f"error: {Path(cfg.out) / 'trace.json'} does not exist; a traced run writes it when it "
-                              "ends, also when it fails: this one's launcher was killed, or its trace was removed\n")
+                              "ends, also when it fails: this one is still running, failed before its stages "
+                              "reported, had its launcher killed, or its trace was removed\n")
     (Path(cfg.out) / "config.yaml").write_text((Path(cfg.out) / "config.yaml").read_text().replace("trace: true",
                                                                                                  "trace: false"))
     untraced = subprocess.run([sys.executable, "launch.py", "trace", cfg.out], cwd=ROOT, capture_output=True,
@@ -331,7 +332,9 @@ def test_a_traced_run_that_fails_keeps_the_trace_of_what_ran(tmp_path):
     """Spans travel with each train report and the error record, so a failed run still shows where stages waited."""
     proc, stages = start_long_run(tmp_path, "--set", "trace=true")
     run_dir = tmp_path / "long"
+    deadline = time.time() + 120
     while len(read_jsonl(run_dir / "metrics.jsonl")) < 12:  # a few steps reported by every stage
+        assert proc.poll() is None and time.time() < deadline, proc.stderr.read() if proc.poll() is not None else ""
         time.sleep(0.1)
     os.kill(stages[1], signal.SIGINT)
     _, err = proc.communicate(timeout=60)
@@ -344,8 +347,9 @@ def test_a_traced_run_that_fails_keeps_the_trace_of_what_ran(tmp_path):
         assert all(a["ts"] + a["dur"] <= b["ts"] for a, b in zip(mine, mine[1:]))
     shown = subprocess.run([sys.executable, "launch.py", "trace", str(run_dir)], cwd=ROOT, capture_output=True,
                            text=True, timeout=60)
-    assert shown.returncode == 0 and [row.split(" | ")[0] for row in shown.stdout.strip().splitlines()[3:]] == \
-        ["| 1", "| 2", "| 3"]
+    lines = shown.stdout.strip().splitlines()
+    assert shown.returncode == 0 and lines[1].startswith("the run did not finish: these are the spans that reached")
+    assert [row.split(" | ")[0] for row in lines[4:]] == ["| 1", "| 2", "| 3"]
 
 
 def assert_a_frozen_process_is_named(tmp_path: Path, victim: int, name: str, *extra: str) -> None:
