@@ -162,8 +162,9 @@ def interrupted_at(cfg: Config, data: Any, run_dir: Path) -> Checkpoint | None:
 
     if complete_checkpoints_quiet(run_dir) and cfg.method != "greedy":
         fix = f"delete {run_dir} to train this run from the start"
+        cuts = split_cuts(cfg, data.in_channels, data.num_classes, data.input_size)
         with warnings_printed():  # a torn checkpoint skipped: one line, as launch.py prints it
-            checkpoint = resume_checkpoint(cfg, split_cuts(cfg, data.in_channels, data.num_classes, data.input_size), fix)
+            checkpoint = resume_checkpoint(cfg, cuts, fix)
         if checkpoint.step < steps_per_epoch(data, cfg.batch_size) * cfg.epochs:
             print(f"[study] resuming {run_dir} from step {checkpoint.step}", flush=True)
             return checkpoint

@@ -307,13 +307,15 @@ def complete_checkpoints(run_dir: Path) -> list[Checkpoint]:
 
 @contextlib.contextmanager
 def warnings_printed() -> Iterator[None]:
-    """Run the block; if it succeeds, print each warning it raised (a checkpoint skipped, and why) as one
-    `warning: ...` line on stderr, as the command-line tools print errors."""
+    """Print each warning the block raises (a checkpoint skipped, and why) as one `warning: ...` line on stderr, as
+    the command-line tools print errors; also when the block fails, before its error is reported."""
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        yield
-    for w in caught:
-        print(f"warning: {w.message}", file=sys.stderr)
+        try:
+            yield
+        finally:
+            for w in caught:
+                print(f"warning: {w.message}", file=sys.stderr)
 
 
 START_OVER = "start the run over (its training command, with --fresh)"
