@@ -42,6 +42,17 @@ def at_least(least: int) -> Callable[[str], int]:
     return number
 
 
+def positive_ms(text: str) -> float:
+    """An argparse type: a finite number of milliseconds above 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a positive number of ms, got {text}")
+    return value
+
+
 def names_of(text: str, known: Iterable[str], what: str) -> list[str]:
     """A comma-separated list of names from `known` (argparse's type for --models and --methods)."""
     names, known = text.split(","), sorted(set(known))

@@ -14,6 +14,7 @@ import math
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as `python bench/imagenet_gpu.py`
 
@@ -52,6 +53,13 @@ def run_config(name: str, size: str, threads: int) -> Config:
     epochs = math.ceil(total / steps_per_epoch(bench_data(cfg), batch))
     return dataclasses.replace(cfg, epochs=epochs, eval_every=epochs * total, log_every=1,
                                out=str(ROOT / "runs" / "bench" / "imagenet_gpu" / Path(name).stem))
+
+
+def planned_config(name: str, size: str, threads: int) -> tuple[Config, Any]:
+    """run_config with its `split: auto` planned as launch.py plans it (least-memory cuts): (config, the plan)."""
+    cfg = run_config(name, size, threads)
+    data = bench_data(cfg)
+    return resolve_auto_split(cfg, data.in_channels, data.num_classes, data.input_size)
 
 
 def global_bp(cfg: Config, steps: int, warmup: int) -> tuple[float, int | None]:
@@ -96,10 +104,8 @@ def main(argv: list[str] | None = None) -> dict:
         sys.exit("bench/imagenet_gpu.py needs a CUDA GPU (use --smoke to run its code on the CPU)")
     rows = []
     for name in CONFIGS:
-        cfg = run_config(name, size, args.threads)
+        cfg, plan = planned_config(name, size, args.threads)
         bp_rate, bp_peak = global_bp(cfg, steps, warmup)
-        data = bench_data(cfg)
-        cfg, plan = resolve_auto_split(cfg, data.in_channels, data.num_classes, data.input_size)
         if cfg.device.startswith("cuda"):
             torch.cuda.empty_cache()
         pipe = run_pipeline(cfg, warmup)

@@ -19,10 +19,9 @@ import torch
 
 from pipeline.config import Config
 from pipeline.data import train_batches
-from pipeline.plan import resolve_auto_split
 from bench.common import (bench_config, bench_data, build_steps, markdown_table, meta, parse, parser, size_of,
                           stage_step_seconds, unit_spans, write_results)
-from bench.imagenet_gpu import CONFIGS, run_config
+from bench.imagenet_gpu import CONFIGS, planned_config
 
 SIZES = {  # model, batch, splits K, timed repetitions per stage
     "smoke": ("resnet8", 16, [2, 3], 2),
@@ -67,11 +66,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.imagenet:
         if size != "smoke" and not torch.cuda.is_available():
             sys.exit("bench/sgr_overhead.py --imagenet needs a CUDA GPU (add --smoke to run its code on the CPU)")
-        configs = []
-        for name in CONFIGS:
-            cfg = run_config(name, "smoke" if size == "smoke" else "check", args.threads)
-            data = bench_data(cfg)
-            configs.append(resolve_auto_split(cfg, data.in_channels, data.num_classes, data.input_size)[0])
+        configs = [planned_config(name, "smoke" if size == "smoke" else "check", args.threads)[0] for name in CONFIGS]
     else:
         configs = [bench_config(model=model, batch_size=batch, stages=k, threads=args.threads) for k in splits]
     rows = [row for cfg in configs for row in measure(cfg, reps)]
@@ -79,7 +74,8 @@ def main(argv: list[str] | None = None) -> dict:
     write_results(args.out, results)
     print(f"batch {configs[0].batch_size}, {args.threads} torch threads, median of {reps} steps per stage "
           f"({configs[0].device}; the `all` rows: every module in turn, and global BP's step)")
-    print(markdown_table(["model", "K", "stage", "units", "layer-wise ms", "SGR ms", "SGR / layer-wise", "global BP ms"],
+    print(markdown_table(["model", "K", "stage", "units", "layer-wise ms", "SGR ms", "SGR / layer-wise",
+                          "global BP ms"],
                          [[r["model"], r["K"], r["stage"], r["units"], r["layerwise_ms"], r["sgr_ms"], r["ratio"],
                            "-" if r["bp_ms"] is None else r["bp_ms"]] for r in rows]))
     return results

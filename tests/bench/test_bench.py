@@ -45,6 +45,8 @@ def test_script_runs_at_its_smallest_size(tmp_path, name):
     ("sgr_overhead", ["--threads", "0"], "argument --threads: must be at least 1, got 0"),
     ("schedule_overhead", ["--depth", "0"], "argument --depth: must be at least 1, got 0"),
     ("schedule_overhead", ["--stages", "1"], "argument --stages: must be at least 2, got 1"),
+    ("schedule_overhead", ["--delays", "0"], "argument --delays: must be a positive number of ms, got 0"),
+    ("schedule_overhead", ["--delays", "nan"], "argument --delays: must be a positive number of ms, got nan"),
     ("replicas", ["--gpus", "2"], "argument --gpus: must be at least 3, got 2"),  # one process per stage at least
     ("allreduce", ["--processes", "x"], "argument --processes: 'x' is not an integer"),
     ("memory", ["--models", "tv_resnet50,foo"], "argument --models: unknown model foo; choose from swin_s, swin_t,"),
@@ -81,3 +83,4 @@ def test_schedule_overhead_runs_only_the_stages_and_delays_asked_for(tmp_path):
                           timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert [(r["K"], r["delay_ms"]) for r in json.loads((tmp_path / "results.json").read_text())["rows"]] == [(3, 2.0)]
+    assert "target at 20 ms: efficiency >= 0.95 (not measured)" in proc.stdout
