@@ -81,17 +81,23 @@ seeds: [0]
 """
 
 
-def test_an_interrupted_run_resumes_from_its_checkpoint_to_the_same_result(tmp_path):
+def killed_after_step_20(tmp_path: Path) -> tuple[Path, Path, Path, dict]:
+    """ONE_RUN trained to its end, then left as a kill after step 20 leaves it: no summary, and no checkpoint past 20
+    (its records are cut back on resume). The study file, its out folder, the run's folder and its finished summary."""
     study, out = tmp_path / "one.yaml", tmp_path / "out"
     study.write_text(ONE_RUN)
     run(study, out)
     run_dir = out / "sgr" / "seed0"
     finished = json.loads((run_dir / "summary.json").read_text())
-    records = (run_dir / "metrics.jsonl").read_text()
-    # what a kill after step 20 leaves: no summary, and no checkpoint past 20 (its records are cut back on resume)
     (run_dir / "summary.json").unlink()
     for later in [c for c in (run_dir / "checkpoints").iterdir() if int(c.name.removeprefix("step")) > 20]:
         shutil.rmtree(later)
+    return study, out, run_dir, finished
+
+
+def test_an_interrupted_run_resumes_from_its_checkpoint_to_the_same_result(tmp_path):
+    study, out, run_dir, finished = killed_after_step_20(tmp_path)
+    records = (run_dir / "metrics.jsonl").read_text()
     second = run(study, out)
     assert f"resuming {run_dir} from step 20" in second and "training ->" in second
     resumed = json.loads((run_dir / "summary.json").read_text())
@@ -107,14 +113,7 @@ def test_an_interrupted_run_resumes_from_its_checkpoint_to_the_same_result(tmp_p
 
 
 def test_a_corrupted_checkpoint_skipped_on_resume_is_one_warning_line(tmp_path):
-    study, out = tmp_path / "one.yaml", tmp_path / "out"
-    study.write_text(ONE_RUN)
-    run(study, out)
-    run_dir = out / "sgr" / "seed0"
-    finished = json.loads((run_dir / "summary.json").read_text())
-    (run_dir / "summary.json").unlink()  # killed after step 20's checkpoint, whose file then rotted
-    for later in [c for c in (run_dir / "checkpoints").iterdir() if int(c.name.removeprefix("step")) > 20]:
-        shutil.rmtree(later)
+    study, out, run_dir, finished = killed_after_step_20(tmp_path)  # and then step 20's checkpoint rotted
     rotten = sorted((run_dir / "checkpoints" / "step00000020").glob("stage*.pt"))[0]
     data = bytearray(rotten.read_bytes())
     data[len(data) // 2] ^= 0xFF
