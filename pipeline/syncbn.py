@@ -41,13 +41,20 @@ class PlainBatchNorm(_BatchNorm):
         """A per-channel sum of this process's rows, as the statistics need it (SyncBatchNorm: over the group)."""
         return t
 
+    def processes(self) -> int:
+        """How many processes' rows the statistics cover (SyncBatchNorm: the group's, each with as many rows)."""
+        return 1
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training:
             return super().forward(x)
         dims = [0, *range(2, x.dim())]
         shape = [1, -1] + [1] * (x.dim() - 2)
+        rows = x.numel() // x.shape[1]
+        if rows * self.processes() <= 1:  # as BatchNorm refuses it: the variance of one value is no statistic
+            raise ValueError(f"Expected more than 1 value per channel when training, got input size {tuple(x.shape)}")
         xf = x.to(torch.promote_types(x.dtype, torch.float32))
-        count = xf.new_full((1,), float(xf.numel() // xf.shape[1]))  # filled on the device: torch.tensor([..]) syncs
+        count = xf.new_full((1,), float(rows))  # filled on the device: torch.tensor([..]) syncs
         sums = self.total(torch.cat([xf.sum(dims), count]))
         n = sums[-1].detach()
         mean = sums[:-1] / n
@@ -83,6 +90,9 @@ class SyncBatchNorm(PlainBatchNorm):
 
     def total(self, t: torch.Tensor) -> torch.Tensor:
         return _AllSum.apply(t, self.group, self.guard)
+
+    def processes(self) -> int:
+        return dist.get_world_size(self.group)
 
 
 class _AllSum(torch.autograd.Function):

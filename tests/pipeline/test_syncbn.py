@@ -69,3 +69,12 @@ def test_the_layers_that_normalise_features_use_plain_batchnorm():
     for layer, count in ((build_head("projector", 8, 10, width=16), 2), (DenseLayer(8, 16), 1)):
         norms = [m for m in layer.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
         assert len(norms) == count and all(isinstance(m, PlainBatchNorm) for m in norms)
+
+
+def test_one_row_in_training_is_refused_as_batchnorm_refuses_it():
+    reference, plain = _pair(0.1, 2)
+    for bn in (reference, plain):
+        with pytest.raises(ValueError, match="Expected more than 1 value per channel when training"):
+            bn(torch.randn(1, 6))
+    plain.eval()
+    assert plain(torch.randn(1, 6)).shape == (1, 6)  # evaluation uses the running statistics: one row is fine
