@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline.checkpoint import complete_checkpoints
+from pipeline.checkpoint import complete_checkpoints, complete_checkpoints_quiet
 from pipeline.config import Config
 from pipeline.data import data_shape, load_config_data
 from pipeline.metrics import read_jsonl
@@ -303,11 +303,11 @@ def assert_a_killed_process_is_named(proc: subprocess.Popen, pids: list[int], vi
 def test_a_killed_stage_stops_the_whole_run_within_ten_seconds_and_the_run_resumes(tmp_path):
     proc, stages = start_long_run(tmp_path, "--set", "checkpoint_every=5")
     assert len(stages) == 3
-    while not complete_checkpoints(tmp_path / "long"):
+    while not complete_checkpoints_quiet(tmp_path / "long"):  # quiet: the run is saving newer ones meanwhile
         time.sleep(0.1)
     err = assert_a_killed_process_is_named(proc, stages, 1, "stage 2")
     assert f"resume with --resume {tmp_path / 'long'}" in err
-    kept = complete_checkpoints(tmp_path / "long")[-1]
+    kept = complete_checkpoints_quiet(tmp_path / "long")[-1]
     resumed = subprocess.run([sys.executable, "launch.py", "--resume", str(tmp_path / "long"), "--epochs", "1"],
                              cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert resumed.returncode == 0, resumed.stderr
