@@ -37,11 +37,11 @@ def measure(cfg: Config, reps: int) -> list[dict]:
     x, y = next(train_batches(data, 0, cfg.batch_size, cfg.seed, False, device=device))
     y = y.to(device)
     seconds = {}
-    for method in ("bp", "layerwise", "sgr"):
-        steps = build_steps(dataclasses.replace(cfg, method=method, **({"split": None} if method == "bp" else {})),
-                            data, cfg.device)
+    for method in ("bp", "layerwise", "sgr"):  # bp: one module, whatever the split
+        steps = build_steps(dataclasses.replace(cfg, method=method), data, cfg.device)
         seconds[method] = stage_step_seconds(steps, x, y, reps)
-        spans = unit_spans(steps)
+        if method == "sgr":
+            spans, units = unit_spans(steps), sum(len(step.module) for step in steps)
         del steps
         if device.type == "cuda":
             torch.cuda.empty_cache()
@@ -49,7 +49,7 @@ def measure(cfg: Config, reps: int) -> list[dict]:
              "sgr_ms": 1000 * sgr, "ratio": sgr / plain, "bp_ms": None}
             for i, (span, plain, sgr) in enumerate(zip(spans, seconds["layerwise"], seconds["sgr"]))]
     plain, sgr = sum(seconds["layerwise"]), sum(seconds["sgr"])
-    rows.append({"model": cfg.model, "K": cfg.stages, "stage": "all", "units": f"0-{spans[-1].split('-')[1]}",
+    rows.append({"model": cfg.model, "K": cfg.stages, "stage": "all", "units": f"0-{units - 1}",
                  "layerwise_ms": 1000 * plain, "sgr_ms": 1000 * sgr, "ratio": sgr / plain,
                  "bp_ms": 1000 * seconds["bp"][0]})
     return rows
