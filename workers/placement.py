@@ -157,3 +157,10 @@ def travels_by_ipc(name: str, is_cuda: bool, numel: int, link_ipc: bool) -> bool
     tensor received by IPC cannot be shared again. An empty tensor has no memory to share.
     """
     return link_ipc and is_cuda and numel > 0 and name not in HOST_TENSORS
+
+
+def sends_in_background(device_type: str) -> bool:
+    """Whether a stage on this kind of device sends from its outbox's thread (workers/outbox.py), overlapping the copy
+    into its links with its next step. A GPU stage sends inline: its CUDA IPC handles and device-to-host copies stay
+    on the thread whose stream made the tensors (not yet measured on a GPU)."""
+    return device_type == "cpu"

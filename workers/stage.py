@@ -43,7 +43,8 @@ from pipeline.step import StageStep
 from pipeline.syncbn import convert_sync_bn
 from workers.simulated import SimulatedStep
 from workers.messages import Kind, Record
-from workers.placement import LinkKind, host_id
+from workers.outbox import Outbox
+from workers.placement import LinkKind, host_id, sends_in_background
 from workers.replicas import ReplicaGroup, ReplicasDiverged, collective, group_backend, join_group
 from workers.routes import Worker, receivers_of, rows_to, senders_of, shard
 from workers.security import RunKeys
@@ -173,6 +174,7 @@ class StageWorker:
         self.targets = [] if self.last else receivers_of(self.replica, self.counts[self.rank], self.counts[self.rank + 1])
         self.heartbeat: Heartbeat | None = None
         self.senders: list[Sender] = []
+        self.outbox: Outbox | None = None
         self.reporter: Reporter | None = None
         self.meter = ModuleMeter(1, first_module=self.rank)
         self.busy = self.idle = 0.0
@@ -216,6 +218,10 @@ class StageWorker:
         self.senders = [Sender(self.ctx, endpoint, kind, self.cfg.depth, self.cfg.peer_timeout,
                                peer=Worker(self.rank + 1, target).name(self.counts), keys=self.spec.keys)
                         for endpoint, kind, target in zip(out_endpoints, out_links, self.targets)]
+        # a tensor that is a view of a received slot is copied before it goes to the thread: the credit returned once
+        # its handler ends lets the previous stage overwrite the slot (the stage steps' outputs are their own)
+        self.outbox = Outbox(self.senders, sends_in_background(self.device.type),
+                             borrowed=lambda t: any(receiver.holds(t) for receiver in self.receivers))
         self.reporter = Reporter(self.ctx, report_endpoint, self.rank, self.spec.keys, self.spec.worker)
         self.heartbeat = Heartbeat(self.ctx, report_endpoint, self.rank, self.spec.keys, self.spec.worker)
 
@@ -229,8 +235,7 @@ class StageWorker:
             self._feed()
         else:
             self._relay()
-        for sender in self.senders:
-            sender.drain()
+        self.outbox.finish()
         if self.group is not None:
             self.group.finish()
         self.reporter.send({"kind": Record.DONE, "busy": self.busy, "idle": self.idle, "peak_memory": self.peak_memory(),
@@ -306,7 +311,7 @@ class StageWorker:
                 self._sum_meter()
             lr = self.step.optimizer.param_groups[0]["lr"]
             for record in train_records(self.meter, header["epoch"], header["step"], [lr]) if self.lead else ():
-                queue = sum(len(sender.in_flight) for sender in self.senders)  # sent, not yet done downstream
+                queue = self.outbox.pending()  # handed over, not yet done downstream
                 self.reporter.send({"kind": Record.TRAIN, "record": record, "busy": self.busy, "idle": self.idle,
                                     "queue": queue, "trace": self.trace.take()})
             self.meter.reset()
@@ -384,10 +389,10 @@ class StageWorker:
         them (no evaluation bubble at the default depth)."""
         if not self.senders:  # the last stage
             return
-        start, waited = now(), 0.0
-        kind = Kind(header["kind"])
-        for sender, target in zip(self.senders, self.targets):
-            waited += sender.send(header, self._rows_for(target, header, tensors), training=kind.training)
+        start = now()
+        parcels = [(sender, header, self._rows_for(target, header, tensors))
+                   for sender, target in zip(self.senders, self.targets)]
+        waited = self.outbox.send(parcels, Kind(header["kind"]).training)
         end = now()
         self.idle += end - start
         if waited:
@@ -408,7 +413,9 @@ class StageWorker:
     def close(self) -> None:
         if self.heartbeat is not None:
             self.heartbeat.stop()
-        for part in (*self.receivers, *self.senders, self.reporter):
+        if self.outbox is not None:
+            self.outbox.close()  # and the senders
+        for part in (*self.receivers, self.reporter):
             if part is not None:
                 part.close()
         if self.group is not None and self.own_group and dist.is_initialized():

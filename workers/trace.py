@@ -16,7 +16,8 @@ from pathlib import Path
 from typing import Any
 
 SPANS = ("input", "train", "credit", "send", "eval", "checkpoint")  # waiting to receive, a training step,
-# waiting for the next stage's credit, sending, an evaluation batch or the probe, saving a checkpoint
+# waiting for the next stage's credit (a CPU stage: for room in its outbox), sending (a CPU stage: handing the message
+# to its outbox), an evaluation batch or the probe, saving a checkpoint
 BUSY = ("train", "eval", "checkpoint")
 
 

@@ -21,6 +21,7 @@ shared-memory slot), so a consumer must not touch a message's tensors after `don
 """
 from __future__ import annotations
 
+import ctypes
 import functools
 import itertools
 import math
@@ -29,6 +30,7 @@ import os
 import select
 import shutil
 import socket
+import threading
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -49,11 +51,16 @@ SEGMENT_PREFIX = "sgr-shm-"  # sgr-shm-{owner pid}-{n}: a sweep can tell whose s
 ALIGN = 64  # bytes: every tensor in a slot starts on a cache line
 MAX_DATAGRAM = 1 << 16  # bytes: a header on a unix:// link (a few hundred in practice)
 MAX_VIEWS = 64  # tensor layouts a segment remembers
+WAKE_MS = 100  # a wait for a message checks this often whether its link was abandoned (Sender.abandon)
 _SEGMENT_NUMBERS = itertools.count()  # one sequence per process: names stay unique across its links
 
 
 class PeerLost(RuntimeError):
     """The process at the other end of a link stopped answering."""
+
+
+class LinkAbandoned(RuntimeError):
+    """A wait on a link was given up because the stage is closing it (another part of the run failed)."""
 
 
 @dataclass
@@ -192,6 +199,11 @@ class Segment:
             self.map = mmap.mmap(fd, self.size, flags=mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0))
         finally:
             os.close(fd)
+        self.address = ctypes.addressof(ctypes.c_char.from_buffer(self.map))  # where the map starts in this process
+
+    def holds(self, t: torch.Tensor) -> bool:
+        """Whether a CPU tensor's memory lies in this segment (a view of it)."""
+        return self.address <= t.data_ptr() < self.address + self.size
 
     def tensor(self, offset: int, dtype: torch.dtype, shape: list[int] | torch.Size) -> torch.Tensor:
         """A tensor over the segment's bytes from `offset` on (no copy; a new tensor object each time)."""
@@ -487,6 +499,7 @@ class _LinkEnd:
 
     def __init__(self, channel: ZmqChannel | UnixChannel, timeout_s: float, peer: str) -> None:
         self.channel, self.timeout_ms, self.peer = channel, int(timeout_s * 1000), peer
+        self.abandoned = threading.Event()
 
     def _send(self, frames: list[Any]) -> None:
         try:
@@ -496,12 +509,20 @@ class _LinkEnd:
 
     def _receive(self, silence: str) -> list[Any]:
         """The next message's frames; PeerLost naming `silence` (what the peer failed to do) after the timeout."""
-        if not self.channel.poll(self.timeout_ms):
-            raise PeerLost(f"{self.peer} {silence} for {self.timeout_ms / 1000:.0f} s; it is dead or hung")
+        deadline = time.monotonic() + self.timeout_ms / 1000
+        while not self.channel.poll(min(WAKE_MS, self.timeout_ms)):
+            if self.abandoned.is_set():
+                raise LinkAbandoned(f"gave up waiting for {self.peer}: the link is closing")
+            if time.monotonic() >= deadline:
+                raise PeerLost(f"{self.peer} {silence} for {self.timeout_ms / 1000:.0f} s; it is dead or hung")
         try:
             return self.channel.recv()
         except (EOFError, OSError):
             raise PeerLost(f"{self.peer} has gone: it closed its end of the link") from None
+
+    def abandon(self) -> None:
+        """Make a wait for a message on this link, in any thread, give up within WAKE_MS (LinkAbandoned)."""
+        self.abandoned.set()
 
     def close(self) -> None:
         self.channel.close()
@@ -570,6 +591,11 @@ class Receiver(_LinkEnd):
             torch.cuda.current_stream(self.device).synchronize()
         message.tensors.clear()
         self._send([msgpack.packb({"done": message.header["seq"]})])
+
+    def holds(self, t: torch.Tensor) -> bool:
+        """Whether `t` is a view of one of this link's shared-memory slots, which its producer may overwrite once
+        the message's credit went back."""
+        return not t.is_cuda and t.numel() > 0 and any(seg.holds(t) for seg in self.maps.by_slot.values())
 
     def close(self) -> None:
         super().close()

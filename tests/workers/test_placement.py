@@ -1,8 +1,8 @@
 import pytest
 
 from pipeline.config import ConfigError
-from workers.placement import (LinkEnd, LinkKind, World, ipc_device_index, link_endpoint, link_kind, stage_device,
-                               torchrun_world, travels_by_ipc)
+from workers.placement import (LinkEnd, LinkKind, World, ipc_device_index, link_endpoint, link_kind,
+                               sends_in_background, stage_device, torchrun_world, travels_by_ipc)
 
 # (device, gpus, visible GPUs, local rank or None when one launcher spawns every stage) -> device of stages 0, 1, 2
 PLACEMENT = [
@@ -125,3 +125,8 @@ def test_torchrun_variables_that_cannot_work_are_one_line(environ, message):
     with pytest.raises(ConfigError, match="^" + message.replace("(", r"\(")) as raised:
         torchrun_world(environ)
     assert raised.value.args[0].endswith("or unset WORLD_SIZE to let launch.py spawn it")
+
+
+def test_only_cpu_stages_send_from_a_background_thread():
+    assert sends_in_background("cpu")
+    assert not sends_in_background("cuda")  # CUDA IPC handles and device copies stay on the stream's thread
