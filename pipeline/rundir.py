@@ -19,7 +19,7 @@ import yaml
 
 from pipeline.checkpoint import (Checkpoint, CheckpointError, checkpoint_dir, fingerprint, latest_checkpoint, prune,
                                  write_manifest, write_text_atomic)
-from pipeline.config import Config
+from pipeline.config import FIELDS, Config
 from pipeline.metrics import JsonlLog, read_jsonl, truncate_after
 
 LOCK_FILE = ".lock"
@@ -59,13 +59,28 @@ def is_run_dir(path: Path) -> bool:
     return (path / "config.yaml").is_file() and left
 
 
+def written_by_a_run(config: Path) -> bool:
+    """Whether `config` reads as the config.yaml a run writes: a mapping of run config keys, model, method and out
+    among them (another tool's config.yaml is not, nor a damaged file)."""
+    try:
+        values = yaml.safe_load(Path(config).read_text())
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        return False
+    return isinstance(values, dict) and {"model", "method", "out"} <= values.keys() <= FIELDS.keys()
+
+
 def clear_outputs(run_dir: Path) -> None:
     """Remove what an earlier run left in `run_dir` (RUN_OUTPUTS); refused in a folder that is not a run's (no
-    config.yaml), where files of those names are someone else's."""
+    config.yaml, or one a run did not write), where files of those names are someone else's."""
     found = [name for name in RUN_OUTPUTS if (Path(run_dir) / name).exists()]
-    if found and not (Path(run_dir) / "config.yaml").is_file():
+    config = Path(run_dir) / "config.yaml"
+    if found and not config.is_file():
         raise CheckpointError(f"--fresh deletes a run's outputs, but {run_dir} is not a run directory (no config.yaml) "
                               f"and holds {', '.join(found)}: choose another --out")
+    if found and not written_by_a_run(config):
+        raise CheckpointError(f"--fresh deletes a run's outputs, but {config} is not a run's config (not a mapping of "
+                              f"this project's config keys) and {run_dir} holds {', '.join(found)}: choose another "
+                              "--out, or delete those by hand if they are an old run's")
     for name in RUN_OUTPUTS:
         path = Path(run_dir) / name
         if path.is_dir() and not path.is_symlink():

@@ -9,8 +9,10 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 import launch
+from pipeline.config import Config
 from pipeline.data import eval_batches, load_data
 from pipeline.export import load_exported
 from tests.pipeline.test_data import write_image_folder
@@ -289,7 +291,7 @@ def test_a_second_launcher_on_a_live_run_directory_is_refused_and_deletes_nothin
     held = lock_run_dir(run_dir)  # what a running launcher holds
     (run_dir / "checkpoints" / "step00000004").mkdir(parents=True)
     (run_dir / "metrics.jsonl").write_text('{"event": "train", "step": 4}\n')
-    (run_dir / "config.yaml").write_text("dataset: digits\n")
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(Config(dataset="digits", out=str(run_dir)).to_dict()))
     for stray_rank in (False, True):  # RANK alone (no WORLD_SIZE > 1) is not torchrun's: it once skipped the lock
         if stray_rank:
             monkeypatch.setenv("RANK", "1")
