@@ -121,10 +121,7 @@ def run_study(study: dict[str, Any], out: Path) -> list[dict[str, Any]]:
     datasets: dict[tuple, Any] = {}
     for arm, seed, run_dir in runs:
         cfg = configs[run_dir]
-        trained = (run_dir / "summary.json").exists()
-        diverged = trained and read_summary(run_dir)["final_test_acc"] is None
-        probed = not study["linear_probe"] or diverged or (run_dir / "linear_probe.json").exists()
-        if trained and probed:
+        if finished(run_dir, study["linear_probe"]):
             print(f"[study] {arm} seed {seed}: done before, skipped", flush=True)
             continue
         key = (cfg.dataset, cfg.data_dir, cfg.image_size, cfg.train_subset)
@@ -132,26 +129,35 @@ def run_study(study: dict[str, Any], out: Path) -> list[dict[str, Any]]:
             datasets[key] = load_config_data(cfg)
         data = datasets[key]
         cfg, _ = resolve_auto_split(cfg, data.in_channels, data.num_classes, data.input_size)
-        if not trained:
-            print(f"[study] {arm} seed {seed}: training -> {run_dir}", flush=True)
-            try:
-                train_run(cfg, data, run_dir)
-            except FloatingPointError as err:  # a diverged arm is a result too: recorded, and the study goes on
-                print(f"[study] {arm} seed {seed}: diverged: {err}", flush=True)
-                write_text_atomic(run_dir / "summary.json", json.dumps({"final_test_acc": None, "diverged": str(err)}))
-                continue
-        if not probed:
-            print(f"[study] {arm} seed {seed}: linear probe", flush=True)
-            probe_run(cfg, data, run_dir, study["linear_probe"])
+        with contextlib.closing(lock_run_dir(run_dir)):  # a second study writing this run is refused
+            train_and_probe(cfg, data, run_dir, study["linear_probe"], f"{arm} seed {seed}")
     return collect(study, out)
 
 
-def train_run(cfg: Config, data: Any, run_dir: Path) -> None:
-    """Train one run of the study under its run directory's lock; an interrupted run continues from its checkpoint."""
+def finished(run_dir: Path, probe_epochs: int) -> bool:
+    """Whether a run has its summary and, if the study probes, its linear probe (a diverged run has none to take)."""
+    if not (run_dir / "summary.json").exists():
+        return False
+    diverged = read_summary(run_dir)["final_test_acc"] is None
+    return not probe_epochs or diverged or (run_dir / "linear_probe.json").exists()
+
+
+def train_and_probe(cfg: Config, data: Any, run_dir: Path, probe_epochs: int, name: str) -> None:
+    """Train one run of the study (an interrupted one continues from its checkpoint) and take its linear probe; the
+    caller holds the run directory's lock, so every file of the run, a diverged run's summary too, is written under it."""
     from pipeline.trainer import SequentialTrainer
 
-    with contextlib.closing(lock_run_dir(run_dir)):  # a second study writing this folder is refused
-        SequentialTrainer(cfg, data, run_dir, resume=interrupted_at(cfg, data, run_dir)).run()
+    if not (run_dir / "summary.json").exists():
+        print(f"[study] {name}: training -> {run_dir}", flush=True)
+        try:
+            SequentialTrainer(cfg, data, run_dir, resume=interrupted_at(cfg, data, run_dir)).run()
+        except FloatingPointError as err:  # a diverged arm is a result too: recorded, and the study goes on
+            print(f"[study] {name}: diverged: {err}", flush=True)
+            write_text_atomic(run_dir / "summary.json", json.dumps({"final_test_acc": None, "diverged": str(err)}))
+            return
+    if not finished(run_dir, probe_epochs):
+        print(f"[study] {name}: linear probe", flush=True)
+        probe_run(cfg, data, run_dir, probe_epochs)
 
 
 def interrupted_at(cfg: Config, data: Any, run_dir: Path) -> Checkpoint | None:
