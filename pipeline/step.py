@@ -58,7 +58,10 @@ class StepStats:
 
 @dataclass
 class StepOutput:
-    """What a module hands to the next one: its detached output and δ, plus its statistics."""
+    """What a module hands to the next one: its detached output and δ, plus its statistics.
+
+    `out` and `delta` are new tensors the step never changes afterwards: a stage may still be sending them while it
+    takes its next step (workers/outbox.py)."""
 
     out: torch.Tensor | None  # detached output (None for the last module)
     delta: torch.Tensor | None  # ∂L_local/∂out, detached (None when the next module needs none)

@@ -4,9 +4,10 @@ On a CPU stage, copying a message into its links (for a shared-memory link, ~0.3
 ResNet-32 stage's output and δ at batch 128) and waiting for the links' credit happen in the outbox's
 thread while the stage trains on the next batch, as the schedules of torch.distributed.pipelining post
 an isend and go on. The thread owns the senders (a zmq socket belongs to one thread), and messages
-leave in the order they were handed over, so the consumers see exactly what they saw before. At most
-one message waits in the outbox: a stage holds at most depth + 1 unfinished messages per window.
-A GPU stage sends inline (placement.sends_in_background).
+leave in the order they were handed over, so the consumers see exactly what they saw before. One
+message at most is handed over and not yet sent: a stage holds at most depth + 1 unfinished messages.
+What a stage hands over must not change afterwards: the steps' outputs are tensors of their own, and a
+view of a received slot is copied first (`borrowed`). A GPU stage sends inline (placement.sends_in_background).
 """
 from __future__ import annotations
 
@@ -17,11 +18,10 @@ from typing import Any, Callable
 
 import torch
 
-from workers.transport import Sender
+from workers.transport import WAKE_MS, Sender
 
 Parcel = tuple[Sender, dict[str, Any], dict[str, torch.Tensor | None]]  # a link, the header and that link's tensors
-_FINISH, _STOP = object(), object()  # the thread's last entries: send the rest and drain, or give up
-PUT_WAKE_S = 0.1  # how often a stage waiting for room checks whether the thread failed
+_FINISH = object()  # the thread's last entry: send the rest, then wait for every credit
 STOP_WAIT_S = 2.0  # how long `close` waits for the thread to give up
 
 
@@ -33,7 +33,10 @@ class Outbox:
         """`borrowed(t)`: whether t is memory another stage may overwrite once this one returns its credit (a view of
         a received shared-memory slot); such a tensor is copied before it is handed to the thread."""
         self.senders, self.borrowed = senders, borrowed
-        self.waiting: queue.Queue = queue.Queue(maxsize=1)
+        self.waiting: queue.Queue = queue.Queue()
+        self.handed = self.sent = 0  # messages handed over (by the stage's thread) and sent (by the outbox's)
+        self.changed = threading.Condition()  # notified when a message has been sent, and when the thread ends
+        self.stopping, self.ended = threading.Event(), threading.Event()
         self.error: BaseException | None = None
         self.thread: threading.Thread | None = None
         if background and senders:
@@ -49,7 +52,11 @@ class Outbox:
         parcels = [(sender, header, {name: self._own(t) for name, t in tensors.items()})
                    for sender, header, tensors in parcels]
         start = time.perf_counter()
-        self._put((parcels, training))
+        with self.changed:  # until the previous message has been sent; at once if the thread failed (a lost peer)
+            self.changed.wait_for(lambda: self.sent == self.handed or self.error is not None)
+            self._raise()
+            self.handed += 1
+        self.waiting.put((parcels, training))
         return time.perf_counter() - start
 
     def _own(self, t: torch.Tensor | None) -> torch.Tensor | None:
@@ -57,8 +64,8 @@ class Outbox:
         return t.clone() if t is not None and self.borrowed(t) else t
 
     def pending(self) -> int:
-        """Messages handed over and not yet finished downstream (waiting here, or sent and not yet credited)."""
-        return self.waiting.qsize() + sum(len(sender.in_flight) for sender in self.senders)
+        """Messages handed over and not yet finished downstream (not yet sent, or sent and not yet credited)."""
+        return self.handed - self.sent + sum(len(sender.in_flight) for sender in self.senders)
 
     def finish(self) -> None:
         """Send everything handed over, then wait until the consumers have finished it all (their credits)."""
@@ -66,36 +73,23 @@ class Outbox:
             for sender in self.senders:
                 sender.drain()
             return
-        self._put(_FINISH)
-        self.thread.join()
+        self.waiting.put(_FINISH)
+        self.ended.wait()  # an Event, not join(): a Ctrl-C here leaves the thread's state as it is, for `close`
         self._raise()
 
     def close(self) -> None:
         """Stop the thread (a run that fails drops what was not sent yet), then close the links.
 
-        A thread waiting for credit gives up within a tenth of a second (Sender.abandon); should it not end in time
-        (stuck connecting to a consumer that never started), its links are left to the ending process."""
-        if self.thread is not None and self.thread.is_alive():
+        A thread waiting for credit or for its consumer to start gives up within WAKE_MS (Sender.abandon); should
+        it not end in time, its links are left to the ending process rather than closed under it."""
+        if self.thread is not None:
+            self.stopping.set()
             for sender in self.senders:
                 sender.abandon()
-            try:
-                self.waiting.put_nowait(_STOP)
-            except queue.Full:  # the thread is sending, and gives up when it next waits
-                pass
-            self.thread.join(timeout=STOP_WAIT_S)
-            if self.thread.is_alive():
+            if not self.ended.wait(STOP_WAIT_S):
                 return
         for sender in self.senders:
             sender.close()
-
-    def _put(self, item: Any) -> None:
-        while True:
-            self._raise()
-            try:
-                self.waiting.put(item, timeout=PUT_WAKE_S)
-                return
-            except queue.Full:
-                continue
 
     def _raise(self) -> None:
         if self.error is not None:
@@ -103,16 +97,26 @@ class Outbox:
 
     def _run(self) -> None:
         try:
-            while True:
-                item = self.waiting.get()
-                if item is _STOP:
-                    return
+            while not self.stopping.is_set():
+                try:
+                    item = self.waiting.get(timeout=WAKE_MS / 1000)
+                except queue.Empty:
+                    continue
                 if item is _FINISH:
                     for sender in self.senders:
                         sender.drain()
                     return
                 parcels, training = item
                 for sender, header, tensors in parcels:
+                    if self.stopping.is_set():
+                        return
                     sender.send(header, tensors, training)
-        except BaseException as err:  # raised in the stage's own thread at its next send
+                with self.changed:
+                    self.sent += 1
+                    self.changed.notify_all()
+        except BaseException as err:  # raised in the stage's own thread at its next send, or by `finish`
             self.error = err
+        finally:
+            with self.changed:
+                self.ended.set()
+                self.changed.notify_all()

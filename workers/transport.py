@@ -51,7 +51,7 @@ SEGMENT_PREFIX = "sgr-shm-"  # sgr-shm-{owner pid}-{n}: a sweep can tell whose s
 ALIGN = 64  # bytes: every tensor in a slot starts on a cache line
 MAX_DATAGRAM = 1 << 16  # bytes: a header on a unix:// link (a few hundred in practice)
 MAX_VIEWS = 64  # tensor layouts a segment remembers
-WAKE_MS = 100  # a wait for a message checks this often whether its link was abandoned (Sender.abandon)
+WAKE_MS = 100  # a wait on a link (or in an outbox) checks this often whether it was abandoned (_LinkEnd.abandon)
 _SEGMENT_NUMBERS = itertools.count()  # one sequence per process: names stay unique across its links
 
 
@@ -375,6 +375,7 @@ class ZmqChannel:
     def __init__(self, ctx: zmq.Context, endpoint: str, bind: bool, keys: RunKeys | None = None) -> None:
         self.socket = ctx.socket(zmq.PAIR)
         self.socket.setsockopt(zmq.LINGER, LINGER_MS)
+        self.abandoned = threading.Event()  # set: whoever waits on this channel gives up (_LinkEnd.abandon)
         secure(self.socket, keys, server=bind)
         if bind:
             self.socket.bind(endpoint)
@@ -415,6 +416,7 @@ class UnixChannel:
             raise ValueError(f"the socket path {self.path} is longer than {UNIX_PATH_MAX} bytes; set TMPDIR shorter")
         self.listener: socket.socket | None = None
         self.peer: socket.socket | None = None
+        self.abandoned = threading.Event()  # set: whoever waits on this channel gives up (_LinkEnd.abandon)
         self.readable = select.poll()
         self.buffer = bytearray(MAX_DATAGRAM)
         if bind:
@@ -438,6 +440,8 @@ class UnixChannel:
                 return self._adopt(peer)
             except (FileNotFoundError, ConnectionRefusedError):
                 peer.close()
+                if self.abandoned.is_set():
+                    raise LinkAbandoned(f"gave up connecting to {self.path}: the link is closing") from None
                 if time.monotonic() > deadline:
                     raise TimeoutError(f"nothing listens at {self.path}") from None
                 time.sleep(0.01)
@@ -499,7 +503,6 @@ class _LinkEnd:
 
     def __init__(self, channel: ZmqChannel | UnixChannel, timeout_s: float, peer: str) -> None:
         self.channel, self.timeout_ms, self.peer = channel, int(timeout_s * 1000), peer
-        self.abandoned = threading.Event()
 
     def _send(self, frames: list[Any]) -> None:
         try:
@@ -511,7 +514,7 @@ class _LinkEnd:
         """The next message's frames; PeerLost naming `silence` (what the peer failed to do) after the timeout."""
         deadline = time.monotonic() + self.timeout_ms / 1000
         while not self.channel.poll(min(WAKE_MS, self.timeout_ms)):
-            if self.abandoned.is_set():
+            if self.channel.abandoned.is_set():
                 raise LinkAbandoned(f"gave up waiting for {self.peer}: the link is closing")
             if time.monotonic() >= deadline:
                 raise PeerLost(f"{self.peer} {silence} for {self.timeout_ms / 1000:.0f} s; it is dead or hung")
@@ -521,8 +524,9 @@ class _LinkEnd:
             raise PeerLost(f"{self.peer} has gone: it closed its end of the link") from None
 
     def abandon(self) -> None:
-        """Make a wait for a message on this link, in any thread, give up within WAKE_MS (LinkAbandoned)."""
-        self.abandoned.set()
+        """Make a wait on this link (for a message, or for its consumer to start), in any thread, give up within
+        WAKE_MS (LinkAbandoned)."""
+        self.channel.abandoned.set()
 
     def close(self) -> None:
         self.channel.close()

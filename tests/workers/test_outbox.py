@@ -1,4 +1,5 @@
 import os
+import signal
 import threading
 import time
 
@@ -8,7 +9,7 @@ import zmq
 
 from workers.outbox import Outbox
 from workers.placement import LinkKind
-from workers.transport import PeerLost, Receiver, Sender, named_segments
+from workers.transport import LinkAbandoned, PeerLost, Receiver, Sender, named_segments
 
 
 @pytest.fixture
@@ -101,3 +102,93 @@ def test_close_stops_a_thread_that_waits_for_credit(ctx, tmp_path):
     assert not outbox.thread.is_alive() and time.monotonic() - start < 1.5
     receiver.close()
     assert not named_segments(os.getpid())
+
+
+class FakeSender:
+    """Stands in for a Sender: `send` waits for `go` (a long copy or credit), `drain` for credits that never come;
+    both give up once abandoned. Records whether it was closed while still in use by the outbox's thread."""
+
+    def __init__(self, fail_at: int | None = None) -> None:
+        self.in_flight: dict[int, bool] = {}
+        self.sent: list[int] = []
+        self.go, self.abandoned = threading.Event(), threading.Event()
+        self.go.set()
+        self.fail_at, self.busy, self.closed, self.closed_while_busy = fail_at, False, False, False
+
+    def send(self, header, tensors, training=True) -> float:
+        self.busy = True
+        try:
+            while not self.go.wait(0.01):
+                if self.abandoned.is_set():
+                    raise LinkAbandoned("gave up")
+            if header["n"] == self.fail_at:
+                raise PeerLost("stage 2 has gone: it closed its end of the link")
+            self.sent.append(header["n"])
+            self.in_flight[header["n"]] = training
+            return 0.0
+        finally:
+            self.busy = False
+
+    def drain(self) -> None:
+        self.busy = True
+        try:
+            while not self.abandoned.wait(0.01):
+                pass
+            raise LinkAbandoned("gave up")
+        finally:
+            self.busy = False
+
+    def abandon(self) -> None:
+        self.abandoned.set()
+
+    def close(self) -> None:
+        self.closed, self.closed_while_busy = True, self.busy
+
+
+def hand(outbox: Outbox, sender: FakeSender, n: int) -> float:
+    return outbox.send([(sender, {"n": n}, {"x": torch.ones(1)})], training=True)
+
+
+def test_close_stops_the_thread_with_a_message_still_waiting_and_only_then_closes_the_links():
+    sender = FakeSender()
+    sender.go.clear()  # the first message's send takes long: the second waits to be handed over
+    outbox = Outbox([sender], background=True)
+    hand(outbox, sender, 0)
+    handing = threading.Thread(target=hand, args=(outbox, sender, 1))
+    handing.start()
+    time.sleep(0.2)
+    assert outbox.pending() == 1 and sender.sent == []  # handed over, not yet sent; the second waits for room
+    sender.go.set()
+    handing.join(timeout=5)
+    start = time.monotonic()
+    outbox.close()
+    assert time.monotonic() - start < 1 and outbox.ended.is_set()
+    assert sender.closed and not sender.closed_while_busy
+
+
+def test_a_failed_send_is_raised_at_the_next_hand_over_and_by_finish():
+    sender = FakeSender(fail_at=1)
+    outbox = Outbox([sender], background=True)
+    hand(outbox, sender, 0)
+    hand(outbox, sender, 1)  # fails in the thread
+    with pytest.raises(PeerLost, match="stage 2 has gone"):
+        for n in range(2, 50):
+            hand(outbox, sender, n)
+    with pytest.raises(PeerLost, match="stage 2 has gone"):
+        outbox.finish()
+    assert sender.sent == [0]
+    outbox.close()
+    assert sender.closed
+
+
+def test_ctrl_c_while_finishing_closes_the_links_only_after_the_thread_has_given_up():
+    sender = FakeSender()  # its credits never come back: finish waits until interrupted
+    outbox = Outbox([sender], background=True)
+    hand(outbox, sender, 0)
+    timer = threading.Timer(0.3, os.kill, (os.getpid(), signal.SIGINT))
+    timer.start()
+    with pytest.raises(KeyboardInterrupt):
+        outbox.finish()
+    timer.join()
+    outbox.close()
+    assert outbox.ended.is_set() and sender.closed and not sender.closed_while_busy
