@@ -53,8 +53,10 @@ class Outbox:
                    for sender, header, tensors in parcels]
         start = time.perf_counter()
         with self.changed:  # until the previous message has been sent; at once if the thread failed (a lost peer)
-            self.changed.wait_for(lambda: self.sent == self.handed or self.error is not None)
+            self.changed.wait_for(lambda: self.sent == self.handed or self.ended.is_set())
             self._raise()
+            if self.ended.is_set():
+                raise RuntimeError("a message was handed to an outbox that has finished or closed")
             self.handed += 1
         self.waiting.put((parcels, training))
         return time.perf_counter() - start
@@ -64,8 +66,9 @@ class Outbox:
         return t.clone() if t is not None and self.borrowed(t) else t
 
     def pending(self) -> int:
-        """Messages handed over and not yet finished downstream (not yet sent, or sent and not yet credited)."""
-        return self.handed - self.sent + sum(len(sender.in_flight) for sender in self.senders)
+        """Messages handed over and not yet finished downstream, per link (not yet sent, or sent and not yet
+        credited); for a moment, a message just sent is counted twice."""
+        return (self.handed - self.sent) * len(self.senders) + sum(len(sender.in_flight) for sender in self.senders)
 
     def finish(self) -> None:
         """Send everything handed over, then wait until the consumers have finished it all (their credits)."""

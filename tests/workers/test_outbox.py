@@ -97,9 +97,8 @@ def test_close_stops_a_thread_that_waits_for_credit(ctx, tmp_path):
         outbox.send([(sender, {"n": n}, {"x": torch.ones(3)})], training=True)
     time.sleep(0.2)
     assert outbox.thread.is_alive()
-    start = time.monotonic()
     outbox.close()
-    assert not outbox.thread.is_alive() and time.monotonic() - start < 1.5
+    assert outbox.ended.is_set()  # the thread gave up waiting for credit: close did not wait STOP_WAIT_S for nothing
     receiver.close()
     assert not named_segments(os.getpid())
 
@@ -160,10 +159,10 @@ def test_close_stops_the_thread_with_a_message_still_waiting_and_only_then_close
     assert outbox.pending() == 1 and sender.sent == []  # handed over, not yet sent; the second waits for room
     sender.go.set()
     handing.join(timeout=5)
-    start = time.monotonic()
     outbox.close()
-    assert time.monotonic() - start < 1 and outbox.ended.is_set()
-    assert sender.closed and not sender.closed_while_busy
+    assert outbox.ended.is_set() and sender.closed and not sender.closed_while_busy
+    with pytest.raises(RuntimeError, match="outbox that has finished or closed"):
+        hand(outbox, sender, 2)
 
 
 def test_a_failed_send_is_raised_at_the_next_hand_over_and_by_finish():
