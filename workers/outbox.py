@@ -18,6 +18,7 @@ from typing import Any, Callable
 
 import torch
 
+from workers.trace import Tracer, now
 from workers.transport import WAKE_MS, Sender
 
 Parcel = tuple[Sender, dict[str, Any], dict[str, torch.Tensor | None]]  # a link, the header and that link's tensors
@@ -29,10 +30,11 @@ class Outbox:
     """Sends each handed-over message to its links, in order: from a background thread, or inline."""
 
     def __init__(self, senders: list[Sender], background: bool,
-                 borrowed: Callable[[torch.Tensor], bool] = lambda t: False) -> None:
+                 borrowed: Callable[[torch.Tensor], bool] = lambda t: False, trace: Tracer | None = None) -> None:
         """`borrowed(t)`: whether t is memory another stage may overwrite once this one returns its credit (a view of
-        a received shared-memory slot); such a tensor is copied before it is handed to the thread."""
-        self.senders, self.borrowed = senders, borrowed
+        a received shared-memory slot); such a tensor is copied before it is handed to the thread. `trace`: the
+        stage's, where the thread records its waits for credit and its sends (trace.OUTBOX_SPANS)."""
+        self.senders, self.borrowed, self.trace = senders, borrowed, trace or Tracer(False)
         self.waiting: queue.Queue = queue.Queue()
         self.handed = self.sent = 0  # messages handed over (by the stage's thread) and sent (by the outbox's)
         self.changed = threading.Condition()  # notified when a message has been sent, and when the thread ends
@@ -113,7 +115,11 @@ class Outbox:
                 for sender, header, tensors in parcels:
                     if self.stopping.is_set():
                         return
-                    sender.send(header, tensors, training)
+                    start = now()
+                    waited = sender.send(header, tensors, training)
+                    if waited:
+                        self.trace.add("link_credit", start, start + waited, header.get("step"))
+                    self.trace.add("link_send", start + waited, now(), header.get("step"))
                 with self.changed:
                     self.sent += 1
                     self.changed.notify_all()

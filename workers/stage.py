@@ -221,7 +221,7 @@ class StageWorker:
         # a tensor that is a view of a received slot is copied before it goes to the thread: the credit returned once
         # its handler ends lets the previous stage overwrite the slot (the stage steps' outputs are their own)
         self.outbox = Outbox(self.senders, sends_in_background(self.device.type),
-                             borrowed=lambda t: any(receiver.holds(t) for receiver in self.receivers))
+                             borrowed=lambda t: any(receiver.holds(t) for receiver in self.receivers), trace=self.trace)
         self.reporter = Reporter(self.ctx, report_endpoint, self.rank, self.spec.keys, self.spec.worker)
         self.heartbeat = Heartbeat(self.ctx, report_endpoint, self.rank, self.spec.keys, self.spec.worker)
 

@@ -4,8 +4,9 @@ Every stage records spans on the host's monotonic clock (comparable between proc
 host); they travel to the coordinator with the stage's train reports and its `done` or `error`
 record, and the coordinator writes RUN_DIR/trace.json when the run ends, a failed one too (then
 with what had arrived: a stage killed outright loses the spans since its last report). Open it in
-https://ui.perfetto.dev or chrome://tracing: one row per stage. `launch.py trace RUN_DIR` prints
-where each stage's time went.
+https://ui.perfetto.dev or chrome://tracing: one row per stage, and under it one for a CPU stage's
+outbox thread (its waits for credit and its sends). `launch.py trace RUN_DIR` prints where each
+stage's own time went.
 """
 from __future__ import annotations
 
@@ -19,6 +20,10 @@ SPANS = ("input", "train", "credit", "send", "eval", "checkpoint")  # waiting to
 # waiting for the next stage's credit (a CPU stage: for room in its outbox), sending (a CPU stage: handing the message
 # to its outbox), an evaluation batch or the probe, saving a checkpoint
 BUSY = ("train", "eval", "checkpoint")
+# a CPU stage's outbox thread (workers/outbox.py), on a row of its own under the stage's: waiting for the next stage's
+# credit, and writing a message into its link
+OUTBOX_SPANS = ("link_credit", "link_send")
+OUTBOX_ROW = 1000  # stage k's outbox spans go on row OUTBOX_ROW + k
 
 
 class Tracer:
@@ -53,8 +58,12 @@ def chrome_trace(spans_by_stage: dict[int, list[list[Any]]], complete: bool = Tr
     events: list[dict[str, Any]] = []
     for stage, spans in sorted(spans_by_stage.items()):
         events.append({"name": "thread_name", "ph": "M", "pid": 0, "tid": stage, "args": {"name": f"stage {stage + 1}"}})
+        if any(span[0] in OUTBOX_SPANS for span in spans):
+            events.append({"name": "thread_name", "ph": "M", "pid": 0, "tid": OUTBOX_ROW + stage,
+                           "args": {"name": f"stage {stage + 1} outbox"}})
         for name, start, duration, step in spans:
-            events.append({"name": name, "cat": name, "ph": "X", "pid": 0, "tid": stage, "ts": start, "dur": duration,
+            row = OUTBOX_ROW + stage if name in OUTBOX_SPANS else stage
+            events.append({"name": name, "cat": name, "ph": "X", "pid": 0, "tid": row, "ts": start, "dur": duration,
                            "args": {} if step is None else {"step": step}})
     return {"traceEvents": events, "displayTimeUnit": "ms", "otherData": {"complete": complete}}
 
@@ -73,7 +82,8 @@ def is_complete(trace: dict[str, Any]) -> bool:
 
 def summarize(trace: dict[str, Any]) -> list[dict[str, float]]:
     """Per stage, % of the run's traced wall time (first span of any stage to last): busy (train, eval,
-    checkpoint), of which training; waiting for input; waiting for credit; other (sending, Python)."""
+    checkpoint), of which training; waiting for input; waiting for credit; other (sending, Python). The stage's own
+    thread is summed up; its outbox's row is not."""
     spans = [e for e in trace["traceEvents"] if e["ph"] == "X"]
     if not spans:
         return []
@@ -86,10 +96,10 @@ def summarize(trace: dict[str, Any]) -> list[dict[str, float]]:
     if not 0 < wall < math.inf:  # ts + dur can overflow to inf in a hand-edited file
         raise ValueError(f"its spans cover {wall} µs, not a positive length of time")
     rows = []
-    for stage in sorted({e["tid"] for e in spans}):
+    for stage in sorted({e["tid"] for e in spans if e["name"] in SPANS}):
         total = {name: 0 for name in SPANS}
         for e in spans:
-            if e["tid"] == stage:
+            if e["tid"] == stage and e["name"] in SPANS:
                 total[e["name"]] += e["dur"]
         busy = sum(total[name] for name in BUSY)
         share = {name: 100 * t / wall for name, t in total.items()}

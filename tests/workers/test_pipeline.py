@@ -23,6 +23,7 @@ from pipeline.trainer import SequentialTrainer
 from tests.pipeline.test_data import write_image_folder
 from workers.coordinator import StageFailed
 from workers.launcher import folder_maker, remove_stale_ipc_dirs, run_spawned
+from workers.trace import OUTBOX_ROW
 from workers.transport import SEGMENT_PREFIX, named_segments
 
 ROOT = Path(__file__).parents[2]
@@ -241,8 +242,13 @@ def test_a_traced_run_writes_a_chrome_trace_that_agrees_with_the_summary(tmp_pat
     cfg = small_config(tmp_path, epochs=1, trace=True)
     result = run_pipeline(cfg)
     trace = json.loads((Path(cfg.out) / "trace.json").read_text())
-    assert {e["args"]["name"] for e in trace["traceEvents"] if e["ph"] == "M"} == {"stage 1", "stage 2", "stage 3"}
+    assert {e["args"]["name"] for e in trace["traceEvents"] if e["ph"] == "M"} == \
+        {"stage 1", "stage 2", "stage 3", "stage 1 outbox", "stage 2 outbox"}  # CPU stages send from a thread
     spans = [e for e in trace["traceEvents"] if e["ph"] == "X"]
+    for stage in range(2):  # the outbox's own row: every message written into the link, one after another
+        sent = sorted((e for e in spans if e["tid"] == OUTBOX_ROW + stage), key=lambda e: e["ts"])
+        assert sum(e["name"] == "link_send" and "step" in e["args"] for e in sent) >= 6
+        assert all(a["ts"] + a["dur"] <= b["ts"] for a, b in zip(sent, sent[1:]))
     for stage in range(3):
         mine = sorted((e for e in spans if e["tid"] == stage), key=lambda e: e["ts"])
         names = {e["name"] for e in mine}
