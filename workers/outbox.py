@@ -53,15 +53,22 @@ class Outbox:
             return sum(sender.send(header, tensors, training) for sender, header, tensors in parcels)
         parcels = [(sender, header, {name: self._own(t) for name, t in tensors.items()})
                    for sender, header, tensors in parcels]
-        start = time.perf_counter()
+        waited = 0.0
         with self.changed:  # until the previous message has been sent; at once if the thread failed (a lost peer)
-            self.changed.wait_for(lambda: self.sent == self.handed or self.ended.is_set())
+            if not self._room():
+                start = time.perf_counter()
+                self.changed.wait_for(self._room)
+                waited = time.perf_counter() - start
             self._raise()
             if self.ended.is_set():
                 raise RuntimeError("a message was handed to an outbox that has finished or closed")
             self.handed += 1
         self.waiting.put((parcels, training))
-        return time.perf_counter() - start
+        return waited
+
+    def _room(self) -> bool:
+        """Whether a message may be handed over now (or the thread has ended, which the hand-over then raises)."""
+        return self.sent == self.handed or self.ended.is_set()
 
     def _own(self, t: torch.Tensor | None) -> torch.Tensor | None:
         """`t`, or a copy of it where the credit this stage returns next would let its producer overwrite it."""
