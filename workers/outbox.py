@@ -13,12 +13,11 @@ from __future__ import annotations
 
 import queue
 import threading
-import time
 from typing import Any, Callable
 
 import torch
 
-from workers.trace import Tracer, now
+from workers.trace import OUTBOX_SPANS, Tracer, now
 from workers.transport import WAKE_MS, Sender
 
 Parcel = tuple[Sender, dict[str, Any], dict[str, torch.Tensor | None]]  # a link, the header and that link's tensors
@@ -56,9 +55,9 @@ class Outbox:
         waited = 0.0
         with self.changed:  # until the previous message has been sent; at once if the thread failed (a lost peer)
             if not self._room():
-                start = time.perf_counter()
+                start = now()
                 self.changed.wait_for(self._room)
-                waited = time.perf_counter() - start
+                waited = now() - start
             self._raise()
             if self.ended.is_set():
                 raise RuntimeError("a message was handed to an outbox that has finished or closed")
@@ -124,9 +123,7 @@ class Outbox:
                         return
                     start = now()
                     waited = sender.send(header, tensors, training)
-                    if waited:
-                        self.trace.add("link_credit", start, start + waited, header.get("step"))
-                    self.trace.add("link_send", start + waited, now(), header.get("step"))
+                    self.trace.add_send(start, waited, now(), header.get("step"), OUTBOX_SPANS)
                 with self.changed:
                     self.sent += 1
                     self.changed.notify_all()

@@ -395,9 +395,7 @@ class StageWorker:
         waited = self.outbox.send(parcels, Kind(header["kind"]).training)
         end = now()
         self.idle += end - start
-        if waited:
-            self.trace.add("credit", start, start + waited, header.get("step"))
-        self.trace.add("send", start + waited, end, header.get("step"))
+        self.trace.add_send(start, waited, end, header.get("step"))
 
     def _rows_for(self, target: int, header: dict[str, Any],
                   tensors: dict[str, torch.Tensor | None]) -> dict[str, torch.Tensor | None]:

@@ -39,6 +39,14 @@ class Tracer:
             start, end = round(start_s * 1e6), round(end_s * 1e6)  # rounded alike: spans that follow never overlap
             self.spans.append([name, start, end - start, step])
 
+    def add_send(self, start_s: float, waited_s: float, end_s: float, step: int | None,
+                 names: tuple[str, str] = ("credit", "send")) -> None:
+        """A send that waited `waited_s` for room first: the wait (when there was one), then the send itself."""
+        wait, send = names
+        if waited_s:
+            self.add(wait, start_s, start_s + waited_s, step)
+        self.add(send, start_s + waited_s, end_s, step)
+
     def take(self) -> list[list[Any]] | None:
         """The spans recorded since the last take, handed over (None when disabled)."""
         if not self.enabled:
