@@ -33,6 +33,7 @@ from pipeline.config import Config, ConfigError
 from pipeline.data import DataShape
 from pipeline.lifeline import forkserver, interrupts_deferred, process_alive
 from pipeline.plan import plan_replicas
+from pipeline.syncbn import init_process_group
 from workers.coordinator import Coordinator, StageFailed
 from workers.ipc_check import cuda_ipc_error
 from workers.placement import LinkEnd, LinkKind, host_id, link_endpoint, link_kind, stage_device, torchrun_world
@@ -297,7 +298,7 @@ def run_torchrun(cfg: Config, stages: int, shape: DataShape, resume: Checkpoint 
     import torch.distributed as dist
 
     with _signals_default():
-        dist.init_process_group("gloo")  # the default timeout: ranks may arrive minutes apart (data, split: auto)
+        init_process_group("gloo")  # the default timeout: ranks may arrive minutes apart (data, split: auto)
     remove_segments()  # shared memory left by the stages of a run killed before their first credit
     store = dist.distributed_c10d._get_default_store()
     rank, world = dist.get_rank(), dist.get_world_size()

@@ -22,6 +22,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+from pipeline.syncbn import init_process_group
 from workers.transport import PeerLost
 
 BUCKET_BYTES = 32 * 2**20  # gradients are averaged in flat buckets of at most this size (one collective each)
@@ -140,7 +141,7 @@ def join_group(store_path: str, rank: int, size: int, backend: str, timeout_s: f
                device: torch.device) -> ReplicaGroup:
     """Join the replica group of a spawned run: every replica of the stage names the same file store."""
     store = dist.FileStore(store_path, size)
-    dist.init_process_group(backend, store=store, rank=rank, world_size=size, timeout=timedelta(seconds=timeout_s),
-                            device_id=device if backend == "nccl" else None)
+    init_process_group(backend, store=store, rank=rank, world_size=size, timeout=timedelta(seconds=timeout_s),
+                       device_id=device if backend == "nccl" else None)
     return ReplicaGroup(None, size, rank, device)
 

@@ -1,4 +1,10 @@
-"""PlainBatchNorm: BatchNorm's training pass in plain tensor ops, first and second derivatives included."""
+"""PlainBatchNorm: BatchNorm's training pass in plain tensor ops, first and second derivatives included; the groups
+that SyncBatchNorm runs over end with their threads."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn as nn
@@ -6,6 +12,8 @@ import torch.nn as nn
 from pipeline.heads import build_head
 from pipeline.models import DenseLayer
 from pipeline.syncbn import PlainBatchNorm
+
+ROOT = Path(__file__).parents[2]
 
 
 def _pair(momentum: float | None, dims: int) -> tuple[nn.Module, PlainBatchNorm]:
@@ -78,3 +86,30 @@ def test_one_row_in_training_is_refused_as_batchnorm_refuses_it():
             bn(torch.randn(1, 6))
     plain.eval()
     assert plain(torch.randn(1, 6)).shape == (1, 6)  # evaluation uses the running statistics: one row is fine
+
+
+
+def gloo_threads() -> list[str]:
+    """The names of this process's threads that gloo started (Linux)."""
+    names = (Path(f"/proc/self/task/{t}/comm").read_text().strip() for t in os.listdir("/proc/self/task"))
+    return [name for name in names if "gloo" in name]
+
+
+def test_a_destroyed_group_leaves_no_gloo_thread_when_torch_imports_dynamo_while_it_lives():
+    # in a fresh interpreter: this one imported torch._dynamo long ago
+    script = """
+import sys
+import torch
+import torch.distributed as dist
+from pipeline.syncbn import single_process_group
+from tests.pipeline.test_syncbn import gloo_threads
+assert "torch._dynamo" not in sys.modules, "the case under test needs torch._dynamo imported while the group lives"
+with single_process_group():
+    dist.all_reduce(torch.ones(1))
+    assert gloo_threads()
+    torch.optim.SGD(torch.nn.Linear(2, 2).parameters(), lr=0.1)  # imports torch._dynamo (torch.distributed.nn with it)
+print(gloo_threads())
+"""
+    done = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"  # the group's threads ended with it, not at interpreter exit

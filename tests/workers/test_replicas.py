@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 from pipeline.step import StageStep
 from pipeline.syncbn import convert_sync_bn
+from tests.pipeline.test_syncbn import gloo_threads
 from workers.replicas import ReplicaGroup, ReplicasDiverged, buckets, digest, group_backend, join_group
 from workers.transport import PeerLost
 from workers.routes import shard
@@ -80,6 +81,7 @@ def _replica(rank: int, size: int, store: str, out: str, sync_bn: bool, diverge:
     torch.save({"state": state(step), "outputs": outputs, "verdict": verdict}, f"{out}/{rank}.pt")
     group.finish()
     dist.destroy_process_group()
+    assert not gloo_threads()  # the group ended here, not at interpreter exit (where its teardown can abort)
 
 
 def run_replicas(tmp_path: Path, size: int, sync_bn: bool, diverge: bool = False) -> list[dict]:
