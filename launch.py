@@ -506,7 +506,17 @@ def check_topology(cfg, stages: int, world) -> None:
 
 
 class Terminated(KeyboardInterrupt):
-    """SIGTERM, raised where the launcher is, so the same cleanup as Ctrl-C's runs (exit 143 instead of 130)."""
+    """SIGTERM or SIGHUP, raised where the launcher is, so the same cleanup as Ctrl-C's runs."""
+
+    def __init__(self, signum: int = signal.SIGTERM) -> None:
+        super().__init__()
+        self.signum = signum
+
+
+def stopped_by(err: KeyboardInterrupt) -> tuple[str, int]:
+    """What a run stopped by a signal says, and its exit code (128 + the signal's number, as a shell reports it)."""
+    signum = err.signum if isinstance(err, Terminated) else signal.SIGINT
+    return {signal.SIGINT: "interrupted", signal.SIGHUP: "hung up"}.get(signum, "terminated"), 128 + signum
 
 
 def _raise(error: KeyboardInterrupt) -> None:
@@ -519,7 +529,7 @@ def _raise(error: KeyboardInterrupt) -> None:
 
 
 def _terminate(signum: int, frame: object) -> None:
-    _raise(Terminated())
+    _raise(Terminated(signum))
 
 
 def _interrupt(signum: int, frame: object) -> None:
@@ -527,11 +537,14 @@ def _interrupt(signum: int, frame: object) -> None:
 
 
 def stop_on_signals() -> None:
-    """From now on Ctrl-C raises KeyboardInterrupt and SIGTERM Terminated where this process is (deferred out of
-    interrupts_deferred blocks), also where SIGINT was inherited ignored; in the main thread only (signals go there)."""
+    """From now on Ctrl-C raises KeyboardInterrupt and SIGTERM or SIGHUP Terminated where this process is (deferred
+    out of interrupts_deferred blocks), also where SIGINT was inherited ignored, but SIGHUP stays ignored under
+    nohup; in the main thread only (signals go there)."""
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGINT, _interrupt)
         signal.signal(signal.SIGTERM, _terminate)  # `kill`, a scheduler's preemption: stop the stages as Ctrl-C does
+        if signal.getsignal(signal.SIGHUP) is not signal.SIG_IGN:  # the terminal closed: stop them too
+            signal.signal(signal.SIGHUP, _terminate)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -553,9 +566,10 @@ def main(argv: list[str] | None = None) -> int:
         with contextlib.ExitStack() as held:  # the run directory's lock, released however the run ends
             return run_job(args, held)
     except KeyboardInterrupt as err:  # before any stage started (run_job stops running ones itself), or in a tool
-        terminated = isinstance(err, Terminated)
-        print("terminated" if terminated else "interrupted", file=sys.stderr, flush=True)
-        return 143 if terminated else 130
+        said, code = stopped_by(err)
+        with contextlib.suppress(OSError):  # the terminal may be gone (SIGHUP)
+            print(said, file=sys.stderr, flush=True)
+        return code
 
 
 def run_job(args: argparse.Namespace, held: contextlib.ExitStack) -> int:
@@ -626,18 +640,18 @@ def run_job(args: argparse.Namespace, held: contextlib.ExitStack) -> int:
         print(f"error: {err.strerror}", file=sys.stderr, flush=True)
         return 1
     except KeyboardInterrupt as err:
-        terminated = isinstance(err, Terminated)
+        said, code = stopped_by(err)
         resume = ""
         if world.rank == 0:  # the rank whose coordinator sealed the checkpoints (other nodes may not see them)
             with contextlib.suppress(OSError, KeyboardInterrupt):  # a second Ctrl-C here only drops the suffix
                 kept = complete_checkpoints_quiet(Path(cfg.out))
                 resume = (f"; checkpoint of step {kept[-1].step} kept: resume with --resume {cfg.out}" if kept
                           else "; no checkpoint yet")
-        print(f"{'terminated' if terminated else 'interrupted'}: all stages stopped{resume}", file=sys.stderr,
-              flush=True)
-        sys.stdout.flush()
+        with contextlib.suppress(OSError):  # the terminal may be gone (SIGHUP): its line is lost, not the cleanup
+            print(f"{said}: all stages stopped{resume}", file=sys.stderr, flush=True)
+            sys.stdout.flush()
         remove_multiprocessing_temp_dir()  # os._exit skips multiprocessing's own cleanup
-        os._exit(143 if terminated else 130)  # the stages are stopped; no interrupted helper thread may hold up exit
+        os._exit(code)  # the stages are stopped; no interrupted helper thread may hold up exit
     if result is not None:
         print(f"final test accuracy (last head): {100 * result['final_test_acc']:.2f}% in {result['seconds']:.0f} s; "
               f"records in {cfg.out}/metrics.jsonl", flush=True)
@@ -656,6 +670,6 @@ if __name__ == "__main__":
     if os.environ.get("WORLD_SIZE", "1") != "1":  # a torchrun rank (or a malformed WORLD_SIZE, refused: harmless)
         # a torchrun rank whose job is over: torchrun's SIGTERM (it stops every rank when one ends) would cut the
         # exit's cleanup short, and Python ends threads still inside torch calls by aborting the process (SIGABRT)
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            signal.signal(sig, signal.SIG_IGN)
     sys.exit(code)

@@ -24,7 +24,7 @@ from typing import Any, Callable
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from launch import Terminated, stop_on_signals  # noqa: E402
+from launch import stop_on_signals, stopped_by  # noqa: E402
 from pipeline.checkpoint import (Checkpoint, CheckpointError, DiskFull, RunFileError,  # noqa: E402
                                  complete_checkpoints_quiet, warnings_printed, write_text_atomic)
 from pipeline.config import Config, ConfigError, from_dict, load_yaml, read_yaml_mapping, validate  # noqa: E402
@@ -316,10 +316,12 @@ def main(argv: list[str] | None = None) -> int:
     except (DiskFull, DataError, RunFileError) as err:  # each names its file
         print(f"error: {err}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt as err:  # Ctrl-C, or SIGTERM (Terminated): the checkpoints saved so far are kept
-        print(f"{'terminated' if isinstance(err, Terminated) else 'interrupted'}: run the study again to continue "
-              "(finished runs are skipped, the interrupted one resumes from its newest checkpoint)", file=sys.stderr)
-        return 143 if isinstance(err, Terminated) else 130
+    except KeyboardInterrupt as err:  # Ctrl-C, or SIGTERM / SIGHUP (Terminated): the checkpoints saved so far are kept
+        said, code = stopped_by(err)
+        with contextlib.suppress(OSError):  # the terminal may be gone (SIGHUP)
+            print(f"{said}: run the study again to continue (finished runs are skipped, the interrupted one resumes "
+                  "from its newest checkpoint)", file=sys.stderr)
+        return code
     print(table)
     return 0
 

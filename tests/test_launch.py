@@ -2,6 +2,7 @@ import hashlib
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -250,12 +251,30 @@ def test_resume_names_its_own_run_directory_so_out_is_refused(tmp_path, capsys):
 
 
 def test_a_signal_before_the_run_starts_is_one_line_with_the_signals_exit_code(monkeypatch, capsys):
-    for error, code, line in ((KeyboardInterrupt(), 130, "interrupted\n"), (launch.Terminated(), 143, "terminated\n")):
+    for error, code, line in ((KeyboardInterrupt(), 130, "interrupted\n"), (launch.Terminated(), 143, "terminated\n"),
+                              (launch.Terminated(signal.SIGHUP), 129, "hung up\n")):
         def stopped(*_args, error=error):
             raise error
         monkeypatch.setattr(launch, "build_config", stopped)  # where Ctrl-C or SIGTERM lands while the run starts
         assert launch.main([*DIGITS]) == code
         assert capsys.readouterr().err == line
+
+
+def test_a_hangup_stops_the_run_as_sigterm_does_unless_nohup_ignores_it():
+    stop_signals = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+    saved = {sig: signal.getsignal(sig) for sig in stop_signals}
+    try:
+        signal.signal(signal.SIGHUP, signal.SIG_DFL)  # the terminal's session
+        launch.stop_on_signals()
+        with pytest.raises(launch.Terminated) as raised:
+            os.kill(os.getpid(), signal.SIGHUP)
+        assert launch.stopped_by(raised.value) == ("hung up", 129)
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)  # `nohup launch.py ...`
+        launch.stop_on_signals()
+        assert signal.getsignal(signal.SIGHUP) is signal.SIG_IGN
+    finally:
+        for sig, handler in saved.items():
+            signal.signal(sig, handler)
 
 
 def test_a_binary_config_file_is_one_line(tmp_path, capsys):
@@ -506,7 +525,6 @@ def test_torchrun_variables_set_by_hand_that_cannot_work_are_one_line(tmp_path, 
 
 def test_a_rank_waiting_for_torchrun_peers_that_never_come_stops_on_sigterm(tmp_path):
     """torch's rendezvous waits in C++, where Python's handlers never run: SIGTERM once did nothing for 30 minutes."""
-    import signal
     import socket
     import time
 

@@ -277,13 +277,15 @@ def _resume_path(resume: Checkpoint | None) -> str | None:
 
 @contextlib.contextmanager
 def _signals_default() -> Iterator[None]:
-    """Ctrl-C and SIGTERM end the process at once inside the block: torch's rendezvous waits for the other ranks in
-    C++, where Python's handlers never run, so a rank whose peers never come would ignore both (nothing to clean
-    up yet: no stage, socket or segment exists; the kernel drops the run directory's lock)."""
+    """Ctrl-C, SIGTERM and SIGHUP (unless ignored: nohup) end the process at once inside the block: torch's
+    rendezvous waits for the other ranks in C++, where Python's handlers never run, so a rank whose peers never come
+    would ignore them (nothing to clean up yet: no stage, socket or segment exists; the kernel drops the run
+    directory's lock)."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    saved = {sig: signal.signal(sig, signal.SIG_DFL) for sig in (signal.SIGINT, signal.SIGTERM)}
+    saved = {sig: signal.signal(sig, signal.SIG_DFL) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+             if signal.getsignal(sig) is not signal.SIG_IGN}
     try:
         yield
     finally:

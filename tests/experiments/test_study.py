@@ -178,8 +178,9 @@ def test_a_malformed_study_file_is_one_line(tmp_path, text, message):
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize("sig,code,word", [(signal.SIGINT, 130, "interrupted"), (signal.SIGTERM, 143, "terminated")])
-def test_ctrl_c_or_sigterm_stops_a_study_in_one_line(tmp_path, sig, code, word):
+@pytest.mark.parametrize("sig,code,word", [(signal.SIGINT, 130, "interrupted"), (signal.SIGTERM, 143, "terminated"),
+                                           (signal.SIGHUP, 129, "hung up")])
+def test_ctrl_c_sigterm_or_sighup_stops_a_study_in_one_line(tmp_path, sig, code, word):
     study = tmp_path / "long.yaml"
     study.write_text(ONE_RUN.replace("epochs: 2", "epochs: 50"))
     proc = subprocess.Popen([sys.executable, "experiments/study.py", str(study), "--out", str(tmp_path / "out")],

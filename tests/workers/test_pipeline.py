@@ -494,6 +494,18 @@ def test_sigterm_stops_every_process_exits_143_and_leaves_no_ipc_folder(tmp_path
     assert not any(alive(pid) for pid in processes) and not left_in_temp(own_temp) and not segments_left(stages)
 
 
+def test_a_hangup_stops_every_process_exits_129_and_leaves_nothing_behind(tmp_path, own_temp):
+    proc, stages = start_long_run(tmp_path, temp=own_temp)
+    processes = [*stages, forkserver_of(proc.pid)]
+    os.killpg(proc.pid, signal.SIGHUP)  # the terminal closed: every process of its session gets it at once
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 129
+    assert re.search(r"^hung up: all stages stopped; (checkpoint of step \d+ kept: resume with --resume "
+                     f"{re.escape(str(tmp_path / 'long'))}|no checkpoint yet)$", err, re.M), err
+    time.sleep(0.5)
+    assert not any(alive(pid) for pid in processes) and not left_in_temp(own_temp) and not segments_left(stages)
+
+
 def test_the_ipc_folder_of_a_launcher_killed_with_sigkill_is_removed_by_the_next_run(tmp_path, own_temp):
     proc, stages = start_long_run(tmp_path, temp=own_temp)
     processes = [*stages, forkserver_of(proc.pid)]  # the forkserver too ends with the run
