@@ -509,7 +509,7 @@ class Terminated(KeyboardInterrupt):
     """SIGTERM or SIGHUP, raised where the launcher is, so the same cleanup as Ctrl-C's runs."""
 
     def __init__(self, signum: int = signal.SIGTERM) -> None:
-        super().__init__()
+        super().__init__(signum)
         self.signum = signum
 
 
@@ -520,8 +520,8 @@ def stopped_by(err: KeyboardInterrupt) -> tuple[str, int]:
 
 
 def _raise(error: KeyboardInterrupt) -> None:
-    """Raise a Ctrl-C or SIGTERM where the launcher is, unless it is inside an interrupts_deferred block (then at
-    its end). Until pipeline.lifeline is imported (it brings torch) no such block can have started."""
+    """Raise a Ctrl-C, SIGTERM or SIGHUP where the launcher is, unless it is inside an interrupts_deferred block
+    (then at its end). Until pipeline.lifeline is imported (it brings torch) no such block can have started."""
     lifeline = sys.modules.get("pipeline.lifeline")
     if lifeline is None:
         raise error
@@ -649,6 +649,7 @@ def run_job(args: argparse.Namespace, held: contextlib.ExitStack) -> int:
                           else "; no checkpoint yet")
         with contextlib.suppress(OSError):  # the terminal may be gone (SIGHUP): its line is lost, not the cleanup
             print(f"{said}: all stages stopped{resume}", file=sys.stderr, flush=True)
+        with contextlib.suppress(OSError):  # stdout may be a file that is still there
             sys.stdout.flush()
         remove_multiprocessing_temp_dir()  # os._exit skips multiprocessing's own cleanup
         os._exit(code)  # the stages are stopped; no interrupted helper thread may hold up exit

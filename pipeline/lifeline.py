@@ -137,7 +137,7 @@ def process_alive(pid: int) -> bool:
 
 
 def raise_interrupt(error: BaseException) -> None:
-    """A Ctrl-C or SIGTERM handler's work: raise `error` now, or where the interrupts_deferred block ends."""
+    """A Ctrl-C, SIGTERM or SIGHUP handler's work: raise `error` now, or where the interrupts_deferred block ends."""
     if _deferring:
         _pending[:] = _pending or [error]  # the first one counts
         return
@@ -146,9 +146,9 @@ def raise_interrupt(error: BaseException) -> None:
 
 @contextlib.contextmanager
 def interrupts_deferred() -> Iterator[None]:
-    """Ctrl-C and SIGTERM (raise_interrupt) wait until the block ends. An exception a signal handler raises inside
-    a lock or a queue that another thread shares (TensorBoard's writer) can leave that thread waiting for ever, and
-    the run's cleanup with it. Only the main thread's blocks count: handlers run there, and an interrupt deferred
+    """Ctrl-C, SIGTERM and SIGHUP (raise_interrupt) wait until the block ends. An exception a signal handler raises
+    inside a lock or a queue that another thread shares (TensorBoard's writer) can leave that thread waiting for ever,
+    and the run's cleanup with it. Only the main thread's blocks count: handlers run there, and an interrupt deferred
     into another thread (torchrun's coordinator thread writes metrics) would end that thread, not the run."""
     global _deferring
     if threading.current_thread() is not threading.main_thread():

@@ -8,6 +8,7 @@ error, and is told apart by its index among the run's processes (`worker`, route
 """
 from __future__ import annotations
 
+import contextlib
 import sys
 import time
 from pathlib import Path
@@ -190,7 +191,7 @@ class Coordinator:
 
         Per stage: busy fraction (mean over its replicas), peak memory (the largest replica's), and the kind of
         its replica 0's first link on (zmq, shm, cuda_ipc)."""
-        self.bar.close()
+        self._close_view()
         done = [[self.done[w] for w, worker in enumerate(self.workers) if worker.stage == k] for k in range(self.stages)]
         busy = [sum(d["busy"] / max(1e-9, d["busy"] + d["idle"]) for d in ds) / len(ds) for ds in done]
         result = {**self.result, "seconds": round(seconds, 1), "busy_fraction": [round(b, 3) for b in busy],
@@ -221,6 +222,12 @@ class Coordinator:
         try:
             self.save_partial_trace()
         finally:
-            self.bar.close()
+            self._close_view()
             self.writer.close()
             self.records.close()
+
+    def _close_view(self) -> None:
+        """Close the progress bar; a terminal or pipe that has gone (SIGHUP, the end of `| tee` closed) loses the
+        view only, never the run's files."""
+        with contextlib.suppress(OSError):
+            self.bar.close()

@@ -225,7 +225,7 @@ def run_spawned(cfg: Config, stages: int, shape: DataShape, resume: Checkpoint |
             p.join(timeout=60)
         return coordinator.finish(time.time() - start)
     finally:
-        with interrupts_deferred():  # a second Ctrl-C or SIGTERM waits for the cleanup (a few seconds at most)
+        with interrupts_deferred():  # a second Ctrl-C, SIGTERM or SIGHUP waits for the cleanup (a few seconds at most)
             _stop(processes)
             remove_segments()  # a stage killed with SIGKILL cannot unlink its own
             if coordinator is not None:
@@ -285,7 +285,7 @@ def _signals_default() -> Iterator[None]:
         yield
         return
     saved = {sig: signal.signal(sig, signal.SIG_DFL) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
-             if signal.getsignal(sig) is not signal.SIG_IGN}
+             if sig != signal.SIGHUP or signal.getsignal(sig) is not signal.SIG_IGN}
     try:
         yield
     finally:
@@ -392,8 +392,8 @@ def run_torchrun(cfg: Config, stages: int, shape: DataShape, resume: Checkpoint 
         # this rank is ending with its error, and torchrun SIGTERMs every rank as soon as one ends: a Terminated
         # raised during the cleanup below would replace the error's line (torchrun SIGKILLs a rank after 30 s)
         if threading.current_thread() is threading.main_thread():
-            signal.signal(signal.SIGTERM, signal.SIG_IGN)
-            signal.signal(signal.SIGINT, signal.SIG_IGN)
+            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+                signal.signal(sig, signal.SIG_IGN)
         if spec is None:
             raise
         line = report_error(err, worker, spec, ctx)

@@ -460,9 +460,8 @@ def report_error(err: BaseException, worker: StageWorker | None, spec: StageSpec
     return line
 
 
-def _end_on_signal(signum: int, _frame: Any) -> None:
-    """SIGTERM (the launcher stopping the run, or `exit_with`) or SIGHUP (the terminal closed, the launcher stops the
-    others): unlink this process's shared memory, then die of it."""
+def _end_on_sigterm(signum: int, _frame: Any) -> None:
+    """SIGTERM (the launcher stopping the run, or `exit_with`): unlink this process's shared memory, then die of it."""
     remove_segments(os.getpid())
     signal.signal(signum, signal.SIG_DFL)
     os.kill(os.getpid(), signum)
@@ -470,9 +469,7 @@ def _end_on_signal(signum: int, _frame: Any) -> None:
 
 def stage_main(spec: StageSpec) -> None:
     """Entry point of a stage process: run the worker; report any error to the coordinator, then re-raise."""
-    signal.signal(signal.SIGTERM, _end_on_signal)
-    if signal.getsignal(signal.SIGHUP) is not signal.SIG_IGN:  # ignored under nohup: the run goes on
-        signal.signal(signal.SIGHUP, _end_on_signal)
+    signal.signal(signal.SIGTERM, _end_on_sigterm)
     restore_interrupts()
     if spec.environment is not None:  # before any CUDA call: CUDA_VISIBLE_DEVICES as the launcher sees it now
         adopt_environment(spec.environment)

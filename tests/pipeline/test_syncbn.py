@@ -1,8 +1,10 @@
 """PlainBatchNorm: BatchNorm's training pass in plain tensor ops, first and second derivatives included; the groups
 that SyncBatchNorm runs over end with their threads."""
+import contextlib
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -89,10 +91,19 @@ def test_one_row_in_training_is_refused_as_batchnorm_refuses_it():
 
 
 
-def gloo_threads() -> list[str]:
-    """The names of this process's threads that gloo started (Linux)."""
-    names = (Path(f"/proc/self/task/{t}/comm").read_text().strip() for t in os.listdir("/proc/self/task"))
-    return [name for name in names if "gloo" in name]
+def gloo_threads(wait_s: float = 2.0) -> list[str]:
+    """The names of this process's threads that gloo started (Linux), once none are left or after `wait_s`: a
+    joined thread can stay listed in /proc for a moment after its join returned."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        names = []
+        for task in os.listdir("/proc/self/task"):
+            with contextlib.suppress(FileNotFoundError):  # a thread that ended since the listing
+                names.append(Path(f"/proc/self/task/{task}/comm").read_text().strip())
+        gloo = [name for name in names if "gloo" in name]
+        if not gloo or time.monotonic() > deadline:
+            return gloo
+        time.sleep(0.05)
 
 
 def test_a_destroyed_group_leaves_no_gloo_thread_when_torch_imports_dynamo_while_it_lives():
@@ -106,7 +117,7 @@ from tests.pipeline.test_syncbn import gloo_threads
 assert "torch._dynamo" not in sys.modules, "the case under test needs torch._dynamo imported while the group lives"
 with single_process_group():
     dist.all_reduce(torch.ones(1))
-    assert gloo_threads()
+    assert gloo_threads(wait_s=0)
     torch.optim.SGD(torch.nn.Linear(2, 2).parameters(), lr=0.1)  # imports torch._dynamo (torch.distributed.nn with it)
 print(gloo_threads())
 """

@@ -1,5 +1,8 @@
 """The coordinator's judgement of hung stages, and the trace it writes, without stage processes."""
+import contextlib
 import json
+import os
+import sys
 import time
 
 import pytest
@@ -129,3 +132,20 @@ def test_a_finished_traced_run_is_marked_complete_and_close_leaves_it(tmp_path):
     assert is_complete(written)
     assert [(e["name"], e["ts"]) for e in written["traceEvents"] if e["ph"] == "X"] == \
         [("train", 10), ("train", 20), ("eval", 30)]  # the train reports' spans, then the done record's, in order
+
+
+def test_a_progress_bar_whose_terminal_has_gone_does_not_stop_the_close(tmp_path, monkeypatch):
+    read_end, write_end = os.pipe()
+    stream = os.fdopen(write_end, "w")
+    monkeypatch.setattr(sys, "stderr", stream)  # where the bar draws: a pipe, as under `launch.py 2>&1 | tee log`
+    ctx = zmq.Context()
+    coordinator = Coordinator(Config(out=str(tmp_path / "run"), progress=True), 2, 10, ctx, "inproc://report")
+    try:
+        os.close(read_end)  # the reader has gone: the bar's next write is a BrokenPipeError
+        coordinator.bar.update(1)
+        coordinator.close()  # raised out of here before, leaving the run's files and the socket open
+        assert coordinator.records.socket.closed and coordinator.writer.log.file.closed
+    finally:
+        ctx.destroy(linger=0)
+        with contextlib.suppress(OSError):
+            stream.close()

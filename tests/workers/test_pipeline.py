@@ -194,6 +194,12 @@ def children_of(pid: int) -> list[int]:
     return found
 
 
+def ignores(pid: int, signum: int) -> bool:
+    """Whether process `pid` ignores signal `signum` (the SigIgn mask of /proc/PID/status)."""
+    mask = next(line for line in Path(f"/proc/{pid}/status").read_text().splitlines() if line.startswith("SigIgn:"))
+    return bool(int(mask.split()[1], 16) >> (signum - 1) & 1)
+
+
 def alive(pid: int) -> bool:
     try:
         state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
@@ -208,9 +214,11 @@ LONG_RUN = ["launch.py", "--dataset", "digits", "--epochs", "50", "--batch-size"
 
 
 def start_logging_run(command: list[str], run_dir: Path, env: dict[str, str] | None = None) -> subprocess.Popen:
-    """Start `command` (LONG_RUN or its torchrun form) in a session of its own; return it once every stage logged."""
+    """Start `command` (LONG_RUN or its torchrun form) in a session of its own, SIGHUP at its default as in a
+    terminal's (not nohup's, whatever ran the tests); return it once every stage logged."""
     proc = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True, env=env)
+                            start_new_session=True, env=env,
+                            preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_DFL))
     metrics, deadline = run_dir / "metrics.jsonl", time.time() + 120
     while not metrics.exists() or {r.get("module") for r in read_jsonl(metrics)} < {1, 2, 3}:
         assert proc.poll() is None and time.time() < deadline, proc.communicate()
@@ -497,6 +505,9 @@ def test_sigterm_stops_every_process_exits_143_and_leaves_no_ipc_folder(tmp_path
 def test_a_hangup_stops_every_process_exits_129_and_leaves_nothing_behind(tmp_path, own_temp):
     proc, stages = start_long_run(tmp_path, temp=own_temp)
     processes = [*stages, forkserver_of(proc.pid)]
+    # the launcher stops the stages: a forkserver that died of it would leave it blind to them (their status comes
+    # through the server: one still running would read as ended, and be left running)
+    assert all(ignores(pid, signal.SIGHUP) for pid in processes) and not ignores(proc.pid, signal.SIGHUP)
     os.killpg(proc.pid, signal.SIGHUP)  # the terminal closed: every process of its session gets it at once
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 129

@@ -5,12 +5,12 @@ import signal
 
 import torch
 
-from workers.stage import _end_on_signal
+from workers.stage import _end_on_sigterm
 from workers.transport import SharedMemoryPayload, named_segments
 
 
 def _hold_a_slot_until_terminated(ready) -> None:
-    signal.signal(signal.SIGTERM, _end_on_signal)
+    signal.signal(signal.SIGTERM, _end_on_sigterm)
     payload = SharedMemoryPayload()
     payload.pack(0, {"x": torch.ones(1000)})  # a slot no consumer has mapped yet: its name is still in /dev/shm
     ready.set()
