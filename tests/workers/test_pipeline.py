@@ -489,29 +489,21 @@ def launcher_ipc_dirs(pid: int, temp: Path) -> list[Path]:
     return [folder for folder in temp.glob("sgr-*") if (folder_maker(folder) or (0,))[0] == pid]
 
 
-def test_sigterm_stops_every_process_exits_143_and_leaves_no_ipc_folder(tmp_path, own_temp):
+@pytest.mark.parametrize("sig,code,word", [(signal.SIGTERM, 143, "terminated"), (signal.SIGHUP, 129, "hung up")])
+def test_sigterm_or_a_hangup_stops_every_process_and_leaves_nothing_behind(tmp_path, own_temp, sig, code, word):
     proc, stages = start_long_run(tmp_path, temp=own_temp)
     processes = [*stages, forkserver_of(proc.pid)]  # the forkserver too ends with the run
     assert left_in_temp(own_temp)
-    proc.send_signal(signal.SIGTERM)  # the launcher only, as `kill` or a scheduler would
+    if sig == signal.SIGHUP:
+        # the launcher stops the stages: a forkserver that died of it would leave it blind to them (their status
+        # comes through the server: one still running would read as ended, and be left running)
+        assert all(ignores(pid, sig) for pid in processes) and not ignores(proc.pid, sig)
+        os.killpg(proc.pid, sig)  # the terminal closed: every process of its session gets it at once
+    else:
+        proc.send_signal(sig)  # the launcher only, as `kill` or a scheduler would
     _, err = proc.communicate(timeout=60)
-    assert proc.returncode == 143
-    assert re.search(r"^terminated: all stages stopped; (checkpoint of step \d+ kept: resume with --resume "
-                     f"{re.escape(str(tmp_path / 'long'))}|no checkpoint yet)$", err, re.M), err
-    time.sleep(0.5)
-    assert not any(alive(pid) for pid in processes) and not left_in_temp(own_temp) and not segments_left(stages)
-
-
-def test_a_hangup_stops_every_process_exits_129_and_leaves_nothing_behind(tmp_path, own_temp):
-    proc, stages = start_long_run(tmp_path, temp=own_temp)
-    processes = [*stages, forkserver_of(proc.pid)]
-    # the launcher stops the stages: a forkserver that died of it would leave it blind to them (their status comes
-    # through the server: one still running would read as ended, and be left running)
-    assert all(ignores(pid, signal.SIGHUP) for pid in processes) and not ignores(proc.pid, signal.SIGHUP)
-    os.killpg(proc.pid, signal.SIGHUP)  # the terminal closed: every process of its session gets it at once
-    _, err = proc.communicate(timeout=60)
-    assert proc.returncode == 129
-    assert re.search(r"^hung up: all stages stopped; (checkpoint of step \d+ kept: resume with --resume "
+    assert proc.returncode == code
+    assert re.search(f"^{word}: all stages stopped; (checkpoint of step \\d+ kept: resume with --resume "
                      f"{re.escape(str(tmp_path / 'long'))}|no checkpoint yet)$", err, re.M), err
     time.sleep(0.5)
     assert not any(alive(pid) for pid in processes) and not left_in_temp(own_temp) and not segments_left(stages)
