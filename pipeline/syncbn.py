@@ -124,7 +124,7 @@ def convert_sync_bn(module: nn.Module, group: dist.ProcessGroup | None,
 
 
 def init_process_group(backend: str, **options: Any) -> None:
-    """`dist.init_process_group`, the way every group of a run starts (this module imported torch.distributed.nn).
+    """`dist.init_process_group`, the way every run's default group starts (this module imported torch.distributed.nn).
 
     torch.distributed.nn binds the default group as default arguments when first imported, and torch imports it
     lazily (torch._dynamo, which building the first optimizer imports). Imported after the group started, it kept the
