@@ -103,11 +103,12 @@ def summarize(trace: dict[str, Any]) -> list[dict[str, float]]:
     wall = max(e["ts"] + e["dur"] for e in spans) - start
     if not 0 < wall < math.inf:  # ts + dur can overflow to inf in a hand-edited file
         raise ValueError(f"its spans cover {wall} µs, not a positive length of time")
+    own = [e for e in spans if e["name"] in SPANS]  # the stages' own threads (not their outboxes' rows)
     rows = []
-    for stage in sorted({e["tid"] for e in spans if e["name"] in SPANS}):
+    for stage in sorted({e["tid"] for e in own}):
         total = {name: 0 for name in SPANS}
-        for e in spans:
-            if e["tid"] == stage and e["name"] in SPANS:
+        for e in own:
+            if e["tid"] == stage:
                 total[e["name"]] += e["dur"]
         busy = sum(total[name] for name in BUSY)
         share = {name: 100 * t / wall for name, t in total.items()}
