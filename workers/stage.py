@@ -416,8 +416,10 @@ class StageWorker:
         for part in (*self.receivers, self.reporter):
             if part is not None:
                 part.close()
-        if self.group is not None and self.own_group and dist.is_initialized():
-            dist.destroy_process_group()
+        if self.group is not None:
+            self.group.release([self.local.module, self.local.head])
+            if self.own_group and dist.is_initialized():
+                dist.destroy_process_group()
 
 
 def merge(messages: list[Message]) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:

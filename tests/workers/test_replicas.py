@@ -9,7 +9,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from pipeline.step import StageStep
-from pipeline.syncbn import convert_sync_bn
+from pipeline.syncbn import convert_sync_bn, init_process_group
 from tests.pipeline.test_syncbn import gloo_threads
 from workers.replicas import ReplicaGroup, ReplicasDiverged, buckets, digest, group_backend, join_group
 from workers.transport import PeerLost
@@ -161,6 +161,34 @@ def test_a_replica_with_other_weights_is_named(tmp_path):
     replicas = run_replicas(tmp_path, 2, sync_bn=True, diverge=True)
     for got in replicas:
         assert "stage 2: replica(s) [2] hold other weights than replica 1 after step 3" in got["verdict"]
+
+
+def _torchrun_replica(rank: int, store: str, release: bool) -> None:
+    """A replica as under torchrun (its group a new_group of the default one), still referenced after the run, as an
+    error's traceback keeps a stage: gloo's threads must end with destroy_process_group all the same."""
+    torch.set_num_threads(1)
+    init_process_group("gloo", store=dist.FileStore(store, 2), rank=rank, world_size=2)
+    group = ReplicaGroup(dist.new_group([0, 1]), 2, rank, torch.device("cpu"))
+    step, x, delta, y = tiny_step()
+    convert_sync_bn(step.module, group.group)
+    step.average_gradients = group.average_gradients
+    step.train_step(x[4 * rank:4 * rank + 4], delta[4 * rank:4 * rank + 4], y[4 * rank:4 * rank + 4])
+    group.finish()
+    if release:
+        group.release([step.module, step.head])
+    dist.destroy_process_group()
+    assert bool(gloo_threads(wait_s=2.0 if release else 0.5)) is not release, (group, step)  # both still referenced
+
+
+@pytest.mark.parametrize("release", [True, False])
+def test_a_released_replica_group_ends_with_destroy_even_while_referenced(tmp_path, release):
+    ctx = mp.get_context("spawn")
+    procs = [ctx.Process(target=_torchrun_replica, args=(r, str(tmp_path / "store"), release)) for r in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(120)
+        assert p.exitcode == 0
 
 
 def test_a_failed_collective_is_a_lost_peer_so_the_launcher_blames_whoever_failed_first(monkeypatch):
