@@ -121,6 +121,7 @@ def find_resume(args: argparse.Namespace, cfg, data, steps_per_run: int, rank: i
     """The checkpoint to continue from (None for a fresh run), or a one-line error; torn ones are warned about.
     `rank`: this torchrun rank (0 when spawned), as rank 0 alone clears a run for --fresh."""
     from pipeline.checkpoint import CheckpointError, warnings_printed
+    from pipeline.config import ConfigError, changed_settings, load_yaml
     from pipeline.rundir import clear_outputs, resume_checkpoint
     from pipeline.stages import split_cuts
 
@@ -140,6 +141,11 @@ def find_resume(args: argparse.Namespace, cfg, data, steps_per_run: int, rank: i
     if checkpoint.step >= steps_per_run:
         raise CheckpointError(f"{run_dir} already finished at step {checkpoint.step}; raise --epochs to train further")
     print(f"resuming {run_dir} from step {checkpoint.step}", flush=True)
+    with contextlib.suppress(ConfigError):  # a recorded config this version cannot read: the fingerprint matched
+        changed = changed_settings(load_yaml(run_dir / "config.yaml"), cfg)
+        if changed:  # the run's config.yaml is about to record the new values in place of these
+            print("with settings changed from the run's config.yaml: "
+                  + ", ".join(f"{key} {old!r} -> {new!r}" for key, (old, new) in changed.items()), flush=True)
     return checkpoint
 
 

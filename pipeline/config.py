@@ -202,6 +202,12 @@ def load_yaml(path: str | Path) -> Config:
     return from_dict(read_yaml_mapping(path), source=str(path))
 
 
+def changed_settings(before: Config, after: Config) -> dict[str, tuple[Any, Any]]:
+    """The settings `after` gives other values than `before`: {key: (before's, after's)}, the run directory aside."""
+    old, new = before.to_dict(), after.to_dict()
+    return {key: (old[key], value) for key, value in new.items() if key != "out" and old[key] != value}
+
+
 def read_yaml_mapping(path: str | Path, kind: str = "config file", example: str = "configs/default.yaml") -> dict:
     """The key: value mapping of a YAML file (a `kind` such as a config or a study file); one-line ConfigError for a
     folder, a missing, binary or malformed file, or one that holds no mapping."""

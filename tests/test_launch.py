@@ -347,6 +347,7 @@ def test_a_corrupted_newest_checkpoint_is_skipped_and_the_resumed_run_ends_as_an
     out, err = capsys.readouterr()
     assert f"warning: skipping checkpoint {stage2.parent}: stage2.pt does not match its SHA-256 in the manifest" in err
     assert f"resuming {run_dir} from step 2" in out
+    assert "settings changed" not in out  # the same settings as the run's
     for k, state in final.items():
         resumed = torch.load(run_dir / "checkpoints" / "step00000004" / f"stage{k}.pt", weights_only=True)
         for part in ("module", "head"):
@@ -362,6 +363,17 @@ def test_a_corrupted_newest_checkpoint_is_skipped_and_the_resumed_run_ends_as_an
     for tool in ("evaluate", "export"):  # the tools refuse it in one line too
         assert launch.main([tool, str(run_dir)]) == 2
         assert capsys.readouterr().err.endswith(no_checkpoint)
+
+
+def test_a_resume_that_changes_settings_says_which_before_config_yaml_records_the_new_ones(tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    assert launch.main([*DIGITS, "--out", str(run_dir), "--schedule", "sequential", "--set", "train_subset=64"]) == 0
+    capsys.readouterr()
+    assert launch.main(["--resume", str(run_dir), "--epochs", "2", "--lr", "0.05", "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert f"resuming {run_dir} from step 2\nwith settings changed from the run's config.yaml: epochs 1 -> 2, " \
+           "lr 0.1 -> 0.05\n" in out
+    assert yaml.safe_load((run_dir / "config.yaml").read_text())["lr"] == 0.05
 
 
 def test_an_out_that_is_a_file_is_one_line_and_leaves_no_ipc_folder(tmp_path, capsys):

@@ -2,7 +2,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.config import Config, ConfigError, from_dict, load_yaml, parse_override, validate
+from pipeline.config import Config, ConfigError, changed_settings, from_dict, load_yaml, parse_override, validate
 from pipeline.stages import build_local_modules
 
 CONFIGS = sorted((Path(__file__).parents[2] / "configs").glob("*.yaml"))
@@ -137,3 +137,10 @@ def test_numbers_in_scientific_notation_are_numbers_though_yaml_1_1_reads_them_a
 def test_a_config_path_that_is_a_folder_says_so(tmp_path):
     with pytest.raises(ConfigError, match=f"config file {tmp_path} is a folder, not a file"):
         load_yaml(tmp_path)
+
+
+def test_changed_settings_lists_every_other_value_but_the_run_directory():
+    before = Config()
+    assert changed_settings(before, from_dict({"out": "elsewhere"}, base=before)) == {}
+    after = from_dict({"lr": 0.05, "split": [2, 4], "out": "elsewhere"}, base=before)
+    assert changed_settings(before, after) == {"lr": (0.1, 0.05), "split": (before.split, [2, 4])}
