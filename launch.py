@@ -119,7 +119,7 @@ def build_config(args: argparse.Namespace):
 
 def find_resume(args: argparse.Namespace, cfg, data, steps_per_run: int, rank: int):
     """The checkpoint to continue from (None for a fresh run), or a one-line error; torn ones are warned about.
-    `rank`: this torchrun rank (0 when spawned), as rank 0 alone clears a run for --fresh."""
+    `rank`: this torchrun rank (0 when spawned), as rank 0 alone clears a run for --fresh and says what it resumes."""
     from pipeline.checkpoint import CheckpointError, warnings_printed
     from pipeline.config import ConfigError, changed_settings, load_yaml
     from pipeline.rundir import clear_outputs, resume_checkpoint
@@ -140,12 +140,13 @@ def find_resume(args: argparse.Namespace, cfg, data, steps_per_run: int, rank: i
         checkpoint = resume_checkpoint(cfg, split_cuts(cfg, data.in_channels, data.num_classes, data.input_size))
     if checkpoint.step >= steps_per_run:
         raise CheckpointError(f"{run_dir} already finished at step {checkpoint.step}; raise --epochs to train further")
-    print(f"resuming {run_dir} from step {checkpoint.step}", flush=True)
-    with contextlib.suppress(ConfigError):  # a recorded config this version cannot read: the fingerprint matched
-        changed = changed_settings(load_yaml(run_dir / "config.yaml"), cfg)
-        if changed:  # the run's config.yaml is about to record the new values in place of these
-            print("with settings changed from the run's config.yaml: "
-                  + ", ".join(f"{key} {old!r} -> {new!r}" for key, (old, new) in changed.items()), flush=True)
+    if rank == 0:  # torchrun: once, not once per rank
+        print(f"resuming {run_dir} from step {checkpoint.step}", flush=True)
+        with contextlib.suppress(ConfigError):  # a recorded config this version cannot read: the fingerprint matched
+            changed = changed_settings(load_yaml(run_dir / "config.yaml"), cfg)
+            if changed:  # the run's config.yaml is about to record the new values in place of these
+                print("with settings changed from the run's config.yaml: "
+                      + ", ".join(f"{key} {old!r} -> {new!r}" for key, (old, new) in changed.items()), flush=True)
     return checkpoint
 
 

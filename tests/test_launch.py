@@ -1,3 +1,4 @@
+import argparse
 import hashlib
 import json
 import os
@@ -13,7 +14,7 @@ import torch
 import yaml
 
 import launch
-from pipeline.config import Config
+from pipeline.config import Config, from_dict, load_yaml
 from pipeline.data import eval_batches, load_data
 from pipeline.export import load_exported
 from tests.pipeline.test_data import write_image_folder
@@ -374,6 +375,12 @@ def test_a_resume_that_changes_settings_says_which_before_config_yaml_records_th
     assert f"resuming {run_dir} from step 2\nwith settings changed from the run's config.yaml: epochs 1 -> 2, " \
            "lr 0.1 -> 0.05\n" in out
     assert yaml.safe_load((run_dir / "config.yaml").read_text())["lr"] == 0.05
+    cfg = from_dict({"epochs": 3}, base=load_yaml(run_dir / "config.yaml"))  # torchrun: one rank says it, not each
+    args = argparse.Namespace(resume=str(run_dir), fresh=False)
+    for rank, said in ((1, ""), (0, f"resuming {run_dir} from step 4\nwith settings changed from the run's config.yaml: "
+                                    "epochs 2 -> 3\n")):
+        assert launch.find_resume(args, cfg, load_data("digits"), 6, rank).step == 4
+        assert capsys.readouterr().out == said
 
 
 def test_an_out_that_is_a_file_is_one_line_and_leaves_no_ipc_folder(tmp_path, capsys):
