@@ -203,9 +203,11 @@ def load_yaml(path: str | Path) -> Config:
 
 
 def changed_settings(before: Config, after: Config) -> dict[str, tuple[Any, Any]]:
-    """The settings `after` gives other values than `before`: {key: (before's, after's)}, the run directory aside."""
+    """The settings `after` gives other values than `before`: {key: (before's, after's)}, the run directory aside and
+    `auto` too (planned when the run starts, then recorded)."""
     old, new = before.to_dict(), after.to_dict()
-    return {key: (old[key], value) for key, value in new.items() if key != "out" and old[key] != value}
+    return {key: (old[key], value) for key, value in new.items()
+            if key != "out" and value != "auto" and old[key] != value}
 
 
 def read_yaml_mapping(path: str | Path, kind: str = "config file", example: str = "configs/default.yaml") -> dict:

@@ -83,17 +83,22 @@ class SyncBatchNorm(PlainBatchNorm):
 
     def __init__(self, bn: _BatchNorm, group: dist.ProcessGroup | None, guard: Guard = contextlib.nullcontext) -> None:
         super().__init__(bn.num_features, bn.eps, bn.momentum, bn.affine, bn.track_running_stats)
-        self.group, self.guard = group, guard
+        # the group by name (None: the default group, looked up when the layer runs), so that neither this layer nor
+        # a graph it made keeps the group alive after destroy_process_group: a traceback may hold both, and a group
+        # that outlives it is torn down at interpreter exit, which can abort the process
+        self.group_name = None if group is None else group.group_name
+        self.size = None if group is None else dist.get_world_size(group)
+        self.guard = guard
         # the same parameter and buffer objects: the optimizer built on `bn` trains these; the state_dict keys stay
         self.weight, self.bias = bn.weight, bn.bias
         self.running_mean, self.running_var = bn.running_mean, bn.running_var
         self.num_batches_tracked = bn.num_batches_tracked
 
     def total(self, t: torch.Tensor) -> torch.Tensor:
-        return _AllSum.apply(t, self.group, self.guard)
+        return _AllSum.apply(t, self.group_name or dist.group.WORLD.group_name, self.guard)
 
     def processes(self) -> int:
-        return dist.get_world_size(self.group)
+        return self.size or dist.get_world_size()
 
 
 class _AllSum(torch.autograd.Function):
@@ -101,14 +106,14 @@ class _AllSum(torch.autograd.Function):
     _AllSum, so a double backward works; every all-reduce runs inside `guard()`."""
 
     @staticmethod
-    def forward(ctx: Any, t: torch.Tensor, group: dist.ProcessGroup | None, guard: Guard) -> torch.Tensor:
-        ctx.group, ctx.guard = group, guard
+    def forward(ctx: Any, t: torch.Tensor, group_name: str, guard: Guard) -> torch.Tensor:
+        ctx.group_name, ctx.guard = group_name, guard
         with guard():
-            return funcol.wait_tensor(funcol.all_reduce(t, "sum", group or dist.group.WORLD))
+            return funcol.wait_tensor(funcol.all_reduce(t, "sum", group_name))
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
-        return _AllSum.apply(grad, ctx.group, ctx.guard), None, None
+        return _AllSum.apply(grad, ctx.group_name, ctx.guard), None, None
 
 
 def convert_sync_bn(module: nn.Module, group: dist.ProcessGroup | None,

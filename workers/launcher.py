@@ -412,6 +412,8 @@ def run_torchrun(cfg: Config, stages: int, shape: DataShape, resume: Checkpoint 
         if authenticator is not None:
             authenticator.stop()
         ctx.term()
+        if group is not None:  # the group ends with destroy, even while an error's traceback keeps the stage alive
+            group.release()
         dist.destroy_process_group()
 
 

@@ -22,7 +22,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from pipeline.syncbn import SyncBatchNorm, init_process_group
+from pipeline.syncbn import init_process_group
 from workers.transport import PeerLost
 
 BUCKET_BYTES = 32 * 2**20  # gradients are averaged in flat buckets of at most this size (one collective each)
@@ -132,14 +132,10 @@ class ReplicaGroup:
             raise ReplicasDiverged(f"{what}: replica(s) {differ} hold other weights than replica 1 after step {step} "
                                    "(a fault in a collective or a non-deterministic kernel); resume from the last checkpoint")
 
-    def release(self, modules: Iterable[nn.Module]) -> None:
-        """Drop this object's and the SyncBatchNorm layers' (in `modules`) references to the process group, when the
-        stage closes: `destroy_process_group` then frees it, where a reference kept alive (by an error's traceback)
-        would leave its gloo threads running until interpreter exit, whose teardown of them can abort the process."""
-        for module in modules:
-            for layer in module.modules():
-                if isinstance(layer, SyncBatchNorm):
-                    layer.group = None
+    def release(self) -> None:
+        """Drop the process group, when the stage closes (the last call on this object): `destroy_process_group` then
+        frees it even while a traceback keeps this object alive, where a group that outlived it would be torn down
+        at interpreter exit, which can abort the process (SyncBatchNorm layers hold the group by name only)."""
         self.group = None
 
     def _global(self, rank: int) -> int:

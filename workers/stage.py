@@ -157,7 +157,6 @@ class StageWorker:
         if spec.resume is not None:
             path = Path(spec.resume) / f"stage{self.rank + 1}.pt"
             self.probe.previous_input = load_stage_state(self.real_step, path, self.device)
-        self.group = self._join_replicas(group)
         simulate_ms = per_stage(self.cfg.simulate_step_ms, spec.stages, "simulate_step_ms")[self.rank]
         self.step: StageStep | SimulatedStep = self.real_step
         if simulate_ms > 0:  # bench/schedule_overhead.py, bench/replicas.py: sleep instead of compute
@@ -180,6 +179,7 @@ class StageWorker:
         self.busy = self.idle = 0.0
         self.trace = Tracer(self.cfg.trace and self.lead)  # one row per stage in the trace: replica 0's
         self.eval_counts: list[torch.Tensor | int] = [0, 0, 0]  # correct top-1, top-5 (on the device), samples
+        self.group = self._join_replicas(group)  # last: nothing after it can fail and leave a group no one ends
 
     def _join_replicas(self, group: ReplicaGroup | None) -> ReplicaGroup | None:
         """Meet this stage's other replicas (given `group` under torchrun, a file store when spawned) and make the
@@ -416,10 +416,8 @@ class StageWorker:
         for part in (*self.receivers, self.reporter):
             if part is not None:
                 part.close()
-        if self.group is not None:
-            self.group.release([self.local.module, self.local.head])
-            if self.own_group and dist.is_initialized():
-                dist.destroy_process_group()
+        if self.group is not None and self.own_group and dist.is_initialized():
+            dist.destroy_process_group()
 
 
 def merge(messages: list[Message]) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:

@@ -141,6 +141,6 @@ def test_a_config_path_that_is_a_folder_says_so(tmp_path):
 
 def test_changed_settings_lists_every_other_value_but_the_run_directory():
     before = Config()
-    assert changed_settings(before, from_dict({"out": "elsewhere"}, base=before)) == {}
+    assert changed_settings(before, from_dict({"out": "elsewhere", "replicas": "auto"}, base=before)) == {}
     after = from_dict({"lr": 0.05, "split": [2, 4], "out": "elsewhere"}, base=before)
     assert changed_settings(before, after) == {"lr": (0.1, 0.05), "split": (before.split, [2, 4])}

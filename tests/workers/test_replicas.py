@@ -164,20 +164,23 @@ def test_a_replica_with_other_weights_is_named(tmp_path):
 
 
 def _torchrun_replica(rank: int, store: str, release: bool) -> None:
-    """A replica as under torchrun (its group a new_group of the default one), still referenced after the run, as an
-    error's traceback keeps a stage: gloo's threads must end with destroy_process_group all the same."""
+    """A replica as under torchrun (its group a new_group of the default one) whose stage, group and a graph through
+    its SyncBatchNorm are still referenced after the run, as an error's traceback keeps them: gloo's threads must end
+    with destroy_process_group all the same."""
     torch.set_num_threads(1)
     init_process_group("gloo", store=dist.FileStore(store, 2), rank=rank, world_size=2)
     group = ReplicaGroup(dist.new_group([0, 1]), 2, rank, torch.device("cpu"))
     step, x, delta, y = tiny_step()
     convert_sync_bn(step.module, group.group)
     step.average_gradients = group.average_gradients
-    step.train_step(x[4 * rank:4 * rank + 4], delta[4 * rank:4 * rank + 4], y[4 * rank:4 * rank + 4])
+    rows = slice(4 * rank, 4 * rank + 4)
+    step.train_step(x[rows], delta[rows], y[rows])
+    graph = step.module(x[rows])  # its SyncBatchNorm's all-reduces are nodes of this graph
     group.finish()
     if release:
-        group.release([step.module, step.head])
+        group.release()
     dist.destroy_process_group()
-    assert bool(gloo_threads(wait_s=2.0 if release else 0.5)) is not release, (group, step)  # both still referenced
+    assert bool(gloo_threads(wait_s=2.0 if release else 0.5)) is not release, (group, step, graph)  # still held
 
 
 @pytest.mark.parametrize("release", [True, False])
