@@ -49,6 +49,29 @@ class DataError(RuntimeError):
     """Data that is missing or malformed; the message says how to get it right."""
 
 
+HISTOGRAM_CHUNK = 1 << 24  # pixels counted at a time: np.bincount makes an int64 copy of what it counts
+
+
+def channel_statistics(images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The channel mean and std (ddof 1) of uint8 N×C×H×W images read as values in [0, 1], in float32.
+
+    From each channel's histogram of its 256 values: integer counts, then float64 sums of 256 terms, so no thread
+    count changes a bit (processes with different counts must normalise alike) and no float copy of the images is
+    made (numpy's float64 mean and std of one, which this replaced and equals in float32, took 8 bytes a pixel twice:
+    0.75 GB for Fashion-MNIST, 2.5 GB for CIFAR-10, in every process that loads the data).
+    """
+    values = np.arange(256, dtype=np.float64) / 255
+    means, stds = [], []
+    for channel in images.transpose(0, 1).reshape(images.shape[1], -1).numpy():  # a copy only where C > 1: 1 B a pixel
+        counts = np.zeros(256, dtype=np.int64)
+        for start in range(0, channel.size, HISTOGRAM_CHUNK):
+            counts += np.bincount(channel[start:start + HISTOGRAM_CHUNK], minlength=256)
+        mean = (counts * values).sum() / channel.size
+        means.append(mean)
+        stds.append(math.sqrt((counts * (values - mean) ** 2).sum() / (channel.size - 1)))
+    return torch.tensor(means, dtype=torch.float32), torch.tensor(stds, dtype=torch.float32).clamp_min(1e-3)
+
+
 @dataclass
 class ImageData:
     """Train and test images (uint8, N×C×H×W) with labels, and the train set's channel statistics."""
@@ -63,11 +86,7 @@ class ImageData:
         for part, x, y in (("train", self.train_x, self.train_y), ("test", self.test_x, self.test_y)):
             if len(x) != len(y):
                 raise DataError(f"the {part} set has {len(x)} images but {len(y)} labels; the files do not belong together")
-        # numpy in float64: the statistics must not depend on the torch thread count, or processes
-        # with different thread counts would normalise the same images to different bits.
-        pixels = self.train_x.transpose(0, 1).reshape(self.train_x.shape[1], -1).numpy().astype(np.float64) / 255
-        self.mean = torch.from_numpy(pixels.mean(axis=1)).float()
-        self.std = torch.from_numpy(pixels.std(axis=1, ddof=1)).float().clamp_min(1e-3)
+        self.mean, self.std = channel_statistics(self.train_x)
 
     def train_images(self, batches: list[torch.Tensor], generator: torch.Generator, use_augment: bool,
                      start: int = 0, part: Part = None,

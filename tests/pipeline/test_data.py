@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from pipeline.data import (
-    DataError, FolderImages, augment, bank_batches, bank_indices, eval_batches, load_data, normalize, pixels,
-    probe_batch, random_resized_box, read_idx, steps_per_epoch, train_batches,
+    HISTOGRAM_CHUNK, DataError, FolderImages, augment, bank_batches, bank_indices, channel_statistics, eval_batches,
+    load_data, normalize, pixels, probe_batch, random_resized_box, read_idx, steps_per_epoch, train_batches,
 )
 from pipeline.views import PHOTOMETRIC
 
@@ -44,6 +44,23 @@ def test_fashion_mnist_from_idx_files_in_either_layout(tmp_path, layout, gz):
     assert torch.equal(data.train_x[:, 0], torch.from_numpy(arrays["train-images-idx3-ubyte"].astype(np.uint8)))
     assert data.test_y.tolist() == list(range(10))
     assert data.num_classes == 10 and data.in_channels == 1 and data.input_size == 28
+
+
+@pytest.mark.parametrize("case", ["uniform", "skewed", "constant", "digits", "longer than a chunk"])
+def test_channel_statistics_equal_numpys_float64_mean_and_std_to_the_bit(case):
+    """The statistics every normalised batch uses: the same float32 bits as numpy's float64 mean and std of a float
+    copy of the images, which they replaced (so every earlier run normalises as before)."""
+    g = torch.Generator().manual_seed(0)
+    images = {"uniform": lambda: torch.randint(0, 256, (2000, 3, 8, 8), generator=g, dtype=torch.uint8),
+              "skewed": lambda: (torch.rand(3000, 3, 8, 8, generator=g) ** 4 * 255).to(torch.uint8),
+              "constant": lambda: torch.full((10, 2, 4, 4), 7, dtype=torch.uint8),
+              "digits": lambda: load_data("digits").train_x,
+              "longer than a chunk": lambda: torch.randint(0, 256, (HISTOGRAM_CHUNK // 64 + 3, 1, 8, 8), generator=g,
+                                                           dtype=torch.uint8)}[case]()
+    floats = images.transpose(0, 1).reshape(images.shape[1], -1).numpy().astype(np.float64) / 255
+    mean, std = channel_statistics(images)
+    assert torch.equal(mean, torch.from_numpy(floats.mean(axis=1)).float())
+    assert torch.equal(std, torch.from_numpy(floats.std(axis=1, ddof=1)).float().clamp_min(1e-3))
 
 
 def test_missing_fashion_mnist_says_how_to_get_it(tmp_path):
