@@ -402,6 +402,8 @@ def run_torchrun(cfg: Config, stages: int, shape: DataShape, resume: Checkpoint 
         raise StageFailed(f"{spec.name}: {line}") from None
     finally:
         shutil.rmtree(folder, ignore_errors=True)  # first: it cannot fail (the sockets' names go with it)
+        if group is not None:  # nor this: the group then ends with destroy, even while a traceback keeps the stage
+            group.release()
         watching.clear()
         if watcher is not None:  # stopped before its socket closes under it
             watcher.join(timeout=5)
@@ -412,8 +414,6 @@ def run_torchrun(cfg: Config, stages: int, shape: DataShape, resume: Checkpoint 
         if authenticator is not None:
             authenticator.stop()
         ctx.term()
-        if group is not None:  # the group ends with destroy, even while an error's traceback keeps the stage alive
-            group.release()
         dist.destroy_process_group()
 
 
