@@ -49,7 +49,7 @@ class DataError(RuntimeError):
     """Data that is missing or malformed; the message says how to get it right."""
 
 
-HISTOGRAM_CHUNK = 1 << 24  # pixels counted at a time: np.bincount makes an int64 copy of what it counts
+HISTOGRAM_CHUNK = 1 << 22  # pixels counted at a time: np.bincount makes an int64 copy (32 MB) of what it counts
 
 
 def channel_statistics(images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
