@@ -202,12 +202,15 @@ def load_yaml(path: str | Path) -> Config:
     return from_dict(read_yaml_mapping(path), source=str(path))
 
 
+PLANNED = ("replicas", "split")  # keys whose `auto` is planned when a run starts, and recorded as the plan's values
+
+
 def changed_settings(before: Config, after: Config) -> dict[str, tuple[Any, Any]]:
-    """The settings `after` gives other values than `before`: {key: (before's, after's)}, the run directory aside and
-    `auto` too (planned when the run starts, then recorded)."""
+    """The settings `after` gives other values than `before`: {key: (before's, after's)}, the run directory aside, and
+    a PLANNED key given as `auto` (its plan is made later)."""
     old, new = before.to_dict(), after.to_dict()
     return {key: (old[key], value) for key, value in new.items()
-            if key != "out" and value != "auto" and old[key] != value}
+            if key != "out" and not (key in PLANNED and value == "auto") and old[key] != value}
 
 
 def read_yaml_mapping(path: str | Path, kind: str = "config file", example: str = "configs/default.yaml") -> dict:

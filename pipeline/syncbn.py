@@ -85,7 +85,8 @@ class SyncBatchNorm(PlainBatchNorm):
         super().__init__(bn.num_features, bn.eps, bn.momentum, bn.affine, bn.track_running_stats)
         # the group by name (None: the default group, looked up when the layer runs), so that neither this layer nor
         # a graph it made keeps the group alive after destroy_process_group: a traceback may hold both, and a group
-        # that outlives it is torn down at interpreter exit, which can abort the process
+        # that outlives it is torn down at interpreter exit, which can abort the process (names are reused by the
+        # groups of a later world in the same process: a layer belongs to the world it was made in)
         self.group_name = None if group is None else group.group_name
         self.size = None if group is None else dist.get_world_size(group)
         self.guard = guard

@@ -377,8 +377,8 @@ def test_a_resume_that_changes_settings_says_which_before_config_yaml_records_th
     assert yaml.safe_load((run_dir / "config.yaml").read_text())["lr"] == 0.05
     cfg = from_dict({"epochs": 3}, base=load_yaml(run_dir / "config.yaml"))  # torchrun: one rank says it, not each
     args = argparse.Namespace(resume=str(run_dir), fresh=False)
-    said = f"resuming {run_dir} from step 4\nwith settings changed from the run's config.yaml: epochs 2 -> 3\n"
-    for rank, said in ((1, ""), (0, said)):
+    resumed = f"resuming {run_dir} from step 4\nwith settings changed from the run's config.yaml: epochs 2 -> 3\n"
+    for rank, said in ((1, ""), (0, resumed)):
         assert launch.find_resume(args, cfg, load_data("digits"), 6, rank).step == 4
         assert capsys.readouterr().out == said
 

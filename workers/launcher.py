@@ -301,6 +301,21 @@ def run_torchrun(cfg: Config, stages: int, shape: DataShape, resume: Checkpoint 
 
     with _signals_default():
         init_process_group("gloo")  # the default timeout: ranks may arrive minutes apart (data, split: auto)
+    made: list[ReplicaGroup] = []
+    try:
+        return _torchrun_rank(cfg, stages, shape, resume, made)
+    finally:  # every way out, a set-up error's too: a group left to interpreter exit can abort the process there
+        for group in made:  # then destroy frees it, even while an error's traceback keeps the stage that used it
+            group.release()
+        dist.destroy_process_group()
+
+
+def _torchrun_rank(cfg: Config, stages: int, shape: DataShape, resume: Checkpoint | None,
+                   made: list[ReplicaGroup]) -> dict[str, Any] | None:
+    """run_torchrun's part while the default group is up: find this rank's stage and replica, join the links, run;
+    the replica group it makes goes into `made` as soon as it exists, for run_torchrun to release."""
+    import torch.distributed as dist
+
     remove_segments()  # shared memory left by the stages of a run killed before their first credit
     store = dist.distributed_c10d._get_default_store()
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -338,6 +353,8 @@ def run_torchrun(cfg: Config, stages: int, shape: DataShape, resume: Checkpoint 
     me = everyone[rank]  # launch.check_topology refused a world that is not sum(counts)
     k, r = me.stage, me.replica
     group = _replica_group(store, counts, rank, own_uuid, torch.device(device), cfg.peer_timeout)
+    if group is not None:
+        made.append(group)
     ctx = zmq.Context()
     authenticator = start_authenticator(ctx, keys)
     coordinator = None
@@ -402,8 +419,6 @@ def run_torchrun(cfg: Config, stages: int, shape: DataShape, resume: Checkpoint 
         raise StageFailed(f"{spec.name}: {line}") from None
     finally:
         shutil.rmtree(folder, ignore_errors=True)  # first: it cannot fail (the sockets' names go with it)
-        if group is not None:  # nor this: the group then ends with destroy, even while a traceback keeps the stage
-            group.release()
         watching.clear()
         if watcher is not None:  # stopped before its socket closes under it
             watcher.join(timeout=5)
@@ -414,7 +429,6 @@ def run_torchrun(cfg: Config, stages: int, shape: DataShape, resume: Checkpoint 
         if authenticator is not None:
             authenticator.stop()
         ctx.term()
-        dist.destroy_process_group()
 
 
 def _replica_group(store: Any, counts: list[int], rank: int, own_uuid: str | None, device: torch.device,

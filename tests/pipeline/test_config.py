@@ -144,3 +144,5 @@ def test_changed_settings_lists_every_other_value_but_the_run_directory():
     assert changed_settings(before, from_dict({"out": "elsewhere", "replicas": "auto"}, base=before)) == {}
     after = from_dict({"lr": 0.05, "split": [2, 4], "out": "elsewhere"}, base=before)
     assert changed_settings(before, after) == {"lr": (0.1, 0.05), "split": (before.split, [2, 4])}
+    zmq = from_dict({"transport": "zmq"}, base=before)  # a setting whose `auto` is no plan
+    assert changed_settings(zmq, before) == {"transport": ("zmq", "auto")}

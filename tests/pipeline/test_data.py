@@ -46,7 +46,8 @@ def test_fashion_mnist_from_idx_files_in_either_layout(tmp_path, layout, gz):
     assert data.num_classes == 10 and data.in_channels == 1 and data.input_size == 28
 
 
-@pytest.mark.parametrize("case", ["uniform", "skewed", "constant", "digits", "longer than a chunk"])
+@pytest.mark.parametrize("case", ["uniform", "skewed", "constant", "digits", "longer than a chunk", "channels last",
+                                  "strided"])
 def test_channel_statistics_equal_numpys_float64_mean_and_std_to_the_bit(case):
     """The statistics every normalised batch uses: the same float32 bits as numpy's float64 mean and std of a float
     copy of the images, which they replaced (so every earlier run normalises as before)."""
@@ -56,7 +57,11 @@ def test_channel_statistics_equal_numpys_float64_mean_and_std_to_the_bit(case):
               "constant": lambda: torch.full((10, 2, 4, 4), 7, dtype=torch.uint8),
               "digits": lambda: load_data("digits").train_x,
               "longer than a chunk": lambda: torch.randint(0, 256, (HISTOGRAM_CHUNK // 64 + 3, 1, 8, 8), generator=g,
-                                                           dtype=torch.uint8)}[case]()
+                                                           dtype=torch.uint8),
+              "channels last": lambda: torch.randint(0, 256, (500, 3, 8, 8), generator=g, dtype=torch.uint8).contiguous(
+                  memory_format=torch.channels_last),
+              "strided": lambda: torch.randint(0, 256, (900, 3, 9, 9), generator=g, dtype=torch.uint8)[::3, :, 1:, ::2]
+              }[case]()
     floats = images.transpose(0, 1).reshape(images.shape[1], -1).numpy().astype(np.float64) / 255
     mean, std = channel_statistics(images)
     assert torch.equal(mean, torch.from_numpy(floats.mean(axis=1)).float())
