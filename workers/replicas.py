@@ -89,7 +89,15 @@ class ReplicaGroup:
     """This process's view of its stage's replicas: `size` processes, this one `rank` among them."""
 
     def __init__(self, group: dist.ProcessGroup | None, size: int, rank: int, device: torch.device) -> None:
-        self.group, self.size, self.rank, self.device = group, size, rank, device
+        self._group, self.size, self.rank, self.device = group, size, rank, device
+        self.released = False
+
+    @property
+    def group(self) -> dist.ProcessGroup | None:
+        """The stage's process group (None: the default group, which is the stage's when spawned)."""
+        if self.released:  # not None, which would mean the whole world under torchrun
+            raise ValueError("this stage's replica group was released when its run ended; it takes no more collectives")
+        return self._group
 
     def average_gradients(self, params: list[nn.Parameter]) -> None:
         """Replace every gradient by its mean over the replicas (all-reduce of flat buckets)."""
@@ -133,10 +141,10 @@ class ReplicaGroup:
                                    "(a fault in a collective or a non-deterministic kernel); resume from the last checkpoint")
 
     def release(self) -> None:
-        """Drop the process group, when the stage closes (the last call on this object): `destroy_process_group` then
+        """Drop the process group, when the stage closes (collectives afterwards raise): `destroy_process_group` then
         frees it even while a traceback keeps this object alive, where a group that outlived it would be torn down
         at interpreter exit, which can abort the process (SyncBatchNorm layers hold the group by name only)."""
-        self.group = None
+        self._group, self.released = None, True
 
     def _global(self, rank: int) -> int:
         """The rank in the default group of this group's `rank` (the two differ under torchrun)."""

@@ -194,6 +194,14 @@ def test_a_released_replica_group_ends_with_destroy_even_while_referenced(tmp_pa
         assert p.exitcode == 0
 
 
+def test_a_released_group_refuses_collectives_instead_of_using_the_whole_world():
+    group = ReplicaGroup(None, 2, 0, torch.device("cpu"))
+    group.release()
+    for call in (lambda: group.all_sum([1.0]), group.finish, lambda: group.broadcast_buffers([nn.BatchNorm1d(2)])):
+        with pytest.raises(ValueError, match="released when its run ended"):
+            call()
+
+
 def test_a_failed_collective_is_a_lost_peer_so_the_launcher_blames_whoever_failed_first(monkeypatch):
     def reset(*args, **kwargs):
         raise RuntimeError("[gloo/transport/tcp/pair.cc:545] Read error: Connection reset by peer.\nmore detail")
