@@ -632,7 +632,7 @@ def run_job(args: argparse.Namespace, held: contextlib.ExitStack) -> int:
         if cfg.schedule == "sequential":
             result = SequentialTrainer(cfg, data, resume=resume).run()
         elif world_size > 1:
-            result = run_torchrun(cfg, stages, data_shape(data, cfg.batch_size), resume)
+            result = run_torchrun(cfg, stages, data, resume)  # stage 1's ranks draw from it: not loaded twice
         else:
             shape = data_shape(data, cfg.batch_size)
             del data  # stage 1 loads its own copy; the other stages need only its shape

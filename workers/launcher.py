@@ -30,7 +30,7 @@ import zmq
 
 from pipeline.checkpoint import Checkpoint
 from pipeline.config import Config, ConfigError
-from pipeline.data import DataShape
+from pipeline.data import Data, DataShape, data_shape
 from pipeline.lifeline import forkserver, interrupts_deferred, process_alive
 from pipeline.plan import plan_replicas
 from pipeline.syncbn import init_process_group
@@ -293,29 +293,31 @@ def _signals_default() -> Iterator[None]:
             signal.signal(sig, handler)
 
 
-def run_torchrun(cfg: Config, stages: int, shape: DataShape, resume: Checkpoint | None = None) -> dict[str, Any] | None:
-    """This torchrun process's stage (or replica of one); rank 0 also coordinates and returns the result (others
-    return None). Ranks map to (stage, replica) in routes.workers order, stage by stage: torchrun numbers the ranks
-    of a node consecutively, so a stage's replicas share a node (and its fast links) where the counts allow."""
+def run_torchrun(cfg: Config, stages: int, data: Data, resume: Checkpoint | None = None) -> dict[str, Any] | None:
+    """This torchrun process's stage (or replica of one) on `data` (loaded by launch.py: stage 1's ranks draw from it,
+    the others need its shape); rank 0 also coordinates and returns the result (others return None). Ranks map to
+    (stage, replica) in routes.workers order, stage by stage: torchrun numbers the ranks of a node consecutively, so a
+    stage's replicas share a node (and its fast links) where the counts allow."""
     import torch.distributed as dist
 
     with _signals_default():
         init_process_group("gloo")  # the default timeout: ranks may arrive minutes apart (data, split: auto)
     made: list[ReplicaGroup] = []
     try:
-        return _torchrun_rank(cfg, stages, shape, resume, made)
+        return _torchrun_rank(cfg, stages, data, resume, made)
     finally:  # every way out, a set-up error's too: a group left to interpreter exit can abort the process there
         for group in made:  # then destroy frees it, even while an error's traceback keeps the stage that used it
             group.release()
         dist.destroy_process_group()
 
 
-def _torchrun_rank(cfg: Config, stages: int, shape: DataShape, resume: Checkpoint | None,
+def _torchrun_rank(cfg: Config, stages: int, data: Data, resume: Checkpoint | None,
                    made: list[ReplicaGroup]) -> dict[str, Any] | None:
     """run_torchrun's part while the default group is up: find this rank's stage and replica, join the links, run;
     the replica group it makes goes into `made` as soon as it exists, for run_torchrun to release."""
     import torch.distributed as dist
 
+    shape = data_shape(data, cfg.batch_size)
     remove_segments()  # shared memory left by the stages of a run killed before their first credit
     store = dist.distributed_c10d._get_default_store()
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -382,7 +384,7 @@ def _torchrun_rank(cfg: Config, stages: int, shape: DataShape, resume: Checkpoin
         spec = StageSpec(k, stages, cfg.to_dict(), in_endpoints, [], None, device,
                          stage_threads(cfg, world, local_world), shape, resume=_resume_path(resume),
                          start_step=start_step, keys=keys, replica=r, counts=counts)
-        worker = StageWorker(spec, ctx, group)
+        worker = StageWorker(spec, ctx, group, data if k == 0 else None)
         for source, endpoint in zip(sources, worker.in_endpoints):
             store.set(f"sgr/in/{k}/{r}/{source}", endpoint)
         out_endpoints, out_links = [], []

@@ -32,8 +32,8 @@ import zmq
 from pipeline.checkpoint import (CheckpointError, DiskFull, RunFileError, check_finite, checkpoint_dir, fingerprint,
                                  load_stage_state, save_atomic, stage_state)
 from pipeline.config import Config, from_dict, knn_bank_size, per_stage
-from pipeline.data import (DataError, DataShape, bank_batches, data_shape, eval_batches, load_config_data, probe_batch,
-                           rows_of, to_device)
+from pipeline.data import (Data, DataError, DataShape, bank_batches, data_shape, eval_batches, load_config_data,
+                           probe_batch, rows_of, to_device)
 from pipeline.lifeline import adopt_environment, exit_with, restore_interrupts
 from pipeline.metrics import ModuleMeter, topk_correct, train_records
 from pipeline.probe import InputDriftProbe
@@ -126,9 +126,11 @@ class Heartbeat(threading.Thread):
 class StageWorker:
     """One module's training loop inside its own process."""
 
-    def __init__(self, spec: StageSpec, ctx: zmq.Context, group: ReplicaGroup | None = None) -> None:
+    def __init__(self, spec: StageSpec, ctx: zmq.Context, group: ReplicaGroup | None = None,
+                 data: Data | None = None) -> None:
         """Build this stage's module, meet its replicas (`group` under torchrun) and bind its input links;
-        `connect` then joins the next stage."""
+        `connect` then joins the next stage. `data`: stage 1's, where this process has loaded it already (a torchrun
+        rank: launch.py did), so that it is not loaded (or an ImageFolder listed) twice."""
         self.spec, self.ctx = spec, ctx
         self.cfg: Config = from_dict(spec.config)
         self.rank, self.last = spec.rank, spec.rank == spec.stages - 1
@@ -137,7 +139,10 @@ class StageWorker:
         self.device = torch.device(spec.device)
         configure_torch(self.cfg, self.device)  # before the first CUDA call (deterministic kernels: cuBLAS workspace)
         torch.set_num_threads(spec.threads)
-        self.data = load_config_data(self.cfg) if self.rank == 0 else None  # stage 1 alone draws batches
+        if self.rank == 0:  # stage 1 alone draws batches
+            self.data = data if data is not None else load_config_data(self.cfg)
+        else:
+            self.data = None
         shape = spec.shape
         if self.data is not None and data_shape(self.data, self.cfg.batch_size) != shape:
             raise ValueError(f"the data changed since the launcher read it: {data_shape(self.data, self.cfg.batch_size)}"
