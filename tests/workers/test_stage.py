@@ -1,7 +1,9 @@
-"""A stage process's own exit paths (the pipeline's lifecycle is in test_pipeline.py)."""
+"""A stage process's own set-up and exit paths (the pipeline's lifecycle is in test_pipeline.py)."""
+import contextlib
 import multiprocessing as mp
 import os
 import signal
+from typing import Callable, Iterator
 
 import torch
 import zmq
@@ -13,6 +15,20 @@ from pipeline.stages import build_local_modules
 from workers.stage import StageSpec, StageWorker, _end_on_sigterm
 from workers.transport import SharedMemoryPayload, named_segments
 
+SPAWN = mp.get_context("spawn")
+
+
+@contextlib.contextmanager
+def spawned(target: Callable[..., None], *args: object) -> Iterator[mp.Process]:
+    """A child process running target(*args), killed at the end if it is still alive."""
+    child = SPAWN.Process(target=target, args=args)
+    child.start()
+    try:
+        yield child
+    finally:
+        if child.is_alive():
+            child.kill()
+
 
 def _hold_a_slot_until_terminated(ready) -> None:
     signal.signal(signal.SIGTERM, _end_on_sigterm)
@@ -23,20 +39,14 @@ def _hold_a_slot_until_terminated(ready) -> None:
 
 
 def test_sigterm_unlinks_the_stages_shared_memory_and_still_ends_the_process_by_the_signal():
-    ctx = mp.get_context("spawn")
-    ready = ctx.Event()
-    child = ctx.Process(target=_hold_a_slot_until_terminated, args=(ready,))
-    child.start()
-    try:
+    ready = SPAWN.Event()
+    with spawned(_hold_a_slot_until_terminated, ready) as child:
         assert ready.wait(60)
         assert named_segments(child.pid)
         os.kill(child.pid, signal.SIGTERM)
         child.join(10)
         assert child.exitcode == -signal.SIGTERM  # the launcher still reads "killed by signal 15"
         assert not named_segments(child.pid)
-    finally:
-        if child.is_alive():
-            child.kill()
 
 
 def _stage_one_data(results) -> None:
@@ -57,15 +67,9 @@ def _stage_one_data(results) -> None:
 
 
 def test_stage_one_draws_from_the_data_its_process_loaded_already_and_loads_it_otherwise():
-    ctx = mp.get_context("spawn")
-    results = ctx.Queue()
-    child = ctx.Process(target=_stage_one_data, args=(results,))
-    child.start()
-    try:
+    results = SPAWN.Queue()
+    with spawned(_stage_one_data, results) as child:
         assert results.get(timeout=120) == (True, 0)  # a torchrun rank of stage 1: launch.py's data, no second load
         assert results.get(timeout=120) == (False, 1)  # a spawned stage 1: it loads its own
         child.join(30)
         assert child.exitcode == 0
-    finally:
-        if child.is_alive():
-            child.kill()
